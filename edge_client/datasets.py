@@ -154,7 +154,7 @@ def _exchange_rate(path: Path) -> Series:
 
 
 def _electricity(path: Path) -> Series:
-    header, rows = _read_table(path)
+    _, rows = _read_table(path)
     values = np.array([[float(c) for c in r[1:]] for r in rows])
     return Series("electricity", "energy", "h", 24, ("client_0", "client_OT"), values, start="2016-07-01 02:00:00")
 

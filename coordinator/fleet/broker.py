@@ -1,0 +1,151 @@
+"""A private MQTT broker for the demo and the tests: Mosquitto when it is installed, else the
+embedded rumqttd broker from the ``iotcore`` wheel, each on a free local port.
+
+A private broker (rather than whatever listens on 1883) keeps the demo from mixing with other
+fleets and lets it set what it needs: MQTT v5, persistent sessions, and a payload limit above
+the size of a global model (rumqttd's default is 20 KB, too small for a head).
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+import socket
+import subprocess
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from edge_client.mqtt import BrokerAddress
+
+log = logging.getLogger("fedge.broker")
+
+MAX_PAYLOAD_BYTES = 1024 * 1024
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_for_port(port: int, timeout_s: float = 10.0, host: str = "127.0.0.1") -> None:
+    deadline = time.time() + timeout_s
+    while time.time() < deadline:
+        try:
+            with socket.create_connection((host, port), timeout=0.2):
+                return
+        except OSError:
+            time.sleep(0.05)
+    raise RuntimeError(f"broker did not start listening on {host}:{port} within {timeout_s:.0f} s")
+
+
+@dataclass
+class RunningBroker:
+    kind: str  # "mosquitto" or "iotcore"
+    address: BrokerAddress
+    _proc: subprocess.Popen | None = None
+    _embedded: object | None = None
+    _tmp: tempfile.TemporaryDirectory | None = None
+    extra_config: list[str] = field(default_factory=list)
+
+    def stop(self) -> None:
+        if self._proc is not None and self._proc.poll() is None:
+            self._proc.terminate()
+            try:
+                self._proc.wait(5)
+            except subprocess.TimeoutExpired:
+                self._proc.kill()
+        if self._embedded is not None:
+            self._embedded.stop()  # type: ignore[attr-defined]
+        if self._tmp is not None:
+            self._tmp.cleanup()
+            self._tmp = None
+
+    def __enter__(self) -> RunningBroker:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+def mosquitto_config(port: int, extra: list[str] | None = None) -> str:
+    return "\n".join([
+        f"listener {port} 127.0.0.1",
+        "allow_anonymous true",
+        "persistence false",
+        f"message_size_limit {MAX_PAYLOAD_BYTES}",
+        "max_queued_messages 100000",
+        *(extra or []),
+        "",
+    ])
+
+
+def start_mosquitto(port: int | None = None, extra_config: list[str] | None = None) -> RunningBroker:
+    binary = shutil.which("mosquitto") or ("/usr/sbin/mosquitto" if Path("/usr/sbin/mosquitto").exists() else None)
+    if binary is None:
+        raise FileNotFoundError("mosquitto is not installed")
+    port = port or free_port()
+    tmp = tempfile.TemporaryDirectory(prefix="fedge-mosquitto-")
+    conf = Path(tmp.name) / "mosquitto.conf"
+    conf.write_text(mosquitto_config(port, extra_config))
+    proc = subprocess.Popen([binary, "-c", str(conf)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        wait_for_port(port)
+    except RuntimeError:
+        proc.kill()
+        err = proc.stderr.read().decode(errors="replace") if proc.stderr else ""
+        tmp.cleanup()
+        raise RuntimeError(f"mosquitto failed to start on port {port}: {err.strip()}") from None
+    log.info("mosquitto listening on 127.0.0.1:%d", port)
+    return RunningBroker("mosquitto", BrokerAddress("127.0.0.1", port), _proc=proc, _tmp=tmp,
+                         extra_config=list(extra_config or []))
+
+
+RUMQTTD_CONFIG = """id = 0
+[router]
+id = 0
+max_connections = 10010
+max_outgoing_packet_count = 200
+max_segment_size = 104857600
+max_segment_count = 10
+
+[v5.1]
+name = "fedge-v5"
+listen = "127.0.0.1:{port}"
+next_connection_delay_ms = 1
+    [v5.1.connections]
+    connection_timeout_ms = 60000
+    max_payload_size = {max_payload}
+    max_inflight_count = 100
+    dynamic_filters = true
+"""
+
+
+def start_embedded(port: int | None = None) -> RunningBroker:
+    """rumqttd via iotcore, configured by TOML: its keyword options only describe an MQTT 3.1.1
+    listener, and fedge speaks MQTT v5."""
+    try:
+        from iotcore import Broker
+    except ImportError:
+        raise RuntimeError("no mosquitto on PATH and the embedded broker (pip install iotcore) is missing") from None
+    port = port or free_port()
+    tmp = tempfile.TemporaryDirectory(prefix="fedge-rumqttd-")
+    conf = Path(tmp.name) / "rumqttd.toml"
+    conf.write_text(RUMQTTD_CONFIG.format(port=port, max_payload=MAX_PAYLOAD_BYTES))
+    broker = Broker(config_path=str(conf)).start()
+    log.info("embedded rumqttd broker (iotcore) listening on 127.0.0.1:%d", port)
+    return RunningBroker("iotcore", BrokerAddress("127.0.0.1", port), _embedded=broker, _tmp=tmp)
+
+
+def start_broker(prefer: str = "auto") -> RunningBroker:
+    """Mosquitto if installed (or asked for), else the embedded broker."""
+    if prefer in ("auto", "mosquitto"):
+        try:
+            return start_mosquitto()
+        except FileNotFoundError:
+            if prefer == "mosquitto":
+                raise
+            log.info("mosquitto not found; starting the embedded broker")
+    return start_embedded()

@@ -1,0 +1,327 @@
+"""Federated rounds over MQTT: select devices, publish the task, collect updates until everyone
+answered or the deadline passed, aggregate once, publish the new global head.
+
+The coordinator keeps a persistent MQTT session under a fixed client id, so updates published
+while it is down are queued by the broker and delivered when it returns; every round and every
+update is in SQLite (:mod:`coordinator.fleet.state`), so a restarted coordinator resumes the open
+round where it stopped, re-asks only the devices that have not answered, and counts each update
+once. Everything a device sends is validated (:class:`edge_client.protocol.Receiver` plus the
+round-level checks here); a refusal is logged, counted and answered with a ``Reject``.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import random
+import threading
+import time
+from collections import Counter
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from coordinator.fleet.aggregation import ClientUpdate, make_strategy
+from coordinator.fleet.state import FleetState, RoundRecord
+from edge_client import mqtt as M
+from edge_client.protocol import (
+    GlobalModel,
+    Hello,
+    InvalidMessage,
+    ProtocolError,
+    Receiver,
+    Reject,
+    RoundTask,
+    StaleRound,
+    Status,
+    Topics,
+    UnknownDevice,
+    Update,
+    check_arrays,
+    decode,
+    encode,
+)
+
+log = logging.getLogger("fedge.coordinator")
+
+
+@dataclass(frozen=True)
+class FleetConfig:
+    fleet: str = "demo"
+    task: str = "tsfm"
+    fraction: float = 1.0  # share of online devices asked each round
+    min_devices: int = 1
+    quorum_fraction: float = 0.5  # share of the asked devices needed to aggregate at the deadline
+    deadline_s: float = 120.0
+    resume_grace_s: float = 30.0  # extra time a resumed round gets if its deadline passed while we were down
+    local_epochs: int = 2
+    lr: float = 1e-3
+    batch_size: int = 64
+    prox_mu: float = 0.0
+    strategy: str = "fedavg"
+    clip_norm: float | None = None
+    upload_dtype: str = "float16"
+    seed: int = 0
+    allowlist: frozenset[str] | None = None  # None: any device that says hello may join
+
+
+@dataclass
+class RoundResult:
+    round_id: int
+    kind: str
+    base_version: int
+    new_version: int | None
+    selected: tuple[str, ...]
+    metrics: dict[str, dict[str, float]]  # device -> metrics
+    n_samples: dict[str, int]
+    bytes_up: int
+    bytes_down: int
+    seconds: float
+    resumed: bool = False
+    state: str = "closed"
+
+
+@dataclass
+class _Traffic:
+    up: Counter[int] = field(default_factory=Counter)  # round id -> bytes
+    down: Counter[int] = field(default_factory=Counter)
+
+
+class FleetCoordinator:
+    def __init__(self, cfg: FleetConfig, broker: M.BrokerAddress, state: FleetState,
+                 client_id: str | None = None) -> None:
+        self.cfg = cfg
+        self.broker = broker
+        self.state = state
+        self.topics = Topics(cfg.fleet)
+        self.strategy = make_strategy(cfg.strategy, clip_norm=cfg.clip_norm)
+        self.receiver = Receiver("coordinator")
+        self.traffic = _Traffic()
+        self.duplicates = 0
+        self._changed = threading.Condition()
+        self._open: RoundRecord | None = None
+        self._expected_shapes: dict[str, tuple[int, ...]] = {}
+        self.client = M.make_client(client_id or f"fedge-{cfg.fleet}-coordinator")
+        self.client.on_connect = self._on_connect
+        self.client.on_message = self._on_message
+
+    # ------------------------------------------------------------------ lifecycle
+
+    def start(self) -> FleetCoordinator:
+        resumed = self.state.open_rounds(self.cfg.task)
+        if resumed:
+            self._set_open(resumed[-1])
+        M.connect(self.client, self.broker, persistent=True)
+        return self
+
+    def stop(self) -> None:
+        self.client.disconnect()
+        self.client.loop_stop()
+
+    def _on_connect(self, client, userdata, flags, reason_code, properties) -> None:  # type: ignore[no-untyped-def]
+        if reason_code.is_failure:
+            log.error("coordinator: broker refused connection: %s", reason_code)
+            return
+        client.subscribe([(self.topics.all_updates, 1), (self.topics.all_hellos, 1), (self.topics.all_statuses, 1)])
+        log.info("coordinator connected to %s:%d (session present: %s)", self.broker.host, self.broker.port,
+                 flags.session_present)
+
+    # ------------------------------------------------------------------ model
+
+    def ensure_model(self, initial: Mapping[str, np.ndarray], meta: dict | None = None) -> int:
+        """Register the initial global head unless a model already exists (a restart keeps its own)."""
+        latest = self.state.latest_model(self.cfg.task)
+        if latest is not None:
+            return latest[0]
+        return self.state.save_model(self.cfg.task, initial, meta)
+
+    def current_model(self) -> tuple[int, dict[str, np.ndarray]]:
+        latest = self.state.latest_model(self.cfg.task)
+        if latest is None:
+            raise RuntimeError("no global model registered; call ensure_model first")
+        return latest[0], latest[1]
+
+    def publish_global(self, version: int, params: Mapping[str, np.ndarray], round_id: int | None = None) -> int:
+        meta = self.state.latest_model(self.cfg.task)
+        msg = GlobalModel(fleet=self.cfg.fleet, task=self.cfg.task, version=version, round_id=round_id,
+                          params={k: np.asarray(v, np.float32) for k, v in params.items()},
+                          backbone_sha256=str((meta[2] if meta else {}).get("backbone_sha256", "")))
+        payload = encode(msg)
+        M.publish(self.client, self.topics.global_model(self.cfg.task), payload, retain=True)
+        return len(payload)
+
+    # ------------------------------------------------------------------ devices
+
+    def wait_for_devices(self, n: int, timeout_s: float) -> list[str]:
+        deadline = time.time() + timeout_s
+        with self._changed:
+            while len(self.state.devices(online_only=True)) < n and time.time() < deadline:
+                self._changed.wait(0.2)
+        return list(self.state.devices(online_only=True))
+
+    def _select(self, round_seed: int) -> list[str]:
+        online = sorted(self.state.devices(online_only=True))
+        if len(online) < self.cfg.min_devices:
+            raise RuntimeError(f"{len(online)} devices online, round needs at least {self.cfg.min_devices}")
+        k = max(self.cfg.min_devices, math.ceil(self.cfg.fraction * len(online)))
+        return sorted(random.Random(self.cfg.seed * 7919 + round_seed).sample(online, min(k, len(online))))
+
+    # ------------------------------------------------------------------ rounds
+
+    def run_round(self, kind: str = "train", on_progress: Callable[[int, int], None] | None = None) -> RoundResult:
+        """Run one round to the end, or finish the round a previous process left open."""
+        t0 = time.time()
+        resumed = self._open is not None and self._open.kind == kind
+        if resumed:
+            rec = self._open
+            assert rec is not None
+            if rec.deadline < time.time() + self.cfg.resume_grace_s:
+                self.state.extend_deadline(rec.round_id, time.time() + self.cfg.resume_grace_s)
+                rec = self.state.round(rec.round_id)
+            log.info("resuming round %d (%d/%d updates already stored)", rec.round_id,
+                     len(self.state.reported(rec.round_id)), len(rec.selected))
+        else:
+            version, _ = self.current_model()
+            selected = self._select(self.state.next_round_id())
+            quorum = max(1, math.ceil(self.cfg.quorum_fraction * len(selected)))
+            rec = self.state.open_round(self.cfg.task, kind, version, selected, quorum, t0 + self.cfg.deadline_s,
+                                        self._round_config())
+        self._set_open(rec)
+        base = self.state.model(rec.base_version)
+        global_bytes = self.publish_global(rec.base_version, base, rec.round_id)
+        pending = [d for d in rec.selected if d not in self.state.reported(rec.round_id)]
+        self.traffic.down[rec.round_id] += global_bytes * len(pending)
+        for device_id in pending:
+            self._send_task(rec, device_id)
+
+        with self._changed:
+            while True:
+                n_reported = len(self.state.reported(rec.round_id))
+                if on_progress:
+                    on_progress(n_reported, len(rec.selected))
+                if n_reported >= len(rec.selected) or time.time() >= rec.deadline:
+                    break
+                self._changed.wait(min(0.5, max(0.01, rec.deadline - time.time())))
+        return self._close(rec, base, t0, resumed)
+
+    def _round_config(self) -> dict:
+        c = self.cfg
+        return {"local_epochs": c.local_epochs, "lr": c.lr, "batch_size": c.batch_size, "prox_mu": c.prox_mu,
+                "strategy": c.strategy, "upload_dtype": c.upload_dtype}
+
+    def _send_task(self, rec: RoundRecord, device_id: str) -> None:
+        c = rec.config
+        task = RoundTask(fleet=self.cfg.fleet, device_id=device_id, round_id=rec.round_id, task=rec.task,
+                         kind=rec.kind, model_version=rec.base_version, deadline_ts=rec.deadline,
+                         local_epochs=c["local_epochs"], lr=c["lr"], batch_size=c["batch_size"],
+                         prox_mu=c["prox_mu"], options={"upload_dtype": c["upload_dtype"]})
+        payload = encode(task)
+        self.traffic.down[rec.round_id] += len(payload)
+        M.publish(self.client, self.topics.task(device_id), payload, expiry_s=max(1, int(rec.deadline - time.time())))
+
+    def _close(self, rec: RoundRecord, base: dict[str, np.ndarray], t0: float, resumed: bool) -> RoundResult:
+        updates = [decode(p) for _, p in self.state.updates(rec.round_id)]
+        metrics = {u.device_id: dict(u.metrics) for u in updates}
+        n_samples = {u.device_id: u.n_samples for u in updates}
+        new_version, state = None, "closed"
+        if rec.kind == "train":
+            if len(updates) >= rec.quorum:
+                new = self.strategy.aggregate(base, [ClientUpdate(u.device_id, u.n_samples, u.delta, u.metrics)
+                                                     for u in updates if u.n_samples > 0])
+                new_version = self.state.close_round(rec.round_id, new, rec.task, meta=self._model_meta())
+                if new_version is not None:
+                    self.publish_global(new_version, self.state.model(new_version), rec.round_id)
+            else:
+                log.warning("round %d: %d of %d updates by the deadline, quorum %d not met; global unchanged",
+                            rec.round_id, len(updates), len(rec.selected), rec.quorum)
+                self.state.fail_round(rec.round_id)
+                state = "failed"
+        else:
+            self.state.close_round(rec.round_id, None, rec.task)
+        self._set_open(None)
+        return RoundResult(rec.round_id, rec.kind, rec.base_version, new_version, rec.selected, metrics, n_samples,
+                           self.traffic.up[rec.round_id], self.traffic.down[rec.round_id], time.time() - t0,
+                           resumed, state)
+
+    def _model_meta(self) -> dict:
+        latest = self.state.latest_model(self.cfg.task)
+        return {"backbone_sha256": (latest[2] if latest else {}).get("backbone_sha256", "")}
+
+    def _set_open(self, rec: RoundRecord | None) -> None:
+        with self._changed:
+            self._open = rec
+            if rec is not None and rec.kind == "train":
+                shapes = {k: tuple(v.shape) for k, v in self.state.model(rec.base_version).items()}
+                self._expected_shapes = shapes
+
+    # ------------------------------------------------------------------ incoming
+
+    def _on_message(self, client, userdata, message) -> None:  # type: ignore[no-untyped-def]
+        device = self.topics.device_of(message.topic)
+        try:
+            msg = self.receiver.accept(message.topic, message.payload, self.topics)  # counts its own refusals
+        except ProtocolError as err:
+            self._send_reject(device, err, "-")
+            return
+        try:
+            if isinstance(msg, Update):
+                self._on_update(msg, message.payload)
+            elif isinstance(msg, Hello):
+                self._on_hello(msg)
+            elif isinstance(msg, Status):
+                self.state.set_device_state(msg.device_id, msg.state)
+                with self._changed:
+                    self._changed.notify_all()
+        except ProtocolError as err:
+            self.receiver.reject(err, message.topic, len(message.payload))
+            self._send_reject(device, err, msg.msg_id)
+        except Exception:  # never let a bug kill paho's network thread
+            log.exception("coordinator: error handling message on %s", message.topic)
+
+    def _on_hello(self, msg: Hello) -> None:
+        if self.cfg.allowlist is not None and msg.device_id not in self.cfg.allowlist:
+            raise UnknownDevice(f"device {msg.device_id!r} is not on the fleet allowlist")
+        self.state.upsert_device(msg.device_id, domain=msg.domain, profile=msg.profile, runtime=msg.runtime,
+                                 n_train=msg.n_train)
+        log.info("device %s joined (%s, %s, %d windows)", msg.device_id, msg.domain, msg.runtime, msg.n_train)
+        with self._changed:
+            self._changed.notify_all()
+
+    def _on_update(self, msg: Update, payload: bytes) -> None:
+        self._check_update(msg)
+        with self._changed:
+            if self.state.add_update(msg.round_id, msg.device_id, msg.msg_id, msg.n_samples, bytes(payload)):
+                self.traffic.up[msg.round_id] += len(payload)
+            else:
+                self.duplicates += 1
+                log.info("round %d: duplicate update from %s ignored", msg.round_id, msg.device_id)
+            self._changed.notify_all()
+
+    def _check_update(self, msg: Update) -> None:
+        rec = self._open
+        if not self.state.has_device(msg.device_id):
+            raise UnknownDevice(f"update from unregistered device {msg.device_id!r}")
+        if rec is None or msg.round_id != rec.round_id:
+            raise StaleRound(f"update for round {msg.round_id}, open round is {rec.round_id if rec else 'none'}")
+        if msg.device_id not in rec.selected:
+            raise StaleRound(f"device {msg.device_id} was not selected for round {rec.round_id}")
+        if msg.base_version != rec.base_version:
+            raise StaleRound(f"update built on v{msg.base_version}, round {rec.round_id} uses v{rec.base_version}")
+        if msg.kind != rec.kind:
+            raise InvalidMessage(f"{msg.kind} update for a {rec.kind} round")
+        if rec.kind == "train":
+            if msg.n_samples <= 0:
+                raise InvalidMessage("a training update needs n_samples > 0")
+            check_arrays(msg.delta, self._expected_shapes, what="delta")
+
+    def _send_reject(self, device_id: str | None, err: ProtocolError, ref_msg_id: str) -> None:
+        """Tell the device why; a reject to an id that cannot be a topic level is not sent."""
+        if not device_id:
+            return
+        try:
+            reject = Reject(fleet=self.cfg.fleet, device_id=device_id, ref_msg_id=ref_msg_id, reason=err.reason,
+                            detail=str(err)[:1000])
+            M.publish(self.client, self.topics.task(device_id), encode(reject), expiry_s=3600)
+        except (ValueError, ProtocolError):
+            log.debug("cannot address a reject to %r", device_id)

@@ -1,0 +1,227 @@
+"""Durable fleet state in SQLite: model versions, rounds, received updates, known devices.
+
+Why SQLite: a coordinator that is killed mid-round must come back knowing which round was open,
+which devices it asked, which updates it already has (stored as received, byte for byte) and
+which global version is current. The (round, device) primary key makes a second copy of an update
+a no-op, and closing a round writes the new model version and the round's state in one
+transaction, so a round is aggregated exactly once even if the process dies in between.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import sqlite3
+import threading
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS models (
+    version INTEGER PRIMARY KEY, task TEXT NOT NULL, created REAL NOT NULL,
+    round_id INTEGER, params BLOB NOT NULL, meta TEXT NOT NULL DEFAULT '{}');
+CREATE TABLE IF NOT EXISTS rounds (
+    round_id INTEGER PRIMARY KEY, task TEXT NOT NULL, kind TEXT NOT NULL, base_version INTEGER NOT NULL,
+    state TEXT NOT NULL CHECK (state IN ('open', 'closed', 'failed')),
+    selected TEXT NOT NULL, quorum INTEGER NOT NULL, deadline REAL NOT NULL,
+    opened REAL NOT NULL, closed REAL, new_version INTEGER, config TEXT NOT NULL DEFAULT '{}');
+CREATE TABLE IF NOT EXISTS updates (
+    round_id INTEGER NOT NULL, device_id TEXT NOT NULL, msg_id TEXT NOT NULL, n_samples INTEGER NOT NULL,
+    payload BLOB NOT NULL, received REAL NOT NULL, PRIMARY KEY (round_id, device_id));
+CREATE TABLE IF NOT EXISTS devices (
+    device_id TEXT PRIMARY KEY, domain TEXT, profile TEXT, runtime TEXT, n_train INTEGER,
+    state TEXT NOT NULL DEFAULT 'online', last_seen REAL NOT NULL);
+"""
+
+
+def params_to_blob(params: Mapping[str, np.ndarray]) -> bytes:
+    buf = io.BytesIO()
+    np.savez(buf, **{k: np.asarray(v) for k, v in params.items()})
+    return buf.getvalue()
+
+
+def params_from_blob(blob: bytes) -> dict[str, np.ndarray]:
+    with np.load(io.BytesIO(blob), allow_pickle=False) as data:
+        return {k: data[k] for k in data.files}
+
+
+@dataclass(frozen=True)
+class RoundRecord:
+    round_id: int
+    task: str
+    kind: str
+    base_version: int
+    state: str
+    selected: tuple[str, ...]
+    quorum: int
+    deadline: float
+    opened: float
+    closed: float | None
+    new_version: int | None
+    config: dict
+
+
+class FleetState:
+    """Thread-safe wrapper around one SQLite file (paho's thread writes updates, the round loop reads)."""
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None, timeout=30)
+        self._db.execute("PRAGMA journal_mode=WAL")
+        self._db.execute("PRAGMA synchronous=FULL")
+        self._db.executescript(SCHEMA)
+        self._lock = threading.RLock()
+
+    def close(self) -> None:
+        with self._lock:
+            self._db.close()
+
+    # ------------------------------------------------------------------ models
+
+    def latest_model(self, task: str) -> tuple[int, dict[str, np.ndarray], dict] | None:
+        with self._lock:
+            row = self._db.execute(
+                "SELECT version, params, meta FROM models WHERE task=? ORDER BY version DESC LIMIT 1", (task,)
+            ).fetchone()
+        return None if row is None else (row[0], params_from_blob(row[1]), json.loads(row[2]))
+
+    def model(self, version: int) -> dict[str, np.ndarray]:
+        with self._lock:
+            row = self._db.execute("SELECT params FROM models WHERE version=?", (version,)).fetchone()
+        if row is None:
+            raise KeyError(f"no model version {version}")
+        return params_from_blob(row[0])
+
+    def save_model(self, task: str, params: Mapping[str, np.ndarray], meta: dict | None = None,
+                   round_id: int | None = None) -> int:
+        with self._lock:
+            (current,) = self._db.execute("SELECT COALESCE(MAX(version), -1) FROM models").fetchone()
+            version = current + 1
+            self._db.execute(
+                "INSERT INTO models (version, task, created, round_id, params, meta) VALUES (?, ?, ?, ?, ?, ?)",
+                (version, task, time.time(), round_id, params_to_blob(params), json.dumps(meta or {})),
+            )
+        return version
+
+    # ------------------------------------------------------------------ rounds
+
+    def open_round(self, task: str, kind: str, base_version: int, selected: list[str], quorum: int,
+                   deadline: float, config: dict) -> RoundRecord:
+        with self._lock:
+            last = self.next_round_id() - 1
+            self._db.execute(
+                "INSERT INTO rounds (round_id, task, kind, base_version, state, selected, quorum, deadline, opened,"
+                " config) VALUES (?, ?, ?, ?, 'open', ?, ?, ?, ?, ?)",
+                (last + 1, task, kind, base_version, json.dumps(selected), quorum, deadline, time.time(),
+                 json.dumps(config)),
+            )
+            return self.round(last + 1)
+
+    def next_round_id(self) -> int:
+        with self._lock:
+            return self._db.execute("SELECT COALESCE(MAX(round_id), 0) + 1 FROM rounds").fetchone()[0]
+
+    def round(self, round_id: int) -> RoundRecord:
+        with self._lock:
+            row = self._db.execute(
+                "SELECT round_id, task, kind, base_version, state, selected, quorum, deadline, opened, closed,"
+                " new_version, config FROM rounds WHERE round_id=?", (round_id,)).fetchone()
+        if row is None:
+            raise KeyError(f"no round {round_id}")
+        return RoundRecord(row[0], row[1], row[2], row[3], row[4], tuple(json.loads(row[5])), row[6], row[7],
+                           row[8], row[9], row[10], json.loads(row[11]))
+
+    def open_rounds(self, task: str) -> list[RoundRecord]:
+        with self._lock:
+            ids = [r[0] for r in self._db.execute(
+                "SELECT round_id FROM rounds WHERE task=? AND state='open' ORDER BY round_id", (task,))]
+        return [self.round(i) for i in ids]
+
+    def extend_deadline(self, round_id: int, deadline: float) -> None:
+        with self._lock:
+            self._db.execute("UPDATE rounds SET deadline=? WHERE round_id=? AND state='open'", (deadline, round_id))
+
+    def close_round(self, round_id: int, new_params: Mapping[str, np.ndarray] | None, task: str,
+                    meta: dict | None = None) -> int | None:
+        """Store the aggregate and close the round in one transaction; a second call is a no-op
+        that returns the version the first call created."""
+        with self._lock:
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                state, new_version = self._db.execute(
+                    "SELECT state, new_version FROM rounds WHERE round_id=?", (round_id,)).fetchone()
+                if state != "open":
+                    self._db.execute("ROLLBACK")
+                    return new_version
+                version = None
+                if new_params is not None:
+                    (current,) = self._db.execute("SELECT COALESCE(MAX(version), -1) FROM models").fetchone()
+                    version = current + 1
+                    self._db.execute(
+                        "INSERT INTO models (version, task, created, round_id, params, meta) VALUES (?, ?, ?, ?, ?, ?)",
+                        (version, task, time.time(), round_id, params_to_blob(new_params), json.dumps(meta or {})))
+                self._db.execute("UPDATE rounds SET state='closed', closed=?, new_version=? WHERE round_id=?",
+                                 (time.time(), version, round_id))
+                self._db.execute("COMMIT")
+                return version
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
+
+    def fail_round(self, round_id: int) -> None:
+        with self._lock:
+            self._db.execute("UPDATE rounds SET state='failed', closed=? WHERE round_id=? AND state='open'",
+                             (time.time(), round_id))
+
+    # ------------------------------------------------------------------ updates
+
+    def add_update(self, round_id: int, device_id: str, msg_id: str, n_samples: int, payload: bytes) -> bool:
+        """True if stored, False if this device already has an update in this round."""
+        with self._lock:
+            cur = self._db.execute(
+                "INSERT OR IGNORE INTO updates (round_id, device_id, msg_id, n_samples, payload, received)"
+                " VALUES (?, ?, ?, ?, ?, ?)", (round_id, device_id, msg_id, n_samples, payload, time.time()))
+            return cur.rowcount == 1
+
+    def updates(self, round_id: int) -> list[tuple[str, bytes]]:
+        with self._lock:
+            return list(self._db.execute(
+                "SELECT device_id, payload FROM updates WHERE round_id=? ORDER BY device_id", (round_id,)))
+
+    def reported(self, round_id: int) -> set[str]:
+        with self._lock:
+            return {r[0] for r in self._db.execute("SELECT device_id FROM updates WHERE round_id=?", (round_id,))}
+
+    # ------------------------------------------------------------------ devices
+
+    def upsert_device(self, device_id: str, *, domain: str = "", profile: str = "", runtime: str = "",
+                      n_train: int = 0) -> None:
+        with self._lock:
+            self._db.execute(
+                "INSERT INTO devices (device_id, domain, profile, runtime, n_train, state, last_seen)"
+                " VALUES (?, ?, ?, ?, ?, 'online', ?) ON CONFLICT(device_id) DO UPDATE SET domain=excluded.domain,"
+                " profile=excluded.profile, runtime=excluded.runtime, n_train=excluded.n_train, state='online',"
+                " last_seen=excluded.last_seen", (device_id, domain, profile, runtime, n_train, time.time()))
+
+    def set_device_state(self, device_id: str, state: str) -> None:
+        with self._lock:
+            self._db.execute("UPDATE devices SET state=?, last_seen=? WHERE device_id=?",
+                             (state, time.time(), device_id))
+
+    def devices(self, *, online_only: bool = False) -> dict[str, dict]:
+        query = "SELECT device_id, domain, profile, runtime, n_train, state, last_seen FROM devices"
+        if online_only:
+            query += " WHERE state != 'offline'"
+        with self._lock:
+            rows = self._db.execute(query + " ORDER BY device_id").fetchall()
+        keys = ("domain", "profile", "runtime", "n_train", "state", "last_seen")
+        return {r[0]: dict(zip(keys, r[1:], strict=True)) for r in rows}
+
+    def has_device(self, device_id: str) -> bool:
+        with self._lock:
+            return self._db.execute("SELECT 1 FROM devices WHERE device_id=?", (device_id,)).fetchone() is not None

@@ -1,0 +1,191 @@
+"""The trainable part on a device: a linear point + quantile head on frozen backbone features,
+with analytic gradients in numpy.
+
+Why a linear head: the backbone is frozen (it runs in ONNX Runtime / LiteRT, no autograd), so
+everything the device learns sits on top of its features, and a linear map keeps the gradient
+exact, cheap (two matrix products per step) and small to upload (feature_dim × horizon × (1+Q)
+numbers, 24 KB as float16 for the default fleet head). The loss matches the coordinator's
+pretraining: MSE of the point forecast plus the mean pinball loss of the quantile forecasts, both
+on the device's scaled values after the backbone's RevIN statistics are undone. An optional
+proximal term (FedProx) keeps local steps near the global head on heterogeneous devices.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+import numpy as np
+
+Params = dict[str, np.ndarray]
+HEAD_KEYS = ("point_weight", "point_bias", "quantile_weight", "quantile_bias")
+
+
+def head_shapes(feature_dim: int, horizon: int, n_quantiles: int) -> dict[str, tuple[int, ...]]:
+    """Shapes of the head a device trains; also what the coordinator checks every update against."""
+    return {
+        "point_weight": (horizon, feature_dim),
+        "point_bias": (horizon,),
+        "quantile_weight": (n_quantiles, horizon, feature_dim),
+        "quantile_bias": (n_quantiles, horizon),
+    }
+
+
+def slice_head(params: Mapping[str, np.ndarray], horizon: int) -> Params:
+    """The head for the first `horizon` steps of a longer head: row t of a linear head forecasts
+    step t+1 whatever the total horizon, so one pretrained head serves every shorter fleet task."""
+    return {
+        "point_weight": params["point_weight"][:horizon],
+        "point_bias": params["point_bias"][:horizon],
+        "quantile_weight": params["quantile_weight"][:, :horizon],
+        "quantile_bias": params["quantile_bias"][:, :horizon],
+    }
+
+
+def as_float32(params: Mapping[str, np.ndarray]) -> Params:
+    return {k: np.asarray(v, dtype=np.float32).copy() for k, v in params.items()}
+
+
+@dataclass(frozen=True)
+class Features:
+    """Backbone outputs for a set of windows; RevIN loc/scale map normalised forecasts back."""
+
+    feats: np.ndarray  # (N, D) float32
+    loc: np.ndarray  # (N, 1)
+    scale: np.ndarray  # (N, 1)
+
+    def __len__(self) -> int:
+        return len(self.feats)
+
+    def subset(self, idx: np.ndarray) -> Features:
+        return Features(self.feats[idx], self.loc[idx], self.scale[idx])
+
+
+def predict(params: Mapping[str, np.ndarray], x: Features) -> tuple[np.ndarray, np.ndarray]:
+    """Point (N, H) and quantile (N, Q, H) forecasts in the data's (scaled) units."""
+    point_n = x.feats @ params["point_weight"].T + params["point_bias"]
+    quant_n = np.einsum("nd,qhd->nqh", x.feats, params["quantile_weight"]) + params["quantile_bias"]
+    return point_n * x.scale + x.loc, quant_n * x.scale[:, :, None] + x.loc[:, :, None]
+
+
+@dataclass(frozen=True)
+class LossConfig:
+    quantiles: tuple[float, ...] = (0.1, 0.5, 0.9)
+    quantile_weight: float = 1.0  # weight of the mean pinball loss next to the MSE
+    prox_mu: float = 0.0  # FedProx: (mu/2)·||θ − θ_global||²
+
+
+def loss_and_grad(
+    params: Mapping[str, np.ndarray],
+    x: Features,
+    y: np.ndarray,
+    cfg: LossConfig,
+    anchor: Mapping[str, np.ndarray] | None = None,
+) -> tuple[float, Params]:
+    """Loss and its exact gradient w.r.t. every head parameter.
+
+    point = (F Wpᵀ + bp)·s + l, so ∂L/∂(F Wpᵀ + bp) = ∂L/∂point · s; the pinball loss
+    ρ_q(u) = max(q·u, (q−1)·u) with u = y − ŷ_q has ∂ρ/∂ŷ_q = −q where u > 0 and 1−q elsewhere.
+    """
+    n, h = y.shape
+    q = np.asarray(cfg.quantiles, dtype=np.float64)
+    point, quant = predict(params, x)
+    err = point - y
+    mse = float(np.mean(err**2))
+    u = y[:, None, :] - quant
+    pin = float(np.mean(np.maximum(q[None, :, None] * u, (q[None, :, None] - 1.0) * u)))
+    loss = mse + cfg.quantile_weight * pin
+
+    g_point = (2.0 / (n * h)) * err * x.scale  # (N, H), w.r.t. the normalised point output
+    d_quant = np.where(u > 0, -q[None, :, None], 1.0 - q[None, :, None])
+    g_quant = (cfg.quantile_weight / (n * len(q) * h)) * d_quant * x.scale[:, :, None]  # (N, Q, H)
+    grads: Params = {
+        "point_weight": g_point.T @ x.feats,
+        "point_bias": g_point.sum(axis=0),
+        "quantile_weight": np.einsum("nqh,nd->qhd", g_quant, x.feats),
+        "quantile_bias": g_quant.sum(axis=0),
+    }
+    if cfg.prox_mu > 0 and anchor is not None:
+        for k in grads:
+            diff = params[k] - anchor[k]
+            loss += 0.5 * cfg.prox_mu * float(np.sum(diff**2))
+            grads[k] = grads[k] + cfg.prox_mu * diff
+    return loss, {k: g.astype(np.float32) for k, g in grads.items()}
+
+
+@dataclass
+class Adam:
+    """Adam with bias correction; numpy state per parameter."""
+
+    lr: float = 1e-3
+    beta1: float = 0.9
+    beta2: float = 0.999
+    eps: float = 1e-8
+    weight_decay: float = 0.0
+    t: int = 0
+    m: Params = field(default_factory=dict)
+    v: Params = field(default_factory=dict)
+
+    def step(self, params: Params, grads: Mapping[str, np.ndarray]) -> None:
+        self.t += 1
+        c1, c2 = 1 - self.beta1**self.t, 1 - self.beta2**self.t
+        for k, g in grads.items():
+            m = self.m.setdefault(k, np.zeros_like(g))
+            v = self.v.setdefault(k, np.zeros_like(g))
+            m *= self.beta1
+            m += (1 - self.beta1) * g
+            v *= self.beta2
+            v += (1 - self.beta2) * g * g
+            params[k] -= self.lr * ((m / c1) / (np.sqrt(v / c2) + self.eps) + self.weight_decay * params[k])
+
+
+@dataclass(frozen=True)
+class TrainResult:
+    params: Params
+    losses: list[float]  # mean training loss per epoch
+    steps: int
+
+
+def train_head(
+    init: Mapping[str, np.ndarray],
+    x: Features,
+    y: np.ndarray,
+    *,
+    epochs: int = 1,
+    lr: float = 1e-3,
+    batch_size: int = 64,
+    cfg: LossConfig = LossConfig(),
+    seed: int = 0,
+) -> TrainResult:
+    """Mini-batch Adam on the head, starting from `init` (the global head); the proximal
+    anchor, when cfg.prox_mu > 0, is `init` itself."""
+    params = as_float32(init)
+    anchor = as_float32(init) if cfg.prox_mu > 0 else None
+    opt = Adam(lr=lr)
+    rng = np.random.default_rng(seed)
+    losses: list[float] = []
+    for _ in range(epochs):
+        order = rng.permutation(len(y))
+        total = 0.0
+        for start in range(0, len(order), batch_size):
+            idx = order[start : start + batch_size]
+            loss, grads = loss_and_grad(params, x.subset(idx), y[idx], cfg, anchor)
+            opt.step(params, grads)
+            total += loss * len(idx)
+        losses.append(total / max(len(y), 1))
+    return TrainResult(params, losses, opt.t)
+
+
+def param_delta(new: Mapping[str, np.ndarray], old: Mapping[str, np.ndarray], dtype: str = "float16") -> Params:
+    """What a device uploads: the change of each parameter, cast for the wire (float16 halves the
+    upload; a delta too large for float16 is sent as float32 rather than overflowing to inf)."""
+    out: Params = {}
+    for k in old:
+        diff = np.asarray(new[k], np.float32) - np.asarray(old[k], np.float32)
+        fits = dtype != "float16" or float(np.max(np.abs(diff), initial=0.0)) < 6.0e4
+        out[k] = diff.astype(dtype if fits else "float32")
+    return out
+
+
+def apply_delta(base: Mapping[str, np.ndarray], delta: Mapping[str, np.ndarray]) -> Params:
+    return {k: np.asarray(base[k], np.float32) + np.asarray(delta[k], np.float32) for k in base}

@@ -1,0 +1,110 @@
+"""What a device does in a round, with no I/O: turn its own series into windows, compute backbone
+features once, fine-tune the head from the global one, and measure before/after on a held-back
+window that never enters training.
+
+The raw series stays inside this object; only parameter deltas and metrics leave it.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+import numpy as np
+
+from edge_client import windows as W
+from edge_client.adapters import Features, LossConfig, Params, param_delta, predict, train_head
+from edge_client.runtime import BackboneRunner
+
+
+@dataclass(frozen=True)
+class SplitConfig:
+    horizon: int = 24
+    eval_fraction: float = 0.2  # the most recent part of the history is held back for evaluation
+    max_train_windows: int = 1024  # bounds feature memory and round time on a Pi
+    eval_stride: int = 4
+
+
+@dataclass(frozen=True)
+class RoundOutcome:
+    delta: Params
+    n_samples: int
+    metrics: dict[str, float]
+    seconds: float
+    personal: Params
+
+
+class DeviceLearner:
+    """Local training and evaluation for one device's series."""
+
+    def __init__(self, backbone: BackboneRunner, series: np.ndarray, *, season: int, split: SplitConfig) -> None:
+        series = np.asarray(series, dtype=np.float64).ravel()
+        context, horizon = backbone.spec.context, split.horizon
+        if horizon > backbone.spec.horizon:
+            raise ValueError(f"horizon {horizon} exceeds the model's {backbone.spec.horizon}")
+        eval_start = int(len(series) * (1 - split.eval_fraction))
+        if eval_start < context + horizon + 1:
+            raise ValueError(f"series of {len(series)} steps is too short for context {context} + horizon {horizon}")
+        self.backbone = backbone
+        self.split = split
+        self.season = season
+        self.quantiles = np.asarray(backbone.spec.quantiles)
+        self.scaler = W.Scaler.fit(series[:eval_start, None])
+        scaled = self.scaler.transform(series[:, None])[:, 0]
+        n_possible = max(eval_start - context - horizon + 1, 1)
+        stride = max(1, -(-n_possible // split.max_train_windows))
+        x_tr, self.y_train = W.make_windows(scaled, context, horizon, stride=stride, stop=eval_start)
+        x_ev, self.y_eval = W.make_windows(scaled, context, horizon, stride=split.eval_stride, start=eval_start)
+        if len(self.y_train) == 0 or len(self.y_eval) == 0:
+            raise ValueError("no complete (NaN-free) windows for training or evaluation")
+        t0 = time.perf_counter()
+        self.f_train: Features = backbone.features(x_tr)
+        self.f_eval: Features = backbone.features(x_ev)
+        self.feature_seconds = time.perf_counter() - t0
+        self.naive_eval = W.seasonal_naive(x_ev, horizon, season)
+
+    @property
+    def n_train(self) -> int:
+        return len(self.y_train)
+
+    @property
+    def n_eval(self) -> int:
+        return len(self.y_eval)
+
+    def evaluate(self, params: Mapping[str, np.ndarray], prefix: str) -> dict[str, float]:
+        point, quant = predict(params, self.f_eval)
+        quant = np.sort(quant, axis=1)  # no quantile crossing in reported forecasts
+        return {
+            f"{prefix}_mse": W.mse(point, self.y_eval),
+            f"{prefix}_mae": W.mae(point, self.y_eval),
+            f"{prefix}_crps": W.crps_from_quantiles(quant.transpose(1, 0, 2), self.y_eval, self.quantiles),
+        }
+
+    def baseline_metrics(self) -> dict[str, float]:
+        return {"naive_mse": W.mse(self.naive_eval, self.y_eval), "naive_mae": W.mae(self.naive_eval, self.y_eval)}
+
+    def run_round(
+        self,
+        global_params: Mapping[str, np.ndarray],
+        *,
+        epochs: int,
+        lr: float,
+        batch_size: int,
+        prox_mu: float = 0.0,
+        seed: int = 0,
+        upload_dtype: str = "float16",
+    ) -> RoundOutcome:
+        """Fine-tune from the global head and report the delta plus before/after metrics."""
+        t0 = time.perf_counter()
+        cfg = LossConfig(quantiles=tuple(self.quantiles), prox_mu=prox_mu)
+        result = train_head(global_params, self.f_train, self.y_train, epochs=epochs, lr=lr,
+                            batch_size=batch_size, cfg=cfg, seed=seed)
+        metrics = {
+            **self.evaluate(global_params, "global"),
+            **self.evaluate(result.params, "personal"),
+            **self.baseline_metrics(),
+            "train_loss": result.losses[-1],
+        }
+        delta = param_delta(result.params, global_params, upload_dtype)
+        return RoundOutcome(delta, self.n_train, metrics, time.perf_counter() - t0, result.params)

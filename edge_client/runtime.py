@@ -1,0 +1,102 @@
+"""Runs the frozen backbone on the device with ONNX Runtime.
+
+The backbone is exported once by the coordinator (``export/``) with its spec in the ONNX
+metadata (``fedge.spec``), so the device learns context length, feature size and quantile levels
+from the file it runs, not from a second config that could disagree. Loading failures (missing,
+truncated or corrupt files, a file whose hash does not match the manifest) raise
+:class:`ModelLoadError` with a message naming the file, never an onnxruntime traceback.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from edge_client.adapters import Features
+
+log = logging.getLogger("fedge.runtime")
+
+
+class ModelLoadError(RuntimeError):
+    """The backbone cannot be used: missing, corrupt, mismatched or of an unexpected shape."""
+
+
+@dataclass(frozen=True)
+class BackboneSpec:
+    context: int
+    feature_dim: int
+    horizon: int
+    quantiles: tuple[float, ...]
+    model_id: str = ""
+
+    @classmethod
+    def from_metadata(cls, meta: dict[str, str]) -> BackboneSpec:
+        try:
+            raw = json.loads(meta["fedge.spec"])
+            return cls(
+                context=int(raw["context"]),
+                feature_dim=int(raw["feature_dim"]),
+                horizon=int(raw["horizon"]),
+                quantiles=tuple(float(q) for q in raw["quantiles"]),
+                model_id=str(raw.get("model_id", "")),
+            )
+        except (KeyError, ValueError, TypeError) as exc:
+            raise ModelLoadError(f"backbone metadata 'fedge.spec' is missing or invalid: {exc}") from None
+
+
+def sha256_file(path: str | Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+class BackboneRunner:
+    """ONNX Runtime session for the backbone: raw contexts (N, L) -> features, loc, scale."""
+
+    def __init__(self, path: str | Path, *, threads: int = 1, expected_sha256: str | None = None) -> None:
+        import onnxruntime as ort  # imported here so protocol-only users never load it
+
+        self.path = Path(path)
+        if not self.path.is_file():
+            raise ModelLoadError(f"backbone file {self.path} does not exist")
+        self.sha256 = sha256_file(self.path)
+        if expected_sha256 and self.sha256 != expected_sha256:
+            raise ModelLoadError(
+                f"backbone {self.path} has sha256 {self.sha256[:12]}…, manifest says {expected_sha256[:12]}…"
+            )
+        opts = ort.SessionOptions()
+        opts.intra_op_num_threads = max(1, threads)
+        opts.inter_op_num_threads = 1
+        opts.log_severity_level = 3
+        try:
+            self.session = ort.InferenceSession(str(self.path), sess_options=opts, providers=["CPUExecutionProvider"])
+        except Exception as exc:  # onnxruntime raises its own exception types for corrupt files
+            raise ModelLoadError(f"cannot load backbone {self.path}: {type(exc).__name__}: {exc}") from None
+        self.spec = BackboneSpec.from_metadata(self.session.get_modelmeta().custom_metadata_map)
+        outputs = [o.name for o in self.session.get_outputs()]
+        if outputs[:3] != ["features", "loc", "scale"]:
+            raise ModelLoadError(f"backbone {self.path} outputs {outputs}, expected features, loc, scale")
+        self.runtime = f"onnxruntime {ort.__version__}"
+        log.info("loaded backbone %s (%s, context %d, %d features)", self.path.name, self.runtime,
+                 self.spec.context, self.spec.feature_dim)
+
+    def features(self, contexts: np.ndarray, batch_size: int = 256) -> Features:
+        """Backbone features of raw contexts; batches bound the activation memory on small devices."""
+        x = np.asarray(contexts, dtype=np.float32)
+        if x.ndim != 2 or x.shape[1] != self.spec.context:
+            raise ValueError(f"contexts must be (N, {self.spec.context}), got {x.shape}")
+        if not np.isfinite(x).all():
+            raise ValueError("contexts contain NaN/Inf; fill or drop those windows first")
+        parts = [self.session.run(None, {"context": x[i : i + batch_size]}) for i in range(0, len(x), batch_size)]
+        if not parts:
+            d = self.spec.feature_dim
+            return Features(np.zeros((0, d), np.float32), np.zeros((0, 1), np.float32), np.ones((0, 1), np.float32))
+        feats, loc, scale = (np.concatenate([p[i] for p in parts]) for i in range(3))
+        return Features(feats, loc, scale)
