@@ -30,6 +30,7 @@ from edge_client.protocol import (
     Status,
     Topics,
     Update,
+    WrongShape,
     check_arrays,
     encode,
 )
@@ -77,7 +78,8 @@ class EdgeClient:
         self._sent: dict[int, bytes] = {}  # round id -> the update payload, for idempotent re-sends
         self._lock = threading.Lock()
         self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"train-{device_id}")
-        self.updates_sent = threading.Semaphore(0)
+        self.updates_sent = threading.Semaphore(0)  # released once per update the broker acknowledged
+        self.ack_timeout_s = 30.0
         offline = encode(Status(fleet=fleet, device_id=device_id, state="offline", detail="connection lost"))
         self.client = M.make_client(f"fedge-{fleet}-dev-{device_id}", will=(self.topics.status(device_id), offline))
         self.client.on_connect = self._on_connect
@@ -109,7 +111,7 @@ class EdgeClient:
         self._publish(self.topics.hello(self.device_id), Hello(
             fleet=self.fleet, device_id=self.device_id, runtime=self.learner.backbone.runtime,
             profile=self.profile, domain=self.domain, n_train=self.learner.n_train, n_eval=self.learner.n_eval,
-            model_version=current, capabilities=["train", "evaluate", "fedprox"]))
+            model_version=current, capabilities=["train", "evaluate", "fedprox"]), retain=True)
         self._publish(self.topics.status(self.device_id),
                       Status(fleet=self.fleet, device_id=self.device_id, state="online"), retain=True)
 
@@ -145,7 +147,7 @@ class EdgeClient:
         horizon = len(msg.params.get("point_bias", ()))
         try:
             if horizon != self.learner.split.horizon:
-                raise ProtocolError(f"global head horizon {horizon} != device horizon {self.learner.split.horizon}")
+                raise WrongShape(f"global head horizon {horizon} != device horizon {self.learner.split.horizon}")
             check_arrays(msg.params, head_shapes(spec.feature_dim, horizon, len(spec.quantiles)), what="global")
         except ProtocolError as err:
             self.receiver.reject(err, self.topics.global_model(self.task))
@@ -204,9 +206,17 @@ class EdgeClient:
                       metrics=outcome.metrics, train_seconds=outcome.seconds)
 
     def _send(self, round_id: int, payload: bytes) -> None:
-        M.publish(self.client, self.topics.update(round_id, self.device_id), payload)
+        """Publish and wait for the broker's PUBACK (on this worker thread, never paho's), so
+        `updates_sent` only counts updates the broker has taken responsibility for."""
+        info = M.publish(self.client, self.topics.update(round_id, self.device_id), payload)
         self.stats.bytes_up += len(payload)
-        self.updates_sent.release()
+        try:
+            info.wait_for_publish(timeout=self.ack_timeout_s)
+        except (RuntimeError, ValueError) as exc:
+            log.warning("device %s: update for round %d not acknowledged: %s", self.device_id, round_id, exc)
+            return
+        if info.is_published():
+            self.updates_sent.release()
 
     def _publish(self, topic: str, msg: Message, *, retain: bool = False) -> None:
         payload = encode(msg)

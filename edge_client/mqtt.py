@@ -93,8 +93,9 @@ def connect(
 
 def publish(
     client: mqtt.Client, topic: str, payload: bytes, *, retain: bool = False, expiry_s: int | None = None
-) -> None:
-    """QoS 1 publish; message expiry keeps stale tasks from reaching a device days later."""
+) -> mqtt.MQTTMessageInfo:
+    """QoS 1 publish; message expiry keeps stale tasks from reaching a device days later. While
+    disconnected, paho queues the message and sends it after reconnecting."""
     props = None
     if expiry_s is not None:
         props = Properties(PacketTypes.PUBLISH)
@@ -102,3 +103,4 @@ def publish(
     info = client.publish(topic, payload, qos=1, retain=retain, properties=props)
     if info.rc not in (mqtt.MQTT_ERR_SUCCESS, mqtt.MQTT_ERR_NO_CONN):
         log.warning("publish to %s failed: %s", topic, mqtt.error_string(info.rc))
+    return info

@@ -72,8 +72,12 @@ def test_round_state_survives_reopen_and_closes_once(tmp_path) -> None:
 
 def test_devices_registry(tmp_path) -> None:
     st = FleetState(tmp_path / "f.sqlite")
-    st.upsert_device("d1", domain="energy", n_train=5)
-    st.upsert_device("d2", domain="finance")
+    st.upsert_device("d1", domain="energy", n_train=5, state="online")
+    st.upsert_device("d2", domain="finance", state="online")
     st.set_device_state("d2", "offline")
-    assert list(st.devices(online_only=True)) == ["d1"]
-    assert st.has_device("d2") and not st.has_device("d3")
+    st.upsert_device("d2", domain="finance", n_train=9)  # a retained hello: card refreshed, state kept
+    st.set_device_state("d3", "online")  # status seen before any hello
+    st.upsert_device("d4", domain="x")  # retained hello of a device whose status is unknown
+    assert list(st.devices(online_only=True)) == ["d1", "d3"]
+    assert st.devices()["d2"]["n_train"] == 9 and st.devices()["d4"]["state"] == "unknown"
+    assert st.has_device("d2") and not st.has_device("d5")

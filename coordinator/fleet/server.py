@@ -195,14 +195,15 @@ class FleetCoordinator:
         for device_id in pending:
             self._send_task(rec, device_id)
 
-        with self._changed:
-            while True:
-                n_reported = len(self.state.reported(rec.round_id))
-                if on_progress:
-                    on_progress(n_reported, len(rec.selected))
-                if n_reported >= len(rec.selected) or time.time() >= rec.deadline:
-                    break
-                self._changed.wait(min(0.5, max(0.01, rec.deadline - time.time())))
+        while True:
+            n_reported = len(self.state.reported(rec.round_id))
+            if on_progress:
+                on_progress(n_reported, len(rec.selected))  # outside the lock: a slow callback must not block paho
+            if n_reported >= len(rec.selected) or time.time() >= rec.deadline:
+                break
+            with self._changed:
+                if len(self.state.reported(rec.round_id)) == n_reported:
+                    self._changed.wait(min(0.5, max(0.01, rec.deadline - time.time())))
         return self._close(rec, base, t0, resumed)
 
     def _round_config(self) -> dict:
@@ -268,7 +269,7 @@ class FleetCoordinator:
             if isinstance(msg, Update):
                 self._on_update(msg, message.payload)
             elif isinstance(msg, Hello):
-                self._on_hello(msg)
+                self._on_hello(msg, retained=bool(message.retain))
             elif isinstance(msg, Status):
                 self.state.set_device_state(msg.device_id, msg.state)
                 with self._changed:
@@ -279,11 +280,13 @@ class FleetCoordinator:
         except Exception:  # never let a bug kill paho's network thread
             log.exception("coordinator: error handling message on %s", message.topic)
 
-    def _on_hello(self, msg: Hello) -> None:
+    def _on_hello(self, msg: Hello, retained: bool) -> None:
+        """Hellos are retained, so a coordinator that starts after its devices still learns of
+        them; only a live hello proves the device is connected now."""
         if self.cfg.allowlist is not None and msg.device_id not in self.cfg.allowlist:
             raise UnknownDevice(f"device {msg.device_id!r} is not on the fleet allowlist")
         self.state.upsert_device(msg.device_id, domain=msg.domain, profile=msg.profile, runtime=msg.runtime,
-                                 n_train=msg.n_train)
+                                 n_train=msg.n_train, state=None if retained else "online")
         log.info("device %s joined (%s, %s, %d windows)", msg.device_id, msg.domain, msg.runtime, msg.n_train)
         with self._changed:
             self._changed.notify_all()

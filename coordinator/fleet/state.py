@@ -34,7 +34,7 @@ CREATE TABLE IF NOT EXISTS updates (
     payload BLOB NOT NULL, received REAL NOT NULL, PRIMARY KEY (round_id, device_id));
 CREATE TABLE IF NOT EXISTS devices (
     device_id TEXT PRIMARY KEY, domain TEXT, profile TEXT, runtime TEXT, n_train INTEGER,
-    state TEXT NOT NULL DEFAULT 'online', last_seen REAL NOT NULL);
+    state TEXT NOT NULL DEFAULT 'unknown', last_seen REAL NOT NULL);
 """
 
 
@@ -142,6 +142,11 @@ class FleetState:
                 "SELECT round_id FROM rounds WHERE task=? AND state='open' ORDER BY round_id", (task,))]
         return [self.round(i) for i in ids]
 
+    def finished_rounds(self) -> int:
+        """Rounds that are closed or failed (a resumed run counts what earlier runs finished)."""
+        with self._lock:
+            return self._db.execute("SELECT COUNT(*) FROM rounds WHERE state != 'open'").fetchone()[0]
+
     def extend_deadline(self, round_id: int, deadline: float) -> None:
         with self._lock:
             self._db.execute("UPDATE rounds SET deadline=? WHERE round_id=? AND state='open'", (deadline, round_id))
@@ -200,23 +205,28 @@ class FleetState:
     # ------------------------------------------------------------------ devices
 
     def upsert_device(self, device_id: str, *, domain: str = "", profile: str = "", runtime: str = "",
-                      n_train: int = 0) -> None:
+                      n_train: int = 0, state: str | None = None) -> None:
+        """Register or refresh a device's card; `state` None keeps the known state (a retained
+        hello says what a device is, not whether it is still there)."""
         with self._lock:
             self._db.execute(
                 "INSERT INTO devices (device_id, domain, profile, runtime, n_train, state, last_seen)"
-                " VALUES (?, ?, ?, ?, ?, 'online', ?) ON CONFLICT(device_id) DO UPDATE SET domain=excluded.domain,"
-                " profile=excluded.profile, runtime=excluded.runtime, n_train=excluded.n_train, state='online',"
-                " last_seen=excluded.last_seen", (device_id, domain, profile, runtime, n_train, time.time()))
+                " VALUES (?, ?, ?, ?, ?, COALESCE(?, 'unknown'), ?) ON CONFLICT(device_id) DO UPDATE SET"
+                " domain=excluded.domain, profile=excluded.profile, runtime=excluded.runtime,"
+                " n_train=excluded.n_train, state=COALESCE(?, devices.state), last_seen=excluded.last_seen",
+                (device_id, domain, profile, runtime, n_train, state, time.time(), state))
 
     def set_device_state(self, device_id: str, state: str) -> None:
         with self._lock:
+            self._db.execute("INSERT OR IGNORE INTO devices (device_id, state, last_seen) VALUES (?, ?, ?)",
+                             (device_id, state, time.time()))
             self._db.execute("UPDATE devices SET state=?, last_seen=? WHERE device_id=?",
                              (state, time.time(), device_id))
 
     def devices(self, *, online_only: bool = False) -> dict[str, dict]:
         query = "SELECT device_id, domain, profile, runtime, n_train, state, last_seen FROM devices"
         if online_only:
-            query += " WHERE state != 'offline'"
+            query += " WHERE state IN ('online', 'idle', 'training')"
         with self._lock:
             rows = self._db.execute(query + " ORDER BY device_id").fetchall()
         keys = ("domain", "profile", "runtime", "n_train", "state", "last_seen")

@@ -1,0 +1,196 @@
+"""`fedge`: the coordinator's command line.
+
+    fedge demo       broker + coordinator + simulated devices on real data, one command
+    fedge pretrain   pretrain the TSFM (centralized on ETTh1 for now) and save a checkpoint
+    fedge export     checkpoint -> backbone.onnx, head.onnx, head.npz, spec.json (+ parity)
+    fedge serve      run federated rounds for real devices over an MQTT broker (resumable)
+    fedge status     rounds, models and devices recorded in a fleet database
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+from rich.logging import RichHandler
+from rich.table import Table
+
+app = typer.Typer(help="fedge coordinator: federated learning for foundation models on edge devices.",
+                  no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False)
+console = Console()
+
+
+def _logging(verbose: bool) -> None:
+    logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, format="%(name)s: %(message)s",
+                        handlers=[RichHandler(console=console, show_path=False, show_time=False)], force=True)
+
+
+def _fail(message: str) -> None:
+    console.print(f"[red]error:[/red] {message}")
+    raise typer.Exit(2)
+
+
+@app.command()
+def demo(
+    devices: Annotated[int, typer.Option(min=1, max=64, help="simulated edge devices")] = 6,
+    rounds: Annotated[int, typer.Option(min=1, max=200, help="federated training rounds")] = 5,
+    horizon: Annotated[int, typer.Option(min=1, max=96, help="forecast horizon of the fleet head")] = 24,
+    local_epochs: Annotated[int, typer.Option(min=1, max=50)] = 2,
+    lr: Annotated[float, typer.Option(min=1e-6, max=1.0)] = 3e-3,
+    strategy: Annotated[str, typer.Option(help="fedavg | fedprox | trimmed_mean")] = "fedavg",
+    prox_mu: Annotated[float, typer.Option(min=0.0, help="FedProx proximal weight on the device")] = 0.0,
+    data_dir: Annotated[str | None, typer.Option(help="folder with the shared datasets ($FEDGE_DATA_DIR)")] = None,
+    out: Annotated[Path, typer.Option(help="where results, plot, model and fleet DB go")] = Path("runs/demo"),
+    broker: Annotated[str, typer.Option(help="auto | mosquitto | embedded | host:port")] = "auto",
+    quick: Annotated[bool, typer.Option(help="smaller backbone and budget: a fast smoke run")] = False,
+    seed: int = 0,
+    verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False,
+) -> None:
+    """Run broker, coordinator and simulated edge devices end to end on real data."""
+    from coordinator.demo import DemoConfig, run_demo
+    from coordinator.fleet.aggregation import make_strategy
+    from edge_client.datasets import DatasetNotFound, resolve_data_dir
+
+    _logging(verbose)
+    try:
+        make_strategy(strategy)
+        resolve_data_dir(data_dir)
+    except (ValueError, DatasetNotFound) as exc:
+        _fail(str(exc))
+    try:
+        run_demo(DemoConfig(devices=devices, rounds=rounds, horizon=horizon, local_epochs=local_epochs, lr=lr,
+                            strategy=strategy, prox_mu=prox_mu, data_dir=data_dir, out_dir=out, broker=broker,
+                            quick=quick, seed=seed), console)
+    except (ConnectionError, RuntimeError, ValueError) as exc:
+        _fail(str(exc))
+
+
+@app.command()
+def pretrain(
+    out: Annotated[Path, typer.Option(help="checkpoint file to write")] = Path("runs/tsfm.pt"),
+    steps: Annotated[int, typer.Option(min=1)] = 1200,
+    size: Annotated[str, typer.Option(help="tiny | small")] = "tiny",
+    data_dir: Annotated[str | None, typer.Option()] = None,
+    threads: Annotated[int | None, typer.Option(min=1)] = None,
+    seed: int = 0,
+) -> None:
+    """Pretrain the TSFM centrally on ETTh1's training split and report the standard test scores."""
+    from coordinator.models.tsfm import TSFMConfig
+    from coordinator.pretrain.central import evaluate_ett, save_checkpoint, train_tsfm
+
+    if size not in ("tiny", "small"):
+        _fail(f"--size must be tiny or small, not {size!r}")
+    cfg = TSFMConfig.tiny() if size == "tiny" else TSFMConfig.small()
+    result = train_tsfm(cfg, steps=steps, data_dir=data_dir, threads=threads, seed=seed, progress=True)
+    save_checkpoint(result.model, out)
+    scores = evaluate_ett(result.model, split="test", data_dir=data_dir)
+    console.print(f"saved {out}; ETTh1 test (H={cfg.horizon}, L={cfg.context}): "
+                  + ", ".join(f"{k} {v:.4f}" for k, v in scores.items()))
+
+
+@app.command()
+def export(
+    checkpoint: Annotated[Path, typer.Argument(help="checkpoint written by `fedge pretrain`")],
+    out: Annotated[Path, typer.Option(help="output folder")] = Path("runs/model"),
+) -> None:
+    """Export a checkpoint to ONNX (backbone, head) with a parity check against torch."""
+    from coordinator.pretrain.central import load_checkpoint
+    from export.onnx_export import export_model
+
+    try:
+        model = load_checkpoint(checkpoint)
+    except (ValueError, FileNotFoundError) as exc:
+        _fail(str(exc))
+    result = export_model(model, out)
+    console.print(f"wrote {out}: parity {result.parity}")
+
+
+@app.command()
+def serve(
+    init_head: Annotated[Path, typer.Option(help="head.npz from `fedge export` (the initial global head)")],
+    db: Annotated[Path, typer.Option(help="fleet state (SQLite); reuse it to resume")] = Path("runs/fleet.sqlite"),
+    broker: Annotated[str, typer.Option(help="host:port of the MQTT broker")] = "127.0.0.1:1883",
+    fleet: Annotated[str, typer.Option()] = "default",
+    rounds: Annotated[int, typer.Option(min=1, help="run until this many rounds are closed in the DB")] = 10,
+    min_devices: Annotated[int, typer.Option(min=1)] = 2,
+    fraction: Annotated[float, typer.Option(min=0.01, max=1.0)] = 1.0,
+    deadline: Annotated[float, typer.Option(min=1.0, help="seconds per round")] = 120.0,
+    horizon: Annotated[int, typer.Option(min=1)] = 24,
+    local_epochs: Annotated[int, typer.Option(min=1)] = 2,
+    lr: Annotated[float, typer.Option(min=1e-6, max=1.0)] = 3e-3,
+    strategy: Annotated[str, typer.Option()] = "fedavg",
+    clip_norm: Annotated[float | None, typer.Option(min=0.0)] = None,
+    wait_devices: Annotated[float, typer.Option(help="seconds to wait for min-devices to say hello")] = 60.0,
+    verbose: Annotated[bool, typer.Option("--verbose", "-v")] = True,
+) -> None:
+    """Coordinate federated rounds for real devices. Killed and restarted with the same --db, it
+    resumes the open round and keeps every update it already had."""
+    import numpy as np
+
+    from coordinator.fleet.server import FleetConfig, FleetCoordinator
+    from coordinator.fleet.state import FleetState
+    from edge_client.adapters import HEAD_KEYS, slice_head
+    from edge_client.mqtt import BrokerAddress
+
+    _logging(verbose)
+    try:
+        address = BrokerAddress.parse(broker)
+        cfg = FleetConfig(fleet=fleet, min_devices=min_devices, fraction=fraction, deadline_s=deadline,
+                          local_epochs=local_epochs, lr=lr, strategy=strategy, clip_norm=clip_norm)
+        with np.load(init_head, allow_pickle=False) as data:
+            head = {k: data[k] for k in HEAD_KEYS}
+        initial = slice_head(head, horizon)
+    except (ValueError, KeyError, OSError) as exc:
+        _fail(f"cannot start: {exc}")
+    state = FleetState(db)
+    coordinator = FleetCoordinator(cfg, address, state)
+    try:
+        coordinator.start()
+    except ConnectionError as exc:
+        _fail(str(exc))
+    try:
+        coordinator.ensure_model(initial)
+        while state.finished_rounds() < rounds:
+            if not coordinator.state.open_rounds(cfg.task):
+                online = coordinator.wait_for_devices(min_devices, wait_devices)
+                if len(online) < min_devices:
+                    _fail(f"only {len(online)} of {min_devices} devices said hello within {wait_devices:.0f} s")
+            res = coordinator.run_round("train")
+            console.print(f"round {res.round_id} {res.state}: {len(res.metrics)}/{len(res.selected)} updates, "
+                          f"v{res.base_version} -> v{res.new_version}, {res.bytes_up / 1024:.1f} KB up, "
+                          f"{res.seconds:.1f} s{' (resumed)' if res.resumed else ''}")
+    finally:
+        coordinator.stop()
+        state.close()
+
+
+@app.command()
+def status(db: Annotated[Path, typer.Option()] = Path("runs/fleet.sqlite")) -> None:
+    """Show rounds and devices recorded in a fleet database."""
+    from coordinator.fleet.state import FleetState
+
+    if not db.is_file():
+        _fail(f"no fleet database at {db}")
+    state = FleetState(db)
+    t = Table(title="devices")
+    for c in ("device", "domain", "runtime", "state", "windows"):
+        t.add_column(c)
+    for dev, info in state.devices().items():
+        t.add_row(dev, info["domain"] or "", info["runtime"] or "", info["state"], str(info["n_train"]))
+    console.print(t)
+    r = Table(title="rounds")
+    for c in ("round", "kind", "state", "base", "new", "updates", "selected"):
+        r.add_column(c)
+    for rid in range(1, state.next_round_id()):
+        rec = state.round(rid)
+        r.add_row(str(rid), rec.kind, rec.state, str(rec.base_version), str(rec.new_version),
+                  str(len(state.reported(rid))), str(len(rec.selected)))
+    console.print(r)
+
+
+def main() -> None:  # pragma: no cover - console script entry
+    sys.exit(app())

@@ -1,0 +1,174 @@
+"""A full federated round over a real Mosquitto: coordinator, three edge clients on real data,
+exact FedAvg of what the devices sent, and bad input that is refused without harm."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import msgpack
+import numpy as np
+import paho.mqtt.client as paho
+import pytest
+
+from coordinator.fleet.server import FleetConfig, FleetCoordinator
+from coordinator.fleet.simulation import carve_devices, start_devices
+from coordinator.fleet.state import FleetState
+from edge_client import protocol as P
+from edge_client.adapters import slice_head
+from edge_client.mqtt import connect, make_client
+
+pytestmark = pytest.mark.broker
+FLEET = "t1"
+
+
+def _wait(cond, timeout: float = 10.0) -> None:
+    deadline = time.time() + timeout
+    while not cond():
+        if time.time() > deadline:
+            raise AssertionError("condition not reached in time")
+        time.sleep(0.05)
+
+
+@pytest.fixture
+def fleet(mosquitto, tiny_export, tmp_path):
+    coord = FleetCoordinator(FleetConfig(fleet=FLEET, deadline_s=60, local_epochs=1, lr=3e-3, min_devices=3),
+                             mosquitto.address, FleetState(tmp_path / "fleet.sqlite")).start()
+    coord.ensure_model(slice_head(tiny_export["model"].head_state(), 24))
+    devices = carve_devices(3, seed=1)
+    clients = start_devices(devices, tiny_export["backbone"], mosquitto.address, FLEET, horizon=24)
+    assert len(coord.wait_for_devices(3, 15)) == 3
+    yield coord, clients
+    for c in clients:
+        c.stop()
+    coord.stop()
+
+
+def test_one_round_with_three_devices_aggregates_exact_fedavg(fleet) -> None:
+    coord, clients = fleet
+    base_version, base = coord.current_model()
+    result = coord.run_round("train")
+
+    assert result.state == "closed" and result.new_version == base_version + 1
+    assert sorted(result.metrics) == sorted(c.device_id for c in clients)
+    stored = [P.decode(p) for _, p in coord.state.updates(result.round_id)]
+    assert len(stored) == 3
+    n = np.array([u.n_samples for u in stored], np.float64)
+    _, new = coord.current_model()
+    for k in base:
+        expected = base[k] + sum(w * u.delta[k].astype(np.float64) for w, u in zip(n / n.sum(), stored, strict=True))
+        np.testing.assert_allclose(new[k], expected, rtol=1e-5, atol=1e-6)
+    for u in stored:  # what left each device: deltas and metrics, float16, under the 32 KB budget
+        assert set(u.delta) == set(base) and all(v.dtype == np.float16 for v in u.delta.values())
+        assert {"global_mse", "personal_mse", "naive_mse"} <= set(u.metrics)
+    assert 0 < result.bytes_up / 3 < 32 * 1024
+    _wait(lambda: all(result.new_version in c.globals for c in clients))  # everyone got the new head
+
+    evaluation = coord.run_round("evaluate")
+    assert evaluation.new_version is None and len(evaluation.metrics) == 3
+    for m in evaluation.metrics.values():
+        assert np.isfinite([m["global_mse"], m["personal_mse"], m["naive_mse"]]).all()
+
+
+def test_bad_updates_are_refused_counted_and_the_round_still_completes(fleet, mosquitto) -> None:
+    coord, clients = fleet
+    topics = P.Topics(FLEET)
+    victim = clients[0].device_id
+    for c in clients:  # hold the real updates back until the attack is over
+        c.learner.run_round = _delayed(c.learner.run_round, 2.0)
+    inbox: list[P.Message] = []
+    spy = make_client("spy")
+    spy.on_message = lambda c, u, m: inbox.append(P.decode(m.payload))
+    connect(spy, mosquitto.address, persistent=False)
+    spy.subscribe(topics.task(victim), qos=1)
+    evil = make_client("evil")
+    connect(evil, mosquitto.address, persistent=False)
+
+    runner = threading.Thread(target=lambda: results.append(coord.run_round("train")))
+    results: list = []
+    runner.start()
+    _wait(lambda: coord.state.open_rounds("tsfm"))
+    (rec,) = coord.state.open_rounds("tsfm")
+    base = coord.state.model(rec.base_version)
+    good = {k: np.zeros(v.shape, np.float16) for k, v in base.items()}
+
+    def update(**kw) -> P.Update:
+        fields = dict(fleet=FLEET, device_id=victim, round_id=rec.round_id, base_version=rec.base_version,
+                      n_samples=5, delta=good)
+        fields.update(kw)
+        return P.Update(**fields)
+
+    raw = update().model_dump(mode="python")
+    raw["delta"] = {**good, "point_bias": np.full(good["point_bias"].shape, np.nan, np.float32)}
+    t = topics.update(rec.round_id, victim)
+    attacks = [
+        (t, b"\xc1not msgpack"),
+        (t, msgpack.packb(raw, default=P._pack_ext, use_bin_type=True)),  # NaN
+        (t, P.encode(update(delta={**good, "point_bias": np.zeros(3, np.float16)}))),  # wrong shape
+        (t, P.encode(update(round_id=rec.round_id + 7))),  # stale round
+        (t, P.encode(update(base_version=rec.base_version + 5))),  # stale base model
+        (t, P.encode(update(device_id="intruder"))),  # impersonation on the victim's topic
+        (topics.update(rec.round_id, "ghost"), P.encode(update(device_id="ghost"))),  # unknown device
+        (t, b"\x00" * (P.DEFAULT_LIMITS.max_payload_bytes + 10)),  # oversized
+    ]
+    for topic, payload in attacks:
+        evil.publish(topic, payload, qos=1).wait_for_publish(5)
+    _wait(lambda: sum(coord.receiver.rejected.values()) >= len(attacks))
+    assert coord.state.reported(rec.round_id) == set()  # nothing bad was stored
+    runner.join(60)
+
+    counted = coord.receiver.rejected
+    for reason in ("malformed", "non_finite", "wrong_shape", "stale_round", "identity_mismatch", "unknown_device",
+                   "oversized"):
+        assert counted[reason] >= 1, (reason, counted)
+    (result,) = results
+    assert result.state == "closed" and len(result.metrics) == 3  # the real updates all counted, once
+    _wait(lambda: any(isinstance(m, P.Reject) for m in inbox))
+    assert {m.reason for m in inbox if isinstance(m, P.Reject)} >= {"malformed", "non_finite", "wrong_shape"}
+    for c in (spy, evil):
+        c.disconnect()
+        c.loop_stop()
+
+
+def _delayed(fn, seconds: float):
+    def wrapper(*args, **kwargs):
+        time.sleep(seconds)
+        return fn(*args, **kwargs)
+
+    return wrapper
+
+
+def test_device_refuses_a_global_head_of_the_wrong_shape(fleet, mosquitto) -> None:
+    coord, clients = fleet
+    before = dict(clients[0].globals)
+    pub = make_client("bad-coordinator")
+    connect(pub, mosquitto.address, persistent=False)
+    bad = P.GlobalModel(fleet=FLEET, version=99, params={"point_weight": np.zeros((24, 3), np.float32)})
+    pub.publish(P.Topics(FLEET).global_model("tsfm"), P.encode(bad), qos=1).wait_for_publish(5)
+    _wait(lambda: clients[0].receiver.rejected["wrong_shape"] >= 1)
+    assert 99 not in clients[0].globals and set(before) <= set(clients[0].globals)
+    pub.disconnect()
+    pub.loop_stop()
+
+
+def test_broker_publish_with_paho_v5_reaches_device_queue_when_offline(mosquitto) -> None:
+    """The property restarts rely on: a persistent v5 session gets QoS 1 messages sent while it was away."""
+    got: list[bytes] = []
+    sub = make_client("persistent-sub")
+    sub.on_message = lambda c, u, m: got.append(m.payload)
+    connect(sub, mosquitto.address, persistent=True)
+    sub.subscribe("fedge/v1/x/q", qos=1)
+    time.sleep(0.2)
+    sub.disconnect()
+    sub.loop_stop()
+    pub = make_client("pub")
+    connect(pub, mosquitto.address, persistent=False)
+    pub.publish("fedge/v1/x/q", b"while-away", qos=1).wait_for_publish(5)
+    sub2 = make_client("persistent-sub")
+    sub2.on_message = lambda c, u, m: got.append(m.payload)
+    connect(sub2, mosquitto.address, persistent=True)
+    _wait(lambda: got == [b"while-away"])
+    for c in (pub, sub2):
+        c.disconnect()
+        c.loop_stop()
+    assert paho.MQTTv5 == 5
