@@ -9,6 +9,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import sys
 from pathlib import Path
@@ -144,6 +145,8 @@ def serve(
         with np.load(init_head, allow_pickle=False) as data:
             head = {k: data[k] for k in HEAD_KEYS}
         initial = slice_head(head, horizon)
+        spec_file = init_head.with_name("spec.json")
+        spec = json.loads(spec_file.read_text()) if spec_file.is_file() else {}
     except (ValueError, KeyError, OSError) as exc:
         _fail(f"cannot start: {exc}")
     state = FleetState(db)
@@ -153,7 +156,10 @@ def serve(
     except ConnectionError as exc:
         _fail(str(exc))
     try:
-        coordinator.ensure_model(initial)
+        sha = spec.get("files", {}).get("backbone.onnx", {}).get("sha256", "")
+        coordinator.ensure_model(initial, {"backbone_sha256": sha})
+        if spec:
+            coordinator.publish_manifest(spec)
         while state.finished_rounds() < rounds:
             if not coordinator.state.open_rounds(cfg.task):
                 online = coordinator.wait_for_devices(min_devices, wait_devices)

@@ -23,6 +23,8 @@ from edge_client.protocol import (
     GlobalModel,
     Hello,
     Message,
+    ModelManifest,
+    ModelMismatch,
     ProtocolError,
     Receiver,
     Reject,
@@ -74,6 +76,7 @@ class EdgeClient:
         self.stats = EdgeStats()
         self.globals: dict[int, Params] = {}
         self.personal: Params | None = None
+        self.manifest: ModelManifest | None = None
         self._pending: dict[int, RoundTask] = {}
         self._sent: dict[int, bytes] = {}  # round id -> the update payload, for idempotent re-sends
         self._lock = threading.Lock()
@@ -106,7 +109,8 @@ class EdgeClient:
         if reason_code.is_failure:
             log.error("device %s: broker refused connection: %s", self.device_id, reason_code)
             return
-        client.subscribe([(self.topics.task(self.device_id), 1), (self.topics.global_model(self.task), 1)])
+        client.subscribe([(self.topics.task(self.device_id), 1), (self.topics.global_model(self.task), 1),
+                          (self.topics.manifest(self.task), 1)])
         current = max(self.globals) if self.globals else None
         self._publish(self.topics.hello(self.device_id), Hello(
             fleet=self.fleet, device_id=self.device_id, runtime=self.learner.backbone.runtime,
@@ -138,14 +142,27 @@ class EdgeClient:
             else:
                 log.info("device %s: task for round %d waits for global v%d", self.device_id, msg.round_id,
                          msg.model_version)
+        elif isinstance(msg, ModelManifest):
+            self._on_manifest(msg)
         elif isinstance(msg, Reject):
             log.warning("device %s: coordinator rejected %s: %s (%s)", self.device_id, msg.ref_msg_id, msg.reason,
                         msg.detail)
+
+    def _on_manifest(self, msg: ModelManifest) -> None:
+        wanted = {f.name: f.sha256 for f in msg.files}.get("backbone.onnx")
+        self.manifest = msg
+        if wanted and wanted != self.learner.backbone.sha256:
+            self.receiver.reject(ModelMismatch(
+                f"fleet runs backbone {wanted[:12]}… (manifest v{msg.version}), this device has "
+                f"{self.learner.backbone.sha256[:12]}…; install the new backbone"), self.topics.manifest(self.task))
 
     def _on_global(self, msg: GlobalModel) -> None:
         spec = self.learner.backbone.spec
         horizon = len(msg.params.get("point_bias", ()))
         try:
+            if msg.backbone_sha256 and msg.backbone_sha256 != self.learner.backbone.sha256:
+                raise ModelMismatch(f"global head v{msg.version} was trained for backbone {msg.backbone_sha256[:12]}…,"
+                                    f" this device runs {self.learner.backbone.sha256[:12]}…")
             if horizon != self.learner.split.horizon:
                 raise WrongShape(f"global head horizon {horizon} != device horizon {self.learner.split.horizon}")
             check_arrays(msg.params, head_shapes(spec.feature_dim, horizon, len(spec.quantiles)), what="global")

@@ -103,6 +103,10 @@ class WrongDtype(ProtocolError):
     reason = "wrong_dtype"
 
 
+class ModelMismatch(ProtocolError):
+    reason = "model_mismatch"
+
+
 class StaleRound(ProtocolError):
     reason = "stale_round"
 

@@ -138,7 +138,7 @@ def _delayed(fn, seconds: float):
     return wrapper
 
 
-def test_device_refuses_a_global_head_of_the_wrong_shape(fleet, mosquitto) -> None:
+def test_device_refuses_a_global_head_of_the_wrong_shape_or_for_another_backbone(fleet, mosquitto) -> None:
     coord, clients = fleet
     before = dict(clients[0].globals)
     pub = make_client("bad-coordinator")
@@ -146,7 +146,11 @@ def test_device_refuses_a_global_head_of_the_wrong_shape(fleet, mosquitto) -> No
     bad = P.GlobalModel(fleet=FLEET, version=99, params={"point_weight": np.zeros((24, 3), np.float32)})
     pub.publish(P.Topics(FLEET).global_model("tsfm"), P.encode(bad), qos=1).wait_for_publish(5)
     _wait(lambda: clients[0].receiver.rejected["wrong_shape"] >= 1)
-    assert 99 not in clients[0].globals and set(before) <= set(clients[0].globals)
+    _, head = coord.current_model()
+    other = P.GlobalModel(fleet=FLEET, version=98, params=head, backbone_sha256="f" * 64)
+    pub.publish(P.Topics(FLEET).global_model("tsfm"), P.encode(other), qos=1).wait_for_publish(5)
+    _wait(lambda: clients[0].receiver.rejected["model_mismatch"] >= 1)
+    assert {98, 99}.isdisjoint(clients[0].globals) and set(before) <= set(clients[0].globals)
     pub.disconnect()
     pub.loop_stop()
 

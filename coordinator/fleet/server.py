@@ -29,6 +29,8 @@ from edge_client.protocol import (
     GlobalModel,
     Hello,
     InvalidMessage,
+    ModelFile,
+    ModelManifest,
     ProtocolError,
     Receiver,
     Reject,
@@ -150,6 +152,16 @@ class FleetCoordinator:
         payload = encode(msg)
         M.publish(self.client, self.topics.global_model(self.cfg.task), payload, retain=True)
         return len(payload)
+
+    def publish_manifest(self, spec: Mapping, version: int = 1) -> None:
+        """Announce (retained) which backbone files the fleet runs, from export's spec.json, so a
+        device can tell before training that its backbone is the right one."""
+        files = [ModelFile(name=name, sha256=info["sha256"], size=info["bytes"])
+                 for name, info in spec.get("files", {}).items()]
+        keep = {k: spec[k] for k in ("context", "horizon", "feature_dim", "quantiles", "model_id") if k in spec}
+        msg = ModelManifest(fleet=self.cfg.fleet, task=self.cfg.task, model_id=str(spec.get("model_id", "")),
+                            version=version, files=files, spec=keep)
+        M.publish(self.client, self.topics.manifest(self.cfg.task), encode(msg), retain=True)
 
     # ------------------------------------------------------------------ devices
 
