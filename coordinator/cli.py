@@ -22,7 +22,7 @@ from rich.table import Table
 
 app = typer.Typer(help="fedge coordinator: federated learning for foundation models on edge devices.",
                   no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False)
-console = Console()
+console = Console(width=None if sys.stdout.isatty() else 120)  # logs and CI output keep whole tables
 
 
 def _logging(verbose: bool) -> None:

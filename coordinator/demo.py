@@ -73,14 +73,19 @@ def summarise(result: RoundResult, label: str) -> dict:
 
 
 def results_table(rows: list[dict], title: str = "fedge demo — mean over devices (scaled units)") -> Table:
-    t = Table(title=title, header_style="bold")
-    for col in ("round", "devices", "up KB", "down KB", "global MSE", "global MAE", "personal MSE",
-                "personal MAE", "naive MSE", "naive MAE", "wall s"):
+    t = Table(title=title, header_style="bold", caption="global = the head each round started from; personal = "
+              "after the device's local training; all on each device's held-back window")
+    for col in ("round", "devices", "up KB", "down KB", "global MSE / MAE", "personal MSE / MAE",
+                "seasonal naive MSE / MAE", "wall s"):
         t.add_column(col, justify="right")
+
+    def pair(r: dict, who: str) -> str:
+        mse, mae = r[f"{who}_mse"], r[f"{who}_mae"]
+        return "—" if mse != mse else f"{mse:.3f} / {mae:.3f}"
+
     for r in rows:
-        cells = ["—" if r[k] != r[k] else f"{r[k]:.3f}" for k in METRICS]
-        t.add_row(str(r["round"]), r["devices"], f"{r['up_kb']:.1f}", f"{r['down_kb']:.1f}", *cells,
-                  f"{r['wall_s']:.1f}")
+        t.add_row(str(r["round"]), r["devices"], f"{r['up_kb']:.1f}", f"{r['down_kb']:.1f}", pair(r, "global"),
+                  pair(r, "personal"), pair(r, "naive"), f"{r['wall_s']:.1f}")
     return t
 
 
@@ -113,6 +118,7 @@ def save_plot(rows: list[dict], devices: list[dict], path: Path) -> None:
     if final["round"] == "final":
         ax1.axhline(final["global_mse"], color="C0", alpha=0.4, lw=1, label="final global")
     ax1.set_xlabel("round")
+    ax1.set_xticks(x)
     ax1.set_ylabel("mean MSE over devices (scaled)")
     ax1.set_title("Federated rounds")
     ax1.grid(alpha=0.3)

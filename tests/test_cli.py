@@ -1,0 +1,50 @@
+"""The coordinator CLI: the demo end to end (quick mode, embedded broker) and clear errors for
+bad arguments."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def fedge(*args: str, env: dict | None = None, timeout: int = 300) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-c", "from coordinator.cli import app; app()", *args], cwd=ROOT,
+                          capture_output=True, text=True, timeout=timeout, env={**os.environ, **(env or {})})
+
+
+@pytest.mark.slow
+def test_quick_demo_runs_end_to_end_on_the_embedded_broker(tmp_path) -> None:
+    pytest.importorskip("iotcore")
+    out = tmp_path / "demo"
+    proc = fedge("demo", "--quick", "--devices", "3", "--rounds", "2", "--broker", "embedded", "--out", str(out),
+                 env={"FEDGE_CACHE": str(tmp_path / "cache")})
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "iotcore" in proc.stdout and "final" in proc.stdout
+    result = json.loads((out / "demo.json").read_text())
+    assert [r["round"] for r in result["rows"]] == [1, 2, "final"]
+    assert all(r["devices"] == "3/3" for r in result["rows"])
+    assert len(result["devices"]) == 3 and result["parity"]["forecast_max_abs_err"] < 1e-4
+    assert (out / "demo.png").stat().st_size > 10_000
+    assert (out / "model" / "backbone.onnx").is_file()
+
+
+@pytest.mark.parametrize(("args", "message"), [
+    (("demo", "--strategy", "magic"), "unknown aggregation strategy"),
+    (("demo", "--devices", "0"), "devices"),
+    (("demo", "--data-dir", "/nonexistent/dir"), "does not exist"),
+    (("serve", "--init-head", "/nonexistent/head.npz"), "cannot start"),
+    (("export", "/nonexistent/ckpt.pt"), "error"),
+    (("status", "--db", "/nonexistent/fleet.sqlite"), "no fleet database"),
+])
+def test_bad_arguments_exit_2_with_a_clear_message(args: tuple[str, ...], message: str) -> None:
+    proc = fedge(*args, timeout=120)
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    assert message in (proc.stdout + proc.stderr)
+    assert "Traceback" not in proc.stdout + proc.stderr
