@@ -141,9 +141,11 @@ class Adam:
 
 @dataclass(frozen=True)
 class TrainResult:
-    params: Params
+    params: Params  # after the last epoch: what federated averaging needs
     losses: list[float]  # mean training loss per epoch
     steps: int
+    best: Params  # lowest validation loss among the start point and every epoch (= params without validation)
+    val_losses: list[float] = field(default_factory=list)  # [start, epoch 1, ...]
 
 
 def train_head(
@@ -156,14 +158,33 @@ def train_head(
     batch_size: int = 64,
     cfg: LossConfig = LossConfig(),
     seed: int = 0,
+    val: tuple[Features, np.ndarray] | None = None,
 ) -> TrainResult:
     """Mini-batch Adam on the head, starting from `init` (the global head); the proximal
-    anchor, when cfg.prox_mu > 0, is `init` itself."""
+    anchor, when cfg.prox_mu > 0, is `init` itself.
+
+    With `val` (the device's most recent training windows, held out), the loss is measured before
+    training and after every epoch and the best state is kept as ``best``: a device with little or
+    unusual data then keeps the global head instead of a personal one that overfits."""
     params = as_float32(init)
     anchor = as_float32(init) if cfg.prox_mu > 0 else None
+    val_cfg = LossConfig(quantiles=cfg.quantiles, quantile_weight=cfg.quantile_weight)
     opt = Adam(lr=lr)
     rng = np.random.default_rng(seed)
     losses: list[float] = []
+    val_losses: list[float] = []
+    best = as_float32(params)
+
+    def validate() -> None:
+        nonlocal best
+        if val is None:
+            return
+        loss = loss_and_grad(params, val[0], val[1], val_cfg)[0]
+        if not val_losses or loss < min(val_losses):
+            best = as_float32(params)
+        val_losses.append(loss)
+
+    validate()
     for _ in range(epochs):
         order = rng.permutation(len(y))
         total = 0.0
@@ -173,7 +194,8 @@ def train_head(
             opt.step(params, grads)
             total += loss * len(idx)
         losses.append(total / max(len(y), 1))
-    return TrainResult(params, losses, opt.t)
+        validate()
+    return TrainResult(params, losses, opt.t, best if val is not None else params, val_losses)
 
 
 def param_delta(new: Mapping[str, np.ndarray], old: Mapping[str, np.ndarray], dtype: str = "float16") -> Params:

@@ -24,6 +24,7 @@ class SplitConfig:
     eval_fraction: float = 0.2  # the most recent part of the history is held back for evaluation
     max_train_windows: int = 1024  # bounds feature memory and round time on a Pi
     eval_stride: int = 4
+    val_fraction: float = 0.15  # newest training windows, held out to choose the personal model
 
 
 @dataclass(frozen=True)
@@ -95,16 +96,26 @@ class DeviceLearner:
         seed: int = 0,
         upload_dtype: str = "float16",
     ) -> RoundOutcome:
-        """Fine-tune from the global head and report the delta plus before/after metrics."""
+        """Fine-tune from the global head; upload the delta of the last epoch (what FedAvg
+        averages) and keep as personal model the state that did best on the newest training
+        windows (possibly the global head itself).
+
+        Windows are in time order, so the validation part is the most recent history: the
+        personal model is chosen for the data the device will forecast next."""
         t0 = time.perf_counter()
         cfg = LossConfig(quantiles=tuple(self.quantiles), prox_mu=prox_mu)
-        result = train_head(global_params, self.f_train, self.y_train, epochs=epochs, lr=lr,
-                            batch_size=batch_size, cfg=cfg, seed=seed)
+        n_val = int(self.n_train * self.split.val_fraction) if self.n_train >= 40 else 0
+        fit_idx = np.arange(self.n_train - n_val)
+        val_idx = np.arange(self.n_train - n_val, self.n_train)
+        val = (self.f_train.subset(val_idx), self.y_train[val_idx]) if n_val else None
+        result = train_head(global_params, self.f_train.subset(fit_idx), self.y_train[fit_idx], epochs=epochs, lr=lr,
+                            batch_size=batch_size, cfg=cfg, seed=seed, val=val)
         metrics = {
             **self.evaluate(global_params, "global"),
-            **self.evaluate(result.params, "personal"),
+            **self.evaluate(result.best, "personal"),
             **self.baseline_metrics(),
             "train_loss": result.losses[-1],
+            "personal_kept_global": float(bool(result.val_losses) and int(np.argmin(result.val_losses)) == 0),
         }
         delta = param_delta(result.params, global_params, upload_dtype)
-        return RoundOutcome(delta, self.n_train, metrics, time.perf_counter() - t0, result.params)
+        return RoundOutcome(delta, len(fit_idx), metrics, time.perf_counter() - t0, result.best)
