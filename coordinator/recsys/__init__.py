@@ -1,0 +1,1 @@
+"""Federated continual sequential recommendation (SASRec + FCUCR) on MovieLens-100K."""

@@ -1,0 +1,415 @@
+"""The recommender on a device: frozen ONNX sequence encoder, personal adapter, FCUCR, full ranking.
+
+numpy + ONNX Runtime only (no torch). One device = one user; the interaction history lives here
+and nowhere else.
+
+Model on the device (h = encoder(history), frozen; E = shipped item table, frozen)::
+
+    h'  = h + U (V h) + u                       low-rank adapter (r = 8) + user vector
+    z   = h' + g ⊙ p̃,  g = σ(W_g [h'; p̃] + b_g)   FCUCR prototype gate (only when p̃ is known)
+    s_i = z · E_i                               scores of *all* items: ranking stays on the device
+
+Why this split: the encoder and E are what the coordinator can pretrain on its own data and ship
+once; the adapter is small (2·d·r + d numbers) so it can be averaged across users (FedAvg) or kept
+personal; the gate decides how much of the neighbours' prototype p̃ to let in, per dimension and
+per history, and it never leaves the device (the user's own "decision logic", ALGORITHMS.md §4).
+
+Training (full softmax CE over all items, exact gradients; the encoder is frozen so h for each
+prefix of the user's history is computed once with ONNX Runtime and cached) adds FCUCR's
+time-aware self-distillation: λ·w(Δt)·KL(softmax(s_old/T) ‖ softmax(s_new/T)) on a candidate set
+(recent history items + sampled negatives), s_old from the frozen snapshot of the user's previous
+model, w(Δt) = exp(−Δt/τ): the longer ago the snapshot, the less it binds (old tastes fade).
+The T² factor of Hinton's KD is left out: λ already sets the scale, and the gradient stays O(1/T).
+
+What the device sends (:meth:`RecDevice.upload`): the change of the shared adapter part (floats,
+fixed shapes), the number of training targets, and a d-float prototype (mean of recent h) --
+no item ids, no timestamps, no scores. The user can take their state with them
+(:meth:`RecDevice.export_state`) and erase it (:meth:`RecDevice.forget_me`).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from edge_client.adapters import Adam, Params
+from edge_client.recsys_data import PAD, prefix_batch
+from edge_client.runtime import ModelLoadError, sha256_file
+
+ADAPTER_KEYS = ("U", "V", "u")
+GATE_KEYS = ("Wg", "bg")
+STATE_FORMAT = "fedge.recsys.personal-state/1"
+SECONDS_PER_DAY = 86400.0
+
+
+# ------------------------------------------------------------------------------ encoder
+
+
+class SequenceEncoder:
+    """ONNX Runtime session for ``sequence_encoder.onnx``: items (N, L) int64 -> h (N, d)."""
+
+    def __init__(self, path: str | os.PathLike[str], *, threads: int = 1, expected_sha256: str | None = None) -> None:
+        import onnxruntime as ort
+
+        self.path = Path(path)
+        if not self.path.is_file():
+            raise ModelLoadError(f"encoder file {self.path} does not exist")
+        if expected_sha256 and sha256_file(self.path) != expected_sha256:
+            raise ModelLoadError(f"encoder {self.path} does not match the manifest's sha256")
+        opts = ort.SessionOptions()
+        opts.intra_op_num_threads = max(1, threads)
+        opts.inter_op_num_threads = 1
+        opts.log_severity_level = 3
+        self.session = ort.InferenceSession(str(self.path), sess_options=opts, providers=["CPUExecutionProvider"])
+        meta = self.session.get_modelmeta().custom_metadata_map
+        self.spec: dict[str, Any] = json.loads(meta.get("fedge.spec", "{}"))
+        self.max_len = int(self.spec.get("max_len", self.session.get_inputs()[0].shape[1]))
+        self.d = int(self.spec.get("d", self.session.get_outputs()[0].shape[1]))
+
+    def encode(self, ids: np.ndarray, batch_size: int = 512) -> np.ndarray:
+        ids = np.asarray(ids, dtype=np.int64)
+        parts = [self.session.run(None, {"items": ids[i : i + batch_size]})[0] for i in range(0, len(ids), batch_size)]
+        return np.concatenate(parts) if parts else np.zeros((0, self.d), np.float32)
+
+
+# ------------------------------------------------------------------------------ adapter math
+
+
+@dataclass(frozen=True)
+class RecAdapterConfig:
+    rank: int = 8
+    steps: int = 30  # full-batch Adam steps per period on the user's new targets
+    lr: float = 1e-3  # 5e-3 overfit the ~60 targets a user has per period (local-only lost half its HR@10)
+    weight_decay: float = 1e-3  # decoupled (AdamW-style): ~20–200 targets per user and period overfit fast
+    lambda_sd: float = 0.5
+    temperature: float = 2.0
+    tau_days: float = 7.0  # τ of w(Δt); the simulation sets it to the median inter-session gap
+    n_negatives: int = 100
+    recent: int = 20  # history items in the distillation candidates and in the prototype
+    gate_bias: float = -2.0  # σ(−2) ≈ 0.12: a new gate lets a little of p̃ in until it has learned
+    init_scale: float = 0.01
+
+
+def init_adapter(d: int, cfg: RecAdapterConfig, rng: np.random.Generator) -> Params:
+    """U = 0 (so the adapter starts as the identity, LoRA-style), V small random, u = 0, gate closed-ish."""
+    return {
+        "U": np.zeros((d, cfg.rank)),
+        "V": rng.normal(0.0, cfg.init_scale, (cfg.rank, d)),
+        "u": np.zeros(d),
+        "Wg": np.zeros((d, 2 * d)),
+        "bg": np.full(d, cfg.gate_bias),
+    }
+
+
+def _sigmoid(x: np.ndarray) -> np.ndarray:
+    return 0.5 * (1.0 + np.tanh(0.5 * x))
+
+
+def _softmax(x: np.ndarray) -> np.ndarray:
+    e = np.exp(x - x.max(axis=1, keepdims=True))
+    return e / e.sum(axis=1, keepdims=True)
+
+
+def _uses_gate(params: Mapping[str, np.ndarray], p_tilde: np.ndarray | None) -> bool:
+    return p_tilde is not None and "Wg" in params
+
+
+def represent(params: Mapping[str, np.ndarray], h: np.ndarray, p_tilde: np.ndarray | None = None) -> np.ndarray:
+    """z for frozen representations h (N, d); missing keys mean "that part is off"."""
+    return _forward(params, h, p_tilde)[0]
+
+
+def _forward(params: Mapping[str, np.ndarray], h: np.ndarray, p_tilde: np.ndarray | None) -> tuple[np.ndarray, dict]:
+    h = np.asarray(h, dtype=np.float64)
+    cache: dict[str, np.ndarray] = {}
+    z = h
+    if "U" in params:
+        cache["a"] = h @ params["V"].T
+        z = z + cache["a"] @ params["U"].T
+    if "u" in params:
+        z = z + params["u"]
+    if _uses_gate(params, p_tilde):
+        pt = np.broadcast_to(np.asarray(p_tilde, np.float64), z.shape)
+        cache["cat"] = np.concatenate([z, pt], axis=1)
+        cache["g"] = _sigmoid(cache["cat"] @ params["Wg"].T + params["bg"])
+        z = z + cache["g"] * pt
+    return z, cache
+
+
+@dataclass(frozen=True)
+class Teacher:
+    """Frozen previous-period scores on a candidate set, with the time-gap weight already applied."""
+
+    candidates: np.ndarray  # (C,) item ids
+    scores: np.ndarray  # (N, C) s_old
+    weight: float  # λ·exp(−Δt/τ)
+    gap_days: float = float("nan")  # Δt
+
+
+def loss_and_grad(
+    params: Mapping[str, np.ndarray],
+    h: np.ndarray,
+    targets: np.ndarray,
+    items: np.ndarray,
+    p_tilde: np.ndarray | None = None,
+    teacher: Teacher | None = None,
+    temperature: float = 2.0,
+) -> tuple[float, Params]:
+    """Mean CE over all items (+ weighted KL to the teacher) and its exact gradient.
+
+    Backward pass, z = h' + g⊙p̃ and s = z Eᵀ: ∂L/∂s = softmax(s) − onehot (+ w(p_new − p_old)/T on
+    the candidates), ∂L/∂z = ∂L/∂s · E; through the gate ∂L/∂pre = (∂L/∂z ⊙ p̃) ⊙ g(1−g) and
+    ∂L/∂h' = ∂L/∂z + (∂L/∂pre · W_g)[:, :d]; then ∂U = ∂h'ᵀ(Vh), ∂V = (∂h' U)ᵀh, ∂u = Σ ∂h'.
+    """
+    n = len(h)
+    z, cache = _forward(params, h, p_tilde)
+    emb = np.asarray(items[1:])  # column i = item i+1; PAD is never a candidate
+    if emb.dtype not in (np.float32, np.float64):
+        emb = emb.astype(np.float64)
+    logits = z.astype(emb.dtype) @ emb.T  # the two big products run in the table's dtype (float32 on devices)
+    prob = _softmax(logits)
+    rows = np.arange(n)
+    t = np.asarray(targets, np.int64) - 1
+    loss = float(-np.mean(np.log(prob[rows, t] + 1e-300)))
+    d_logits = prob
+    d_logits[rows, t] -= 1.0
+    d_logits /= n
+    if teacher is not None and teacher.weight > 0:
+        cols = np.asarray(teacher.candidates, np.int64) - 1
+        p_new = _softmax(logits[:, cols] / temperature)
+        p_old = _softmax(np.asarray(teacher.scores, np.float64) / temperature)
+        kl = np.sum(p_old * (np.log(p_old + 1e-300) - np.log(p_new + 1e-300)), axis=1)
+        loss += teacher.weight * float(kl.mean())
+        np.add.at(d_logits, (rows[:, None], cols[None, :]), teacher.weight * (p_new - p_old) / (temperature * n))
+    dz = (d_logits @ emb).astype(np.float64)
+    grads: Params = {}
+    dh = dz
+    if _uses_gate(params, p_tilde):
+        d_pre = dz * np.asarray(p_tilde, np.float64) * cache["g"] * (1.0 - cache["g"])
+        grads["Wg"] = d_pre.T @ cache["cat"]
+        grads["bg"] = d_pre.sum(axis=0)
+        dh = dz + (d_pre @ params["Wg"])[:, : z.shape[1]]
+    if "u" in params:
+        grads["u"] = dh.sum(axis=0)
+    if "U" in params:
+        grads["U"] = dh.T @ cache["a"]
+        grads["V"] = (dh @ params["U"]).T @ np.asarray(h, np.float64)
+    return loss, grads
+
+
+def full_scores(z: np.ndarray, items: np.ndarray) -> np.ndarray:
+    """(N, n_items + 1) scores of every item; column PAD is −inf."""
+    s = np.asarray(z, np.float64) @ np.asarray(items, np.float64).T
+    s[:, PAD] = -np.inf
+    return s
+
+
+# ------------------------------------------------------------------------------ device
+
+
+@dataclass
+class Snapshot:
+    """The user's model at the end of their last training period: FCUCR's distillation teacher."""
+
+    params: Params
+    p_tilde: np.ndarray | None
+    ts: int  # time of the last interaction it was trained on
+
+
+@dataclass
+class TrainStats:
+    n_targets: int
+    loss_first: float
+    loss_last: float
+    distill_weight: float = 0.0
+    gap_days: float = float("nan")
+
+
+@dataclass
+class RecDevice:
+    """One user's device. `shared_keys` are the adapter parts the federation averages (they are
+    replaced by the global copy on download); every other adapter part is personal.
+
+    Strategies use it as: local-only ``shared_keys=()``; FedAvg ``("U", "V", "u")`` (no personal
+    part); FCUCR ``("U", "V")`` with the user vector and the gate personal."""
+
+    user_id: str
+    encoder: SequenceEncoder
+    items: np.ndarray  # (n_items + 1, d) float32 item table
+    cfg: RecAdapterConfig = field(default_factory=RecAdapterConfig)
+    shared_keys: tuple[str, ...] = ("U", "V")
+    use_gate: bool = True
+    seed: int = 0
+    history: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))
+    history_ts: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))
+    personal: Params = field(default_factory=dict)
+    shared: Params = field(default_factory=dict)
+    p_tilde: np.ndarray | None = None
+    snapshot: Snapshot | None = None
+    _h: np.ndarray | None = None  # cached h of prefix j (row j); NaN rows not computed yet
+    _upload_base: Params = field(default_factory=dict)
+    _n_trained: int = 0
+
+    def __post_init__(self) -> None:
+        self.rng = np.random.default_rng(self.seed)
+        keys = ADAPTER_KEYS + (GATE_KEYS if self.use_gate else ())
+        init = init_adapter(self.items.shape[1], self.cfg, np.random.default_rng(self.seed))
+        self.personal = {k: init[k] for k in keys if k not in self.shared_keys}
+
+    # ------------------------------------------------------------------ local data
+    def receive(self, items: np.ndarray, ts: np.ndarray) -> None:
+        """New interactions observed on the device (they stay here)."""
+        self.history = np.concatenate([self.history, np.asarray(items, np.int64)])
+        self.history_ts = np.concatenate([self.history_ts, np.asarray(ts, np.int64)])
+
+    def reprs(self, positions: np.ndarray) -> np.ndarray:
+        """h of the prefixes history[:j]; each prefix is encoded once (the encoder is frozen)."""
+        positions = np.asarray(positions, np.int64)
+        n, d = len(self.history) + 1, self.items.shape[1]
+        if self._h is None or len(self._h) < n:
+            grown = np.full((n, d), np.nan, np.float32)
+            if self._h is not None:
+                grown[: len(self._h)] = self._h
+            self._h = grown
+        todo = np.unique(positions[np.isnan(self._h[positions, 0])])
+        if len(todo):
+            self._h[todo] = self.encoder.encode(prefix_batch(self.history, todo, self.encoder.max_len))
+        return self._h[positions]
+
+    # ------------------------------------------------------------------ model
+    def params(self) -> Params:
+        return {**self.shared, **self.personal}
+
+    def set_shared(self, shared: Mapping[str, np.ndarray]) -> None:
+        """Download: the federation's current shared adapter replaces the local copy."""
+        self.shared = {k: np.asarray(v, np.float64).copy() for k, v in shared.items() if k in self.shared_keys}
+
+    def scores(self, positions: np.ndarray) -> np.ndarray:
+        """Scores of every item after each prefix history[:j] (full ranking, on the device)."""
+        return full_scores(represent(self.params(), self.reprs(positions), self.p_tilde), self.items)
+
+    def recommend(self, k: int = 10) -> np.ndarray:
+        """Top-k items to show next, never one already in the history."""
+        s = self.scores(np.array([len(self.history)]))[0]
+        s[self.history] = -np.inf
+        return np.argsort(-s, kind="stable")[:k]
+
+    def prototype(self) -> np.ndarray:
+        """p_k: mean of the representations of the most recent prefixes (d floats)."""
+        n = len(self.history)
+        pos = np.arange(max(1, n - self.cfg.recent + 1), n + 1)
+        return self.reprs(pos).astype(np.float64).mean(axis=0) if len(pos) else np.zeros(self.items.shape[1])
+
+    def _teacher(self, h: np.ndarray, positions: np.ndarray) -> Teacher | None:
+        if self.snapshot is None or self.cfg.lambda_sd <= 0:
+            return None
+        gap_days = max(0.0, (float(self.history_ts[positions].min()) - self.snapshot.ts) / SECONDS_PER_DAY)
+        weight = self.cfg.lambda_sd * float(np.exp(-gap_days / self.cfg.tau_days))
+        recent = self.history[max(0, positions.min() - self.cfg.recent) : positions.min()]
+        negatives = self.rng.integers(1, len(self.items), self.cfg.n_negatives)
+        cand = np.unique(np.concatenate([recent, negatives]))
+        z_old = represent(self.snapshot.params, h, self.snapshot.p_tilde)
+        return Teacher(cand, z_old @ np.asarray(self.items[cand], np.float64).T, weight, gap_days)
+
+    def train(self, positions: np.ndarray, *, distill: bool = False) -> TrainStats:
+        """One period of local training on the targets history[j], j in positions."""
+        positions = np.asarray(positions, np.int64)
+        params = {k: v.copy() for k, v in self.params().items()}
+        self._upload_base = {k: params[k].copy() for k in self.shared_keys if k in params}
+        h = self.reprs(positions)
+        targets = self.history[positions]
+        teacher = self._teacher(h, positions) if distill else None
+        opt = Adam(lr=self.cfg.lr, weight_decay=self.cfg.weight_decay)
+        losses = []
+        for _ in range(self.cfg.steps):
+            loss, grads = loss_and_grad(params, h, targets, self.items, self.p_tilde, teacher, self.cfg.temperature)
+            losses.append(loss)
+            opt.step(params, grads)
+        self.snapshot = Snapshot({k: v.copy() for k, v in params.items()}, self.p_tilde,
+                                 int(self.history_ts[positions].max()))
+        self.personal = {k: v for k, v in params.items() if k not in self.shared_keys}
+        self.shared = {k: v for k, v in params.items() if k in self.shared_keys}
+        self._n_trained = len(positions)
+        if teacher is None:
+            return TrainStats(len(positions), losses[0], losses[-1])
+        return TrainStats(len(positions), losses[0], losses[-1], teacher.weight, teacher.gap_days)
+
+    def upload(self, with_prototype: bool = True) -> dict[str, Any]:
+        """What leaves the device after a period: shared-adapter delta, target count, prototype."""
+        msg: dict[str, Any] = {
+            "n_samples": int(self._n_trained),
+            "delta": {k: (self.shared[k] - self._upload_base[k]).astype(np.float32) for k in self._upload_base},
+        }
+        if with_prototype:
+            msg["prototype"] = self.prototype().astype(np.float32)
+        return msg
+
+    # ------------------------------------------------------------------ the user's control
+    def export_state(self, path: str | os.PathLike[str]) -> Path:
+        """Everything personal this device holds about the user, in one .npz the user owns:
+        history, personal adapter, gate, neighbour prototype, distillation snapshot."""
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        arrays: dict[str, np.ndarray] = {"history_items": self.history, "history_ts": self.history_ts}
+        arrays.update({f"personal/{k}": v for k, v in self.personal.items()})
+        arrays.update({f"shared/{k}": v for k, v in self.shared.items()})
+        if self.p_tilde is not None:
+            arrays["p_tilde"] = np.asarray(self.p_tilde)
+        if self.snapshot is not None:
+            arrays.update({f"snapshot/{k}": v for k, v in self.snapshot.params.items()})
+            arrays["snapshot_ts"] = np.array(self.snapshot.ts)
+        meta = {"format": STATE_FORMAT, "user_id": self.user_id, "shared_keys": list(self.shared_keys)}
+        arrays["meta"] = np.array(json.dumps(meta))
+        with open(path, "wb") as fh:
+            np.savez(fh, **arrays)
+        return path
+
+    def import_state(self, path: str | os.PathLike[str]) -> None:
+        """Restore an exported state (the user moves to a new device)."""
+        with np.load(path, allow_pickle=False) as z:
+            meta = json.loads(str(z["meta"]))
+            if meta.get("format") != STATE_FORMAT:
+                raise ValueError(f"{path} is not a fedge recommender state")
+            self.history, self.history_ts = z["history_items"].astype(np.int64), z["history_ts"].astype(np.int64)
+            self.personal = {k.split("/", 1)[1]: z[k].astype(np.float64) for k in z.files if k.startswith("personal/")}
+            self.shared = {k.split("/", 1)[1]: z[k].astype(np.float64) for k in z.files if k.startswith("shared/")}
+            self.p_tilde = z["p_tilde"] if "p_tilde" in z.files else None
+            snap = {k.split("/", 1)[1]: z[k].astype(np.float64) for k in z.files if k.startswith("snapshot/")}
+            self.snapshot = Snapshot(snap, self.p_tilde, int(z["snapshot_ts"])) if snap else None
+        self._h = None
+
+    def forget_me(self, exported: str | os.PathLike[str] | None = None) -> dict[str, int]:
+        """Erase the user's history and personal model from this device (and an exported file if
+        given); the device falls back to the shared model. Returns what was deleted."""
+        deleted = {"interactions": len(self.history), "personal_params": sum(v.size for v in self.personal.values()),
+                   "snapshot": int(self.snapshot is not None), "file": 0}
+        self.history, self.history_ts = np.zeros(0, np.int64), np.zeros(0, np.int64)
+        self._h, self.snapshot, self.p_tilde = None, None, None
+        keys = ADAPTER_KEYS + (GATE_KEYS if self.use_gate else ())
+        init = init_adapter(self.items.shape[1], self.cfg, np.random.default_rng(self.seed))
+        self.personal = {k: init[k] for k in keys if k not in self.shared_keys}
+        self._upload_base, self._n_trained = {}, 0
+        if exported is not None and Path(exported).is_file():
+            Path(exported).unlink()
+            deleted["file"] = 1
+        return deleted
+
+
+def load_bundle(out_dir: str | os.PathLike[str], threads: int = 1) -> tuple[SequenceEncoder, np.ndarray]:
+    """The encoder session and item table from an export folder (checked against spec.json)."""
+    out = Path(out_dir)
+    spec = json.loads((out / "spec.json").read_text())
+    files = spec.get("files", {})
+    encoder = SequenceEncoder(out / "sequence_encoder.onnx", threads=threads,
+                              expected_sha256=files.get("sequence_encoder.onnx", {}).get("sha256"))
+    items_path = out / "items.npy"
+    want = files.get("items.npy", {}).get("sha256")
+    if want and sha256_file(items_path) != want:
+        raise ModelLoadError(f"{items_path} does not match the manifest's sha256")
+    return encoder, np.load(items_path).astype(np.float32)

@@ -1,0 +1,314 @@
+"""Recommender (SASRec + FCUCR): data split, metrics, exact gradients, ONNX parity, a torch-free
+device, what a device uploads, the user's export/delete, and a tiny end-to-end continual run.
+
+Everything runs on a synthetic interaction log (seeded) and a tiny SASRec so the file takes
+seconds; one test reads the real MovieLens-100K when the data directory has it.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from edge_client.recsys import (
+    RecAdapterConfig,
+    RecDevice,
+    Teacher,
+    init_adapter,
+    load_bundle,
+    loss_and_grad,
+    represent,
+)
+from edge_client.recsys_data import (
+    PAD,
+    continual_split,
+    hit_ndcg,
+    interactions_from_array,
+    prefix_batch,
+    ranks,
+    training_windows,
+)
+
+ROOT = Path(__file__).resolve().parent.parent
+N_ITEMS = 60
+
+
+def synthetic_log(n_users: int = 40, seed: int = 0) -> np.ndarray:
+    """Users who walk through item "neighbourhoods" over 100 days: sequential structure to learn."""
+    rng = np.random.default_rng(seed)
+    rows = []
+    for u in range(1, n_users + 1):
+        n = int(rng.integers(15, 40))
+        start = int(rng.integers(1, N_ITEMS))
+        items = (start + np.cumsum(rng.integers(1, 4, n))) % N_ITEMS + 1
+        items = list(dict.fromkeys(items.tolist()))  # each item once per user, as in ML-100K
+        ts = np.sort(rng.integers(0, 100 * 86400, len(items)))
+        rows += [(u, i, 4, t) for i, t in zip(items, ts, strict=True)]
+    return np.array(rows, np.int64)
+
+
+@pytest.fixture(scope="module")
+def split():
+    return continual_split(interactions_from_array(synthetic_log()), n_periods=3, pretrain_frac=0.4)
+
+
+@pytest.fixture(scope="module")
+def bundle(split, tmp_path_factory):
+    """A tiny SASRec pretrained on period 0 for a few epochs and exported to ONNX."""
+    import torch
+
+    from coordinator.models.recommender import RecTrainSettings, SASRec, SASRecConfig, train_sasrec, windows_for
+    from export.recommender_export import export_recommender
+
+    torch.manual_seed(0)
+    model = SASRec(SASRecConfig(n_items=split.n_items, d=16, heads=1, blocks=1, max_len=10, dropout=0.0))
+    x, y = windows_for(split, 0, 10)
+    losses = train_sasrec(model, x, y, RecTrainSettings(epochs=5, batch_size=32, lr=5e-3, threads=1))
+    out = tmp_path_factory.mktemp("rec-export")
+    exported = export_recommender(model, out)
+    return {"model": model, "dir": out, "export": exported, "losses": losses}
+
+
+# ------------------------------------------------------------------------------ data + metrics
+
+
+def test_metrics_on_a_hand_made_example():
+    scores = np.array([[0.0, 5.0, 4.0, 3.0, 2.0, 1.0],  # PAD column is ignored
+                       [0.0, 5.0, 4.0, 3.0, 2.0, 1.0],
+                       [0.0, 1.0, 1.0, 1.0, 1.0, 1.0]])
+    targets = np.array([3, 3, 2])
+    r = ranks(scores, targets, [np.array([], np.int64), np.array([1, 2]), np.array([], np.int64)])
+    assert r.tolist() == [3, 1, 5]  # excluded history moves item 3 to the top; ties count against
+    hr, ndcg = hit_ndcg(r, k=2)
+    assert hr == pytest.approx(1 / 3)
+    assert ndcg == pytest.approx((1.0 / np.log2(2)) / 3)
+    hr10, ndcg10 = hit_ndcg(r, k=10)
+    assert hr10 == 1.0
+    assert ndcg10 == pytest.approx(np.mean([1 / np.log2(4), 1.0, 1 / np.log2(6)]))
+
+
+def test_continual_split_holds_out_one_item_per_user_and_period(split):
+    assert split.n_periods == 3 and len(split.logs) == 40
+    for log in split.logs.values():
+        assert np.all(np.diff(log.ts) >= 0) and np.all(np.diff(log.period) >= 0)
+        for p in range(1, 4):
+            train = log.train_positions(p)
+            test = log.test_position(p)
+            assert 0 not in train
+            if test is not None:
+                assert test not in train and test == np.flatnonzero(log.period == p)[-1]
+                assert np.all(train < test)
+        assert not log.is_test[log.period == 0].any()
+
+
+def test_prefix_batch_and_training_windows():
+    items = np.array([5, 6, 7, 8, 9])
+    x = prefix_batch(items, np.array([0, 2, 5]), 3)
+    assert x.tolist() == [[PAD, PAD, PAD], [PAD, 5, 6], [7, 8, 9]]
+    xs, ys = training_windows(items, np.array([False, True, False, True, True]), 3)
+    assert xs.tolist() == [[6, 7, 8], [PAD, PAD, 5]]
+    assert ys.tolist() == [[PAD, 8, 9], [PAD, PAD, 6]]
+
+
+def test_real_movielens_loads_when_present():
+    from edge_client.datasets import DatasetNotFound
+    from edge_client.recsys_data import load_ml100k
+
+    try:
+        data = load_ml100k()
+    except DatasetNotFound:
+        pytest.skip("MovieLens-100K is not in the data directory")
+    assert len(data) == 100_000 and data.n_items == 1682 and len(np.unique(data.user)) == 943
+
+
+# ------------------------------------------------------------------------------ gradients
+
+
+def _fd_check(params, h, targets, items, p_tilde, teacher, eps=1e-6):
+    _, grads = loss_and_grad(params, h, targets, items, p_tilde, teacher, 2.0)
+    rng = np.random.default_rng(1)
+    for key, g in grads.items():
+        flat = params[key].reshape(-1)
+        for idx in rng.choice(flat.size, min(6, flat.size), replace=False):
+            old = flat[idx]
+            flat[idx] = old + eps
+            lp, _ = loss_and_grad(params, h, targets, items, p_tilde, teacher, 2.0)
+            flat[idx] = old - eps
+            lm, _ = loss_and_grad(params, h, targets, items, p_tilde, teacher, 2.0)
+            flat[idx] = old
+            num = (lp - lm) / (2 * eps)
+            assert abs(num - g.reshape(-1)[idx]) < 1e-6 + 1e-4 * abs(num), (key, idx, num, g.reshape(-1)[idx])
+    return grads
+
+
+def test_every_gradient_matches_finite_differences():
+    rng = np.random.default_rng(0)
+    d, n = 8, 7
+    items = rng.normal(0, 0.5, (N_ITEMS + 1, d))  # float64 table: FD needs the exact loss
+    params = init_adapter(d, RecAdapterConfig(rank=3), rng)
+    params = {k: v + rng.normal(0, 0.3, v.shape) for k, v in params.items()}  # away from the init's zeros
+    h = rng.normal(size=(n, d))
+    targets = rng.integers(1, N_ITEMS + 1, n)
+    p_tilde = rng.normal(size=d)
+    cand = np.unique(rng.integers(1, N_ITEMS + 1, 15))
+    teacher = Teacher(cand, rng.normal(size=(n, len(cand))), weight=0.4)
+    grads = _fd_check(params, h, targets, items, p_tilde, teacher)
+    assert set(grads) == {"U", "V", "u", "Wg", "bg"}
+    # the same with parts switched off: no gate (no p̃), no teacher, adapter only
+    grads = _fd_check({k: params[k] for k in ("U", "V")}, h, targets, items, None, None)
+    assert set(grads) == {"U", "V"}
+
+
+def test_distillation_keeps_the_new_model_near_the_snapshot(split, bundle):
+    encoder, items = load_bundle(bundle["dir"])
+    log = max(split.logs.values(), key=lambda lg: len(lg.train_positions(2)) + len(lg.train_positions(1)))
+    cfg = RecAdapterConfig(rank=4, steps=40, lr=2e-2, tau_days=1e6, lambda_sd=5.0)
+
+    def drift(distill: bool) -> float:
+        dev = RecDevice("u", encoder, items, cfg, shared_keys=(), use_gate=False, seed=3)
+        dev.receive(log.items, log.ts)
+        dev.train(log.train_positions(1))
+        probe = np.arange(1, len(log.items) + 1)
+        before = represent(dev.params(), dev.reprs(probe))
+        dev.train(log.train_positions(2), distill=distill)
+        return float(np.abs(represent(dev.params(), dev.reprs(probe)) - before).mean())
+
+    assert drift(True) < drift(False)
+
+
+# ------------------------------------------------------------------------------ export + device
+
+
+def test_onnx_encoder_matches_torch(bundle):
+    parity = bundle["export"].parity
+    assert parity.ok(1e-4), parity
+    assert parity.batch_sizes == [1, 8]
+    assert bundle["losses"][-1] < bundle["losses"][0]
+
+
+BLOCK_TORCH = """
+import sys
+class _NoTorch:
+    def find_spec(self, name, path=None, target=None):
+        if name.split('.')[0] in ('torch', 'coordinator', 'export', 'onnx', 'onnxscript'):
+            raise ImportError(f'{name} must not be imported on a device')
+        return None
+sys.meta_path.insert(0, _NoTorch())
+import numpy as np
+from edge_client.recsys import RecDevice, RecAdapterConfig, load_bundle
+encoder, items = load_bundle(sys.argv[1])
+dev = RecDevice('me', encoder, items, RecAdapterConfig(rank=4, steps=5), shared_keys=('U', 'V'), seed=0)
+dev.receive(np.arange(1, 21), np.arange(20) * 3600)
+dev.p_tilde = np.ones(items.shape[1])
+dev.train(np.arange(1, 15))
+dev.receive(np.arange(21, 31), 30 * 86400 + np.arange(10) * 3600)
+stats = dev.train(np.arange(21, 30), distill=True)
+top = dev.recommend(10)
+assert len(top) == 10 and not set(top.tolist()) & set(dev.history.tolist()), top
+assert 0 < stats.distill_weight < 0.5
+assert 'torch' not in sys.modules, 'torch was imported'
+print('NO_TORCH_OK', top.tolist())
+"""
+
+
+def test_device_trains_and_ranks_without_torch(bundle):
+    out = subprocess.run([sys.executable, "-c", BLOCK_TORCH, str(bundle["dir"])], cwd=ROOT, capture_output=True,
+                         text=True, timeout=60)
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert "NO_TORCH_OK" in out.stdout
+
+
+def test_device_scores_match_the_torch_model(split, bundle):
+    import torch
+
+    encoder, items = load_bundle(bundle["dir"])
+    log = next(iter(split.logs.values()))
+    dev = RecDevice("u", encoder, items, RecAdapterConfig(rank=4), shared_keys=(), use_gate=False)
+    dev.receive(log.items, log.ts)
+    pos = np.arange(1, len(log.items))
+    with torch.no_grad():
+        ref = bundle["model"].scores(bundle["model"].encode(torch.from_numpy(prefix_batch(log.items, pos, 10))))
+    s = dev.scores(pos)  # untrained adapter = identity (U = 0, u = 0)
+    assert np.abs(s[:, 1:] - ref.numpy()[:, 1:]).max() < 1e-4
+
+
+def test_upload_contains_no_item_ids_and_fixed_shapes(split, bundle):
+    encoder, items = load_bundle(bundle["dir"])
+    shapes = []
+    for log in list(split.logs.values())[:2]:
+        dev = RecDevice("u", encoder, items, RecAdapterConfig(rank=4, steps=3), shared_keys=("U", "V"))
+        dev.set_shared({k: v for k, v in init_adapter(16, RecAdapterConfig(rank=4), np.random.default_rng(0)).items()
+                        if k in ("U", "V")})
+        dev.receive(log.items, log.ts)
+        dev.train(np.arange(1, len(log.items)))
+        msg = dev.upload()
+        assert set(msg) == {"n_samples", "delta", "prototype"}
+        assert set(msg["delta"]) == {"U", "V"}  # the user vector and the gate never leave
+        arrays = [*msg["delta"].values(), msg["prototype"]]
+        assert all(a.dtype == np.float32 for a in arrays)
+        shapes.append([a.shape for a in arrays])
+        assert msg["prototype"].shape == (16,)
+    assert shapes[0] == shapes[1]  # nothing in the message grows with (or reveals) the history length
+
+
+def test_export_import_and_forget_me(split, bundle, tmp_path):
+    encoder, items = load_bundle(bundle["dir"])
+    log = next(iter(split.logs.values()))
+    dev = RecDevice("alice", encoder, items, RecAdapterConfig(rank=4, steps=5), shared_keys=("U", "V"))
+    dev.set_shared(init_adapter(16, RecAdapterConfig(rank=4), np.random.default_rng(0)))
+    dev.receive(log.items, log.ts)
+    dev.p_tilde = np.full(16, 0.1)
+    dev.train(np.arange(1, len(log.items)), distill=False)
+    path = dev.export_state(tmp_path / "alice.npz")
+    with np.load(path) as z:
+        assert z["history_items"].tolist() == log.items.tolist()
+        assert {"personal/u", "personal/Wg", "personal/bg"} <= set(z.files)
+    moved = RecDevice("alice", encoder, items, RecAdapterConfig(rank=4), shared_keys=("U", "V"))
+    moved.import_state(path)
+    np.testing.assert_allclose(moved.scores(np.array([3])), dev.scores(np.array([3])), rtol=1e-6)
+    deleted = dev.forget_me(exported=path)
+    assert deleted["interactions"] == len(log.items) and deleted["file"] == 1 and deleted["snapshot"] == 1
+    assert len(dev.history) == 0 and dev.snapshot is None and dev.p_tilde is None and not path.exists()
+    assert np.all(dev.personal["u"] == 0)
+
+
+# ------------------------------------------------------------------------------ coordinator
+
+
+def test_prototype_server_mixes_similar_users_only():
+    from coordinator.recsys.simulation import PrototypeServer
+
+    server = PrototypeServer(top_m=2, temperature=0.1)
+    server.submit("a", np.array([1.0, 0.0]))
+    server.submit("b", np.array([0.9, 0.1]))
+    server.submit("c", np.array([1.0, 0.05]))
+    server.submit("d", np.array([-1.0, 0.0]))
+    mixed = server.neighbours(["a", "d"])
+    assert mixed["a"][0] > 0.9  # b and c, never itself, never the opposite user d
+    assert mixed["d"][0] > 0.8  # d's two nearest are still the closest of what exists
+    assert PrototypeServer().neighbours(["x"]) == {}
+
+
+def test_tiny_continual_run_has_every_method(split, bundle):
+    from coordinator.recsys.simulation import RecSimConfig, run_all
+
+    encoder, items = load_bundle(bundle["dir"])
+    cfg = RecSimConfig(adapter=RecAdapterConfig(rank=4, steps=5), top_m=3)
+    cfg = replace(cfg, finetune=replace(cfg.finetune, epochs=1, threads=1))
+    results = run_all(split, bundle["model"], encoder, items, cfg)
+    assert set(results) == {"most-popular", "central-sasrec", "central-finetune", "local-only", "fedavg", "fcucr",
+                            "fcucr-no-distill", "fcucr-no-proto"}
+    for name, res in results.items():
+        summary = res.summary()
+        assert [st.period for st in res.stages] == [1, 2, 3], name
+        assert 0 <= summary["next_hr"] <= 1 and 0 <= summary["final_ndcg"] <= summary["final_hr"] + 1e-12, name
+        assert np.isfinite(summary["forget_ndcg"]), name
+    fcucr = results["fcucr"].summary()
+    assert 0 < fcucr["bytes_up_per_device"] < 32 * 1024  # DESIGN §8 upload budget
+    assert results["fcucr"].stages[-1].mean_distill_weight > 0
+    assert results["central-sasrec"].summary()["forget_hr"] == 0.0  # a frozen model cannot forget
