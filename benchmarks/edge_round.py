@@ -24,7 +24,12 @@ ROOT = Path(__file__).resolve().parent.parent
 TARGETS = {"round_s": 2.0, "peak_rss_mb": 150.0, "upload_kb": 32.0}
 
 CHILD = r"""
-import json, os, resource, sys, time
+import json, os, sys, time
+def peak_rss_mb():
+    # VmHWM belongs to this process image; getrusage's ru_maxrss would carry over the (torch-sized)
+    # parent's peak across fork+exec on Linux.
+    with open("/proc/self/status") as fh:
+        return next(int(line.split()[1]) for line in fh if line.startswith("VmHWM:")) / 1024
 class _NoTorch:
     def find_spec(self, name, path=None, target=None):
         if name.split('.')[0] == 'torch':
@@ -61,7 +66,7 @@ print(json.dumps({
     "domain": domain, "n_train": learner.n_train, "n_eval": learner.n_eval,
     "import_s": t_import, "load_s": t_load, "features_s": t_features,
     "round_s": float(np.median(times)), "first_round_s": t_features + times[0],
-    "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, "upload_kb": upload / 1024,
+    "peak_rss_mb": peak_rss_mb(), "upload_kb": upload / 1024,
     "torch_loaded": "torch" in sys.modules, "metrics": out.metrics,
 }))
 """

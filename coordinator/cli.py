@@ -37,6 +37,9 @@ def _fail(message: str) -> None:
 
 @app.command()
 def demo(
+    task: Annotated[str, typer.Option(help="tsfm: forecasting fleet | rec: MovieLens recommender")] = "tsfm",
+    users: Annotated[int, typer.Option(min=10, max=943, help="rec: users (= devices) simulated")] = 300,
+    periods: Annotated[int, typer.Option(min=2, max=8, help="rec: time periods after the pretraining period")] = 4,
     devices: Annotated[int, typer.Option(min=1, max=64, help="simulated edge devices")] = 6,
     rounds: Annotated[int, typer.Option(min=1, max=200, help="federated training rounds")] = 5,
     horizon: Annotated[int, typer.Option(min=1, max=96, help="forecast horizon of the fleet head")] = 24,
@@ -62,6 +65,19 @@ def demo(
         resolve_data_dir(data_dir)
     except (ValueError, DatasetNotFound) as exc:
         _fail(str(exc))
+    if task not in ("tsfm", "rec"):
+        _fail(f"--task must be tsfm or rec, not {task!r}")
+    if task == "rec":
+        from coordinator.demo import DEFAULT_CACHE
+        from coordinator.recsys.demo import run_rec_demo
+
+        try:
+            run_rec_demo(console, data_dir=data_dir, users=users, periods=periods, seed=seed,
+                         cache_dir=DEFAULT_CACHE / "recommender")
+        except (FileNotFoundError, ValueError) as exc:
+            _fail(f"{exc} (MovieLens-100K may not be redistributed: point --data-dir at a folder holding "
+                  "ml-100k/u.data.gz)")
+        return
     try:
         run_demo(DemoConfig(devices=devices, rounds=rounds, horizon=horizon, local_epochs=local_epochs, lr=lr,
                             strategy=strategy, prox_mu=prox_mu, data_dir=data_dir, out_dir=out, broker=broker,

@@ -205,6 +205,11 @@ class EdgeClient:
 
     def _compute(self, task: RoundTask) -> Update:
         global_params = self.globals[task.model_version]
+        if task.params:  # bi-level personalised aggregation: train from this device's own aggregate
+            spec = self.learner.backbone.spec
+            check_arrays(task.params, head_shapes(spec.feature_dim, self.learner.split.horizon, len(spec.quantiles)),
+                         what="task.params")
+            global_params = as_float32(task.params)
         if task.kind == "evaluate":
             metrics = {**self.learner.evaluate(global_params, "global"), **self.learner.baseline_metrics()}
             if self.personal is not None:

@@ -253,6 +253,8 @@ class RoundTask(Message):
     batch_size: int = Field(default=64, ge=1, le=65536)
     prox_mu: float = Field(default=0.0, ge=0)
     options: dict[str, float | int | str | bool] = Field(default_factory=dict, max_length=64)
+    # bi-level personalised aggregation: this device's own starting head (empty: the global head)
+    params: Arrays = Field(default_factory=dict)
 
 
 class Update(Message):
@@ -306,6 +308,32 @@ class ModelManifest(Message):
     spec: dict[str, float | int | str | list[float]] = Field(default_factory=dict)
 
 
+class BundleManifest(Message):
+    """A signed model bundle announcement (retained). ``manifest`` is the canonical JSON the
+    coordinator signed, carried byte for byte so the device verifies exactly what was signed;
+    the detached ed25519 signature travels in the header's ``sig``. Parsing the JSON is the
+    bundle layer's job (edge_client/bundle.py), after the signature checks out."""
+
+    type: Literal["bundle_manifest"] = "bundle_manifest"
+    task: str = Field(default="tsfm", pattern=NAME_RE.pattern)
+    version: int = Field(ge=0)
+    manifest: bytes = Field(max_length=64 * 1024)
+
+
+class BundleChunk(Message):
+    """One fixed-size piece of one bundle file, published (retained) on ``chunks/{seq}``. The chunk
+    hash catches transport damage early; the file hash in the signed manifest is what is trusted."""
+
+    type: Literal["bundle_chunk"] = "bundle_chunk"
+    task: str = Field(default="tsfm", pattern=NAME_RE.pattern)
+    version: int = Field(ge=0)
+    file: str = Field(pattern=NAME_RE.pattern)
+    index: int = Field(ge=0, le=1 << 20)
+    total: int = Field(ge=1, le=1 << 20)
+    sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
+    data: bytes = Field(max_length=256 * 1024)
+
+
 class Reject(Message):
     """Tells a peer its message was refused and why, so failures are visible on both ends."""
 
@@ -317,10 +345,11 @@ class Reject(Message):
 
 MESSAGE_TYPES: dict[str, type[Message]] = {
     cls.model_fields["type"].default: cls
-    for cls in (Hello, Status, RoundTask, Update, GlobalModel, ModelManifest, Reject)
+    for cls in (Hello, Status, RoundTask, Update, GlobalModel, ModelManifest, BundleManifest, BundleChunk, Reject)
 }
 AnyMessage = Annotated[
-    Hello | Status | RoundTask | Update | GlobalModel | ModelManifest | Reject, Field(discriminator="type")
+    Hello | Status | RoundTask | Update | GlobalModel | ModelManifest | BundleManifest | BundleChunk | Reject,
+    Field(discriminator="type"),
 ]
 _ANY = TypeAdapter(AnyMessage)
 
@@ -447,6 +476,13 @@ class Topics:
 
     def chunk(self, task: str, n: int) -> str:
         return f"{self.root}/models/{check_name(task, 'task')}/chunks/{int(n)}"
+
+    def bundle(self, task: str) -> str:
+        """Signed bundle manifest (retained); beside ``manifest``, which keeps the unsigned one."""
+        return f"{self.root}/models/{check_name(task, 'task')}/bundle"
+
+    def all_chunks(self, task: str) -> str:
+        return f"{self.root}/models/{check_name(task, 'task')}/chunks/+"
 
     # wildcard filters the coordinator subscribes to
     @property

@@ -176,3 +176,51 @@ def test_broker_publish_with_paho_v5_reaches_device_queue_when_offline(mosquitto
         c.disconnect()
         c.loop_stop()
     assert paho.MQTTv5 == 5
+
+
+def test_task_vector_strategy_sends_each_device_its_own_aggregate(mosquitto, tiny_export, tmp_path) -> None:
+    from coordinator.fleet.personalized import personalized_aggregates
+
+    coord = FleetCoordinator(FleetConfig(fleet="tv", deadline_s=60, local_epochs=1, lr=3e-3, min_devices=3,
+                                         strategy="task_vector"),
+                             mosquitto.address, FleetState(tmp_path / "tv.sqlite")).start()
+    pre = slice_head(tiny_export["model"].head_state(), 24)
+    coord.ensure_model(pre)
+    clients = start_devices(carve_devices(3, seed=3), tiny_export["backbone"], mosquitto.address, "tv", horizon=24)
+    try:
+        assert len(coord.wait_for_devices(3, 15)) == 3
+        first = coord.run_round("train")
+        second = coord.run_round("train")
+    finally:
+        for c in clients:
+            c.stop()
+        coord.stop()
+    assert first.state == second.state == "closed"
+    starts = {d: coord.state.personal(d) for d in first.selected}
+    assert all(p is not None for p in starts.values())
+    # the stored personalised heads are pre + softmax(cos/T)-weighted task vectors of round 2
+    taus = {}
+    for _, payload in coord.state.updates(second.round_id):
+        u = P.decode(payload)
+        start = _personal_after_round(coord, first.round_id, u.device_id)  # what the device trained from
+        taus[u.device_id] = {k: start[k].astype(np.float64) + u.delta[k] - pre[k] for k in pre}
+    expected, w = personalized_aggregates(pre, taus, temperature=0.1)
+    for d, params in expected.items():
+        for k in pre:
+            np.testing.assert_allclose(starts[d][k], params[k], rtol=1e-4, atol=1e-5)
+    assert not np.allclose(starts[first.selected[0]]["point_weight"], starts[first.selected[1]]["point_weight"])
+    assert np.allclose(w.sum(axis=1), 1.0)
+
+
+def _personal_after_round(coord, round_id: int, device_id: str):
+    """Round 1 had no personal heads yet: every device started from global v0 + its delta of round 1,
+    and the coordinator then stored pre + mixed task vectors; recompute that start from round 1."""
+    from coordinator.fleet.personalized import personalized_aggregates
+
+    pre = coord.state.model(0)
+    taus = {}
+    for _, payload in coord.state.updates(round_id):
+        u = P.decode(payload)
+        taus[u.device_id] = {k: u.delta[k].astype(np.float64) for k in pre}
+    mixed, _ = personalized_aggregates(pre, taus, temperature=0.1)
+    return {k: mixed[device_id][k].astype(np.float32) for k in pre}

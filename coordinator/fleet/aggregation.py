@@ -101,4 +101,6 @@ def make_strategy(name: str, *, clip_norm: float | None = None, trim: float = 0.
         return FedAvg(clip_norm=clip_norm, name=name)
     if name == "trimmed_mean":
         return TrimmedMean(trim=trim, clip_norm=clip_norm)
-    raise ValueError(f"unknown aggregation strategy {name!r}; choose fedavg, fedprox or trimmed_mean")
+    if name == "task_vector":  # personalised on top of FedAvg: coordinator.fleet.server does the per-device part
+        return FedAvg(clip_norm=clip_norm, name=name)
+    raise ValueError(f"unknown aggregation strategy {name!r}; choose fedavg, fedprox, trimmed_mean or task_vector")

@@ -22,7 +22,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from coordinator.fleet.aggregation import ClientUpdate, make_strategy
+from coordinator.fleet.aggregation import ClientUpdate, make_strategy, weighted_mean
+from coordinator.fleet.personalized import personalized_aggregates
 from coordinator.fleet.state import FleetState, RoundRecord
 from edge_client import mqtt as M
 from edge_client.protocol import (
@@ -61,7 +62,8 @@ class FleetConfig:
     lr: float = 1e-3
     batch_size: int = 64
     prox_mu: float = 0.0
-    strategy: str = "fedavg"
+    strategy: str = "fedavg"  # fedavg | fedprox | trimmed_mean | task_vector (personalised per device)
+    tv_temperature: float = 0.1  # task_vector: softmax temperature over cosine similarities
     clip_norm: float | None = None
     upload_dtype: str = "float16"
     seed: int = 0
@@ -97,7 +99,8 @@ class FleetCoordinator:
         self.broker = broker
         self.state = state
         self.topics = Topics(cfg.fleet)
-        self.strategy = make_strategy(cfg.strategy, clip_norm=cfg.clip_norm)
+        self.personalised = cfg.strategy == "task_vector"
+        self.strategy = make_strategy("fedavg" if self.personalised else cfg.strategy, clip_norm=cfg.clip_norm)
         self.receiver = Receiver("coordinator")
         self.traffic = _Traffic()
         self.duplicates = 0
@@ -229,6 +232,10 @@ class FleetCoordinator:
                          kind=rec.kind, model_version=rec.base_version, deadline_ts=rec.deadline,
                          local_epochs=c["local_epochs"], lr=c["lr"], batch_size=c["batch_size"],
                          prox_mu=c["prox_mu"], options={"upload_dtype": c["upload_dtype"]})
+        if self.personalised and rec.kind == "train":
+            own = self.state.personal(device_id)
+            if own is not None:
+                task = task.model_copy(update={"params": {k: np.asarray(v, np.float32) for k, v in own.items()}})
         payload = encode(task)
         self.traffic.down[rec.round_id] += len(payload)
         M.publish(self.client, self.topics.task(device_id), payload, expiry_s=max(1, int(rec.deadline - time.time())))
@@ -240,9 +247,14 @@ class FleetCoordinator:
         new_version, state = None, "closed"
         if rec.kind == "train":
             if len(updates) >= rec.quorum:
-                new = self.strategy.aggregate(base, [ClientUpdate(u.device_id, u.n_samples, u.delta, u.metrics)
-                                                     for u in updates if u.n_samples > 0])
-                new_version = self.state.close_round(rec.round_id, new, rec.task, meta=self._model_meta())
+                ups = [ClientUpdate(u.device_id, u.n_samples, u.delta, u.metrics) for u in updates if u.n_samples > 0]
+                personal = None
+                if self.personalised:
+                    new, personal = self._task_vector_aggregate(base, ups)
+                else:
+                    new = self.strategy.aggregate(base, ups)
+                new_version = self.state.close_round(rec.round_id, new, rec.task, meta=self._model_meta(),
+                                                     personal=personal)
                 if new_version is not None:
                     self.publish_global(new_version, self.state.model(new_version), rec.round_id)
             else:
@@ -256,6 +268,24 @@ class FleetCoordinator:
         return RoundResult(rec.round_id, rec.kind, rec.base_version, new_version, rec.selected, metrics, n_samples,
                            self.traffic.up[rec.round_id], self.traffic.down[rec.round_id], time.time() - t0,
                            resumed, state)
+
+    def _task_vector_aggregate(self, base: Mapping[str, np.ndarray], ups: list[ClientUpdate]
+                               ) -> tuple[dict[str, np.ndarray], dict[str, dict[str, np.ndarray]]]:
+        """Bi-level personalised aggregation (Yang et al., AAAI 2026): each device's task vector is
+        its trained head minus the *initial* (pretrained) head; device k's next start is the
+        initial head plus a softmax(cos/T)-weighted mix of its most similar peers' task vectors.
+        The global head (for new devices and evaluation) stays the sample-weighted mean."""
+        pre = self.state.model(0)
+        afters, taus = {}, {}
+        for u in ups:
+            start = self.state.personal(u.device_id) or base
+            afters[u.device_id] = {k: np.asarray(start[k], np.float64) + u.delta[k] for k in base}
+            taus[u.device_id] = {k: afters[u.device_id][k] - pre[k] for k in base}
+        personal, _ = personalized_aggregates(pre, taus, temperature=self.cfg.tv_temperature)
+        weights = [float(u.n_samples) for u in ups]
+        mean = weighted_mean([afters[u.device_id] for u in ups], weights)
+        new = {k: np.asarray(v, np.float32) for k, v in mean.items()}
+        return new, {d: {k: np.asarray(v, np.float32) for k, v in p.items()} for d, p in personal.items()}
 
     def _model_meta(self) -> dict:
         latest = self.state.latest_model(self.cfg.task)

@@ -32,6 +32,8 @@ CREATE TABLE IF NOT EXISTS rounds (
 CREATE TABLE IF NOT EXISTS updates (
     round_id INTEGER NOT NULL, device_id TEXT NOT NULL, msg_id TEXT NOT NULL, n_samples INTEGER NOT NULL,
     payload BLOB NOT NULL, received REAL NOT NULL, PRIMARY KEY (round_id, device_id));
+CREATE TABLE IF NOT EXISTS personal (
+    device_id TEXT PRIMARY KEY, round_id INTEGER NOT NULL, params BLOB NOT NULL);
 CREATE TABLE IF NOT EXISTS devices (
     device_id TEXT PRIMARY KEY, domain TEXT, profile TEXT, runtime TEXT, n_train INTEGER,
     state TEXT NOT NULL DEFAULT 'unknown', last_seen REAL NOT NULL);
@@ -152,9 +154,10 @@ class FleetState:
             self._db.execute("UPDATE rounds SET deadline=? WHERE round_id=? AND state='open'", (deadline, round_id))
 
     def close_round(self, round_id: int, new_params: Mapping[str, np.ndarray] | None, task: str,
-                    meta: dict | None = None) -> int | None:
-        """Store the aggregate and close the round in one transaction; a second call is a no-op
-        that returns the version the first call created."""
+                    meta: dict | None = None,
+                    personal: Mapping[str, Mapping[str, np.ndarray]] | None = None) -> int | None:
+        """Store the aggregate (and any per-device personalised heads) and close the round in one
+        transaction; a second call is a no-op that returns the version the first call created."""
         with self._lock:
             self._db.execute("BEGIN IMMEDIATE")
             try:
@@ -170,6 +173,9 @@ class FleetState:
                     self._db.execute(
                         "INSERT INTO models (version, task, created, round_id, params, meta) VALUES (?, ?, ?, ?, ?, ?)",
                         (version, task, time.time(), round_id, params_to_blob(new_params), json.dumps(meta or {})))
+                for device_id, params in (personal or {}).items():
+                    self._db.execute("INSERT OR REPLACE INTO personal (device_id, round_id, params) VALUES (?, ?, ?)",
+                                     (device_id, round_id, params_to_blob(params)))
                 self._db.execute("UPDATE rounds SET state='closed', closed=?, new_version=? WHERE round_id=?",
                                  (time.time(), version, round_id))
                 self._db.execute("COMMIT")
@@ -177,6 +183,12 @@ class FleetState:
             except BaseException:
                 self._db.execute("ROLLBACK")
                 raise
+
+    def personal(self, device_id: str) -> dict[str, np.ndarray] | None:
+        """The personalised head the coordinator last computed for a device (task-vector strategy)."""
+        with self._lock:
+            row = self._db.execute("SELECT params FROM personal WHERE device_id=?", (device_id,)).fetchone()
+        return None if row is None else params_from_blob(row[0])
 
     def fail_round(self, round_id: int) -> None:
         with self._lock:

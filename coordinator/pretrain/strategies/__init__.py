@@ -1,0 +1,150 @@
+"""Federated pretraining strategies, one module each so they can be read side by side.
+
+Every strategy is a plain object with the same small interface; the round loop
+(:mod:`coordinator.pretrain.federated`) never knows which one it runs:
+
+* ``init_client(model, silo)`` -- persistent per-client state (tensors; kept on the client).
+* ``begin_round(model, ctx)`` -- client-side setup when the global state arrives.
+* ``local_loss(model, x, y, sub, ctx)`` -- the local objective for one mini-batch.
+* ``upload(model, ctx)`` -- what leaves the client: a fleet :class:`ClientUpdate` (weight delta)
+  plus a payload of small non-weight arrays (prototypes, means, codes).
+* ``server_update(global_params, uploads, server, round)`` -- new global weights, computed with
+  the fleet's aggregation functions (:mod:`coordinator.fleet.aggregation`).
+* ``eval_model(model, server)`` -- the global model as it is evaluated and exported.
+
+All state is dicts of tensors so a checkpoint is a plain ``weights_only`` torch file.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from coordinator.fleet.aggregation import ClientUpdate, FedAvg, Params, apply, weighted_mean
+from coordinator.models.tsfm import TSFM, revin_stats
+from coordinator.pretrain.central import forecast_loss
+from coordinator.pretrain.silos import Silo
+
+State = dict[str, torch.Tensor]
+TokenFn = Callable[[torch.Tensor], torch.Tensor]
+
+
+@dataclass
+class LocalContext:
+    """What a client sees during one round of local training."""
+
+    silo: Silo
+    client: State  # persistent, never uploaded unless the strategy's upload puts it there
+    server: State  # broadcast server state (read-only on the client)
+    global_params: dict[str, torch.Tensor]  # θ^t as received
+    round: int
+    progress: float  # fraction of all local steps done (0..1), for ramps
+    scratch: dict[str, Any] = field(default_factory=dict)  # per-round working memory
+
+
+@dataclass
+class Upload:
+    """One client's message: the fleet update plus strategy-specific payload arrays."""
+
+    update: ClientUpdate
+    payload: dict[str, np.ndarray] = field(default_factory=dict)
+
+
+def params_of(model: nn.Module) -> dict[str, np.ndarray]:
+    return {k: v.detach().cpu().numpy().astype(np.float32).copy() for k, v in model.state_dict().items()}
+
+
+def encode(model: TSFM, x: torch.Tensor, token_fn: TokenFn | None = None) -> tuple[torch.Tensor, ...]:
+    """TSFMBackbone.forward step by step, with a hook on the encoder tokens (FedPM quantises them).
+    Without a hook it computes exactly what ``model.backbone(x)`` does."""
+    b = model.backbone
+    loc, scale = revin_stats(x)
+    tokens = b.patch_embed(b.patchify((x - loc) / scale)) + b.pos_embed
+    tokens = b.encoder(b.dropout(tokens))
+    if token_fn is not None:
+        tokens = token_fn(tokens)
+    return b.activation(b.project(tokens.flatten(1))), loc, scale
+
+
+def head_outputs(model: TSFM, features: torch.Tensor, loc: torch.Tensor, scale: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    point_n, q_n = model.head(features)
+    return point_n * scale + loc, q_n * scale.unsqueeze(1) + loc.unsqueeze(1)
+
+
+def task_loss(model: TSFM, features: torch.Tensor, loc: torch.Tensor, scale: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """The shared forecasting objective (MSE + pinball, scaled values) of central pretraining."""
+    point, quantiles = head_outputs(model, features, loc, scale)
+    return forecast_loss(point, quantiles, y, torch.tensor(model.config.quantiles, dtype=torch.float32))
+
+
+def delta_update(model: nn.Module, ctx: LocalContext, metrics: dict[str, float] | None = None) -> ClientUpdate:
+    """Local minus received weights, as the fleet's ClientUpdate (the same type MQTT devices send)."""
+    local = params_of(model)
+    delta = {k: local[k] - ctx.global_params[k].numpy() for k in local}
+    return ClientUpdate(ctx.silo.domain, ctx.silo.n_samples, delta, metrics or {})
+
+
+def weighted_step(global_params: Params, uploads: list[Upload], weights: list[float]) -> Params:
+    """θ + Σ w_k Δ_k / Σ w_k via the fleet's weighted_mean/apply."""
+    return apply(global_params, weighted_mean([u.update.delta for u in uploads], weights))
+
+
+class Strategy:
+    """FedAvg behaviour; subclasses override only what makes them different."""
+
+    name = "base"
+    steps_multiplier = 1  # local steps per round relative to the federated budget
+
+    def clients(self, silos: list[Silo]) -> list[Silo]:
+        return silos
+
+    def init_server(self, model: TSFM, silos: list[Silo]) -> State:
+        return {}
+
+    def init_client(self, model: TSFM, silo: Silo) -> State:
+        return {}
+
+    def begin_round(self, model: TSFM, ctx: LocalContext) -> None:
+        return None
+
+    def trainable(self, ctx: LocalContext) -> list[torch.Tensor]:
+        """Client-state tensors optimised together with the model (e.g. DBE bias, classifier)."""
+        return [t for t in ctx.client.values() if t.requires_grad]
+
+    def local_loss(self, model: TSFM, x: torch.Tensor, y: torch.Tensor, sub: torch.Tensor,
+                   ctx: LocalContext) -> torch.Tensor:
+        features, loc, scale = encode(model, x)
+        return task_loss(model, features, loc, scale, y)
+
+    def upload(self, model: TSFM, ctx: LocalContext) -> Upload:
+        return Upload(delta_update(model, ctx))
+
+    def server_update(self, global_params: Params, uploads: list[Upload], server: State, rnd: int) -> Params:
+        return FedAvg().aggregate(global_params, [u.update for u in uploads])
+
+    def eval_model(self, model: TSFM, server: State) -> TSFM:
+        return model
+
+    def exportable(self) -> bool:
+        """Whether the global model is a plain TSFM the ONNX export reproduces."""
+        return True
+
+
+def make_strategy(name: str, **hparams: Any) -> Strategy:
+    from coordinator.pretrain.strategies import bilevel, centralized, fedal, fedavg, fedpm, fedprox
+
+    table: dict[str, type[Strategy]] = {
+        "centralized": centralized.Centralized, "fedavg": fedavg.FedAvgStrategy, "fedprox": fedprox.FedProx,
+        "bilevel": bilevel.BiLevel, "fedal": fedal.FeDaL, "fedpm": fedpm.FeDPM,
+    }
+    if name not in table:
+        raise ValueError(f"unknown strategy {name!r}; choose one of {', '.join(table)}")
+    return table[name](**hparams)
+
+
+STRATEGIES = ("centralized", "fedavg", "fedprox", "bilevel", "fedal", "fedpm")

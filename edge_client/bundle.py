@@ -1,0 +1,556 @@
+"""Signed model bundles on the device: verify, assemble from chunks, smoke-check, activate, roll back.
+
+A bundle is a manifest (model id, version, files with sha256 and size, input/output spec, compatible
+profiles) signed by the coordinator's ed25519 key, plus its files, which travel over MQTT in
+fixed-size chunks. The device trusts nothing but the signature: the manifest is verified on the
+exact bytes that were signed, and every assembled file must match the manifest's sha256 and size
+before anything loads it.
+
+:class:`BundleStore` keeps everything on disk so a download survives a disconnect or a restart::
+
+    root/versions/<v>/manifest.json, manifest.sig   the signed manifest as received
+    root/versions/<v>/chunks/<file>/<index>.part     chunks received so far (resume point)
+    root/versions/<v>/files/<file>                   assembled, verified files
+    root/versions/<v>/BAD                            a signed bundle that failed its smoke check
+    root/current, root/previous                      version pointers (written atomically)
+
+A version becomes ``current`` only after its files verify, its backbone loads and a smoke check
+(finite features of the right shape on a synthetic batch) passes, so the good version is never
+replaced by a broken one; if ``current`` later fails to load, :meth:`BundleStore.load_current`
+rolls back to ``previous``. Every refusal is a :class:`BundleError` subclass with a stable
+``reason``, counted and logged once with the version that stays active. Only numpy, the standard
+library, cryptography and onnxruntime (through :class:`BackboneRunner`) are used: no torch.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import shutil
+import threading
+from collections import Counter
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, ClassVar
+
+import numpy as np
+from cryptography.exceptions import InvalidSignature
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+
+from edge_client.protocol import NAME_RE, BundleChunk, BundleManifest, ProtocolError, Topics, decode
+from edge_client.runtime import BackboneRunner, ModelLoadError, sha256_file
+
+log = logging.getLogger("fedge.bundle")
+
+BUNDLE_FORMAT = "fedge.bundle/1"
+MAX_FILE_BYTES = 256 * 1024 * 1024
+MAX_CHUNK_BYTES = 256 * 1024
+
+
+# --------------------------------------------------------------------------- errors
+
+
+class BundleError(Exception):
+    """A bundle (or a piece of one) was refused; ``reason`` is a stable counter key."""
+
+    reason: ClassVar[str] = "invalid_bundle"
+
+
+class UnsignedBundle(BundleError):
+    reason = "unsigned"
+
+
+class BadSignature(BundleError):
+    reason = "bad_signature"
+
+
+class InvalidManifest(BundleError):
+    reason = "invalid_manifest"
+
+
+class IncompatibleBundle(BundleError):
+    reason = "incompatible_profile"
+
+
+class StaleBundle(BundleError):
+    reason = "stale_version"
+
+
+class BadChunk(BundleError):
+    reason = "bad_chunk"
+
+
+class TruncatedChunk(BadChunk):
+    reason = "truncated_chunk"
+
+
+class IncompleteBundle(BundleError):
+    reason = "incomplete"
+
+
+class TamperedFile(BundleError):
+    reason = "tampered_file"
+
+
+class CorruptModel(BundleError):
+    reason = "corrupt_model"
+
+
+# --------------------------------------------------------------------------- keys and manifests
+
+
+def canonical_json(obj: Any) -> bytes:
+    """The one byte string a manifest is signed as: sorted keys, no whitespace, ASCII only."""
+    return json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=True, allow_nan=False).encode()
+
+
+def load_public_key(source: str | os.PathLike[str] | bytes) -> Ed25519PublicKey:
+    """The coordinator's public key from a PEM file (or PEM bytes)."""
+    pem = source if isinstance(source, bytes) else Path(source).read_bytes()
+    key = serialization.load_pem_public_key(pem)
+    if not isinstance(key, Ed25519PublicKey):
+        raise ValueError(f"expected an ed25519 public key, got {type(key).__name__}")
+    return key
+
+
+def key_id(public_key: Ed25519PublicKey) -> str:
+    """Short fingerprint of a public key, written into manifests and log lines."""
+    raw = public_key.public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
+    return hashlib.sha256(raw).hexdigest()[:16]
+
+
+@dataclass(frozen=True)
+class FileEntry:
+    name: str
+    sha256: str
+    size: int
+    role: str = ""
+
+    def n_chunks(self, chunk_size: int) -> int:
+        return max(1, -(-self.size // chunk_size))
+
+    def chunk_len(self, index: int, chunk_size: int) -> int:
+        return min(chunk_size, self.size - index * chunk_size) if self.size else 0
+
+
+@dataclass(frozen=True)
+class Manifest:
+    """A verified manifest. Built only by :meth:`parse`, which checks every field a device uses."""
+
+    raw: bytes
+    data: Mapping[str, Any]
+    task: str
+    model_id: str
+    version: int
+    chunk_size: int
+    files: tuple[FileEntry, ...]
+    backbones: Mapping[str, str]
+    spec: Mapping[str, Any]
+    profiles: tuple[str, ...]
+
+    def file(self, name: str) -> FileEntry | None:
+        return next((f for f in self.files if f.name == name), None)
+
+    @classmethod
+    def parse(cls, raw: bytes) -> Manifest:
+        try:
+            data = json.loads(raw)
+            return cls._from_dict(raw, data)
+        except InvalidManifest:
+            raise
+        except (ValueError, TypeError, KeyError, AttributeError) as exc:
+            raise InvalidManifest(f"manifest is not a valid {BUNDLE_FORMAT} document: {exc}") from None
+
+    @classmethod
+    def _from_dict(cls, raw: bytes, data: dict[str, Any]) -> Manifest:
+        if data.get("format") != BUNDLE_FORMAT:
+            raise InvalidManifest(f"manifest format {data.get('format')!r}, expected {BUNDLE_FORMAT!r}")
+        chunk_size = int(data["chunk_size"])
+        if not 1024 <= chunk_size <= MAX_CHUNK_BYTES:
+            raise InvalidManifest(f"chunk size {chunk_size} outside [1024, {MAX_CHUNK_BYTES}]")
+        files = tuple(FileEntry(str(f["name"]), str(f["sha256"]), int(f["size"]), str(f.get("role", "")))
+                      for f in data["files"])
+        for f in files:
+            if not NAME_RE.match(f.name) or len(f.sha256) != 64 or not 0 <= f.size <= MAX_FILE_BYTES:
+                raise InvalidManifest(f"bad file entry {f}")
+        names = {f.name for f in files}
+        backbones = {str(k): str(v) for k, v in data["backbones"].items()}
+        if "fp32" not in backbones or not set(backbones.values()) <= names:
+            raise InvalidManifest(f"backbones {backbones} must name an fp32 backbone among the files {sorted(names)}")
+        version = int(data["version"])
+        if version < 0:
+            raise InvalidManifest(f"negative version {version}")
+        return cls(raw, data, str(data["task"]), str(data["model_id"]), version, chunk_size, files, backbones,
+                   dict(data["spec"]), tuple(str(p) for p in data.get("profiles", [])))
+
+
+def verify_manifest(manifest_bytes: bytes, signature: bytes | None, public_key: Ed25519PublicKey) -> Manifest:
+    """Check the detached ed25519 signature on the exact manifest bytes, then parse them."""
+    if not signature:
+        raise UnsignedBundle("manifest carries no signature")
+    try:
+        public_key.verify(bytes(signature), bytes(manifest_bytes))
+    except InvalidSignature:
+        raise BadSignature(f"manifest signature does not verify with coordinator key {key_id(public_key)}") from None
+    return Manifest.parse(bytes(manifest_bytes))
+
+
+# --------------------------------------------------------------------------- store
+
+
+def _atomic_write(path: Path, data: bytes) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "wb") as fh:
+        fh.write(data)
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
+
+
+def synthetic_contexts(context: int, n: int = 4, seed: int = 0) -> np.ndarray:
+    """Random walks with a level and a season: inputs in real units, like a device's data."""
+    rng = np.random.default_rng(seed)
+    t = np.arange(context)
+    x = 10.0 + 5.0 * np.sin(2 * np.pi * t / 24) + rng.normal(0, 1, (n, context)).cumsum(axis=1)
+    return x.astype(np.float32)
+
+
+@dataclass
+class BundleStore:
+    """On-disk bundle versions with a ``current`` pointer that only ever points at a verified,
+    smoke-checked version. Thread-safe: paho's network thread feeds it."""
+
+    root: Path
+    public_key: Ed25519PublicKey
+    profile: str | None = None
+    preferred_format: str = "fp32"
+    threads: int = 1
+    rejected: Counter[str] = field(default_factory=Counter)
+    chunks_written: int = 0
+
+    def __post_init__(self) -> None:
+        self.root = Path(self.root)
+        (self.root / "versions").mkdir(parents=True, exist_ok=True)
+        self._lock = threading.RLock()
+        self._manifests: dict[int, Manifest] = {}
+
+    # -------------------------------------------------------------- pointers
+
+    def _pointer(self, name: str) -> int | None:
+        try:
+            return int((self.root / name).read_text().strip())
+        except (FileNotFoundError, ValueError):
+            return None
+
+    @property
+    def current_version(self) -> int | None:
+        return self._pointer("current")
+
+    @property
+    def previous_version(self) -> int | None:
+        return self._pointer("previous")
+
+    def version_dir(self, version: int) -> Path:
+        return self.root / "versions" / str(int(version))
+
+    def is_bad(self, version: int) -> bool:
+        return (self.version_dir(version) / "BAD").is_file()
+
+    def manifest(self, version: int) -> Manifest | None:
+        """A manifest accepted earlier (memory, else re-verified from disk after a restart)."""
+        if version in self._manifests:
+            return self._manifests[version]
+        d = self.version_dir(version)
+        try:
+            m = verify_manifest((d / "manifest.json").read_bytes(), (d / "manifest.sig").read_bytes(), self.public_key)
+        except (FileNotFoundError, BundleError):
+            return None
+        self._manifests[version] = m
+        return m
+
+    def backbone_path(self, version: int | None = None) -> Path:
+        """The backbone file this device runs: its profile's preferred format when shipped, else fp32."""
+        version = self.current_version if version is None else version
+        if version is None:
+            raise ModelLoadError(f"no bundle installed in {self.root}")
+        m = self.manifest(version)
+        if m is None:
+            raise ModelLoadError(f"bundle v{version} has no valid signed manifest in {self.root}")
+        name = m.backbones.get(self.preferred_format, m.backbones["fp32"])
+        return self.version_dir(version) / "files" / name
+
+    # -------------------------------------------------------------- rejections
+
+    def _reject(self, err: BundleError, version: int | None) -> None:
+        self.rejected[err.reason] += 1
+        where = f"v{version}" if version is not None else "bundle"
+        log.warning("bundle %s rejected: %s: %s; keeping current v%s", where, err.reason, err, self.current_version)
+
+    # -------------------------------------------------------------- manifest and chunks
+
+    def offer_manifest(self, manifest_bytes: bytes, signature: bytes | None) -> Manifest | None:
+        """Accept a signed manifest for a newer version; None when it is refused or needs nothing."""
+        try:
+            m = verify_manifest(manifest_bytes, signature, self.public_key)
+        except BundleError as err:
+            self._reject(err, None)
+            return None
+        current = self.current_version
+        try:
+            if current is not None and m.version < current:
+                raise StaleBundle(f"version {m.version} is older than the installed v{current} (downgrade refused)")
+            if self.profile and m.profiles and self.profile not in m.profiles:
+                raise IncompatibleBundle(f"profile {self.profile!r} is not among {list(m.profiles)}")
+        except BundleError as err:
+            self._reject(err, m.version)
+            return None
+        if m.version == current or self.is_bad(m.version):
+            log.info("bundle v%d is %s; nothing to do", m.version, "installed" if m.version == current else "known bad")
+            return None
+        with self._lock:
+            d = self.version_dir(m.version)
+            d.mkdir(parents=True, exist_ok=True)
+            _atomic_write(d / "manifest.json", m.raw)
+            _atomic_write(d / "manifest.sig", bytes(signature or b""))
+            self._manifests[m.version] = m
+        log.info("bundle v%d (%s) announced: %d files, %d chunks missing", m.version, m.model_id, len(m.files),
+                 len(self.missing(m.version)))
+        return m
+
+    def _chunk_path(self, version: int, name: str, index: int) -> Path:
+        return self.version_dir(version) / "chunks" / name / f"{index:06d}.part"
+
+    def missing(self, version: int) -> list[tuple[str, int]]:
+        """(file, chunk index) pairs still to receive: what a resumed download must fetch."""
+        m = self.manifest(version)
+        if m is None:
+            return []
+        out = []
+        for f in m.files:
+            if self._file_ok(version, f):
+                continue
+            out.extend((f.name, i) for i in range(f.n_chunks(m.chunk_size))
+                       if not self._chunk_path(version, f.name, i).is_file())
+        return out
+
+    def add_chunk(self, chunk: BundleChunk) -> bool:
+        """Store one chunk (idempotent). True when the bundle just became complete."""
+        try:
+            return self._add_chunk(chunk)
+        except BundleError as err:
+            self._reject(err, chunk.version)
+            return False
+
+    def _add_chunk(self, chunk: BundleChunk) -> bool:
+        m = self.manifest(chunk.version)
+        if m is None or self.is_bad(chunk.version):
+            log.debug("ignoring chunk of bundle v%d: no signed manifest for it", chunk.version)
+            return False
+        entry = m.file(chunk.file)
+        if entry is None:
+            raise BadChunk(f"chunk for {chunk.file!r}, which the signed manifest does not list")
+        total = entry.n_chunks(m.chunk_size)
+        if chunk.total != total or chunk.index >= total:
+            raise BadChunk(f"{chunk.file} chunk {chunk.index}/{chunk.total}, manifest implies {total} chunks")
+        want = entry.chunk_len(chunk.index, m.chunk_size)
+        if len(chunk.data) != want:
+            raise TruncatedChunk(f"{chunk.file} chunk {chunk.index} has {len(chunk.data)} bytes, expected {want}")
+        if hashlib.sha256(chunk.data).hexdigest() != chunk.sha256:
+            raise BadChunk(f"{chunk.file} chunk {chunk.index} does not match its sha256")
+        with self._lock:
+            path = self._chunk_path(chunk.version, chunk.file, chunk.index)
+            if path.is_file() or self._file_ok(chunk.version, entry):
+                return False
+            path.parent.mkdir(parents=True, exist_ok=True)
+            before = len(self.missing(chunk.version))
+            _atomic_write(path, chunk.data)
+            self.chunks_written += 1
+            return before > 0 and not self.missing(chunk.version)
+
+    # -------------------------------------------------------------- assembly and activation
+
+    def _file_ok(self, version: int, entry: FileEntry) -> bool:
+        path = self.version_dir(version) / "files" / entry.name
+        return path.is_file() and path.stat().st_size == entry.size and sha256_file(path) == entry.sha256
+
+    def _assemble(self, version: int, m: Manifest) -> None:
+        """Concatenate each file's chunks and check it against the signed manifest. A file that does
+        not match loses its chunks, so a corrected re-publication can be fetched again."""
+        files = self.version_dir(version) / "files"
+        files.mkdir(parents=True, exist_ok=True)
+        for entry in m.files:
+            if self._file_ok(version, entry):
+                continue
+            parts = [self._chunk_path(version, entry.name, i) for i in range(entry.n_chunks(m.chunk_size))]
+            absent = [p.name for p in parts if not p.is_file()]
+            if absent:
+                raise IncompleteBundle(f"{entry.name}: {len(absent)} of {len(parts)} chunks missing")
+            tmp = files / (entry.name + ".tmp")
+            with open(tmp, "wb") as out:
+                for p in parts:
+                    out.write(p.read_bytes())
+            size, digest = tmp.stat().st_size, sha256_file(tmp)
+            if size != entry.size or digest != entry.sha256:
+                tmp.unlink()
+                shutil.rmtree(self.version_dir(version) / "chunks" / entry.name, ignore_errors=True)
+                raise TamperedFile(f"{entry.name}: assembled {size} bytes with sha256 {digest[:12]}…, signed manifest "
+                                   f"says {entry.size} bytes, {entry.sha256[:12]}…")
+            os.replace(tmp, files / entry.name)
+        shutil.rmtree(self.version_dir(version) / "chunks", ignore_errors=True)
+
+    def smoke_check(self, version: int) -> None:
+        """Every shipped backbone must load, match the manifest's spec and give finite features of
+        the right shape on a synthetic batch; the head arrays must be finite. Raises CorruptModel."""
+        m = self.manifest(version)
+        if m is None:
+            raise CorruptModel(f"no manifest for v{version}")
+        d = self.version_dir(version) / "files"
+        for fmt, name in m.backbones.items():
+            entry = m.file(name)
+            try:
+                runner = BackboneRunner(d / name, threads=self.threads, expected_sha256=entry.sha256 if entry else None)
+                self._check_features(runner, m, f"{fmt} backbone {name}")
+            except ModelLoadError as exc:
+                raise CorruptModel(str(exc)) from None
+        head = d / "head.npz"
+        if head.is_file():
+            try:
+                with np.load(head) as data:
+                    bad = [k for k in data.files if not np.isfinite(data[k]).all()]
+            except Exception as exc:  # numpy raises several types for a corrupt archive
+                raise CorruptModel(f"head.npz is unreadable: {type(exc).__name__}: {exc}") from None
+            if bad:
+                raise CorruptModel(f"head.npz has non-finite arrays {bad}")
+
+    @staticmethod
+    def _check_features(runner: BackboneRunner, m: Manifest, what: str) -> None:
+        for key in ("context", "feature_dim"):
+            if key in m.spec and int(m.spec[key]) != getattr(runner.spec, key):
+                raise CorruptModel(f"{what}: {key} {getattr(runner.spec, key)}, manifest says {m.spec[key]}")
+        try:
+            feats = runner.features(synthetic_contexts(runner.spec.context))
+        except Exception as exc:  # onnxruntime errors at run time (bad graph) are a corrupt model too
+            raise CorruptModel(f"{what} fails on a synthetic batch: {type(exc).__name__}: {exc}") from None
+        arrays = (feats.features, feats.loc, feats.scale)
+        if feats.features.shape != (4, runner.spec.feature_dim) or not all(np.isfinite(a).all() for a in arrays):
+            raise CorruptModel(f"{what}: features {feats.features.shape} not finite or of the wrong shape")
+
+    def install(self, version: int) -> bool:
+        """Assemble, verify and smoke-check a downloaded version, then make it current. On any
+        failure the current version stays; a signed-but-broken model is marked bad for good."""
+        with self._lock:
+            m = self.manifest(version)
+            try:
+                if m is None:
+                    raise InvalidManifest(f"no verified manifest for v{version}")
+                self._assemble(version, m)
+                self.smoke_check(version)
+            except BundleError as err:
+                if isinstance(err, CorruptModel):
+                    _atomic_write(self.version_dir(version) / "BAD", f"{err.reason}: {err}\n".encode())
+                    log.warning("bundle v%d failed its smoke check; rolled back to v%s", version, self.current_version)
+                self._reject(err, version)
+                return False
+            self._activate(version)
+            return True
+
+    def _activate(self, version: int) -> None:
+        current = self.current_version
+        if current is not None and current != version:
+            _atomic_write(self.root / "previous", f"{current}\n".encode())
+        _atomic_write(self.root / "current", f"{version}\n".encode())
+        log.info("bundle v%d is now current (previous v%s)", version, current)
+
+    def load_current(self) -> BackboneRunner:
+        """The current backbone, re-verified on load; if it fails (disk damage, a file deleted),
+        roll back to the previous good version and make that current again."""
+        with self._lock:
+            tried = []
+            for version in (self.current_version, self.previous_version):
+                if version is None or version in tried:
+                    continue
+                tried.append(version)
+                try:
+                    runner = self._load(version)
+                except (BundleError, ModelLoadError) as exc:
+                    err = exc if isinstance(exc, BundleError) else CorruptModel(str(exc))
+                    self._reject(err, version)
+                    continue
+                if version != self.current_version:
+                    log.warning("rolled back from v%s to v%d", self.current_version, version)
+                    _atomic_write(self.root / "current", f"{version}\n".encode())
+                return runner
+            raise ModelLoadError(f"no loadable bundle in {self.root} (tried {tried})")
+
+    def _load(self, version: int) -> BackboneRunner:
+        m = self.manifest(version)
+        if m is None:
+            raise InvalidManifest(f"v{version} has no valid signed manifest on disk")
+        path = self.backbone_path(version)
+        entry = m.file(path.name)
+        return BackboneRunner(path, threads=self.threads, expected_sha256=entry.sha256 if entry else None)
+
+
+# --------------------------------------------------------------------------- MQTT glue
+
+
+class BundleDownloader:
+    """Feeds a :class:`BundleStore` from MQTT: subscribes to the signed manifest and, once a newer
+    verified version is announced, to its chunks (published retained, so a device that reconnects
+    or restarts gets every chunk again and keeps only the ones missing on disk)."""
+
+    def __init__(self, client: Any, topics: Topics, store: BundleStore, task: str = "tsfm") -> None:
+        self.client, self.topics, self.store, self.task = client, topics, store, task
+        self.installed = threading.Event()
+        self._wanted: int | None = None
+        client.on_connect = self._on_connect
+        client.on_message = self._on_message
+
+    def _on_connect(self, client, userdata, flags, reason_code, properties) -> None:  # type: ignore[no-untyped-def]
+        if not reason_code.is_failure:
+            client.subscribe(self.topics.bundle(self.task), qos=1)
+
+    def _on_message(self, client, userdata, message) -> None:  # type: ignore[no-untyped-def]
+        try:
+            msg = decode(message.payload)
+            if msg.fleet != self.topics.fleet or getattr(msg, "task", None) != self.task:
+                raise BadChunk(f"{msg.type} for {msg.fleet}/{getattr(msg, 'task', None)} on {message.topic}")
+            if isinstance(msg, BundleManifest):
+                self._on_manifest(msg)
+            elif isinstance(msg, BundleChunk):
+                self._on_chunk(msg)
+        except ProtocolError as err:
+            self.store.rejected[err.reason] += 1
+            log.warning("bundle message on %s rejected: %s: %s", message.topic, err.reason, err)
+        except BundleError as err:
+            self.store._reject(err, None)
+        except Exception:  # a bug must not kill paho's network thread
+            log.exception("error handling bundle message on %s", message.topic)
+
+    def _on_manifest(self, msg: BundleManifest) -> None:
+        m = self.store.offer_manifest(msg.manifest, msg.sig)
+        if m is None:
+            return
+        if m.version != msg.version:
+            raise InvalidManifest(f"envelope says v{msg.version}, signed manifest says v{m.version}")
+        self._wanted = m.version
+        if self.store.missing(m.version):
+            self.client.subscribe(self.topics.all_chunks(self.task), qos=1)
+        else:
+            self._install(m.version)
+
+    def _on_chunk(self, msg: BundleChunk) -> None:
+        if msg.version != self._wanted:
+            return
+        if self.store.add_chunk(msg):
+            self._install(msg.version)
+
+    def _install(self, version: int) -> None:
+        self.client.unsubscribe(self.topics.all_chunks(self.task))
+        self._wanted = None
+        if self.store.install(version):
+            self.installed.set()
