@@ -30,6 +30,22 @@ def _logging(verbose: bool) -> None:
                         handlers=[RichHandler(console=console, show_path=False, show_time=False)], force=True)
 
 
+def parse_personalize(text: str) -> tuple[tuple[str, float], ...]:
+    """'self_distill=0.5,feature_distance=0.1,rank=4' -> pairs for FleetConfig.personalize."""
+    from dataclasses import fields
+
+    from edge_client.personalize import PersonalConfig
+
+    known = {f.name for f in fields(PersonalConfig)} - {"quantiles"}
+    pairs = []
+    for item in filter(None, (p.strip() for p in text.split(","))):
+        name, sep, value = item.partition("=")
+        if name not in known:
+            raise ValueError(f"unknown personalisation option {name!r}; known: {', '.join(sorted(known))}")
+        pairs.append((name, float(value) if sep else 1.0))
+    return tuple(pairs)
+
+
 def _fail(message: str) -> None:
     console.print(f"[red]error:[/red] {message}")
     raise typer.Exit(2)
@@ -45,8 +61,10 @@ def demo(
     horizon: Annotated[int, typer.Option(min=1, max=96, help="forecast horizon of the fleet head")] = 24,
     local_epochs: Annotated[int, typer.Option(min=1, max=50)] = 2,
     lr: Annotated[float, typer.Option(min=1e-6, max=1.0)] = 3e-3,
-    strategy: Annotated[str, typer.Option(help="fedavg | fedprox | trimmed_mean")] = "fedavg",
+    strategy: Annotated[str, typer.Option(help="fedavg | fedprox | trimmed_mean | task_vector")] = "fedavg",
     prox_mu: Annotated[float, typer.Option(min=0.0, help="FedProx proximal weight on the device")] = 0.0,
+    personalize: Annotated[str, typer.Option(help="device methods, e.g. 'rank=4,self_distill=0.5,feature_distance=0.1'"
+                                             )] = "",
     data_dir: Annotated[str | None, typer.Option(help="folder with the shared datasets ($FEDGE_DATA_DIR)")] = None,
     out: Annotated[Path, typer.Option(help="where results, plot, model and fleet DB go")] = Path("runs/demo"),
     broker: Annotated[str, typer.Option(help="auto | mosquitto | embedded | host:port")] = "auto",
@@ -63,6 +81,7 @@ def demo(
     try:
         make_strategy(strategy)
         resolve_data_dir(data_dir)
+        personal_pairs = parse_personalize(personalize)
     except (ValueError, DatasetNotFound) as exc:
         _fail(str(exc))
     if task not in ("tsfm", "rec"):
@@ -81,7 +100,7 @@ def demo(
     try:
         run_demo(DemoConfig(devices=devices, rounds=rounds, horizon=horizon, local_epochs=local_epochs, lr=lr,
                             strategy=strategy, prox_mu=prox_mu, data_dir=data_dir, out_dir=out, broker=broker,
-                            quick=quick, seed=seed), console)
+                            quick=quick, seed=seed, personalize=personal_pairs), console)
     except (ConnectionError, RuntimeError, ValueError) as exc:
         _fail(str(exc))
 
@@ -139,7 +158,8 @@ def serve(
     horizon: Annotated[int, typer.Option(min=1)] = 24,
     local_epochs: Annotated[int, typer.Option(min=1)] = 2,
     lr: Annotated[float, typer.Option(min=1e-6, max=1.0)] = 3e-3,
-    strategy: Annotated[str, typer.Option()] = "fedavg",
+    strategy: Annotated[str, typer.Option(help="fedavg | fedprox | trimmed_mean | task_vector")] = "fedavg",
+    personalize: Annotated[str, typer.Option(help="device methods, e.g. 'rank=4,self_distill=0.5'")] = "",
     clip_norm: Annotated[float | None, typer.Option(min=0.0)] = None,
     wait_devices: Annotated[float, typer.Option(help="seconds to wait for min-devices to say hello")] = 60.0,
     verbose: Annotated[bool, typer.Option("--verbose", "-v")] = True,
@@ -148,6 +168,7 @@ def serve(
     resumes the open round and keeps every update it already had."""
     import numpy as np
 
+    from coordinator.fleet.aggregation import make_strategy
     from coordinator.fleet.server import FleetConfig, FleetCoordinator
     from coordinator.fleet.state import FleetState
     from edge_client.adapters import HEAD_KEYS, slice_head
@@ -156,8 +177,10 @@ def serve(
     _logging(verbose)
     try:
         address = BrokerAddress.parse(broker)
+        make_strategy(strategy)
         cfg = FleetConfig(fleet=fleet, min_devices=min_devices, fraction=fraction, deadline_s=deadline,
-                          local_epochs=local_epochs, lr=lr, strategy=strategy, clip_norm=clip_norm)
+                          local_epochs=local_epochs, lr=lr, strategy=strategy, clip_norm=clip_norm,
+                          personalize=parse_personalize(personalize))
         with np.load(init_head, allow_pickle=False) as data:
             head = {k: data[k] for k in HEAD_KEYS}
         initial = slice_head(head, horizon)

@@ -48,6 +48,7 @@ class DemoConfig:
     deadline_s: float = 300.0
     seed: int = 0
     quick: bool = False  # a smaller backbone and budget: a smoke run in well under a minute
+    personalize: tuple[tuple[str, float], ...] = ()  # device-side methods (edge_client.personalize)
 
 
 @dataclass
@@ -187,7 +188,7 @@ def run_demo(cfg: DemoConfig, console: Console | None = None) -> DemoResult:
     coordinator = FleetCoordinator(
         FleetConfig(fleet=fleet, deadline_s=cfg.deadline_s, local_epochs=cfg.local_epochs, lr=cfg.lr,
                     batch_size=cfg.batch_size, strategy=cfg.strategy, prox_mu=cfg.prox_mu, seed=cfg.seed,
-                    min_devices=cfg.devices),
+                    min_devices=cfg.devices, personalize=cfg.personalize),
         address, FleetState(db))
     clients = []
     try:

@@ -435,9 +435,9 @@ class BundleStore:
             feats = runner.features(synthetic_contexts(runner.spec.context))
         except Exception as exc:  # onnxruntime errors at run time (bad graph) are a corrupt model too
             raise CorruptModel(f"{what} fails on a synthetic batch: {type(exc).__name__}: {exc}") from None
-        arrays = (feats.features, feats.loc, feats.scale)
-        if feats.features.shape != (4, runner.spec.feature_dim) or not all(np.isfinite(a).all() for a in arrays):
-            raise CorruptModel(f"{what}: features {feats.features.shape} not finite or of the wrong shape")
+        arrays = (feats.feats, feats.loc, feats.scale)
+        if feats.feats.shape != (4, runner.spec.feature_dim) or not all(np.isfinite(a).all() for a in arrays):
+            raise CorruptModel(f"{what}: features {feats.feats.shape} not finite or of the wrong shape")
 
     def install(self, version: int) -> bool:
         """Assemble, verify and smoke-check a downloaded version, then make it current. On any

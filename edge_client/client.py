@@ -13,15 +13,18 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from collections.abc import Mapping
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 
 from edge_client import mqtt as M
 from edge_client.adapters import Params, as_float32, head_shapes
 from edge_client.learner import DeviceLearner
+from edge_client.personalize import PersonalConfig
 from edge_client.protocol import (
     GlobalModel,
     Hello,
+    InvalidMessage,
     Message,
     ModelManifest,
     ModelMismatch,
@@ -46,6 +49,19 @@ class EdgeStats:
     bytes_down: int = 0
     rounds: int = 0
     last_metrics: dict[str, float] = field(default_factory=dict)
+
+
+def personal_config(options: Mapping[str, object]) -> PersonalConfig | None:
+    """Personalisation methods a round asks for (option ``personalize``), e.g. ``{"personalize": True,
+    "rank": 4, "self_distill": 0.5, "feature_distance": 0.1}``; unknown keys are ignored here (they may
+    be meant for another part of the task), wrong types are refused."""
+    if not options.get("personalize"):
+        return None
+    names = {f.name for f in fields(PersonalConfig)} & set(options) - {"quantiles"}
+    try:
+        return PersonalConfig(**{k: type(getattr(PersonalConfig, k))(options[k]) for k in names})
+    except (TypeError, ValueError) as exc:
+        raise InvalidMessage(f"bad personalisation options: {exc}") from None
 
 
 class EdgeClient:
@@ -219,7 +235,8 @@ class EdgeClient:
                           metrics=metrics)
         outcome = self.learner.run_round(
             global_params, epochs=task.local_epochs, lr=task.lr, batch_size=task.batch_size, prox_mu=task.prox_mu,
-            seed=self.seed * 100_003 + task.round_id, upload_dtype=str(task.options.get("upload_dtype", "float16")))
+            seed=self.seed * 100_003 + task.round_id, upload_dtype=str(task.options.get("upload_dtype", "float16")),
+            personal=personal_config(task.options), now_day=task.ts / 86400.0)
         self.personal = outcome.personal
         self.stats.rounds += 1
         self.stats.last_metrics = outcome.metrics

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from edge_client import personalize as PZ
 from edge_client import windows as W
 from edge_client.adapters import Features, LossConfig, Params, param_delta, predict, train_head
 from edge_client.runtime import BackboneRunner
@@ -64,6 +65,7 @@ class DeviceLearner:
         self.f_eval: Features = backbone.features(x_ev)
         self.feature_seconds = time.perf_counter() - t0
         self.naive_eval = W.seasonal_naive(x_ev, horizon, season)
+        self.personal_model: PZ.PersonalModel | None = None  # survives rounds: the self-distillation teacher
 
     @property
     def n_train(self) -> int:
@@ -74,7 +76,8 @@ class DeviceLearner:
         return len(self.y_eval)
 
     def evaluate(self, params: Mapping[str, np.ndarray], prefix: str) -> dict[str, float]:
-        point, quant = predict(params, self.f_eval)
+        """Scores of a head, or of a personal model with an adapter (edge_client.personalize)."""
+        point, quant = (PZ.predict if "adapter_A" in params else predict)(params, self.f_eval)
         quant = np.sort(quant, axis=1)  # no quantile crossing in reported forecasts
         return {
             f"{prefix}_mse": W.mse(point, self.y_eval),
@@ -95,6 +98,8 @@ class DeviceLearner:
         prox_mu: float = 0.0,
         seed: int = 0,
         upload_dtype: str = "float16",
+        personal: PZ.PersonalConfig | None = None,
+        now_day: float = 0.0,
     ) -> RoundOutcome:
         """Fine-tune from the global head; upload the delta of the last epoch (what FedAvg
         averages) and keep as personal model the state that did best on the newest training
@@ -118,4 +123,22 @@ class DeviceLearner:
             "personal_kept_global": float(bool(result.val_losses) and int(np.argmin(result.val_losses)) == 0),
         }
         delta = param_delta(result.params, global_params, upload_dtype)
-        return RoundOutcome(delta, len(fit_idx), metrics, time.perf_counter() - t0, result.best)
+        kept = result.best
+        if personal is not None:  # a personal adapter model with the selected methods replaces the plain head
+            kept = self._fit_personal(global_params, personal, now_day, seed)
+            metrics.update(self.evaluate(kept, "personal"))
+        return RoundOutcome(delta, len(fit_idx), metrics, time.perf_counter() - t0, kept)
+
+    def _fit_personal(self, global_params: Mapping[str, np.ndarray], cfg: PZ.PersonalConfig, now_day: float,
+                      seed: int) -> Params:
+        """Personal adapter + head from the new global head, keeping the device's own adapter; the
+        previous personal model is the self-distillation teacher, the global head (identity adapter)
+        the FedOA reference."""
+        start = PZ.init_params(global_params, cfg.rank)
+        if self.personal_model is not None:
+            start.update({k: v for k, v in self.personal_model.params.items() if k in PZ.ADAPTER_KEYS})
+        model = self.personal_model or PZ.PersonalModel.from_head(global_params, cfg)
+        model = PZ.PersonalModel(model.params, cfg, model.gate, model.trained_at_day, model.log)
+        self.personal_model = model.fit(self.f_train, self.y_train, start=start, now_day=now_day,
+                                        global_params=PZ.init_params(global_params, cfg.rank), seed=seed)
+        return self.personal_model.params

@@ -37,6 +37,8 @@ def test_quick_demo_runs_end_to_end_on_the_embedded_broker(tmp_path) -> None:
 
 @pytest.mark.parametrize(("args", "message"), [
     (("demo", "--strategy", "magic"), "unknown aggregation strategy"),
+    (("demo", "--personalize", "telepathy=1"), "unknown personalisation option"),
+    (("demo", "--task", "chess"), "--task must be"),
     (("demo", "--devices", "0"), "devices"),
     (("demo", "--data-dir", "/nonexistent/dir"), "does not exist"),
     (("serve", "--init-head", "/nonexistent/head.npz"), "cannot start"),

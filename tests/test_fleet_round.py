@@ -224,3 +224,21 @@ def _personal_after_round(coord, round_id: int, device_id: str):
         taus[u.device_id] = {k: u.delta[k].astype(np.float64) for k in pre}
     mixed, _ = personalized_aggregates(pre, taus, temperature=0.1)
     return {k: mixed[device_id][k].astype(np.float32) for k in pre}
+
+
+def test_rounds_can_ask_devices_for_personalisation_methods(fleet) -> None:
+    import dataclasses
+
+    coord, clients = fleet
+    coord.cfg = dataclasses.replace(coord.cfg, personalize=(("rank", 4.0), ("self_distill", 0.5),
+                                                            ("feature_distance", 0.1), ("epochs", 2.0)))
+    for _ in range(2):  # the second round has a previous personal model to distil from
+        result = coord.run_round("train")
+        assert result.state == "closed" and len(result.metrics) == 3
+    for c in clients:
+        model = c.learner.personal_model
+        assert model is not None and model.params["adapter_A"].shape[1] == 4
+        assert model.cfg.self_distill == 0.5 and model.cfg.feature_distance == 0.1
+        assert np.abs(model.params["adapter_B"]).sum() > 0  # the adapter trained
+    for m in result.metrics.values():
+        assert np.isfinite(m["personal_mse"])

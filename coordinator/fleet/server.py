@@ -68,6 +68,7 @@ class FleetConfig:
     upload_dtype: str = "float16"
     seed: int = 0
     allowlist: frozenset[str] | None = None  # None: any device that says hello may join
+    personalize: tuple[tuple[str, float], ...] = ()  # device-side methods, e.g. (("self_distill", 0.5),)
 
 
 @dataclass
@@ -224,14 +225,16 @@ class FleetCoordinator:
     def _round_config(self) -> dict:
         c = self.cfg
         return {"local_epochs": c.local_epochs, "lr": c.lr, "batch_size": c.batch_size, "prox_mu": c.prox_mu,
-                "strategy": c.strategy, "upload_dtype": c.upload_dtype}
+                "strategy": c.strategy, "upload_dtype": c.upload_dtype, "personalize": dict(c.personalize)}
 
     def _send_task(self, rec: RoundRecord, device_id: str) -> None:
         c = rec.config
         task = RoundTask(fleet=self.cfg.fleet, device_id=device_id, round_id=rec.round_id, task=rec.task,
                          kind=rec.kind, model_version=rec.base_version, deadline_ts=rec.deadline,
                          local_epochs=c["local_epochs"], lr=c["lr"], batch_size=c["batch_size"],
-                         prox_mu=c["prox_mu"], options={"upload_dtype": c["upload_dtype"]})
+                         prox_mu=c["prox_mu"], options={"upload_dtype": c["upload_dtype"],
+                                                        **({"personalize": True, **c["personalize"]}
+                                                           if c.get("personalize") else {})})
         if self.personalised and rec.kind == "train":
             own = self.state.personal(device_id)
             if own is not None:
