@@ -102,6 +102,25 @@ def device_table(devices: list[dict]) -> Table:
     return t
 
 
+def markdown_report(cfg: DemoConfig, result: DemoResult) -> str:
+    """The two tables as Markdown, for docs/results and for people reading a run folder."""
+    def cell(v: float) -> str:
+        return "—" if v != v else f"{v:.3f}"
+
+    lines = [f"# fedge demo: {cfg.devices} devices, {cfg.rounds} rounds, {cfg.strategy}, horizon {cfg.horizon}\n",
+             f"Broker: {result.broker}. MSE/MAE on each device's held-back window, in its own scaled units; "
+             "mean over devices. *global* = the head each round started from, *personal* = after local training "
+             "(the device keeps the best of its epochs on its newest windows).\n",
+             "| round | devices | up KB | down KB | global MSE | global MAE | personal MSE | personal MAE | "
+             "naive MSE | naive MAE | wall s |", "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    lines += [f"| {r['round']} | {r['devices']} | {r['up_kb']:.1f} | {r['down_kb']:.1f} | "
+              + " | ".join(cell(r[m]) for m in METRICS) + f" | {r['wall_s']:.1f} |" for r in result.rows]
+    lines += ["\n| device | domain | naive MSE | global MSE | personal MSE |", "|---|---|---:|---:|---:|"]
+    lines += [f"| {d['device']} | {d['domain']} | {cell(d['naive_mse'])} | {cell(d['global_mse'])} | "
+              f"{cell(d.get('personal_mse', float('nan')))} |" for d in result.devices]
+    return "\n".join(lines) + "\n"
+
+
 def save_plot(rows: list[dict], devices: list[dict], path: Path) -> None:
     import matplotlib
 
@@ -242,5 +261,6 @@ def run_demo(cfg: DemoConfig, console: Console | None = None) -> DemoResult:
 
     save_plot(result.rows, result.devices, out / "demo.png")
     (out / "demo.json").write_text(json.dumps(asdict(result), indent=2, default=str))
-    console.print(f"results: {out / 'demo.json'}, curves: {out / 'demo.png'}")
+    (out / "demo.md").write_text(markdown_report(cfg, result))
+    console.print(f"results: {out / 'demo.json'}, {out / 'demo.md'}, curves: {out / 'demo.png'}")
     return result
