@@ -25,16 +25,13 @@ TARGETS = {"round_s": 2.0, "peak_rss_mb": 150.0, "upload_kb": 32.0}
 
 CHILD = r"""
 import json, os, sys, time
+from hardware.device_guard import block_imports
+block_imports()
 def peak_rss_mb():
     # VmHWM belongs to this process image; getrusage's ru_maxrss would carry over the (torch-sized)
     # parent's peak across fork+exec on Linux.
     with open("/proc/self/status") as fh:
         return next(int(line.split()[1]) for line in fh if line.startswith("VmHWM:")) / 1024
-class _NoTorch:
-    def find_spec(self, name, path=None, target=None):
-        if name.split('.')[0] == 'torch':
-            raise ImportError('torch is not available on a device')
-sys.meta_path.insert(0, _NoTorch())
 os.sched_setaffinity(0, {min(os.sched_getaffinity(0))})
 args = json.loads(sys.argv[1])
 t0 = time.perf_counter()

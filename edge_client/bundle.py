@@ -49,6 +49,7 @@ log = logging.getLogger("fedge.bundle")
 BUNDLE_FORMAT = "fedge.bundle/1"
 MAX_FILE_BYTES = 256 * 1024 * 1024
 MAX_CHUNK_BYTES = 256 * 1024
+MAX_FILES = 32
 
 
 # --------------------------------------------------------------------------- errors
@@ -172,6 +173,8 @@ class Manifest:
         chunk_size = int(data["chunk_size"])
         if not 1024 <= chunk_size <= MAX_CHUNK_BYTES:
             raise InvalidManifest(f"chunk size {chunk_size} outside [1024, {MAX_CHUNK_BYTES}]")
+        if not isinstance(data["files"], list) or not 1 <= len(data["files"]) <= MAX_FILES:
+            raise InvalidManifest(f"a manifest lists 1 to {MAX_FILES} files")
         files = tuple(FileEntry(str(f["name"]), str(f["sha256"]), int(f["size"]), str(f.get("role", "")))
                       for f in data["files"])
         for f in files:

@@ -193,12 +193,8 @@ def test_onnx_encoder_matches_torch(bundle):
 
 BLOCK_TORCH = """
 import sys
-class _NoTorch:
-    def find_spec(self, name, path=None, target=None):
-        if name.split('.')[0] in ('torch', 'coordinator', 'export', 'onnx', 'onnxscript'):
-            raise ImportError(f'{name} must not be imported on a device')
-        return None
-sys.meta_path.insert(0, _NoTorch())
+from hardware.device_guard import block_imports
+block_imports()
 import numpy as np
 from edge_client.recsys import RecDevice, RecAdapterConfig, load_bundle
 encoder, items = load_bundle(sys.argv[1])

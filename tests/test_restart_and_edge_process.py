@@ -96,12 +96,8 @@ def test_coordinator_killed_mid_round_resumes_and_counts_every_update_once(mosqu
 
 BLOCK_TORCH = """
 import sys
-class _NoTorch:
-    def find_spec(self, name, path=None, target=None):
-        if name.split('.')[0] in ('torch', 'coordinator', 'export', 'onnx', 'onnxscript'):
-            raise ImportError(f'{name} must not be imported on a device')
-        return None
-sys.meta_path.insert(0, _NoTorch())
+from hardware.device_guard import block_imports
+block_imports()
 from edge_client.daemon import app
 try:
     app(sys.argv[1:])

@@ -1,0 +1,305 @@
+"""Model bundles: int8 export, signed manifests, chunked resumable download, verification and rollback."""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import shutil
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from edge_client import mqtt as M
+from edge_client.bundle import (
+    BadSignature,
+    BundleDownloader,
+    BundleStore,
+    UnsignedBundle,
+    verify_manifest,
+)
+from edge_client.protocol import BundleChunk, Topics, decode, encode
+from export.bundle import (
+    build_bundle,
+    generate_key,
+    iter_chunks,
+    load_bundle,
+    load_private_key,
+    load_public_key,
+    manifest_message,
+    publish_bundle,
+    save_keypair,
+)
+from export.onnx_export import read_spec
+from export.quantize import format_report, quantize_backbone
+from hardware.profiles import list_profiles, load_profile
+
+FLEET = "bundles"
+INT8_MAX_ABS_TOL = 0.1  # de-normalised (scaled ETTh1 units) point forecast vs torch
+INT8_MSE_CHANGE_TOL = 0.05  # relative change of forecast MSE vs fp32
+
+
+@pytest.fixture(scope="module")
+def export_dir(tiny_export, tmp_path_factory) -> Path:
+    """The tiny export plus its int8 backbone, in a directory of its own."""
+    d = tmp_path_factory.mktemp("export-int8")
+    for name in ("backbone.onnx", "head.onnx", "head.npz", "spec.json"):
+        shutil.copyfile(tiny_export["dir"] / name, d / name)
+    quantize_backbone(d / "backbone.onnx")
+    return d
+
+
+@pytest.fixture(scope="module")
+def key():
+    return generate_key()
+
+
+def _feed(store: BundleStore, bundle, chunks=None) -> bool:
+    """Deliver a bundle the way the downloader does (manifest, chunks, install), without MQTT."""
+    if store.offer_manifest(bundle.manifest_bytes, bundle.signature) is None:
+        return False
+    for chunk in chunks if chunks is not None else iter_chunks(bundle, FLEET):
+        store.add_chunk(chunk)
+    return store.install(bundle.version)
+
+
+@pytest.fixture
+def store_v1(export_dir, key, tmp_path) -> tuple[BundleStore, Path]:
+    """A device store with a good v1 installed."""
+    store = BundleStore(tmp_path / "device", key.public_key())
+    bundle = build_bundle(export_dir, tmp_path / "b1", 1, key, chunk_size=16 * 1024)
+    assert _feed(store, bundle)
+    assert store.current_version == 1
+    return store, tmp_path
+
+
+# --------------------------------------------------------------------------- int8 export
+
+
+def test_int8_export_keeps_spec_and_parity(tiny_export, export_dir) -> None:
+    from coordinator.pretrain.central import split_windows
+
+    fp32, int8 = read_spec(export_dir / "backbone.onnx"), read_spec(export_dir / "backbone.int8.onnx")
+    assert int8["format"] == "int8"
+    for k in ("context", "horizon", "feature_dim", "quantiles", "model_id"):
+        assert int8[k] == fp32[k]
+    cfg = tiny_export["config"]
+    x, y = split_windows("etth1", "test", cfg.context, cfg.horizon, stride=48)
+    rows = {r.format: r for r in format_report(tiny_export["model"], export_dir / "backbone.onnx",
+                                               export_dir / "backbone.int8.onnx", (x, y))}
+    assert rows["onnx-fp32"].max_abs_err < 1e-4
+    assert rows["onnx-int8"].max_abs_err < INT8_MAX_ABS_TOL
+    assert abs(rows["onnx-int8"].mse_change_pct) < 100 * INT8_MSE_CHANGE_TOL
+    assert rows["onnx-int8"].size_kb < rows["onnx-fp32"].size_kb
+
+
+# --------------------------------------------------------------------------- signing
+
+
+def test_sign_verify_and_key_files(export_dir, key, tmp_path) -> None:
+    pub_path = save_keypair(key, tmp_path / "keys" / "coordinator.pem")
+    assert (tmp_path / "keys" / "coordinator.pem").stat().st_mode & 0o777 == 0o600
+    loaded, pub = load_private_key(tmp_path / "keys" / "coordinator.pem"), load_public_key(pub_path)
+    bundle = build_bundle(export_dir, tmp_path / "b", 3, loaded, profiles=["pi4"])
+    m = verify_manifest(bundle.manifest_bytes, bundle.signature, pub)
+    assert (m.version, m.profiles, set(m.backbones)) == (3, ("pi4",), {"fp32", "int8"})
+    assert {f.name for f in m.files} == {"backbone.onnx", "backbone.int8.onnx", "head.onnx", "head.npz", "spec.json"}
+    assert m.spec["inputs"] == {"backbone": ["context"], "head": ["features"]}
+    assert load_bundle(tmp_path / "b", pub).manifest.raw == bundle.manifest_bytes
+    with pytest.raises(BadSignature):
+        verify_manifest(bundle.manifest_bytes.replace(b'"version":3', b'"version":4'), bundle.signature, pub)
+    with pytest.raises(BadSignature):
+        verify_manifest(bundle.manifest_bytes, bundle.signature, generate_key().public_key())
+    with pytest.raises(UnsignedBundle):
+        verify_manifest(bundle.manifest_bytes, None, pub)
+    with pytest.raises(ValueError, match="unknown device profile"):
+        build_bundle(export_dir, tmp_path / "x", 1, key, profiles=["pi3"])
+
+
+def test_manifest_message_roundtrip(export_dir, key, tmp_path) -> None:
+    bundle = build_bundle(export_dir, tmp_path / "b", 2, key)
+    msg = decode(encode(manifest_message(bundle, FLEET)))
+    assert msg.manifest == bundle.manifest_bytes and msg.sig == bundle.signature
+    chunk = next(iter_chunks(bundle, FLEET))
+    assert decode(encode(chunk)) == chunk
+
+
+# --------------------------------------------------------------------------- rejections keep current
+
+
+@pytest.mark.parametrize("attack", ["tampered_manifest", "wrong_key", "unsigned"])
+def test_bad_manifests_rejected(store_v1, export_dir, key, attack, caplog) -> None:
+    store, tmp = store_v1
+    signer = generate_key() if attack == "wrong_key" else key
+    bundle = build_bundle(export_dir, tmp / "b2", 2, signer)
+    raw, sig = bundle.manifest_bytes, bundle.signature
+    if attack == "tampered_manifest":
+        raw = raw.replace(b'"profiles":["pi4"', b'"profiles":["pi5"')
+    if attack == "unsigned":
+        sig = None
+    with caplog.at_level(logging.WARNING, "fedge.bundle"):
+        assert store.offer_manifest(raw, sig) is None
+    reason = {"unsigned": "unsigned"}.get(attack, "bad_signature")
+    assert store.rejected[reason] == 1
+    assert f"rejected: {reason}" in caplog.text and "keeping current v1" in caplog.text
+    assert store.current_version == 1 and store.load_current().spec.context == 96
+
+
+def test_tampered_file_rejected(store_v1, export_dir, key, caplog) -> None:
+    store, tmp = store_v1
+    bundle = build_bundle(export_dir, tmp / "b2", 2, key, chunk_size=16 * 1024)
+    path = bundle.path("head.npz")
+    data = bytearray(path.read_bytes())
+    data[-100] ^= 0xFF
+    path.write_bytes(bytes(data))  # after signing: chunks are self-consistent, the file hash is not
+    with caplog.at_level(logging.WARNING, "fedge.bundle"):
+        assert not _feed(store, bundle)
+    assert store.rejected["tampered_file"] == 1 and "head.npz" in caplog.text
+    assert store.current_version == 1
+    assert ("head.npz", 0) in store.missing(2)  # its chunks were dropped, to be fetched again
+
+
+def test_truncated_chunk_rejected(store_v1, export_dir, key) -> None:
+    store, tmp = store_v1
+    bundle = build_bundle(export_dir, tmp / "b2", 2, key, chunk_size=16 * 1024)
+    chunks = list(iter_chunks(bundle, FLEET))
+    short = chunks[0].data[:-10]
+    chunks[0] = chunks[0].model_copy(update={"data": short, "sha256": hashlib.sha256(short).hexdigest()})
+    assert not _feed(store, bundle, chunks)
+    assert store.rejected["truncated_chunk"] == 1 and store.rejected["incomplete"] == 1
+    assert store.missing(2) == [(chunks[0].file, 0)]
+    assert store.current_version == 1
+    store.add_chunk(next(iter_chunks(bundle, FLEET)))  # the good chunk arrives later: the bundle completes
+    assert store.install(2) and store.current_version == 2 and store.previous_version == 1
+
+
+def test_downgrade_and_wrong_profile_rejected(store_v1, export_dir, key) -> None:
+    store, tmp = store_v1
+    old = build_bundle(export_dir, tmp / "b0", 0, key)
+    assert store.offer_manifest(old.manifest_bytes, old.signature) is None
+    assert store.rejected["stale_version"] == 1
+    store.profile = "pi4"
+    other = build_bundle(export_dir, tmp / "b2", 2, key, profiles=["jetson-orin-nano"])
+    assert store.offer_manifest(other.manifest_bytes, other.signature) is None
+    assert store.rejected["incompatible_profile"] == 1 and store.current_version == 1
+
+
+def test_corrupt_backbone_fails_smoke_check_and_rolls_back(store_v1, export_dir, key, caplog) -> None:
+    store, tmp = store_v1
+    broken = tmp / "broken-export"
+    shutil.copytree(export_dir, broken)
+    data = (broken / "backbone.onnx").read_bytes()
+    (broken / "backbone.onnx").write_bytes(data[: len(data) // 2])  # signed correctly, but not a model
+    bundle = build_bundle(broken, tmp / "b2", 2, key, chunk_size=16 * 1024)
+    with caplog.at_level(logging.WARNING, "fedge.bundle"):
+        assert not _feed(store, bundle)
+    assert store.rejected["corrupt_model"] == 1 and "rolled back to v1" in caplog.text
+    assert store.current_version == 1 and store.is_bad(2)
+    assert store.offer_manifest(bundle.manifest_bytes, bundle.signature) is None  # never retried
+    assert np.isfinite(store.load_current().features(np.ones((2, 96), np.float32)).feats).all()
+
+
+def test_current_that_stops_loading_rolls_back(store_v1, export_dir, key) -> None:
+    store, tmp = store_v1
+    assert _feed(store, build_bundle(export_dir, tmp / "b2", 2, key))
+    assert (store.current_version, store.previous_version) == (2, 1)
+    store.backbone_path(2).write_bytes(b"disk damage")
+    runner = store.load_current()
+    assert store.current_version == 1 and runner.path == store.backbone_path(1)
+
+
+def test_int8_profile_runs_int8_backbone(store_v1) -> None:
+    store, _ = store_v1
+    store.preferred_format = load_profile("pi4").preferred_format
+    assert store.load_current().path.name == "backbone.int8.onnx"
+
+
+# --------------------------------------------------------------------------- over MQTT
+
+
+def test_chunked_transfer_resumes_after_disconnect(mosquitto, export_dir, key, tmp_path) -> None:
+    topics = Topics(FLEET)
+    bundle = build_bundle(export_dir, tmp_path / "b1", 1, key, chunk_size=8 * 1024)
+    total = sum(f.n_chunks(bundle.manifest.chunk_size) for f in bundle.manifest.files)
+    assert total > 10
+    coordinator = M.make_client("coordinator")
+    M.connect(coordinator, mosquitto.address)
+    try:
+        assert publish_bundle(coordinator, topics, bundle) == total
+    finally:
+        coordinator.disconnect()
+        coordinator.loop_stop()
+
+    root = tmp_path / "device"
+    first = BundleStore(root, key.public_key())
+    dropped = threading.Event()
+    client = M.make_client("device-1")
+    add = first.add_chunk
+
+    def flaky_add(chunk: BundleChunk) -> bool:  # the link drops after 5 chunks
+        if first.chunks_written >= 5:
+            if not dropped.is_set():
+                dropped.set()
+                client.disconnect()
+            return False
+        return add(chunk)
+
+    first.add_chunk = flaky_add  # type: ignore[method-assign]
+    BundleDownloader(client, topics, first)
+    M.connect(client, mosquitto.address)
+    assert dropped.wait(20)
+    client.loop_stop()
+    missing = first.missing(1)
+    assert first.chunks_written == 5 and len(missing) == total - 5 and first.current_version is None
+
+    second = BundleStore(root, key.public_key())  # the device process restarts: state comes from disk
+    client = M.make_client("device-1")
+    downloader = BundleDownloader(client, topics, second)
+    M.connect(client, mosquitto.address)
+    try:
+        assert downloader.installed.wait(30), f"rejected: {second.rejected}, missing {len(second.missing(1))}"
+    finally:
+        client.disconnect()
+        client.loop_stop()
+    assert second.chunks_written == total - 5  # only the missing chunks were stored again
+    assert second.current_version == 1 and not second.rejected
+    assert second.load_current().spec.context == 96
+
+
+def test_downloader_rejects_unsigned_bundle_over_mqtt(mosquitto, export_dir, key, tmp_path, caplog) -> None:
+    topics = Topics(FLEET)
+    bundle = build_bundle(export_dir, tmp_path / "b1", 1, key)
+    coordinator = M.make_client("coordinator")
+    M.connect(coordinator, mosquitto.address)
+    unsigned = manifest_message(bundle, FLEET).model_copy(update={"sig": None})
+    M.publish(coordinator, topics.bundle("tsfm"), encode(unsigned), retain=True).wait_for_publish(5)
+    coordinator.disconnect()
+    coordinator.loop_stop()
+    store = BundleStore(tmp_path / "device", key.public_key())
+    client = M.make_client("device-1")
+    BundleDownloader(client, topics, store)
+    with caplog.at_level(logging.WARNING, "fedge.bundle"):
+        M.connect(client, mosquitto.address)
+        deadline = time.monotonic() + 10
+        while not store.rejected and time.monotonic() < deadline:
+            time.sleep(0.05)
+        client.disconnect()
+        client.loop_stop()
+    assert store.rejected["unsigned"] == 1 and store.current_version is None
+    assert "rejected: unsigned" in caplog.text
+
+
+# --------------------------------------------------------------------------- profiles
+
+
+def test_profiles_load() -> None:
+    assert list_profiles() == ["jetson-orin-nano", "pi4", "pi5"]
+    for name in list_profiles():
+        p = load_profile(name)
+        assert p.name == name and p.runtime == "onnxruntime" and 1 <= p.threads <= p.cores and p.memory_mb > 0
+        assert p.preferred_format in ("fp32", "int8")
+    assert load_profile("pi4").preferred_format == "int8"
+    with pytest.raises(ValueError, match="unknown device profile"):
+        load_profile("pi3")
