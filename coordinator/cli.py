@@ -32,11 +32,8 @@ def _logging(verbose: bool) -> None:
 
 def parse_personalize(text: str) -> tuple[tuple[str, float], ...]:
     """'self_distill=0.5,feature_distance=0.1,rank=4' -> pairs for FleetConfig.personalize."""
-    from dataclasses import fields
+    from edge_client.client import FLEET_PERSONAL_OPTIONS as known
 
-    from edge_client.personalize import PersonalConfig
-
-    known = {f.name for f in fields(PersonalConfig)} - {"quantiles"}
     pairs = []
     for item in filter(None, (p.strip() for p in text.split(","))):
         name, sep, value = item.partition("=")

@@ -15,7 +15,7 @@ import threading
 import time
 from collections.abc import Mapping
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 
 from edge_client import mqtt as M
 from edge_client.adapters import Params, as_float32, head_shapes
@@ -51,13 +51,20 @@ class EdgeStats:
     last_metrics: dict[str, float] = field(default_factory=dict)
 
 
+# What a fleet round can switch on over MQTT. The gate, distortion consistency and rule guards
+# live in edge_client.personalize / rules and are evaluated by benchmarks/personalization.py, but
+# the fleet path does not run them yet, so asking for them is refused rather than ignored.
+FLEET_PERSONAL_OPTIONS = frozenset({"rank", "self_distill", "sd_tau_days", "feature_distance", "prox_mu",
+                                    "quantile_weight", "epochs", "lr", "batch_size"})
+
+
 def personal_config(options: Mapping[str, object]) -> PersonalConfig | None:
     """Personalisation methods a round asks for (option ``personalize``), e.g. ``{"personalize": True,
-    "rank": 4, "self_distill": 0.5, "feature_distance": 0.1}``; unknown keys are ignored here (they may
-    be meant for another part of the task), wrong types are refused."""
+    "rank": 4, "self_distill": 0.5, "feature_distance": 0.1}``; keys outside FLEET_PERSONAL_OPTIONS are
+    ignored here (they belong to other parts of the task), wrong types are refused."""
     if not options.get("personalize"):
         return None
-    names = {f.name for f in fields(PersonalConfig)} & set(options) - {"quantiles"}
+    names = FLEET_PERSONAL_OPTIONS & set(options)
     try:
         return PersonalConfig(**{k: type(getattr(PersonalConfig, k))(options[k]) for k in names})
     except (TypeError, ValueError) as exc:
