@@ -10,6 +10,7 @@ exactly once.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import threading
 import time
@@ -118,12 +119,15 @@ class EdgeClient:
         return self
 
     def stop(self, *, graceful: bool = True) -> None:
+        """Graceful: finish the running task while still connected (so its PUBACK can arrive),
+        announce offline, then disconnect."""
+        self._worker.shutdown(wait=graceful, cancel_futures=True)
         if graceful:
-            self._publish(self.topics.status(self.device_id),
-                          Status(fleet=self.fleet, device_id=self.device_id, state="offline", detail="stopped"),
-                          retain=True)
+            info = M.publish(self.client, self.topics.status(self.device_id), encode(
+                Status(fleet=self.fleet, device_id=self.device_id, state="offline", detail="stopped")), retain=True)
+            with contextlib.suppress(RuntimeError, ValueError):  # not connected: the last will says offline
+                info.wait_for_publish(timeout=5)
             self.client.disconnect()
-        self._worker.shutdown(wait=graceful, cancel_futures=not graceful)
         self.client.loop_stop()
 
     # ------------------------------------------------------------------ MQTT callbacks
