@@ -30,9 +30,10 @@ import torch
 from torch import nn
 
 from coordinator.models.tsfm import TSFM, TSFMConfig
-from coordinator.pretrain.central import mse, predict, save_checkpoint, torch_threads
+from coordinator.pretrain.central import predict, save_checkpoint, torch_threads
 from coordinator.pretrain.silos import DEFAULT_HOLDOUT, DOMAIN_SILOS, Silo, available_domains, build_silos, split_sample
 from coordinator.pretrain.strategies import LocalContext, State, Strategy, Upload, make_strategy, params_of
+from edge_client.windows import mse
 
 log = logging.getLogger(__name__)
 ROUND_CHECKPOINT_FORMAT = "fedge.pretrain.round/1"
@@ -118,7 +119,7 @@ def local_training(
         opt.step()
         losses.append(float(loss.detach()))
     upload = strategy.upload(worker, ctx)
-    upload.update.metrics.update({"loss": float(np.mean(losses))}) if isinstance(upload.update.metrics, dict) else None
+    upload.update.metrics["loss"] = float(np.mean(losses))  # type: ignore[index]  # metrics is a dict here
     return upload
 
 
@@ -179,10 +180,12 @@ def run_federated(
     threads: int | None = None,
     stop_after: int | None = None,
     silos: list[Silo] | None = None,
+    val_sets: list[tuple[np.ndarray, np.ndarray]] | None = None,
 ) -> FederatedResult:
     """Pretrain a TSFM with `settings.strategy` over domain silos. With `checkpoint`, the state is
     saved after every round and, when `resume`, a run continues from the last saved round.
-    `stop_after` ends after that many rounds in total (simulates an interruption)."""
+    `stop_after` ends after that many rounds in total (simulates an interruption). `silos` and
+    `val_sets` may be given to reuse loaded data across runs (benchmarks, tests)."""
     t0 = time.perf_counter()
     strategy = make_strategy(settings.strategy, **dict(settings.hparams))
     domains = training_domains(settings, data_dir)
@@ -191,7 +194,8 @@ def run_federated(
                             window_stride=settings.window_stride, train_rows=settings.train_rows)
     domains = tuple(s.domain for s in silos)
     clients = strategy.clients(silos)
-    val_sets = validation_sets(config, domains, settings, data_dir)
+    if val_sets is None:
+        val_sets = validation_sets(config, domains, settings, data_dir)
     torch.manual_seed(settings.seed)
     model = TSFM(config)
     server = strategy.init_server(model, silos)
@@ -322,3 +326,13 @@ def pretrain_command(
         console.print(scores_table({strategy: summary["scores"]}, ev.horizons))
     console.print(f"saved {final}")
     return summary
+
+
+BEST_BACKBONE = Path("runs/pretrain/best.pt")
+
+
+def best_pretrained_checkpoint(path: str | os.PathLike[str] = BEST_BACKBONE) -> Path | None:
+    """The backbone `benchmarks/pretrain.py` selected as best exportable strategy, if it exists:
+    what ``fedge demo`` should export by default (falling back to its own ETTh1 pretraining)."""
+    p = Path(path)
+    return p if p.is_file() else None

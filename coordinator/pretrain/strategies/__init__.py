@@ -13,6 +13,9 @@ Every strategy is a plain object with the same small interface; the round loop
 * ``eval_model(model, server)`` -- the global model as it is evaluated and exported.
 
 All state is dicts of tensors so a checkpoint is a plain ``weights_only`` torch file.
+
+Aggregation goes through the module object ``coordinator.fleet.aggregation`` (not names copied out
+of it), so the MQTT fleet and pretraining provably run the same functions.
 """
 
 from __future__ import annotations
@@ -25,7 +28,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from coordinator.fleet.aggregation import ClientUpdate, FedAvg, Params, apply, weighted_mean
+from coordinator.fleet import aggregation
+from coordinator.fleet.aggregation import ClientUpdate, Params
 from coordinator.models.tsfm import TSFM, revin_stats
 from coordinator.pretrain.central import forecast_loss
 from coordinator.pretrain.silos import Silo
@@ -71,12 +75,16 @@ def encode(model: TSFM, x: torch.Tensor, token_fn: TokenFn | None = None) -> tup
     return b.activation(b.project(tokens.flatten(1))), loc, scale
 
 
-def head_outputs(model: TSFM, features: torch.Tensor, loc: torch.Tensor, scale: torch.Tensor) -> tuple[torch.Tensor, ...]:
+def head_outputs(
+    model: TSFM, features: torch.Tensor, loc: torch.Tensor, scale: torch.Tensor
+) -> tuple[torch.Tensor, ...]:
     point_n, q_n = model.head(features)
     return point_n * scale + loc, q_n * scale.unsqueeze(1) + loc.unsqueeze(1)
 
 
-def task_loss(model: TSFM, features: torch.Tensor, loc: torch.Tensor, scale: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+def task_loss(
+    model: TSFM, features: torch.Tensor, loc: torch.Tensor, scale: torch.Tensor, y: torch.Tensor
+) -> torch.Tensor:
     """The shared forecasting objective (MSE + pinball, scaled values) of central pretraining."""
     point, quantiles = head_outputs(model, features, loc, scale)
     return forecast_loss(point, quantiles, y, torch.tensor(model.config.quantiles, dtype=torch.float32))
@@ -91,7 +99,7 @@ def delta_update(model: nn.Module, ctx: LocalContext, metrics: dict[str, float] 
 
 def weighted_step(global_params: Params, uploads: list[Upload], weights: list[float]) -> Params:
     """θ + Σ w_k Δ_k / Σ w_k via the fleet's weighted_mean/apply."""
-    return apply(global_params, weighted_mean([u.update.delta for u in uploads], weights))
+    return aggregation.apply(global_params, aggregation.weighted_mean([u.update.delta for u in uploads], weights))
 
 
 class Strategy:
@@ -125,7 +133,7 @@ class Strategy:
         return Upload(delta_update(model, ctx))
 
     def server_update(self, global_params: Params, uploads: list[Upload], server: State, rnd: int) -> Params:
-        return FedAvg().aggregate(global_params, [u.update for u in uploads])
+        return aggregation.FedAvg().aggregate(global_params, [u.update for u in uploads])
 
     def eval_model(self, model: TSFM, server: State) -> TSFM:
         return model

@@ -23,7 +23,14 @@ from coordinator.fleet.aggregation import Params
 from coordinator.models.tsfm import TSFM
 from coordinator.pretrain.silos import Silo
 from coordinator.pretrain.strategies import (
-    LocalContext, State, Strategy, Upload, delta_update, encode, task_loss, weighted_step,
+    LocalContext,
+    State,
+    Strategy,
+    Upload,
+    delta_update,
+    encode,
+    task_loss,
+    weighted_step,
 )
 
 
@@ -31,12 +38,12 @@ class GradReverse(torch.autograd.Function):
     """Identity forward, gradient multiplied by -γ backward."""
 
     @staticmethod
-    def forward(ctx, x: torch.Tensor, gamma: float) -> torch.Tensor:  # noqa: ANN001
+    def forward(ctx, x: torch.Tensor, gamma: float) -> torch.Tensor:
         ctx.gamma = gamma
         return x.view_as(x)
 
     @staticmethod
-    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, None]:  # noqa: ANN001
+    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
         return -ctx.gamma * grad, None
 
 

@@ -16,11 +16,19 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from coordinator.fleet.aggregation import Params, global_norm, weighted_mean
+from coordinator.fleet import aggregation
+from coordinator.fleet.aggregation import Params, global_norm
 from coordinator.models.tsfm import TSFM
 from coordinator.pretrain.silos import Silo
 from coordinator.pretrain.strategies import (
-    LocalContext, State, Strategy, Upload, delta_update, encode, task_loss, weighted_step,
+    LocalContext,
+    State,
+    Strategy,
+    Upload,
+    delta_update,
+    encode,
+    task_loss,
+    weighted_step,
 )
 
 
@@ -69,7 +77,7 @@ class FeDaL(Strategy):
 
 def gbe_weights(deltas: list, n: np.ndarray) -> np.ndarray:
     """n_k exp(-r_k/τ) with r_k = ||Δ_k - Δ̄||, Δ̄ the sample-weighted mean delta, τ = median r_k."""
-    mean = weighted_mean(deltas, list(n))
+    mean = aggregation.weighted_mean(deltas, list(n))
     resid = np.array([global_norm({k: np.asarray(d[k], np.float64) - mean[k] for k in mean}) for d in deltas])
     tau = float(np.median(resid))
     w = n * np.exp(-(resid - resid.min()) / tau) if tau > 0 else n.copy()

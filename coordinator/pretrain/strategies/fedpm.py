@@ -19,11 +19,19 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from coordinator.fleet.aggregation import FedAvg, Params
+from coordinator.fleet import aggregation
+from coordinator.fleet.aggregation import Params
 from coordinator.models.tsfm import TSFM
 from coordinator.pretrain.silos import Silo
 from coordinator.pretrain.strategies import (
-    LocalContext, State, Strategy, Upload, delta_update, encode, head_outputs, task_loss,
+    LocalContext,
+    State,
+    Strategy,
+    Upload,
+    delta_update,
+    encode,
+    head_outputs,
+    task_loss,
 )
 from coordinator.pretrain.strategies.bilevel import kmeans, match
 
@@ -84,7 +92,8 @@ class FeDPM(Strategy):
     def _init_codebook(self, ctx: LocalContext, z: torch.Tensor, rng: np.random.Generator) -> None:
         flat = z.detach().reshape(-1, z.shape[-1])
         with torch.no_grad():
-            pick = torch.from_numpy(rng.choice(len(flat), size=self.q_s + self.q_p, replace=False))
+            size = self.q_s + self.q_p
+            pick = torch.from_numpy(rng.choice(len(flat), size=size, replace=len(flat) < size))
             ctx.client["codebook"].copy_(flat[pick])
             if "memory" in ctx.server:
                 ctx.client["codebook"][: self.q_s] = ctx.server["memory"]
@@ -136,7 +145,7 @@ class FeDPM(Strategy):
         memory, _ = kmeans(codes, self.q_s, np.random.default_rng(rnd), init=init, weights=weights,
                            iters=self.kmeans_iters)
         server["memory"] = torch.from_numpy(memory)
-        return FedAvg().aggregate(global_params, [u.update for u in uploads])
+        return aggregation.FedAvg().aggregate(global_params, [u.update for u in uploads])
 
     def eval_model(self, model: TSFM, server: State) -> nn.Module:
         return QuantizedTSFM(model, server["memory"]) if "memory" in server else model
