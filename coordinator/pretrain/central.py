@@ -402,6 +402,13 @@ def save_checkpoint(model: TSFM, path: str | os.PathLike[str], meta: dict[str, A
         "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()},
         "meta": json.loads(json.dumps(meta or {})),  # JSON-safe so weights_only loading accepts it
     }
+    atomic_torch_save(payload, path)
+    return path
+
+
+def atomic_torch_save(payload: dict[str, Any], path: Path) -> None:
+    """Write to a temporary file and rename: a crash mid-save leaves the previous file intact."""
+    path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
     os.close(fd)
     try:
@@ -410,7 +417,6 @@ def save_checkpoint(model: TSFM, path: str | os.PathLike[str], meta: dict[str, A
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
-    return path
 
 
 def read_checkpoint(path: str | os.PathLike[str]) -> tuple[TSFM, dict[str, Any]]:

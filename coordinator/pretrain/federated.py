@@ -18,7 +18,6 @@ import json
 import logging
 import math
 import os
-import tempfile
 import time
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field
@@ -30,7 +29,7 @@ import torch
 from torch import nn
 
 from coordinator.models.tsfm import TSFM, TSFMConfig
-from coordinator.pretrain.central import predict, save_checkpoint, torch_threads
+from coordinator.pretrain.central import atomic_torch_save, predict, save_checkpoint, torch_threads
 from coordinator.pretrain.silos import DEFAULT_HOLDOUT, DOMAIN_SILOS, Silo, available_domains, build_silos, split_sample
 from coordinator.pretrain.strategies import LocalContext, State, Strategy, Upload, make_strategy, params_of
 from edge_client.windows import mse
@@ -141,15 +140,7 @@ def _tensors(params: dict[str, np.ndarray]) -> dict[str, torch.Tensor]:
 
 def _save_round(path: Path, payload: dict[str, Any]) -> None:
     """Atomic write: a crash mid-save leaves the previous round's checkpoint intact."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
-    os.close(fd)
-    try:
-        torch.save(payload, tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    atomic_torch_save(payload, path)
 
 
 def _load_round(path: Path, config: TSFMConfig, settings: FederatedSettings,
