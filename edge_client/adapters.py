@@ -75,6 +75,40 @@ class LossConfig:
     prox_mu: float = 0.0  # FedProx: (mu/2)·||θ − θ_global||²
 
 
+def output_grads(
+    point: np.ndarray, quant: np.ndarray, y: np.ndarray, scale: np.ndarray, quantiles: tuple[float, ...],
+    quantile_weight: float, weight: float = 1.0,
+) -> tuple[float, np.ndarray, np.ndarray]:
+    """weight·(MSE + qw·mean pinball) in data units, and its gradient w.r.t. the *normalised* head
+    outputs. point = out·s + l, so ∂L/∂out = ∂L/∂point · s; the pinball loss ρ_q(u) = max(q·u, (q−1)·u)
+    with u = y − ŷ_q has ∂ρ/∂ŷ_q = −q where u > 0 and 1−q elsewhere."""
+    n, h = y.shape
+    q = np.asarray(quantiles, np.float64)[None, :, None]
+    err = point - y
+    u = y[:, None, :] - quant
+    loss = float(np.mean(err**2)) + quantile_weight * float(np.mean(np.maximum(q * u, (q - 1.0) * u)))
+    g_point = (2.0 / (n * h)) * err * scale  # (N, H)
+    g_quant = (quantile_weight / (n * q.size * h)) * np.where(u > 0, -q, 1.0 - q) * scale[:, :, None]  # (N, Q, H)
+    return weight * loss, weight * g_point, weight * g_quant
+
+
+def head_backward(
+    params: Mapping[str, np.ndarray], h: np.ndarray, g_point: np.ndarray, g_quant: np.ndarray,
+    input_grad: bool = True,
+) -> tuple[Params, np.ndarray | None]:
+    """Gradients of the head parameters (and of its input h, for adapters below it) from the
+    gradients of its normalised outputs."""
+    grads: Params = {
+        "point_weight": g_point.T @ h,
+        "point_bias": g_point.sum(axis=0),
+        "quantile_weight": np.einsum("nqh,nd->qhd", g_quant, h),
+        "quantile_bias": g_quant.sum(axis=0),
+    }
+    if not input_grad:
+        return grads, None
+    return grads, g_point @ params["point_weight"] + np.einsum("nqh,qhd->nd", g_quant, params["quantile_weight"])
+
+
 def loss_and_grad(
     params: Mapping[str, np.ndarray],
     x: Features,
@@ -82,29 +116,10 @@ def loss_and_grad(
     cfg: LossConfig,
     anchor: Mapping[str, np.ndarray] | None = None,
 ) -> tuple[float, Params]:
-    """Loss and its exact gradient w.r.t. every head parameter.
-
-    point = (F Wpᵀ + bp)·s + l, so ∂L/∂(F Wpᵀ + bp) = ∂L/∂point · s; the pinball loss
-    ρ_q(u) = max(q·u, (q−1)·u) with u = y − ŷ_q has ∂ρ/∂ŷ_q = −q where u > 0 and 1−q elsewhere.
-    """
-    n, h = y.shape
-    q = np.asarray(cfg.quantiles, dtype=np.float64)
+    """Loss and its exact gradient w.r.t. every head parameter (plus the FedProx term)."""
     point, quant = predict(params, x)
-    err = point - y
-    mse = float(np.mean(err**2))
-    u = y[:, None, :] - quant
-    pin = float(np.mean(np.maximum(q[None, :, None] * u, (q[None, :, None] - 1.0) * u)))
-    loss = mse + cfg.quantile_weight * pin
-
-    g_point = (2.0 / (n * h)) * err * x.scale  # (N, H), w.r.t. the normalised point output
-    d_quant = np.where(u > 0, -q[None, :, None], 1.0 - q[None, :, None])
-    g_quant = (cfg.quantile_weight / (n * len(q) * h)) * d_quant * x.scale[:, :, None]  # (N, Q, H)
-    grads: Params = {
-        "point_weight": g_point.T @ x.feats,
-        "point_bias": g_point.sum(axis=0),
-        "quantile_weight": np.einsum("nqh,nd->qhd", g_quant, x.feats),
-        "quantile_bias": g_quant.sum(axis=0),
-    }
+    loss, g_point, g_quant = output_grads(point, quant, y, x.scale, cfg.quantiles, cfg.quantile_weight)
+    grads, _ = head_backward(params, x.feats, g_point, g_quant, input_grad=False)
     if cfg.prox_mu > 0 and anchor is not None:
         for k in grads:
             diff = params[k] - anchor[k]

@@ -30,7 +30,7 @@ from dataclasses import dataclass, field, replace
 
 import numpy as np
 
-from edge_client.adapters import HEAD_KEYS, Adam, Features, Params, as_float32
+from edge_client.adapters import HEAD_KEYS, Adam, Features, Params, as_float32, head_backward, output_grads
 from edge_client.adapters import predict as head_predict
 
 ADAPTER_KEYS = ("adapter_A", "adapter_B")
@@ -141,30 +141,8 @@ class Batch:
 def task_output_grads(
     point: np.ndarray, quant: np.ndarray, y: np.ndarray, scale: np.ndarray, cfg: PersonalConfig, weight: float = 1.0
 ) -> tuple[float, np.ndarray, np.ndarray]:
-    """weight·(MSE + qw·pinball) in data units, and its gradient w.r.t. the *normalised* head outputs
-    (chain rule through ŷ = out·s + l multiplies by s)."""
-    n, h = y.shape
-    q = np.asarray(cfg.quantiles, np.float64)[None, :, None]
-    err = point - y
-    u = y[:, None, :] - quant
-    loss = float(np.mean(err**2)) + cfg.quantile_weight * float(np.mean(np.maximum(q * u, (q - 1.0) * u)))
-    g_point = (2.0 / (n * h)) * err * scale
-    g_quant = (cfg.quantile_weight / (n * q.size * h)) * np.where(u > 0, -q, 1.0 - q) * scale[:, :, None]
-    return weight * loss, weight * g_point, weight * g_quant
-
-
-def head_backward(
-    params: Mapping[str, np.ndarray], h: np.ndarray, g_point: np.ndarray, g_quant: np.ndarray
-) -> tuple[Params, np.ndarray]:
-    """Gradients of the head parameters and of its input h, given output gradients."""
-    grads = {
-        "point_weight": g_point.T @ h,
-        "point_bias": g_point.sum(axis=0),
-        "quantile_weight": np.einsum("nqh,nd->qhd", g_quant, h),
-        "quantile_bias": g_quant.sum(axis=0),
-    }
-    g_h = g_point @ params["point_weight"] + np.einsum("nqh,qhd->nd", g_quant, params["quantile_weight"])
-    return grads, g_h
+    """The shared task loss (edge_client.adapters.output_grads) with this config's quantile settings."""
+    return output_grads(point, quant, y, scale, cfg.quantiles, cfg.quantile_weight, weight)
 
 
 def adapter_backward(params: Mapping[str, np.ndarray], feats: np.ndarray, ha: np.ndarray, g_h: np.ndarray) -> Params:
