@@ -61,10 +61,17 @@ class Features:
         return Features(self.feats[idx], self.loc[idx], self.scale[idx])
 
 
+def head_outputs(params: Mapping[str, np.ndarray], feats: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The linear head in RevIN-normalised space: point (N, H), quantiles (N, Q, H). The one copy of
+    the formula the device runs; export's parity check and the personal model call it too."""
+    point_n = feats @ params["point_weight"].T + params["point_bias"]
+    quant_n = np.einsum("nd,qhd->nqh", feats, params["quantile_weight"]) + params["quantile_bias"]
+    return point_n, quant_n
+
+
 def predict(params: Mapping[str, np.ndarray], x: Features) -> tuple[np.ndarray, np.ndarray]:
     """Point (N, H) and quantile (N, Q, H) forecasts in the data's (scaled) units."""
-    point_n = x.feats @ params["point_weight"].T + params["point_bias"]
-    quant_n = np.einsum("nd,qhd->nqh", x.feats, params["quantile_weight"]) + params["quantile_bias"]
+    point_n, quant_n = head_outputs(params, x.feats)
     return point_n * x.scale + x.loc, quant_n * x.scale[:, :, None] + x.loc[:, :, None]
 
 

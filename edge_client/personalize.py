@@ -30,7 +30,16 @@ from dataclasses import dataclass, field, replace
 
 import numpy as np
 
-from edge_client.adapters import HEAD_KEYS, Adam, Features, Params, as_float32, head_backward, output_grads
+from edge_client.adapters import (
+    HEAD_KEYS,
+    Adam,
+    Features,
+    Params,
+    as_float32,
+    head_backward,
+    head_outputs,
+    output_grads,
+)
 from edge_client.adapters import predict as head_predict
 
 ADAPTER_KEYS = ("adapter_A", "adapter_B")
@@ -99,13 +108,6 @@ def predict(params: Mapping[str, np.ndarray], x: Features) -> tuple[np.ndarray, 
     return head_predict(params, Features(h, x.loc, x.scale))
 
 
-def normalised_outputs(params: Mapping[str, np.ndarray], h: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Head outputs before RevIN is undone: what self-distillation compares (scale-free)."""
-    point = h @ params["point_weight"].T + params["point_bias"]
-    quant = np.einsum("nd,qhd->nqh", h, params["quantile_weight"]) + params["quantile_bias"]
-    return point, quant
-
-
 # ------------------------------------------------------------------------------------ batches
 
 @dataclass(frozen=True)
@@ -163,7 +165,7 @@ def _branch(
 ) -> tuple[float, Params, np.ndarray]:
     """Task loss of one input view (clean or distorted) through adapter + head; returns h' too."""
     h, ha = adapt(params, x.feats)
-    point_n, quant_n = normalised_outputs(params, h)
+    point_n, quant_n = head_outputs(params, h)
     point = point_n * x.scale + x.loc
     quant = quant_n * x.scale[:, :, None] + x.loc[:, :, None]
     loss, g_point, g_quant = task_output_grads(point, quant, y, x.scale, cfg, weight)
@@ -189,7 +191,7 @@ def loss_and_grad(
     n, d = batch.x.feats.shape
     parts: dict[str, float] = {}
     h, ha = adapt(params, batch.x.feats)
-    point_n, quant_n = normalised_outputs(params, h)
+    point_n, quant_n = head_outputs(params, h)
     x = batch.x
     point, quant = point_n * x.scale + x.loc, quant_n * x.scale[:, :, None] + x.loc[:, :, None]
     loss, g_point, g_quant = task_output_grads(point, quant, batch.y, x.scale, cfg)
@@ -393,7 +395,7 @@ class PersonalModel:
 
     def distill_targets(self, x: Features) -> tuple[np.ndarray, np.ndarray]:
         h, _ = adapt(self.params, x.feats)
-        return normalised_outputs(self.params, h)
+        return head_outputs(self.params, h)
 
     def fit(
         self, x: Features, y: np.ndarray, *, start: Mapping[str, np.ndarray] | None = None, now_day: float = 0.0,

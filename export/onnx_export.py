@@ -16,7 +16,6 @@ kept only as a fallback, and the log and the spec say which one produced the fil
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
@@ -34,6 +33,8 @@ import torch
 from torch import nn
 
 from coordinator.models.tsfm import TSFM
+from edge_client.adapters import head_outputs
+from edge_client.runtime import sha256_file  # re-exported: recommender_export and tests import it from here
 
 log = logging.getLogger(__name__)
 
@@ -232,10 +233,9 @@ class ParityReport:
 
 
 def numpy_head(state: dict[str, np.ndarray], features: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """The device's head, exactly: (point_n (N, H), quantiles_n (N, Q, H)) in normalised space."""
-    point = features @ state["point_weight"].T + state["point_bias"]
-    quantiles = np.einsum("nd,qhd->nqh", features, state["quantile_weight"]) + state["quantile_bias"]
-    return point, quantiles
+    """The device's head, by the device's own code: (point_n (N, H), quantiles_n (N, Q, H)) in
+    normalised space, so the parity check proves what devices will compute."""
+    return head_outputs(state, features)
 
 
 def _denormalised(point_n: np.ndarray, quantiles_n: np.ndarray, loc: np.ndarray, scale: np.ndarray) -> np.ndarray:
@@ -324,14 +324,6 @@ class ExportResult:
     spec_path: Path
     spec: dict[str, Any]
     parity: ParityReport
-
-
-def sha256_file(path: str | os.PathLike[str]) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def export_model(
