@@ -158,11 +158,8 @@ def save_plot(rows: list[dict], devices: list[dict], path: Path) -> None:
 
 
 def _broker(spec: str) -> tuple[RunningBroker | None, BrokerAddress, str]:
-    if spec in ("auto", "mosquitto"):
+    if spec in ("auto", "mosquitto", "embedded"):
         b = start_broker(spec)
-        return b, b.address, b.kind
-    if spec == "embedded":
-        b = start_broker("embedded")
         return b, b.address, b.kind
     addr = BrokerAddress.parse(spec)
     return None, addr, f"external {addr.host}:{addr.port}"
