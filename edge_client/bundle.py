@@ -19,7 +19,9 @@ A version becomes ``current`` only after its files verify, its backbone loads an
 replaced by a broken one; if ``current`` later fails to load, :meth:`BundleStore.load_current`
 rolls back to ``previous``. Every refusal is a :class:`BundleError` subclass with a stable
 ``reason``, counted and logged once with the version that stays active. Only numpy, the standard
-library, cryptography and onnxruntime (through :class:`BackboneRunner`) are used: no torch.
+library, cryptography and onnxruntime or LiteRT (through :class:`BackboneRunner`) are used: no torch.
+A bundle may ship ONNX and TFLite backbones side by side (manifest ``backbones`` keys ``fp32``, ``int8``,
+``tflite-fp32``, ``tflite-int8``); the store runs the one its profile's runtime and format name.
 """
 
 from __future__ import annotations
@@ -41,8 +43,9 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
+from edge_client.litert import litert_available
 from edge_client.protocol import NAME_RE, BundleChunk, BundleManifest, ProtocolError, Topics, decode
-from edge_client.runtime import BackboneRunner, ModelLoadError, sha256_file
+from edge_client.runtime import LITERT, ONNXRUNTIME, BackboneRunner, ModelLoadError, runtime_for, sha256_file
 
 log = logging.getLogger("fedge.bundle")
 
@@ -214,6 +217,12 @@ def _atomic_write(path: Path, data: bytes) -> None:
     os.replace(tmp, path)
 
 
+def backbone_key(runtime: str, fmt: str) -> str:
+    """The manifest's ``backbones`` key for a runtime and format: ONNX keys are the bare format
+    ("fp32", "int8"), LiteRT keys are prefixed ("tflite-fp32", "tflite-int8")."""
+    return fmt if runtime == ONNXRUNTIME else f"tflite-{fmt}"
+
+
 def synthetic_contexts(context: int, n: int = 4, seed: int = 0) -> np.ndarray:
     """Random walks with a level and a season: inputs in real units, like a device's data."""
     rng = np.random.default_rng(seed)
@@ -232,6 +241,7 @@ class BundleStore:
     profile: str | None = None
     preferred_format: str = "fp32"
     threads: int = 1
+    runtime: str = ONNXRUNTIME  # the profile's runtime; "litert" runs the bundle's .tflite backbone when shipped
     rejected: Counter[str] = field(default_factory=Counter)
     chunks_written: int = 0
 
@@ -276,14 +286,18 @@ class BundleStore:
         return m
 
     def backbone_path(self, version: int | None = None) -> Path:
-        """The backbone file this device runs: its profile's preferred format when shipped, else fp32."""
+        """The backbone file this device runs: its profile's runtime and preferred format when the bundle
+        ships it, else that runtime's fp32, else the ONNX file of the preferred format, else ONNX fp32
+        (also when the profile says LiteRT but no LiteRT interpreter is installed)."""
         version = self.current_version if version is None else version
         if version is None:
             raise ModelLoadError(f"no bundle installed in {self.root}")
         m = self.manifest(version)
         if m is None:
             raise ModelLoadError(f"bundle v{version} has no valid signed manifest in {self.root}")
-        name = m.backbones.get(self.preferred_format, m.backbones["fp32"])
+        runtimes = [self.runtime] if self.runtime == ONNXRUNTIME or litert_available() else []
+        keys = [backbone_key(r, f) for r in [*runtimes, ONNXRUNTIME] for f in (self.preferred_format, "fp32")]
+        name = next(m.backbones[k] for k in keys if k in m.backbones)
         return self.version_dir(version) / "files" / name
 
     # -------------------------------------------------------------- rejections
@@ -412,7 +426,12 @@ class BundleStore:
         if m is None:
             raise CorruptModel(f"no manifest for v{version}")
         d = self.version_dir(version) / "files"
+        can_litert = litert_available()
         for fmt, name in m.backbones.items():
+            if runtime_for(d / name) == LITERT and not can_litert:
+                log.info("bundle v%d: not checking %s backbone %s (no LiteRT interpreter on this device)",
+                         version, fmt, name)
+                continue
             entry = m.file(name)
             try:
                 runner = BackboneRunner(d / name, threads=self.threads, expected_sha256=entry.sha256 if entry else None)

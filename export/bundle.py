@@ -34,6 +34,7 @@ from edge_client.bundle import BUNDLE_FORMAT, Manifest, canonical_json, key_id, 
 from edge_client.protocol import BundleChunk, BundleManifest, Topics, encode
 from edge_client.runtime import sha256_file
 from export.quantize import INT8_NAME
+from export.tflite_export import TFLITE_INT8_NAME, TFLITE_NAME
 from hardware.profiles import load_profile
 
 __all__ = ["Bundle", "build_bundle", "generate_key", "iter_chunks", "load_bundle", "load_private_key",
@@ -42,8 +43,11 @@ __all__ = ["Bundle", "build_bundle", "generate_key", "iter_chunks", "load_bundle
 DEFAULT_CHUNK_SIZE = 64 * 1024
 DEFAULT_PROFILES = ("pi4", "pi5", "jetson-orin-nano")
 # file name -> role; only these leave the coordinator (no stray files from the export directory)
-BUNDLE_FILES = {"backbone.onnx": "backbone", INT8_NAME: "backbone", "head.onnx": "head", "head.npz": "head",
-                "spec.json": "spec"}
+BUNDLE_FILES = {"backbone.onnx": "backbone", INT8_NAME: "backbone", TFLITE_NAME: "backbone",
+                TFLITE_INT8_NAME: "backbone", "head.onnx": "head", "head.npz": "head", "spec.json": "spec"}
+# manifest "backbones" key -> file (edge_client.bundle.backbone_key names the keys a device looks for)
+BACKBONE_KEYS = {"fp32": "backbone.onnx", "int8": INT8_NAME, "tflite-fp32": TFLITE_NAME,
+                 "tflite-int8": TFLITE_INT8_NAME}
 SPEC_KEYS = ("context", "horizon", "feature_dim", "quantiles", "patch_len", "stride", "n_params", "model_id",
              "inputs", "outputs")
 
@@ -104,7 +108,7 @@ def _manifest_dict(export_dir: Path, names: list[str], version: int, task: str, 
     spec = json.loads((export_dir / "spec.json").read_text())
     files = [{"name": n, "sha256": sha256_file(export_dir / n), "size": (export_dir / n).stat().st_size,
               "role": BUNDLE_FILES[n]} for n in names]
-    backbones = {"fp32": "backbone.onnx", **({"int8": INT8_NAME} if INT8_NAME in names else {})}
+    backbones = {key: name for key, name in BACKBONE_KEYS.items() if name in names}
     return {
         "format": BUNDLE_FORMAT, "task": task, "model_id": str(spec.get("model_id", "")), "version": int(version),
         "created": datetime.now(UTC).isoformat(timespec="seconds"), "chunk_size": chunk_size, "files": files,

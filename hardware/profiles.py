@@ -1,6 +1,9 @@
 """Device profiles: how many cores and how much memory a device class has, which runtime it uses,
 how many threads the backbone may take and which model format it prefers.
 
+``runtime`` x ``preferred_format`` names the backbone a device runs from a bundle: onnxruntime + int8
+-> ``backbone.int8.onnx``, litert + fp32 -> ``backbone.tflite`` (see ``edge_client.bundle.backbone_key``).
+
 Profiles are TOML files shipped as package data (``hardware/profiles/*.toml``) so a device
 install can read its own without the coordinator; bundles list the profiles they are compatible
 with, and a device refuses a bundle that does not list its profile.
@@ -15,7 +18,9 @@ from importlib import resources
 from pathlib import Path
 from typing import Any, Literal
 
-RUNTIMES = frozenset({"onnxruntime"})
+from edge_client.runtime import RUNTIMES as _RUNTIMES
+
+RUNTIMES = frozenset(_RUNTIMES)  # "onnxruntime", "litert": the runtime picks the bundle's .onnx or .tflite backbone
 FORMATS = frozenset({"fp32", "int8"})
 
 
