@@ -1,34 +1,49 @@
 """Device configuration (a TOML file for the daemon, or built in code by the simulator) and
-loading of the device's own series from it."""
+loading of the device's own series from it.
+
+Configs written before the daemon had a store stay valid: every newer table (``[resources]``,
+``[bundle]``) and key (``state_dir``, ``heartbeat_s``, ...) has a default.
+"""
 
 from __future__ import annotations
 
 import csv
+import os
 import tomllib
 from pathlib import Path
 from typing import Literal
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from edge_client.datasets import load_series
 from edge_client.protocol import NAME_RE
+from edge_client.resources import ResourceLimits
 
 
 class DataSource(BaseModel):
-    """Where the device's history comes from: a named dataset slice (simulated devices) or a
-    CSV file the device writes to (a real meter or sensor)."""
+    """Where the device's history comes from: a named dataset slice (simulated devices), a CSV
+    file the device appends to (a real meter or sensor; the daemon tails it), stdin, or a local
+    UNIX socket (one ``timestamp,value`` or JSON reading per line; see edge_client.ingest)."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    kind: Literal["dataset", "csv"] = "dataset"
+    kind: Literal["dataset", "csv", "stdin", "socket"] = "dataset"
     dataset: str = "etth1"
     column: str = "OT"
+    time_column: str | None = None  # csv: the dedupe key for rows read twice (after a rotation)
     start: int = Field(default=0, ge=0)
     stop: int | None = Field(default=None, ge=1)
-    path: str | None = None  # csv
+    path: str | None = None  # csv file or socket path
     season: int | None = Field(default=None, ge=1)  # seasonal-naive period; csv default 24
     data_dir: str | None = None
+    poll_s: float = Field(default=1.0, gt=0)  # how often the daemon looks for new CSV rows
+
+    @model_validator(mode="after")
+    def _needs_path(self) -> DataSource:
+        if self.kind in ("csv", "socket") and not self.path:
+            raise ValueError(f"a {self.kind} data source needs 'path'")
+        return self
 
     def load(self) -> tuple[np.ndarray, int, str]:
         """(series, season length, domain). NaN marks missing values."""
@@ -36,8 +51,8 @@ class DataSource(BaseModel):
             s = load_series(self.dataset, self.data_dir)
             values = s.column(self.column)[self.start : self.stop]
             return values.astype(np.float64), self.season or s.season_length, s.domain
-        if not self.path:
-            raise ValueError("a csv data source needs 'path'")
+        if self.kind != "csv" or not self.path:
+            raise ValueError(f"a {self.kind} source has no history to load; the daemon ingests it into its store")
         return read_csv_column(Path(self.path), self.column), self.season or 24, "csv"
 
 
@@ -61,20 +76,52 @@ def read_csv_column(path: Path, column: str) -> np.ndarray:
     return np.asarray(out, dtype=np.float64)
 
 
+class BundleConfig(BaseModel):
+    """Signed model bundles over MQTT (edge_client.bundle): where versions are kept on disk and the
+    coordinator key that must have signed them."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    dir: str
+    public_key: str  # PEM file with the coordinator's ed25519 public key
+    preferred_format: Literal["fp32", "int8"] = "fp32"
+
+
 class DeviceConfig(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     device_id: str = Field(pattern=NAME_RE.pattern)
     fleet: str = Field(default="demo", pattern=NAME_RE.pattern)
     broker: str = "127.0.0.1:1883"
-    backbone: str  # path to backbone.onnx
+    backbone: str | None = None  # path to backbone.onnx; optional when [bundle] provides one
     data: DataSource = DataSource()
+    state_dir: str | None = None  # SQLite store; default $STATE_DIRECTORY (systemd) or ~/.local/state/fedge/...
+    heartbeat_s: float = Field(default=60.0, gt=0)
+    rebuild_every: int | None = Field(default=None, ge=1)  # new samples before windows are rebuilt; None: horizon
+    max_history: int = Field(default=50_000, ge=64)  # newest samples the learner uses (bounds memory)
+    resources: ResourceLimits = ResourceLimits()
+    bundle: BundleConfig | None = None
     profile: str = "generic"
     threads: int = Field(default=1, ge=1, le=64)
     horizon: int = Field(default=24, ge=1)
     eval_fraction: float = Field(default=0.2, gt=0.0, lt=0.9)
     max_train_windows: int = Field(default=1024, ge=16)
     seed: int = 0
+
+    @model_validator(mode="after")
+    def _needs_backbone(self) -> DeviceConfig:
+        if self.backbone is None and self.bundle is None:
+            raise ValueError("set 'backbone' (a backbone.onnx file) or a [bundle] table")
+        return self
+
+    def state_path(self) -> Path:
+        """Where the device's SQLite store lives (created by the store)."""
+        if self.state_dir:
+            return Path(self.state_dir).expanduser()
+        base = os.environ.get("STATE_DIRECTORY", "").split(":")[0]  # systemd StateDirectory=
+        if base:
+            return Path(base) / f"{self.fleet}-{self.device_id}"
+        return Path("~/.local/state/fedge").expanduser() / f"{self.fleet}-{self.device_id}"
 
     @classmethod
     def from_toml(cls, path: str | Path) -> DeviceConfig:

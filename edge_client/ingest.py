@@ -1,0 +1,312 @@
+"""Getting the device's readings into its store: a CSV file that grows, stdin, or a local UNIX socket.
+
+A sensor process writes readings however it likes; the daemon only appends them to
+:class:`edge_client.store.DeviceStore`. Stream sources (stdin, socket) take one reading per line,
+either ``timestamp,value`` or JSON ``{"ts": ..., "value": ...}``; timestamps are epoch seconds or
+ISO 8601 (naive means UTC). A CSV file is tailed by byte offset (kept in the store, so a restart
+does not read it twice); when the file shrinks or its inode changes (truncated, rotated) it is read
+from the start again, and a time column, if named, makes re-read rows duplicates that the store
+ignores. A line that cannot be parsed is logged and counted, never fatal; an empty value is a
+missing reading (NaN), which the windowing skips.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import csv
+import io
+import json
+import logging
+import math
+import os
+import socket
+import threading
+from collections.abc import Callable, Iterable
+from dataclasses import replace
+from datetime import UTC, datetime
+from pathlib import Path
+
+from edge_client.store import DeviceStore, IngestPosition
+
+log = logging.getLogger("fedge.ingest")
+
+MAX_LINE_BYTES = 4096  # a reading is a short line; anything longer is garbage (or an attack)
+LOG_EVERY_BAD = 100  # log the first bad line of a source and then every 100th, not every one
+
+
+class BadLine(ValueError):
+    """A line that is not a reading."""
+
+
+def parse_timestamp(text: object) -> float:
+    """Epoch seconds from a number or an ISO 8601 string (naive = UTC)."""
+    if isinstance(text, int | float) and not isinstance(text, bool):
+        ts = float(text)
+    else:
+        s = str(text).strip()
+        try:
+            ts = float(s)
+        except ValueError:
+            try:
+                dt = datetime.fromisoformat(s)
+            except ValueError:
+                raise BadLine(f"bad timestamp {s[:40]!r}") from None
+            ts = (dt if dt.tzinfo else dt.replace(tzinfo=UTC)).timestamp()
+    if not math.isfinite(ts):
+        raise BadLine(f"timestamp {text!r} is not finite")
+    return ts
+
+
+def parse_value(text: object) -> float:
+    """A reading; empty/None means missing (NaN); Inf and non-numbers are refused."""
+    if text is None or (isinstance(text, str) and not text.strip()):
+        return math.nan
+    if isinstance(text, bool):
+        raise BadLine(f"bad value {text!r}")
+    try:
+        value = float(text)  # type: ignore[arg-type]
+    except (TypeError, ValueError):
+        raise BadLine(f"bad value {str(text)[:40]!r}") from None
+    if math.isinf(value):
+        raise BadLine(f"value {text!r} is infinite")
+    return value
+
+
+def parse_line(line: str) -> tuple[float, float] | None:
+    """(ts, value) of one stream line; None for a blank line; BadLine for anything else."""
+    line = line.strip()
+    if not line:
+        return None
+    if len(line) > MAX_LINE_BYTES:
+        raise BadLine(f"line of {len(line)} characters")
+    if line.startswith("{"):
+        try:
+            obj = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise BadLine(f"bad JSON: {exc}") from None
+        if not isinstance(obj, dict):
+            raise BadLine("JSON reading must be an object")
+        ts = next((obj[k] for k in ("ts", "timestamp", "time") if k in obj), None)
+        if ts is None or "value" not in obj:
+            raise BadLine("JSON reading needs 'ts' (or 'timestamp') and 'value'")
+        return parse_timestamp(ts), parse_value(obj["value"])
+    parts = line.split(",")
+    if len(parts) != 2:
+        raise BadLine(f"expected 'timestamp,value', got {len(parts)} fields")
+    return parse_timestamp(parts[0]), parse_value(parts[1])
+
+
+class _Counter:
+    """Good/bad line counts of one source, persisted with its read position."""
+
+    def __init__(self, store: DeviceStore, source: str) -> None:
+        self.store, self.source = store, source
+        self.pos = store.ingest_position(source)
+
+    def bad(self, what: str, err: Exception) -> None:
+        self.pos = replace(self.pos, bad=self.pos.bad + 1)
+        if self.pos.bad == 1 or self.pos.bad % LOG_EVERY_BAD == 0:
+            log.warning("ingest %s: bad line %s (%d bad so far): %s", self.source, what, self.pos.bad, err)
+
+    def save(self, **changes: int) -> None:
+        self.pos = replace(self.pos, **changes)
+        self.store.save_ingest_position(self.source, self.pos)
+
+
+def ingest_lines(store: DeviceStore, lines: Iterable[str], counter: _Counter) -> int:
+    """Parse and store stream lines; returns how many new samples were stored."""
+    rows, good = [], 0
+    for line in lines:
+        try:
+            row = parse_line(line)
+        except BadLine as err:
+            counter.bad(repr(line[:60]), err)
+            continue
+        if row is not None:
+            rows.append(row)
+            good += 1
+    new = store.add_samples(rows, counter.source)
+    counter.save(good=counter.pos.good + good)
+    return new
+
+
+# --------------------------------------------------------------------------- CSV file that grows
+
+
+class CsvTail:
+    """Reads the rows appended to a CSV file since the last call (header on the first line).
+
+    Without ``time_column`` each row gets the next sequence number as its key (kept in the store),
+    so only the byte offset prevents double reads; with it, the row's timestamp is the key."""
+
+    def __init__(self, store: DeviceStore, path: str | Path, column: str, time_column: str | None = None) -> None:
+        self.store, self.path, self.column, self.time_column = store, Path(path), column, time_column
+        self.counter = _Counter(store, f"csv:{self.path}")
+        self._header: list[str] | None = None
+
+    def poll(self) -> int:
+        """Ingest what was appended; returns the number of new samples (0 if the file is absent)."""
+        try:
+            st = os.stat(self.path)
+        except FileNotFoundError:
+            return 0
+        pos = self.counter.pos
+        if st.st_ino != pos.inode or st.st_size < pos.offset:
+            if pos.inode:
+                log.info("ingest %s: file was rotated or truncated; reading it from the start", self.path)
+            self._header = None
+            self.counter.save(offset=0, inode=st.st_ino)
+            pos = self.counter.pos
+        if st.st_size == pos.offset:
+            return 0
+        with open(self.path, "rb") as fh:
+            fh.seek(pos.offset)
+            data = fh.read(st.st_size - pos.offset)
+        end = data.rfind(b"\n")
+        if end < 0:
+            return 0  # a partial line: wait until the writer finishes it
+        chunk, offset = data[: end + 1], pos.offset + end + 1
+        lines = chunk.decode("utf-8", errors="replace").splitlines()
+        if pos.offset == 0 or self._header is None:
+            self._header = self._read_header(lines if pos.offset == 0 else None)
+            if pos.offset == 0:
+                lines = lines[1:]
+        new = self._ingest_rows(lines)
+        self.counter.save(offset=offset)
+        return new
+
+    def _read_header(self, lines: list[str] | None) -> list[str]:
+        if lines is None:  # resumed mid-file after a restart: the header is the file's first line
+            with open(self.path, encoding="utf-8", errors="replace") as fh:
+                lines = [fh.readline()]
+        header = next(csv.reader(io.StringIO(lines[0] if lines else "")), [])
+        header = [h.strip() for h in header]
+        for col in (self.column, self.time_column):
+            if col and col not in header:
+                raise KeyError(f"{self.path} has no column {col!r}; columns: {header}")
+        return header
+
+    def _ingest_rows(self, lines: list[str]) -> int:
+        assert self._header is not None
+        vi = self._header.index(self.column)
+        ti = self._header.index(self.time_column) if self.time_column else None
+        rows, seq, good = [], self.counter.pos.seq, 0
+        for row in csv.reader(lines):
+            if not row:
+                continue
+            try:
+                if len(row) != len(self._header):
+                    raise BadLine(f"{len(row)} fields, header has {len(self._header)}")
+                value = parse_value(row[vi])
+                if ti is None:
+                    seq += 1
+                    ts = float(seq)
+                else:
+                    ts = parse_timestamp(row[ti])
+            except BadLine as err:
+                self.counter.bad(repr(",".join(row)[:60]), err)
+                continue
+            rows.append((ts, value))
+            good += 1
+        new = self.store.add_samples(rows, self.counter.source)
+        self.counter.save(seq=seq, good=self.counter.pos.good + good)
+        return new
+
+
+# --------------------------------------------------------------------------- streams
+
+
+class LineSource:
+    """Ingests newline-delimited readings from a byte stream (stdin, a socket connection). Each read
+    is stored in one transaction, so a burst of lines costs one commit, a trickle one per reading."""
+
+    def __init__(self, store: DeviceStore, source: str) -> None:
+        self.store = store
+        self.counter = _Counter(store, source)
+        self._lock = threading.Lock()  # several socket connections share one counter
+
+    def consume(self, read: Callable[[], bytes]) -> int:
+        """Call `read` (b'' at EOF) until EOF; returns the number of new samples."""
+        new, buf = 0, b""
+        while chunk := read():
+            buf += chunk
+            end = buf.rfind(b"\n")
+            if end < 0:
+                if len(buf) > MAX_LINE_BYTES:  # no newline in sight: drop it as one bad line
+                    with self._lock:
+                        self.counter.bad(repr(buf[:60]), BadLine(f"line longer than {MAX_LINE_BYTES} bytes"))
+                    buf = b""
+                continue
+            new += self._store(buf[: end + 1])
+            buf = buf[end + 1 :]
+        return new + self._store(buf)  # a last line without newline at EOF
+
+    def _store(self, data: bytes) -> int:
+        if not data:
+            return 0
+        lines = data.decode("utf-8", errors="replace").splitlines()
+        with self._lock:
+            return ingest_lines(self.store, lines, self.counter)
+
+
+def start_stdin(store: DeviceStore, fd: int = 0) -> threading.Thread:
+    """Ingest a file descriptor (stdin by default) on a daemon thread until EOF."""
+    source = LineSource(store, "stdin")
+    t = threading.Thread(target=source.consume, args=(lambda: os.read(fd, 65536),), name="ingest-stdin",
+                         daemon=True)
+    t.start()
+    return t
+
+
+class SocketSource:
+    """A local UNIX stream socket; every connection may send readings, one per line."""
+
+    def __init__(self, store: DeviceStore, path: str | Path, mode: int = 0o660) -> None:
+        self.path = Path(path)
+        self.source = LineSource(store, f"socket:{self.path}")
+        with contextlib.suppress(FileNotFoundError):
+            if self.path.is_socket():
+                self.path.unlink()  # left over by a killed daemon
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.sock.bind(str(self.path))
+        os.chmod(self.path, mode)
+        self.sock.listen(8)
+        self._stop = threading.Event()
+        self.thread = threading.Thread(target=self._serve, name="ingest-socket", daemon=True)
+        self.thread.start()
+
+    def _serve(self) -> None:
+        self.sock.settimeout(0.5)
+        while not self._stop.is_set():
+            try:
+                conn, _ = self.sock.accept()
+            except TimeoutError:
+                continue
+            except OSError:
+                return
+            threading.Thread(target=self._handle, args=(conn,), name="ingest-conn", daemon=True).start()
+
+    def _handle(self, conn: socket.socket) -> None:
+        with conn:
+            try:
+                self.source.consume(lambda: conn.recv(65536))
+            except OSError as exc:
+                log.warning("ingest %s: connection dropped: %s", self.path, exc)
+
+    def close(self) -> None:
+        self._stop.set()
+        self.sock.close()
+        with contextlib.suppress(FileNotFoundError):
+            self.path.unlink()
+
+
+def import_series(store: DeviceStore, source: str, values: Iterable[float]) -> int:
+    """Store a whole series once (a dataset slice for simulated devices), keyed by position."""
+    pos = store.ingest_position(source)
+    if pos.seq:
+        return 0
+    rows = [(float(i + 1), float(v)) for i, v in enumerate(values)]
+    new = store.add_samples(rows, source)
+    store.save_ingest_position(source, IngestPosition(seq=len(rows), good=len(rows)))
+    return new

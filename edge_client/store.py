@@ -1,0 +1,247 @@
+"""The device's durable state: one SQLite file (WAL) under the daemon's ``state_dir``.
+
+Why one local database: a device is unplugged, rebooted and cut off from the broker, and none of that
+may lose a reading, an update or the personal model. What is kept here:
+
+- ``samples``: the device's own series, ``(ts, value)``, deduplicated on ``ts`` (a timestamp, or a
+  running sequence number for sources without one). Raw data never leaves this file.
+- ``outbox``: every update, written *before* it is published and keyed by ``(round_id, msg_id)``;
+  ``pending`` (not yet handed to a connection) → ``sent`` (handed to MQTT, no PUBACK yet) → ``acked``.
+  After a crash, pending and sent entries are published again byte for byte, same message id, so the
+  coordinator (which stores one update per round and device) counts each once.
+- ``personal``: the device's personal head and other named parameter sets.
+- ``meta``: small facts for ``fedge-edge status`` (last round, last global version, counters).
+- ``ingest``: per-source read positions (file offset, inode) and good/bad line counters.
+
+Every method takes the store's lock, so paho's network thread, the training worker and the ingest
+threads can share one connection.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import sqlite3
+import threading
+import time
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+
+DB_NAME = "device.sqlite"
+OutboxState = Literal["pending", "sent", "acked"]
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS samples (
+    ts REAL PRIMARY KEY, value REAL, source TEXT NOT NULL DEFAULT '', ingested REAL NOT NULL);
+CREATE TABLE IF NOT EXISTS outbox (
+    round_id INTEGER NOT NULL, msg_id TEXT NOT NULL, topic TEXT NOT NULL, payload BLOB NOT NULL,
+    state TEXT NOT NULL CHECK (state IN ('pending', 'sent', 'acked')),
+    created REAL NOT NULL, updated REAL NOT NULL, attempts INTEGER NOT NULL DEFAULT 0,
+    PRIMARY KEY (round_id, msg_id));
+CREATE TABLE IF NOT EXISTS personal (name TEXT PRIMARY KEY, params BLOB NOT NULL, updated REAL NOT NULL);
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS ingest (
+    source TEXT PRIMARY KEY, offset INTEGER NOT NULL DEFAULT 0, inode INTEGER NOT NULL DEFAULT 0,
+    seq INTEGER NOT NULL DEFAULT 0, good INTEGER NOT NULL DEFAULT 0, bad INTEGER NOT NULL DEFAULT 0,
+    updated REAL NOT NULL DEFAULT 0);
+"""
+
+
+def params_to_blob(params: Mapping[str, np.ndarray]) -> bytes:
+    """A parameter dict as an .npz byte string (no pickle), for SQLite BLOB columns."""
+    buf = io.BytesIO()
+    np.savez(buf, **{k: np.asarray(v) for k, v in params.items()})
+    return buf.getvalue()
+
+
+def params_from_blob(blob: bytes) -> dict[str, np.ndarray]:
+    with np.load(io.BytesIO(blob), allow_pickle=False) as data:
+        return {k: data[k] for k in data.files}
+
+
+@dataclass(frozen=True)
+class OutboxEntry:
+    round_id: int
+    msg_id: str
+    topic: str
+    payload: bytes
+    state: OutboxState
+    attempts: int
+
+
+@dataclass(frozen=True)
+class IngestPosition:
+    offset: int = 0
+    inode: int = 0
+    seq: int = 0
+    good: int = 0
+    bad: int = 0
+
+
+class DeviceStore:
+    """Thread-safe access to the device's SQLite file."""
+
+    def __init__(self, state_dir: str | Path) -> None:
+        self.dir = Path(state_dir)
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self.path = self.dir / DB_NAME
+        self._db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None, timeout=30)
+        self._db.execute("PRAGMA journal_mode=WAL")
+        self._db.execute("PRAGMA synchronous=FULL")  # an outbox row must survive a power cut once written
+        self._db.execute("PRAGMA secure_delete=ON")  # forget-me overwrites deleted rows instead of freeing them
+        self._db.executescript(SCHEMA)
+        self._lock = threading.RLock()
+
+    def close(self) -> None:
+        with self._lock:
+            self._db.close()
+
+    def __enter__(self) -> DeviceStore:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def _q(self, sql: str, args: Iterable[Any] = ()) -> list[tuple]:
+        with self._lock:
+            return self._db.execute(sql, tuple(args)).fetchall()
+
+    # ------------------------------------------------------------------ samples
+
+    def add_samples(self, rows: Iterable[tuple[float, float]], source: str = "") -> int:
+        """Insert (ts, value) rows; a ts already stored is ignored. Returns how many were new."""
+        now = time.time()
+        data = [(float(ts), float(v), source, now) for ts, v in rows]
+        if not data:
+            return 0
+        with self._lock:
+            before = self._db.total_changes
+            self._db.execute("BEGIN")
+            self._db.executemany("INSERT OR IGNORE INTO samples (ts, value, source, ingested) VALUES (?, ?, ?, ?)",
+                                 data)
+            self._db.execute("COMMIT")
+            return self._db.total_changes - before
+
+    def n_samples(self) -> int:
+        return int(self._q("SELECT COUNT(*) FROM samples")[0][0])
+
+    def series(self, limit: int | None = None) -> np.ndarray:
+        """Values in time order (the newest `limit` when given); NaN marks a missing reading."""
+        if limit is None:
+            rows = self._q("SELECT value FROM samples ORDER BY ts")
+        else:
+            rows = self._q("SELECT value FROM (SELECT ts, value FROM samples ORDER BY ts DESC LIMIT ?) ORDER BY ts",
+                           (int(limit),))
+        return np.array([np.nan if r[0] is None else r[0] for r in rows], dtype=np.float64)
+
+    def sample_span(self) -> tuple[float, float] | None:
+        lo, hi = self._q("SELECT MIN(ts), MAX(ts) FROM samples")[0]
+        return None if lo is None else (float(lo), float(hi))
+
+    def delete_samples(self) -> int:
+        with self._lock:
+            n = self.n_samples()
+            self._db.execute("DELETE FROM samples")  # read positions stay: a tailed file is not re-read
+            return n
+
+    # ------------------------------------------------------------------ ingest positions
+
+    def ingest_position(self, source: str) -> IngestPosition:
+        rows = self._q("SELECT offset, inode, seq, good, bad FROM ingest WHERE source=?", (source,))
+        return IngestPosition(*rows[0]) if rows else IngestPosition()
+
+    def save_ingest_position(self, source: str, pos: IngestPosition) -> None:
+        self._q("INSERT INTO ingest (source, offset, inode, seq, good, bad, updated) VALUES (?, ?, ?, ?, ?, ?, ?)"
+                " ON CONFLICT(source) DO UPDATE SET offset=excluded.offset, inode=excluded.inode, seq=excluded.seq,"
+                " good=excluded.good, bad=excluded.bad, updated=excluded.updated",
+                (source, pos.offset, pos.inode, pos.seq, pos.good, pos.bad, time.time()))
+
+    def ingest_counts(self) -> dict[str, tuple[int, int]]:
+        """source -> (good lines, bad lines)."""
+        return {s: (g, b) for s, g, b in self._q("SELECT source, good, bad FROM ingest ORDER BY source")}
+
+    # ------------------------------------------------------------------ outbox
+
+    def outbox_put(self, round_id: int, msg_id: str, topic: str, payload: bytes) -> None:
+        """Record an update before it is published (idempotent for the same key)."""
+        now = time.time()
+        self._q("INSERT OR IGNORE INTO outbox (round_id, msg_id, topic, payload, state, created, updated)"
+                " VALUES (?, ?, ?, ?, 'pending', ?, ?)", (int(round_id), msg_id, topic, bytes(payload), now, now))
+
+    def outbox_mark(self, round_id: int, msg_id: str, state: OutboxState) -> None:
+        """Move an entry forward; an acked entry never goes back to pending or sent."""
+        bump = 1 if state == "sent" else 0
+        self._q("UPDATE outbox SET state=?, updated=?, attempts=attempts+? WHERE round_id=? AND msg_id=?"
+                " AND state != 'acked'", (state, time.time(), bump, int(round_id), msg_id))
+
+    def outbox_for_round(self, round_id: int) -> OutboxEntry | None:
+        rows = self._q("SELECT round_id, msg_id, topic, payload, state, attempts FROM outbox WHERE round_id=?"
+                       " ORDER BY created DESC LIMIT 1", (int(round_id),))
+        return OutboxEntry(*rows[0]) if rows else None
+
+    def outbox_unacked(self) -> list[OutboxEntry]:
+        rows = self._q("SELECT round_id, msg_id, topic, payload, state, attempts FROM outbox WHERE state != 'acked'"
+                       " ORDER BY created")
+        return [OutboxEntry(*r) for r in rows]
+
+    def outbox_counts(self) -> dict[str, int]:
+        counts = {"pending": 0, "sent": 0, "acked": 0}
+        counts.update({s: n for s, n in self._q("SELECT state, COUNT(*) FROM outbox GROUP BY state")})
+        return counts
+
+    def outbox_prune(self, keep_acked: int = 16) -> None:
+        """Drop old acked entries; unacked ones are never dropped."""
+        self._q("DELETE FROM outbox WHERE state='acked' AND round_id NOT IN"
+                " (SELECT round_id FROM outbox WHERE state='acked' ORDER BY round_id DESC LIMIT ?)", (keep_acked,))
+
+    def delete_outbox(self) -> int:
+        with self._lock:
+            n = int(self._q("SELECT COUNT(*) FROM outbox")[0][0])
+            self._db.execute("DELETE FROM outbox")
+            return n
+
+    # ------------------------------------------------------------------ personal state and meta
+
+    def save_personal(self, name: str, params: Mapping[str, np.ndarray]) -> None:
+        self._q("INSERT OR REPLACE INTO personal (name, params, updated) VALUES (?, ?, ?)",
+                (name, params_to_blob(params), time.time()))
+
+    def load_personal(self, name: str) -> dict[str, np.ndarray] | None:
+        rows = self._q("SELECT params FROM personal WHERE name=?", (name,))
+        return params_from_blob(rows[0][0]) if rows else None
+
+    def personal_names(self) -> list[str]:
+        return [r[0] for r in self._q("SELECT name FROM personal ORDER BY name")]
+
+    def delete_personal(self) -> list[str]:
+        with self._lock:
+            names = self.personal_names()
+            self._db.execute("DELETE FROM personal")
+            return names
+
+    def set_meta(self, key: str, value: Any) -> None:
+        self._q("INSERT OR REPLACE INTO meta (key, value) VALUES (?, ?)", (key, json.dumps(value)))
+
+    def get_meta(self, key: str, default: Any = None) -> Any:
+        rows = self._q("SELECT value FROM meta WHERE key=?", (key,))
+        return json.loads(rows[0][0]) if rows else default
+
+    def incr_meta(self, key: str, by: int = 1) -> int:
+        with self._lock:
+            value = int(self.get_meta(key, 0)) + by
+            self.set_meta(key, value)
+            return value
+
+    def delete_meta(self, keys: Iterable[str]) -> None:
+        for key in keys:
+            self._q("DELETE FROM meta WHERE key=?", (key,))
+
+    def vacuum(self) -> None:
+        """Rewrite the file so deleted personal data does not linger in free pages."""
+        with self._lock:
+            self._db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+            self._db.execute("VACUUM")

@@ -1,0 +1,223 @@
+"""The device's SQLite store and its data sources: a growing CSV (incl. partial lines, truncation and
+rotation), stdin and a UNIX socket, garbage lines counted and skipped; the outbox state machine;
+the resource gate. No broker, no model: these run in well under a second each."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import socket
+import time
+
+import numpy as np
+import pytest
+
+from edge_client import ingest as I
+from edge_client import resources as R
+from edge_client.config import DeviceConfig
+from edge_client.store import DeviceStore
+
+
+def _wait(cond, timeout: float = 10.0) -> None:
+    deadline = time.time() + timeout
+    while not cond():
+        if time.time() > deadline:
+            raise AssertionError("condition not reached in time")
+        time.sleep(0.02)
+
+
+@pytest.fixture
+def store(tmp_path):
+    s = DeviceStore(tmp_path / "state")
+    yield s
+    s.close()
+
+
+# --------------------------------------------------------------------------- store
+
+
+def test_samples_are_deduplicated_by_key_and_survive_reopening(tmp_path):
+    with DeviceStore(tmp_path) as s:
+        assert s.add_samples([(3.0, 30.0), (1.0, 10.0), (2.0, math.nan)], "a") == 3
+        assert s.add_samples([(2.0, 99.0), (4.0, 40.0)], "a") == 1  # ts 2 already stored: ignored, not replaced
+    with DeviceStore(tmp_path) as s:
+        np.testing.assert_array_equal(s.series(), [10.0, np.nan, 30.0, 40.0])
+        np.testing.assert_array_equal(s.series(limit=2), [30.0, 40.0])
+        assert s.sample_span() == (1.0, 4.0)
+
+
+def test_outbox_moves_forward_only_and_keeps_unacked_entries(store):
+    store.outbox_put(1, "m1", "t/1", b"one")
+    store.outbox_put(1, "m1", "t/1", b"other bytes")  # same key: the first write stays
+    store.outbox_put(2, "m2", "t/2", b"two")
+    assert [e.payload for e in store.outbox_unacked()] == [b"one", b"two"]
+    store.outbox_mark(1, "m1", "sent")
+    store.outbox_mark(1, "m1", "acked")
+    store.outbox_mark(1, "m1", "pending")  # an acked entry is never re-sent
+    assert store.outbox_for_round(1).state == "acked" and store.outbox_for_round(1).attempts == 1
+    assert [e.round_id for e in store.outbox_unacked()] == [2]
+    for r in range(3, 30):
+        store.outbox_put(r, f"m{r}", "t", b"x")
+        store.outbox_mark(r, f"m{r}", "acked")
+    store.outbox_prune(keep_acked=4)
+    assert store.outbox_counts() == {"pending": 1, "sent": 0, "acked": 4}
+    assert store.outbox_for_round(2).state == "pending"
+
+
+def test_personal_state_round_trips_and_is_deleted(store):
+    head = {"w": np.arange(6, dtype=np.float32).reshape(2, 3), "b": np.ones(3, np.float32)}
+    store.save_personal("head", head)
+    loaded = store.load_personal("head")
+    assert set(loaded) == {"w", "b"} and loaded["w"].dtype == np.float32
+    np.testing.assert_array_equal(loaded["w"], head["w"])
+    assert store.delete_personal() == ["head"] and store.load_personal("head") is None
+
+
+# --------------------------------------------------------------------------- parsing
+
+
+@pytest.mark.parametrize("line, expected", [
+    ("1700000000,1.5", (1700000000.0, 1.5)),
+    ("2024-01-02T03:04:05Z,2", (1704164645.0, 2.0)),
+    ("2024-01-02 03:04:05,2", (1704164645.0, 2.0)),  # naive is UTC
+    ('{"ts": 5, "value": 7.25}', (5.0, 7.25)),
+    ('{"timestamp": "1970-01-01T00:00:10+00:00", "value": null}', (10.0, math.nan)),
+    ("6,", (6.0, math.nan)),  # empty value: a missing reading
+    ("   ", None),
+])
+def test_parse_line_accepts_readings(line, expected):
+    got = I.parse_line(line)
+    if expected is None:
+        assert got is None
+    else:
+        assert got[0] == expected[0] and (got[1] == expected[1] or (math.isnan(got[1]) and math.isnan(expected[1])))
+
+
+@pytest.mark.parametrize("line", ["garbage", "1,2,3", "x,1", "1,abc", "1,inf", "{not json", "[1, 2]",
+                                  '{"value": 1}', '{"ts": 1}', "nan,1", "1," + "9" * 5000])
+def test_parse_line_refuses_garbage(line):
+    with pytest.raises(I.BadLine):
+        I.parse_line(line)
+
+
+# --------------------------------------------------------------------------- CSV tail
+
+
+def test_csv_tail_reads_appends_waits_for_partial_lines_and_counts_garbage(store, tmp_path):
+    path = tmp_path / "meter.csv"
+    path.write_text("date,kwh\n2024-01-01T00:00,1.0\n2024-01-01T01:00,2.0\n")
+    tail = I.CsvTail(store, path, "kwh")
+    assert tail.poll() == 2
+    with open(path, "a") as fh:
+        fh.write("2024-01-01T02:00,oops\nonly-one-field\n2024-01-01T03:00,4.0\n2024-01-01T04:0")  # last: partial
+    assert tail.poll() == 1
+    assert store.ingest_counts()[f"csv:{path}"] == (3, 2)
+    with open(path, "a") as fh:
+        fh.write("0,5.0\n")
+    assert tail.poll() == 1
+    np.testing.assert_array_equal(store.series(), [1.0, 2.0, 4.0, 5.0])
+    assert I.CsvTail(store, path, "kwh").poll() == 0  # a restarted daemon resumes at the stored offset
+
+
+def test_csv_tail_with_time_column_survives_truncation_and_rotation(store, tmp_path):
+    path = tmp_path / "meter.csv"
+    path.write_text("ts,v\n1,10\n2,20\n3,30\n")
+    tail = I.CsvTail(store, path, "v", time_column="ts")
+    assert tail.poll() == 3
+    path.write_text("ts,v\n3,30\n4,40\n")  # truncated and rewritten: row 3 again is a duplicate
+    assert tail.poll() == 1
+    path.rename(tmp_path / "meter.csv.1")  # rotated: a new file with a new inode
+    path.write_text("ts,v\n5,50\n6,60\n")
+    assert tail.poll() == 2
+    np.testing.assert_array_equal(store.series(), [10, 20, 30, 40, 50, 60])
+    assert store.ingest_counts()[f"csv:{path}"][1] == 0
+
+
+def test_csv_tail_refuses_a_file_without_the_column(store, tmp_path):
+    path = tmp_path / "meter.csv"
+    path.write_text("a,b\n1,2\n")
+    with pytest.raises(KeyError, match="no column 'kwh'"):
+        I.CsvTail(store, path, "kwh").poll()
+    assert I.CsvTail(store, tmp_path / "absent.csv", "kwh").poll() == 0
+
+
+# --------------------------------------------------------------------------- streams
+
+
+def test_stdin_lines_are_stored_and_garbage_counted(store):
+    r, w = os.pipe()
+    thread = I.start_stdin(store, fd=r)
+    lines = [f"{i},{i * 0.5}" for i in range(100)] + ["nonsense", '{"ts": 100, "value": 1}', "\xff\xfe,1"]
+    os.write(w, ("\n".join(lines) + "\n").encode("utf-8", "surrogateescape"))
+    os.close(w)
+    thread.join(10)
+    os.close(r)
+    assert not thread.is_alive()
+    assert store.n_samples() == 101
+    assert store.ingest_counts()["stdin"] == (101, 2)
+
+
+def test_socket_source_takes_several_connections_and_survives_garbage(store, tmp_path):
+    path = tmp_path / "in.sock"
+    src = I.SocketSource(store, path)
+    try:
+        for chunk in (b"1,1.0\n2,2.0\nrubbish\n", json.dumps({"ts": 3, "value": 3.0}).encode() + b"\n",
+                      b"x" * (I.MAX_LINE_BYTES + 10), b"4,4.0"):  # an endless line, a last line without newline
+            with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+                s.connect(str(path))
+                s.sendall(chunk)
+        _wait(lambda: store.n_samples() == 4 and store.ingest_counts().get(f"socket:{path}", (0, 0))[1] == 2)
+        np.testing.assert_array_equal(store.series(), [1.0, 2.0, 3.0, 4.0])
+    finally:
+        src.close()
+    assert not path.exists()
+
+
+def test_import_series_happens_once(store):
+    assert I.import_series(store, "dataset:x", [1.0, 2.0, 3.0]) == 3
+    assert I.import_series(store, "dataset:x", [1.0, 2.0, 3.0, 4.0]) == 0
+    assert store.n_samples() == 3
+
+
+# --------------------------------------------------------------------------- resources and config
+
+
+def test_resource_gate_reasons(tmp_path):
+    ok = R.Snapshot(free_mb=2000, load_per_core=0.1, battery_pct=50, on_battery=True)
+    assert R.check(R.ResourceLimits(), ok) is None
+    assert "free memory" in R.check(R.ResourceLimits(min_free_mb=4000), ok)
+    assert "load" in R.check(R.ResourceLimits(max_load=0.05), ok)
+    assert "battery" in R.check(R.ResourceLimits(min_battery_pct=80), ok)
+    charging = R.Snapshot(free_mb=2000, load_per_core=0.1, battery_pct=50, on_battery=False)
+    assert R.check(R.ResourceLimits(min_battery_pct=80), charging) is None
+    pause = tmp_path / "pause"
+    pause.touch()
+    assert "paused" in R.check(R.ResourceLimits(pause_file=str(pause)), ok)
+    assert R.free_memory_mb() is None or R.free_memory_mb() > 0  # real /proc/meminfo parses
+
+
+def test_fake_battery_is_read_from_sysfs_layout(tmp_path):
+    bat = tmp_path / "BAT0"
+    bat.mkdir()
+    (bat / "type").write_text("Battery\n")
+    (bat / "capacity").write_text("17\n")
+    (bat / "status").write_text("Discharging\n")
+    (tmp_path / "AC").mkdir()
+    (tmp_path / "AC" / "type").write_text("Mains\n")
+    assert R.battery(tmp_path) == (17.0, True)
+    assert R.battery(tmp_path / "absent") == (None, False)
+
+
+def test_old_configs_stay_valid_and_new_tables_are_checked(tmp_path):
+    old = DeviceConfig.model_validate({"device_id": "m", "backbone": "b.onnx",
+                                       "data": {"kind": "csv", "path": "x.csv", "column": "kwh"}})
+    assert old.state_dir is None and old.resources == R.ResourceLimits() and old.bundle is None
+    os.environ.pop("STATE_DIRECTORY", None)
+    assert old.state_path().name == "demo-m"
+    with pytest.raises(ValueError, match="needs 'path'"):
+        DeviceConfig.model_validate({"device_id": "m", "backbone": "b", "data": {"kind": "socket"}})
+    with pytest.raises(ValueError, match="backbone"):
+        DeviceConfig.model_validate({"device_id": "m"})
+    with pytest.raises(ValueError, match="extra"):
+        DeviceConfig.model_validate({"device_id": "m", "backbone": "b", "resources": {"min_free": 1}})
