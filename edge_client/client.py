@@ -3,20 +3,26 @@ on a worker thread and publishes updates.
 
 I/O stays here; the learning is in :mod:`edge_client.learner`. paho's network thread only decodes
 and hands work over, so a long local training never stalls keep-alives. An update is computed
-once per round and kept: if the coordinator asks again for the same round (it restarted, or the
-first copy was lost) the identical message, same id, is re-sent, so the coordinator can count it
-exactly once.
+once per round and written to an outbox *before* it is published: if the coordinator asks again
+for the same round (it restarted, or the first copy was lost) the identical message, same id, is
+re-sent, so the coordinator can count it exactly once. With a durable outbox
+(:class:`edge_client.store.DeviceStore`) this also holds across a crash of the device: on every
+(re)connect, entries without a PUBACK that this process has not handed to paho yet are published
+again; paho itself retransmits the ones it already holds.
 """
 
 from __future__ import annotations
 
 import contextlib
 import logging
+import os
+import signal
 import threading
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from typing import Protocol
 
 from edge_client import mqtt as M
 from edge_client.adapters import Params, as_float32, head_shapes
@@ -38,8 +44,10 @@ from edge_client.protocol import (
     Update,
     WrongShape,
     check_arrays,
+    decode,
     encode,
 )
+from edge_client.store import OutboxEntry, OutboxState
 
 log = logging.getLogger("fedge.edge")
 
@@ -72,8 +80,61 @@ def personal_config(options: Mapping[str, object]) -> PersonalConfig | None:
         raise InvalidMessage(f"bad personalisation options: {exc}") from None
 
 
+class Outbox(Protocol):
+    """Where updates wait for their PUBACK; :class:`edge_client.store.DeviceStore` is the durable one."""
+
+    def outbox_put(self, round_id: int, msg_id: str, topic: str, payload: bytes) -> None: ...
+    def outbox_mark(self, round_id: int, msg_id: str, state: OutboxState) -> None: ...
+    def outbox_for_round(self, round_id: int) -> OutboxEntry | None: ...
+    def outbox_unacked(self) -> list[OutboxEntry]: ...
+
+
+class MemoryOutbox:
+    """The outbox of in-process (simulated) devices: survives reconnects, not restarts."""
+
+    def __init__(self, keep: int = 4) -> None:
+        self.keep = keep
+        self._entries: dict[int, OutboxEntry] = {}
+        self._lock = threading.Lock()
+
+    def outbox_put(self, round_id: int, msg_id: str, topic: str, payload: bytes) -> None:
+        with self._lock:
+            self._entries.setdefault(round_id, OutboxEntry(round_id, msg_id, topic, bytes(payload), "pending", 0))
+            for old in sorted(self._entries)[: -self.keep]:
+                if self._entries[old].state == "acked":
+                    del self._entries[old]
+
+    def outbox_mark(self, round_id: int, msg_id: str, state: OutboxState) -> None:
+        with self._lock:
+            e = self._entries.get(round_id)
+            if e is not None and e.msg_id == msg_id and e.state != "acked":
+                self._entries[round_id] = OutboxEntry(e.round_id, e.msg_id, e.topic, e.payload, state,
+                                                      e.attempts + (state == "sent"))
+
+    def outbox_for_round(self, round_id: int) -> OutboxEntry | None:
+        return self._entries.get(round_id)
+
+    def outbox_unacked(self) -> list[OutboxEntry]:
+        with self._lock:
+            return [e for e in self._entries.values() if e.state != "acked"]
+
+
+# Fault injection for crash tests: FEDGE_FAILPOINT=after_outbox SIGKILLs the process right after an
+# update is stored in the outbox and before it is published (the window a power cut can hit).
+FAILPOINT_ENV = "FEDGE_FAILPOINT"
+
+# A round task waits while a resource gate says no; this is how often it asks again.
+Gate = Callable[[RoundTask], str | None]
+
+
 class EdgeClient:
-    """One device on the fleet. `learner` holds the device's data and the frozen backbone."""
+    """One device on the fleet. `learner` holds the device's data and the frozen backbone.
+
+    Optional hooks, all called on the training worker thread (never paho's): ``gate(task)`` returns
+    a reason not to train now (low memory, high load, battery) and is asked again every
+    ``gate_poll_s`` until the task's deadline; ``before_task(task)`` may swap ``self.learner`` (new
+    data, a new backbone) between rounds; ``after_update(task, update)`` persists what the round left
+    (the personal head)."""
 
     def __init__(
         self,
@@ -86,6 +147,12 @@ class EdgeClient:
         domain: str = "",
         seed: int = 0,
         task: str = "tsfm",
+        outbox: Outbox | None = None,
+        gate: Gate | None = None,
+        gate_poll_s: float = 5.0,
+        before_task: Callable[[RoundTask], None] | None = None,
+        after_update: Callable[[RoundTask, Update], None] | None = None,
+        personal: Params | None = None,
     ) -> None:
         self.device_id = device_id
         self.fleet = fleet
@@ -99,11 +166,20 @@ class EdgeClient:
         self.receiver = Receiver(f"device {device_id}")
         self.stats = EdgeStats()
         self.globals: dict[int, Params] = {}
-        self.personal: Params | None = None
+        self.personal: Params | None = personal
         self.manifest: ModelManifest | None = None
+        self.outbox: Outbox = outbox if outbox is not None else MemoryOutbox()
+        self.gate, self.gate_poll_s = gate, gate_poll_s
+        self.before_task, self.after_update = before_task, after_update
+        self.state = "online"  # what heartbeats report: online | training | idle
+        self.on_connect_hooks: list[Callable[..., None]] = []  # e.g. a bundle downloader sharing the connection
         self._pending: dict[int, RoundTask] = {}
-        self._sent: dict[int, bytes] = {}  # round id -> the update payload, for idempotent re-sends
         self._lock = threading.Lock()
+        self._ack_lock = threading.Lock()  # never held across a paho call: paho calls on_publish under its own lock
+        self._inflight: dict[int, tuple[int, str]] = {}  # mid -> (round id, msg id) of updates awaiting PUBACK
+        self._early_acks: dict[int, float] = {}  # PUBACKs that beat the registration of their mid
+        self._handed_to_paho: set[str] = set()  # msg ids this process published (paho retransmits those itself)
+        self._stopping = threading.Event()
         self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"train-{device_id}")
         self.updates_sent = threading.Semaphore(0)  # released once per update the broker acknowledged
         self.ack_timeout_s = 30.0
@@ -111,18 +187,28 @@ class EdgeClient:
         self.client = M.make_client(f"fedge-{fleet}-dev-{device_id}", will=(self.topics.status(device_id), offline))
         self.client.on_connect = self._on_connect
         self.client.on_message = self._on_message
+        self.client.on_publish = self._on_publish
+        self.client.on_disconnect = self._on_disconnect
+        self.client.on_connect_fail = self._on_connect_fail
 
     # ------------------------------------------------------------------ lifecycle
 
-    def start(self) -> EdgeClient:
-        M.connect(self.client, self.broker, persistent=True)
+    def start(self, *, wait: bool = True) -> EdgeClient:
+        """Connect; ``wait=False`` returns at once and paho keeps trying with backoff (a daemon
+        started while the broker is down)."""
+        M.connect(self.client, self.broker, persistent=True, wait=wait)
         return self
 
-    def stop(self, *, graceful: bool = True) -> None:
-        """Graceful: finish the running task while still connected (so its PUBACK can arrive),
-        announce offline, then disconnect."""
+    def stop(self, *, graceful: bool = True, ack_wait_s: float = 5.0) -> None:
+        """Graceful: finish the running task while still connected, give its PUBACK up to
+        `ack_wait_s` to arrive, announce offline, then disconnect. An update still unacknowledged
+        stays in the outbox and is sent by the next start."""
+        self._stopping.set()
         self._worker.shutdown(wait=graceful, cancel_futures=True)
         if graceful:
+            deadline = time.time() + ack_wait_s
+            while self.inflight() and time.time() < deadline and self.client.is_connected():
+                time.sleep(0.05)
             info = M.publish(self.client, self.topics.status(self.device_id), encode(
                 Status(fleet=self.fleet, device_id=self.device_id, state="offline", detail="stopped")), retain=True)
             with contextlib.suppress(RuntimeError, ValueError):  # not connected: the last will says offline
@@ -138,13 +224,72 @@ class EdgeClient:
             return
         client.subscribe([(self.topics.task(self.device_id), 1), (self.topics.global_model(self.task), 1),
                           (self.topics.manifest(self.task), 1)])
+        log.info("device %s connected (session present: %s)", self.device_id, flags.session_present)
+        self.announce()
+        self.publish_status("online")
+        self._flush_outbox()
+        for hook in self.on_connect_hooks:
+            try:
+                hook(client, userdata, flags, reason_code, properties)
+            except Exception:
+                log.exception("device %s: on-connect hook failed", self.device_id)
+
+    def _on_disconnect(self, client, userdata, flags, reason_code, properties) -> None:  # type: ignore[no-untyped-def]
+        if not self._stopping.is_set():
+            log.warning("device %s: connection to %s:%d lost (%s); reconnecting with backoff", self.device_id,
+                        self.broker.host, self.broker.port, reason_code)
+
+    def _on_connect_fail(self, client, userdata) -> None:  # type: ignore[no-untyped-def]
+        log.warning("device %s: cannot reach broker %s:%d; retrying with backoff", self.device_id,
+                    self.broker.host, self.broker.port)
+
+    def announce(self) -> None:
+        """(Re-)publish the retained hello, e.g. after the learner was rebuilt on new data."""
         current = max(self.globals) if self.globals else None
         self._publish(self.topics.hello(self.device_id), Hello(
             fleet=self.fleet, device_id=self.device_id, runtime=self.learner.backbone.runtime,
             profile=self.profile, domain=self.domain, n_train=self.learner.n_train, n_eval=self.learner.n_eval,
             model_version=current, capabilities=["train", "evaluate", "fedprox"]), retain=True)
-        self._publish(self.topics.status(self.device_id),
-                      Status(fleet=self.fleet, device_id=self.device_id, state="online"), retain=True)
+
+    def publish_status(self, state: str | None = None, detail: str = "") -> None:
+        """Retained presence; the daemon's heartbeat calls this with the current state."""
+        if state is not None and state != "offline":
+            self.state = state
+        self._publish(self.topics.status(self.device_id), Status(
+            fleet=self.fleet, device_id=self.device_id, state=state or self.state, detail=detail[:512]), retain=True)
+
+    def _flush_outbox(self) -> None:
+        """Publish outbox entries left unacknowledged by an earlier process (same bytes, same id)."""
+        for entry in self.outbox.outbox_unacked():
+            if entry.msg_id not in self._handed_to_paho:
+                log.info("device %s: sending stored update for round %d (%s, msg %s)", self.device_id,
+                         entry.round_id, entry.state, entry.msg_id[:8])
+                self._send(entry)
+
+    def _on_publish(self, client, userdata, mid, reason_code, properties) -> None:  # type: ignore[no-untyped-def]
+        with self._ack_lock:
+            key = self._inflight.pop(mid, None)
+            if key is None:
+                now = time.time()
+                self._early_acks[mid] = now
+                for m in [m for m, t in self._early_acks.items() if now - t > 60]:
+                    del self._early_acks[m]
+                return
+        self._acked(key, reason_code)
+
+    def _acked(self, key: tuple[int, str], reason_code: object = None) -> None:
+        round_id, msg_id = key
+        if getattr(reason_code, "is_failure", False):
+            log.error("device %s: broker refused update for round %d: %s", self.device_id, round_id, reason_code)
+            return
+        self.outbox.outbox_mark(round_id, msg_id, "acked")
+        log.info("device %s: update for round %d acknowledged by the broker", self.device_id, round_id)
+        self.updates_sent.release()
+
+    def inflight(self) -> int:
+        """Updates handed to MQTT whose PUBACK has not arrived."""
+        with self._ack_lock:
+            return len(self._inflight)
 
     def _on_message(self, client, userdata, message) -> None:  # type: ignore[no-untyped-def]
         self.stats.bytes_down += len(message.payload)
@@ -209,26 +354,62 @@ class EdgeClient:
 
     def _run_task(self, task: RoundTask) -> None:
         try:
-            if task.round_id in self._sent:
+            stored = self.outbox.outbox_for_round(task.round_id)
+            if stored is not None and self._same_task(stored, task):
                 log.info("device %s: re-sending update for round %d", self.device_id, task.round_id)
-                self._send(task.round_id, self._sent[task.round_id])
+                self._send(stored)
                 return
             if task.deadline_ts < time.time():
                 log.warning("device %s: task for round %d is past its deadline, skipped", self.device_id, task.round_id)
                 return
-            self._publish(self.topics.status(self.device_id), Status(
-                fleet=self.fleet, device_id=self.device_id, state="training", detail=f"round {task.round_id}"),
-                retain=True)
+            if not self._wait_for_resources(task):
+                return
+            if self.before_task is not None:
+                self.before_task(task)
+            self.publish_status("training", f"round {task.round_id}")
             update = self._compute(task)
             payload = encode(update)
-            self._sent[task.round_id] = payload
-            for old in sorted(self._sent)[:-4]:
-                del self._sent[old]
-            self._send(task.round_id, payload)
-            self._publish(self.topics.status(self.device_id),
-                          Status(fleet=self.fleet, device_id=self.device_id, state="idle"), retain=True)
+            topic = self.topics.update(task.round_id, self.device_id)
+            with self._ack_lock:  # a reconnect flushing the outbox right now must leave this one to us
+                self._handed_to_paho.add(update.msg_id)
+            self.outbox.outbox_put(task.round_id, update.msg_id, topic, payload)
+            if os.environ.get(FAILPOINT_ENV) == "after_outbox":
+                os.kill(os.getpid(), signal.SIGKILL)
+            if self.after_update is not None:
+                self.after_update(task, update)
+            self._send(OutboxEntry(task.round_id, update.msg_id, topic, payload, "pending", 0))
+            self.publish_status("idle")
         except Exception:
             log.exception("device %s: round %d failed", self.device_id, task.round_id)
+
+    @staticmethod
+    def _same_task(entry: OutboxEntry, task: RoundTask) -> bool:
+        """An outbox entry answers this task (not an older fleet's round with the same number)."""
+        try:
+            sent = decode(entry.payload)
+        except ProtocolError:
+            return False
+        return isinstance(sent, Update) and sent.base_version == task.model_version and sent.kind == task.kind
+
+    def _wait_for_resources(self, task: RoundTask) -> bool:
+        """Defer training while the gate says no; give up at the deadline or when stopping."""
+        if self.gate is None:
+            return True
+        announced = ""
+        while not self._stopping.is_set():
+            reason = self.gate(task)
+            if reason is None:
+                return True
+            if reason != announced:
+                log.info("device %s: round %d deferred: %s", self.device_id, task.round_id, reason)
+                self.publish_status("idle", f"round {task.round_id} deferred: {reason}")
+                announced = reason
+            if time.time() + self.gate_poll_s >= task.deadline_ts:
+                log.warning("device %s: round %d skipped, resources never allowed it: %s", self.device_id,
+                            task.round_id, reason)
+                return False
+            self._stopping.wait(self.gate_poll_s)
+        return False
 
     def _compute(self, task: RoundTask) -> Update:
         global_params = self.globals[task.model_version]
@@ -255,18 +436,22 @@ class EdgeClient:
                       base_version=task.model_version, n_samples=outcome.n_samples, delta=outcome.delta,
                       metrics=outcome.metrics, train_seconds=outcome.seconds)
 
-    def _send(self, round_id: int, payload: bytes) -> None:
-        """Publish and wait for the broker's PUBACK (on this worker thread, never paho's), so
-        `updates_sent` only counts updates the broker has taken responsibility for."""
-        info = M.publish(self.client, self.topics.update(round_id, self.device_id), payload)
-        self.stats.bytes_up += len(payload)
-        try:
-            info.wait_for_publish(timeout=self.ack_timeout_s)
-        except (RuntimeError, ValueError) as exc:
-            log.warning("device %s: update for round %d not acknowledged: %s", self.device_id, round_id, exc)
-            return
-        if info.is_published():
-            self.updates_sent.release()
+    def _send(self, entry: OutboxEntry) -> None:
+        """Publish a stored update (never blocking: the PUBACK arrives in :meth:`_on_publish`, and
+        `updates_sent` is released then, so it only counts updates the broker took responsibility
+        for). Published while offline, paho queues it and sends it after reconnecting."""
+        key = (entry.round_id, entry.msg_id)
+        info = M.publish(self.client, entry.topic, entry.payload)
+        self.stats.bytes_up += len(entry.payload)
+        with self._ack_lock:
+            self._handed_to_paho.add(entry.msg_id)
+            early = self._early_acks.pop(info.mid, None) is not None
+            if not early:
+                self._inflight[info.mid] = key
+        if self.client.is_connected():
+            self.outbox.outbox_mark(entry.round_id, entry.msg_id, "sent")
+        if early:
+            self._acked(key)
 
     def _publish(self, topic: str, msg: Message, *, retain: bool = False) -> None:
         payload = encode(msg)

@@ -54,6 +54,12 @@ def make_client(
     return client
 
 
+def _connect_props(persistent: bool, session_expiry_s: int) -> Properties:
+    props = Properties(PacketTypes.CONNECT)
+    props.SessionExpiryInterval = session_expiry_s if persistent else 0
+    return props
+
+
 def connect(
     client: mqtt.Client,
     broker: BrokerAddress,
@@ -61,9 +67,19 @@ def connect(
     persistent: bool = True,
     session_expiry_s: int = 24 * 3600,
     timeout_s: float = 10.0,
+    wait: bool = True,
 ) -> None:
     """Connect and start paho's network thread; raise ConnectionError if the broker does not
-    accept us within `timeout_s`. paho keeps reconnecting on its own after that."""
+    accept us within `timeout_s`. paho keeps reconnecting on its own after that (exponential
+    backoff, see make_client). ``wait=False`` (a daemon that must outlive a broker that is down
+    at boot) returns at once and lets paho's thread retry the first connection too."""
+    if not wait:
+        if broker.username:
+            client.username_pw_set(broker.username, broker.password)
+        client.connect_async(broker.host, broker.port, keepalive=broker.keepalive, clean_start=not persistent,
+                             properties=_connect_props(persistent, session_expiry_s))
+        client.loop_start()
+        return
     connected = threading.Event()
     failure: list[str] = []
     user_on_connect = client.on_connect
@@ -78,11 +94,9 @@ def connect(
     client.on_connect = on_connect
     if broker.username:
         client.username_pw_set(broker.username, broker.password)
-    props = Properties(PacketTypes.CONNECT)
-    props.SessionExpiryInterval = session_expiry_s if persistent else 0
     try:
         client.connect(broker.host, broker.port, keepalive=broker.keepalive, clean_start=not persistent,
-                       properties=props)
+                       properties=_connect_props(persistent, session_expiry_s))
     except OSError as exc:
         raise ConnectionError(f"cannot reach MQTT broker at {broker.host}:{broker.port}: {exc}") from None
     client.loop_start()
