@@ -142,6 +142,22 @@ Array = Annotated[
     PlainSerializer(lambda a: a, return_type=Any),
 ]
 Arrays = dict[str, Array]
+MAX_PROTOTYPE_DIM = 4096
+
+
+def _prototype_vector(value: np.ndarray | None) -> np.ndarray | None:
+    """A user prototype is one floating-point vector of at most MAX_PROTOTYPE_DIM numbers: a summary of
+    the user, never a list of items (integer arrays, matrices or anything longer are refused here;
+    the receiver then checks the exact dimension it expects)."""
+    if value is None:
+        return value
+    if value.dtype.kind != "f":
+        raise PydanticCustomError("wrong_dtype", "prototype must be floating point, got {dtype}",
+                                  {"dtype": value.dtype.name})
+    if value.ndim != 1 or not 0 < value.shape[0] <= MAX_PROTOTYPE_DIM:
+        raise PydanticCustomError("wrong_shape", "prototype must be a vector of 1..{n} numbers, got shape {shape}",
+                                  {"n": MAX_PROTOTYPE_DIM, "shape": tuple(value.shape)})
+    return value
 
 
 def _pack_ext(obj: Any) -> msgpack.ExtType:
@@ -210,7 +226,9 @@ class Message(BaseModel):
         out: dict[str, np.ndarray] = {}
         for name in type(self).model_fields:
             value = getattr(self, name)
-            if isinstance(value, dict):
+            if isinstance(value, np.ndarray):
+                out[name] = value
+            elif isinstance(value, dict):
                 out.update({f"{name}.{k}": v for k, v in value.items() if isinstance(v, np.ndarray)})
         return out
 
@@ -255,6 +273,11 @@ class RoundTask(Message):
     options: dict[str, float | int | str | bool] = Field(default_factory=dict, max_length=64)
     # bi-level personalised aggregation: this device's own starting head (empty: the global head)
     params: Arrays = Field(default_factory=dict)
+    # FCUCR inter-user prototype transfer: the similarity-weighted mean of the prototypes of the users
+    # most similar to this device's user (one vector; None: the coordinator has none for it yet)
+    prototype: Array | None = None
+
+    _prototype = field_validator("prototype")(_prototype_vector)
 
 
 class Update(Message):
@@ -271,6 +294,10 @@ class Update(Message):
     delta: Arrays = Field(default_factory=dict)
     metrics: Metrics = Field(default_factory=dict)
     train_seconds: float = Field(default=0.0, ge=0)
+    # FCUCR: the user's prototype (one vector summarising recent history; no item ids), or None
+    prototype: Array | None = None
+
+    _prototype = field_validator("prototype")(_prototype_vector)
 
     @field_validator("delta")
     @classmethod
@@ -369,6 +396,7 @@ _ERROR_BY_PYDANTIC_TYPE: dict[str, type[ProtocolError]] = {
     "non_finite": NonFiniteValues,
     "finite_number": NonFiniteValues,
     "wrong_dtype": WrongDtype,
+    "wrong_shape": WrongShape,
     "too_many_arrays": PayloadTooLarge,
 }
 

@@ -48,6 +48,33 @@ STATE_FORMAT = "fedge.recsys.personal-state/1"
 SECONDS_PER_DAY = 86400.0
 
 
+# ------------------------------------------------------------------------------ methods
+
+
+@dataclass(frozen=True)
+class MethodSpec:
+    """Which adapter parts the federation averages, and which FCUCR mechanisms are on. Device and
+    coordinator both read it: the device builds its model from it, the coordinator its rounds."""
+
+    shared: tuple[str, ...]
+    gate: bool = False
+    distill: bool = False
+    prototypes: bool = False
+
+    @property
+    def federated(self) -> bool:
+        return bool(self.shared)
+
+
+METHODS: dict[str, MethodSpec] = {
+    "local-only": MethodSpec(shared=()),
+    "fedavg": MethodSpec(shared=("U", "V", "u")),
+    "fcucr": MethodSpec(shared=("U", "V"), gate=True, distill=True, prototypes=True),
+    "fcucr-no-distill": MethodSpec(shared=("U", "V"), gate=True, distill=False, prototypes=True),
+    "fcucr-no-proto": MethodSpec(shared=("U", "V"), gate=False, distill=True, prototypes=False),
+}
+
+
 # ------------------------------------------------------------------------------ encoder
 
 
@@ -60,8 +87,10 @@ class SequenceEncoder:
         self.path = Path(path)
         if not self.path.is_file():
             raise ModelLoadError(f"encoder file {self.path} does not exist")
-        if expected_sha256 and sha256_file(self.path) != expected_sha256:
+        self.sha256 = sha256_file(self.path)  # what global models and manifests are checked against
+        if expected_sha256 and self.sha256 != expected_sha256:
             raise ModelLoadError(f"encoder {self.path} does not match the manifest's sha256")
+        self.runtime = f"onnxruntime {ort.__version__}"
         opts = ort.SessionOptions()
         opts.intra_op_num_threads = max(1, threads)
         opts.inter_op_num_threads = 1

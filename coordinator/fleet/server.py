@@ -17,7 +17,7 @@ import random
 import threading
 import time
 from collections import Counter
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -185,8 +185,14 @@ class FleetCoordinator:
 
     # ------------------------------------------------------------------ rounds
 
-    def run_round(self, kind: str = "train", on_progress: Callable[[int, int], None] | None = None) -> RoundResult:
-        """Run one round to the end, or finish the round a previous process left open."""
+    def run_round(self, kind: str = "train", on_progress: Callable[[int, int], None] | None = None, *,
+                  devices: Sequence[str] | None = None,
+                  options: Mapping[str, float | int | str | bool] | None = None) -> RoundResult:
+        """Run one round to the end, or finish the round a previous process left open.
+
+        `devices` replaces the seeded random selection (a task that knows who has new data, e.g. the
+        recommender's continual periods); `options` go into every device's task and are stored with
+        the round, so a resumed round asks the same."""
         t0 = time.time()
         resumed = self._open is not None and self._open.kind == kind
         if resumed:
@@ -199,10 +205,12 @@ class FleetCoordinator:
                      len(self.state.reported(rec.round_id)), len(rec.selected))
         else:
             version, _ = self.current_model()
-            selected = self._select(self.state.next_round_id())
+            selected = sorted(devices) if devices is not None else self._select(self.state.next_round_id())
+            if not selected:
+                raise ValueError("a round needs at least one device")
             quorum = max(1, math.ceil(self.cfg.quorum_fraction * len(selected)))
             rec = self.state.open_round(self.cfg.task, kind, version, selected, quorum, t0 + self.cfg.deadline_s,
-                                        self._round_config())
+                                        {**self._round_config(), "options": dict(options or {})})
         self._set_open(rec)
         base = self.state.model(rec.base_version)
         global_bytes = self.publish_global(rec.base_version, base, rec.round_id)
@@ -227,19 +235,24 @@ class FleetCoordinator:
         return {"local_epochs": c.local_epochs, "lr": c.lr, "batch_size": c.batch_size, "prox_mu": c.prox_mu,
                 "strategy": c.strategy, "upload_dtype": c.upload_dtype, "personalize": dict(c.personalize)}
 
-    def _send_task(self, rec: RoundRecord, device_id: str) -> None:
+    def build_task(self, rec: RoundRecord, device_id: str) -> RoundTask:
+        """The task one device gets in a round (a subclass adds what its task needs, e.g. a prototype)."""
         c = rec.config
         task = RoundTask(fleet=self.cfg.fleet, device_id=device_id, round_id=rec.round_id, task=rec.task,
                          kind=rec.kind, model_version=rec.base_version, deadline_ts=rec.deadline,
                          local_epochs=c["local_epochs"], lr=c["lr"], batch_size=c["batch_size"],
                          prox_mu=c["prox_mu"], options={"upload_dtype": c["upload_dtype"],
                                                         **({"personalize": True, **c["personalize"]}
-                                                           if c.get("personalize") else {})})
+                                                           if c.get("personalize") else {}),
+                                                        **c.get("options", {})})
         if self.personalised and rec.kind == "train":
             own = self.state.personal(device_id)
             if own is not None:
                 task = task.model_copy(update={"params": {k: np.asarray(v, np.float32) for k, v in own.items()}})
-        payload = encode(task)
+        return task
+
+    def _send_task(self, rec: RoundRecord, device_id: str) -> None:
+        payload = encode(self.build_task(rec, device_id))
         self.traffic.down[rec.round_id] += len(payload)
         M.publish(self.client, self.topics.task(device_id), payload, expiry_s=max(1, int(rec.deadline - time.time())))
 

@@ -34,33 +34,20 @@ import numpy as np
 from coordinator.fleet.aggregation import ClientUpdate, FedAvg
 from coordinator.models.recommender import RecTrainSettings, SASRec, encode_prefixes, train_sasrec, windows_for
 from coordinator.recsys.data import ContinualSplit, hit_ndcg, ranks
-from edge_client.recsys import RecAdapterConfig, RecDevice, SequenceEncoder, full_scores, init_adapter, represent
+from edge_client.recsys import (
+    METHODS,
+    RecAdapterConfig,
+    RecDevice,
+    SequenceEncoder,
+    full_scores,
+    init_adapter,
+    represent,
+)
 from edge_client.recsys_data import prefix_batch
 
 K = 10
 
 
-@dataclass(frozen=True)
-class MethodSpec:
-    """Which adapter parts are averaged, and which FCUCR mechanisms are on."""
-
-    shared: tuple[str, ...]
-    gate: bool = False
-    distill: bool = False
-    prototypes: bool = False
-
-    @property
-    def federated(self) -> bool:
-        return bool(self.shared)
-
-
-METHODS: dict[str, MethodSpec] = {
-    "local-only": MethodSpec(shared=()),
-    "fedavg": MethodSpec(shared=("U", "V", "u")),
-    "fcucr": MethodSpec(shared=("U", "V"), gate=True, distill=True, prototypes=True),
-    "fcucr-no-distill": MethodSpec(shared=("U", "V"), gate=True, distill=False, prototypes=True),
-    "fcucr-no-proto": MethodSpec(shared=("U", "V"), gate=False, distill=True, prototypes=False),
-}
 BASELINES = ("most-popular", "central-sasrec", "central-finetune")
 
 
@@ -150,6 +137,7 @@ class StageLog:
 class MethodResult:
     name: str
     stages: list[StageLog] = field(default_factory=list)
+    final_global: dict[str, np.ndarray] = field(default_factory=dict)  # the shared adapter after the last period
 
     def matrix(self, metric: int) -> dict[int, dict[int, float]]:
         return {st.period: {s: v[metric] for s, v in st.scores.items()} for st in self.stages}
@@ -232,13 +220,13 @@ def run_federated(
             sel = log.period == t
             devices[str(uid)].receive(log.items[sel], log.ts[sel])
         if spec.prototypes:
-            for uid in active:
-                p = devices[str(uid)].prototype()
+            for uid in active:  # float32 both ways: exactly what the MQTT path carries
+                p = devices[str(uid)].prototype().astype(np.float32)
                 server.submit(str(uid), p)
-                stage.bytes_up += p.astype(np.float32).nbytes
+                stage.bytes_up += p.nbytes
             for uid, p_tilde in server.neighbours([str(u) for u in active]).items():
-                devices[uid].p_tilde = p_tilde
-                stage.bytes_down += p_tilde.astype(np.float32).nbytes
+                devices[uid].p_tilde = p_tilde.astype(np.float32)
+                stage.bytes_down += devices[uid].p_tilde.nbytes
         updates, weights = [], []
         for uid in active:
             dev, log = devices[str(uid)], split.logs[uid]
@@ -268,6 +256,7 @@ def run_federated(
         result.stages.append(stage)
         if on_stage:
             on_stage(name, stage)
+    result.final_global = global_shared
     return result
 
 

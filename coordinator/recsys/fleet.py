@@ -1,0 +1,190 @@
+"""Federated continual recommendation over MQTT: the same method as :func:`run_federated`, but every
+user is a :class:`edge_client.recsys_client.RecEdgeClient` behind a real broker and the coordinator
+is the fleet's :class:`coordinator.fleet.server.FleetCoordinator` (SQLite round state, deadlines,
+validation, FedAvg of the shared adapter from :mod:`coordinator.fleet.aggregation`).
+
+What the recommender adds to the fleet coordinator (:class:`RecFleetCoordinator`): it chooses the
+devices of a round itself (everyone for an evaluate round, the users with new training targets for
+a train round), it keeps FCUCR's :class:`PrototypeServer` fed with the prototypes that arrive in
+evaluate updates, and it puts each user's p̃ into that user's tasks. A period t is an evaluate round
+(the devices observe period t, score their current models on their own held-out items and send
+their prototypes) followed by a train round; one more evaluate round scores the final models (see
+:mod:`edge_client.recsys_client`). The metrics come from the devices, so the coordinator never sees
+an item id -- and yet, for the same seed, the numbers equal the in-process simulation's: the devices
+run the same code on the same data in the same order, and the wire carries float32, as the
+simulation does (``tests/test_recommender_mqtt.py`` checks this).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+
+from coordinator.fleet.server import FleetConfig, FleetCoordinator, RoundResult
+from coordinator.fleet.state import FleetState
+from coordinator.recsys.simulation import MethodResult, PrototypeServer, RecSimConfig, StageCallback, StageLog
+from edge_client.mqtt import BrokerAddress
+from edge_client.protocol import InvalidMessage, RoundTask, Update, WrongShape, decode
+from edge_client.recsys import METHODS, RecDevice, SequenceEncoder, init_adapter
+from edge_client.recsys_client import TASK, RecEdgeClient, RecLearner, metric_key
+from edge_client.recsys_data import ContinualSplit
+
+log = logging.getLogger("fedge.coordinator.rec")
+
+
+def device_id(user: int) -> str:
+    """Zero-padded, so the fleet's sorted order (SQLite, aggregation) is the users' numeric order."""
+    return f"user{int(user):04d}"
+
+
+class RecFleetCoordinator(FleetCoordinator):
+    """The fleet coordinator for task ``rec`` with FCUCR's prototype exchange."""
+
+    def __init__(self, cfg: FleetConfig, broker: BrokerAddress, state: FleetState, *, method: str, dim: int,
+                 top_m: int = 10, temperature: float = 0.1) -> None:
+        if cfg.task != TASK:
+            raise ValueError(f"a recommender fleet runs task {TASK!r}, not {cfg.task!r}")
+        super().__init__(cfg, broker, state)
+        self.method = method
+        self.spec = METHODS[method]
+        self.dim = dim
+        self.prototypes = PrototypeServer(top_m, temperature) if self.spec.prototypes else None
+        self.p_tilde: dict[str, np.ndarray] = {}  # device -> the latest mix of its neighbours' prototypes
+
+    def build_task(self, rec, device_id: str) -> RoundTask:  # type: ignore[no-untyped-def]
+        task = super().build_task(rec, device_id)
+        p = self.p_tilde.get(device_id)
+        return task if p is None else task.model_copy(update={"prototype": p})
+
+    def _check_update(self, msg: Update) -> None:
+        super()._check_update(msg)
+        if msg.prototype is None:
+            return
+        if self.prototypes is None:
+            raise InvalidMessage(f"{self.method} does not exchange prototypes; the update carries one")
+        if msg.kind != "evaluate":
+            raise InvalidMessage("prototypes travel in evaluate updates")
+        if msg.prototype.shape != (self.dim,):
+            raise WrongShape(f"prototype: expected shape ({self.dim},), got {tuple(msg.prototype.shape)}")
+
+    def exchange_prototypes(self, round_id: int) -> dict[str, np.ndarray]:
+        """Feed the prototypes of an evaluate round to the prototype server (in device order, as the
+        simulation does) and compute p̃ for every device that sent one; returns those p̃."""
+        if self.prototypes is None:
+            return {}
+        sent = [decode(p) for _, p in self.state.updates(round_id)]  # ordered by device id
+        senders = [u.device_id for u in sent if u.prototype is not None]
+        for u in sent:
+            if u.prototype is not None:
+                self.prototypes.submit(u.device_id, u.prototype)
+        mixed = {d: p.astype(np.float32) for d, p in self.prototypes.neighbours(senders).items()}
+        self.p_tilde.update(mixed)
+        return mixed
+
+
+def scores_by_period(result: RoundResult, periods: range) -> dict[int, tuple[float, float]]:
+    """Mean HR@10/NDCG@10 per period over the devices that hold a held-out item of it (device order)."""
+    out = {}
+    for s in periods:
+        rows = [result.metrics[d] for d in sorted(result.metrics) if metric_key("hr", s) in result.metrics[d]]
+        if rows:
+            out[s] = (float(np.mean([r[metric_key("hr", s)] for r in rows])),
+                      float(np.mean([r[metric_key("ndcg", s)] for r in rows])))
+        else:
+            out[s] = (float("nan"), float("nan"))
+    return out
+
+
+def start_rec_devices(split: ContinualSplit, encoder: SequenceEncoder, items: np.ndarray, cfg: RecSimConfig,
+                      method: str, broker: BrokerAddress, fleet: str) -> list[RecEdgeClient]:
+    """One connected device per user, seeded exactly as :func:`run_federated` seeds its devices. The
+    devices of this one process share the ONNX session and the item table (read-only)."""
+    spec = METHODS[method]
+    clients = []
+    for i, (uid, log_) in enumerate(sorted(split.logs.items())):
+        dev = RecDevice(str(uid), encoder, items, cfg.adapter, shared_keys=spec.shared, use_gate=spec.gate,
+                        seed=cfg.seed * 100_003 + i)
+        client = RecEdgeClient(device_id(uid), fleet, RecLearner(dev, log_, method), broker, seed=cfg.seed + i)
+        clients.append(client.start())
+    return clients
+
+
+def run_federated_mqtt(
+    name: str,
+    split: ContinualSplit,
+    encoder: SequenceEncoder,
+    items: np.ndarray,
+    cfg: RecSimConfig,
+    broker: BrokerAddress,
+    db: str | Path,
+    *,
+    fleet: str = "rec",
+    deadline_s: float = 600.0,
+    on_stage: StageCallback | None = None,
+    on_round: Callable[[str, int, int], None] | None = None,
+) -> MethodResult:
+    """`name` (a key of METHODS) through every period over MQTT; the result has the simulation's shape.
+
+    StageLog.bytes_up/bytes_down are what crossed the broker in the period's rounds (updates up;
+    global model and tasks down), measured by the coordinator."""
+    spec = METHODS[name]
+    dim = items.shape[1]
+    init = init_adapter(dim, cfg.adapter, np.random.default_rng(cfg.seed))
+    initial = {k: init[k].astype(np.float32) for k in spec.shared}
+    coordinator = RecFleetCoordinator(
+        FleetConfig(fleet=fleet, task=TASK, deadline_s=deadline_s, quorum_fraction=1.0, upload_dtype="float32",
+                    seed=cfg.seed), broker, FleetState(db), method=name, dim=dim, top_m=cfg.top_m,
+        temperature=cfg.proto_temperature)
+    clients: list[RecEdgeClient] = []
+    result = MethodResult(name)
+    try:
+        coordinator.start()
+        coordinator.ensure_model(initial, {"backbone_sha256": encoder.sha256})
+        clients = start_rec_devices(split, encoder, items, cfg, name, broker, fleet)
+        everyone = [c.device_id for c in clients]
+        online = coordinator.wait_for_devices(len(everyone), timeout_s=60)
+        if len(online) < len(everyone):
+            raise RuntimeError(f"only {len(online)} of {len(everyone)} recommender devices came online")
+        options = {"method": name}
+        stage: StageLog | None = None
+        start = time.perf_counter()
+        for t in range(1, split.n_periods + 2):
+            progress = (lambda done, total, t=t: on_round("evaluate", t, done)) if on_round else None
+            evaluated = coordinator.run_round("evaluate", progress, devices=everyone, options={**options, "period": t})
+            if stage is not None:  # the models after period t−1, scored on periods ≤ t by the devices
+                stage.scores = scores_by_period(evaluated, range(1, min(t, split.n_periods) + 1))
+                stage.bytes_up += evaluated.bytes_up
+                stage.bytes_down += evaluated.bytes_down
+                stage.wall_s = time.perf_counter() - start
+                result.stages.append(stage)
+                if on_stage:
+                    on_stage(name, stage)
+            if t > split.n_periods:
+                break
+            start = time.perf_counter()
+            stage = StageLog(t)
+            coordinator.exchange_prototypes(evaluated.round_id)
+            active = [d for d in sorted(evaluated.metrics) if evaluated.metrics[d].get("active")]
+            trainers = [d for d in active if evaluated.metrics[d].get("new_targets", 0) > 0]
+            stage.skipped_users = len(active) - len(trainers)
+            if trainers:
+                progress = (lambda done, total, t=t: on_round("train", t, done)) if on_round else None
+                trained = coordinator.run_round("train", progress, devices=trainers, options={**options, "period": t})
+                stage.trained_users = len(trained.n_samples)
+                weights = [trained.metrics[d].get("distill_weight", 0.0) for d in sorted(trained.metrics)]
+                stage.mean_distill_weight = float(np.mean(weights)) if weights else 0.0
+                stage.bytes_up += trained.bytes_up
+                stage.bytes_down += trained.bytes_down
+                if trained.state != "closed":
+                    log.warning("period %d: train round %d %s", t, trained.round_id, trained.state)
+        result.final_global = coordinator.current_model()[1]
+        return result
+    finally:
+        for c in clients:
+            c.stop()
+        coordinator.stop()
+        coordinator.state.close()

@@ -1,0 +1,178 @@
+"""Recommender rounds over a real Mosquitto: the MQTT path gives the in-process simulation's numbers,
+and devices and coordinator refuse malformed prototypes without changing any state.
+
+A handful of users from the synthetic log of tests/test_recommender.py and its tiny SASRec, so each
+test takes a couple of seconds.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+import uuid
+
+import msgpack
+import numpy as np
+import paho.mqtt.client as mqtt
+import pytest
+
+from coordinator.recsys.fleet import run_federated_mqtt
+from coordinator.recsys.simulation import RecSimConfig, build_test_sets, run_federated
+from edge_client.protocol import GlobalModel, RoundTask, Topics, Update, _pack_ext, decode, encode
+from edge_client.recsys import METHODS, RecAdapterConfig, RecDevice, init_adapter, load_bundle
+from edge_client.recsys_client import RecEdgeClient, RecLearner
+from edge_client.recsys_data import continual_split, interactions_from_array
+from tests.test_recommender import bundle, synthetic_log  # noqa: F401  (bundle is a fixture)
+
+CFG = RecSimConfig(adapter=RecAdapterConfig(rank=4, steps=5), top_m=3, seed=1)
+
+
+@pytest.fixture(scope="module")
+def split():
+    """Eight users: enough for prototype neighbours, few enough for one process and a few seconds."""
+    return continual_split(interactions_from_array(synthetic_log()), n_periods=3, pretrain_frac=0.4, users=8,
+                           seed=0)
+
+
+@pytest.mark.parametrize("method", ["fcucr", "fedavg"])
+def test_mqtt_rounds_match_the_in_process_simulation(method, split, bundle, mosquitto, tmp_path):  # noqa: F811
+    encoder, items = load_bundle(bundle["dir"])
+    local = run_federated(method, split, encoder, items, build_test_sets(split, encoder), CFG)
+    wire = run_federated_mqtt(method, split, encoder, items, CFG, mosquitto.address, tmp_path / "fleet.sqlite",
+                              fleet=f"rec-{method}", deadline_s=60)
+    assert [st.period for st in wire.stages] == [1, 2, 3]
+    for a, b in zip(local.stages, wire.stages, strict=True):
+        assert b.scores == a.scores, (method, a.period)  # the devices measured exactly what the simulation did
+        assert (b.trained_users, b.skipped_users) == (a.trained_users, a.skipped_users)
+        assert b.mean_distill_weight == a.mean_distill_weight
+        assert b.bytes_up > 0 and b.bytes_down > 0
+    assert set(wire.final_global) == set(METHODS[method].shared)
+    for k, v in local.final_global.items():  # FedAvg over the broker = FedAvg in process, bit for bit
+        np.testing.assert_array_equal(wire.final_global[k], v)
+    if method == "fcucr":
+        assert wire.stages[-1].mean_distill_weight > 0
+        assert any(st.mean_distill_weight != 0 for st in wire.stages)
+
+
+class _Listener:
+    """A raw MQTT client: publishes hand-made payloads and records what the device sends."""
+
+    def __init__(self, address, topics: Topics) -> None:
+        self.updates: list[bytes] = []
+        self.got_update = threading.Event()
+        self.client = mqtt.Client(callback_api_version=mqtt.CallbackAPIVersion.VERSION2, client_id="rec-test",
+                                  protocol=mqtt.MQTTv5)
+        self.client.on_message = self._on_message
+        self.client.connect(address.host, address.port)
+        self.client.subscribe(topics.all_updates, qos=1)
+        self.client.loop_start()
+
+    def _on_message(self, client, userdata, message) -> None:  # type: ignore[no-untyped-def]
+        self.updates.append(bytes(message.payload))
+        self.got_update.set()
+
+    def publish(self, topic: str, payload: bytes, retain: bool = False) -> None:
+        self.client.publish(topic, payload, qos=1, retain=retain).wait_for_publish(5)
+
+    def stop(self) -> None:
+        self.client.loop_stop()
+        self.client.disconnect()
+
+
+def _fresh(task: RoundTask, **update) -> RoundTask:
+    """The same task under a new message id (a receiver refuses a message id it has seen)."""
+    return task.model_copy(update={"msg_id": uuid.uuid4().hex, **update})
+
+
+def _raw_task(task: RoundTask, prototype) -> bytes:
+    """A task whose prototype skipped pydantic on the sending side (what a broken coordinator sends)."""
+    raw = _fresh(task).model_dump(mode="python")
+    raw["prototype"] = prototype
+    return msgpack.packb(raw, default=_pack_ext, use_bin_type=True)
+
+
+def _wait(cond, timeout_s: float = 10.0) -> bool:
+    deadline = time.time() + timeout_s
+    while time.time() < deadline:
+        if cond():
+            return True
+        time.sleep(0.02)
+    return False
+
+
+def test_device_refuses_malformed_prototypes_and_keeps_working(split, bundle, mosquitto):  # noqa: F811
+    encoder, items = load_bundle(bundle["dir"])
+    d = items.shape[1]
+    uid, log = next((u, lg) for u, lg in sorted(split.logs.items()) if len(lg.train_positions(1)) > 0)
+    dev = RecDevice(str(uid), encoder, items, CFG.adapter, shared_keys=("U", "V"), use_gate=True, seed=0)
+    client = RecEdgeClient("alice", "rec-bad", RecLearner(dev, log, "fcucr"), mosquitto.address).start()
+    topics = Topics("rec-bad")
+    raw = _Listener(mosquitto.address, topics)
+    try:
+        shared = {k: v.astype(np.float32) for k, v in init_adapter(d, CFG.adapter, np.random.default_rng(0)).items()
+                  if k in ("U", "V")}
+        raw.publish(topics.global_model("rec"), encode(GlobalModel(fleet="rec-bad", task="rec", version=0,
+                                                                   params=shared, backbone_sha256=encoder.sha256)),
+                    retain=True)
+        assert _wait(lambda: 0 in client.globals)
+        history_before = len(dev.history)
+        base = RoundTask(fleet="rec-bad", device_id="alice", round_id=1, task="rec", kind="train", model_version=0,
+                         deadline_ts=time.time() + 60, options={"method": "fcucr", "period": 1})
+        bad = [
+            (_raw_task(base, np.ones(d + 1, np.float32)), "wrong_shape"),  # another model's dimension
+            (_raw_task(base, np.full(d, np.nan, np.float32)), "non_finite"),
+            (_raw_task(base, np.arange(d)), "wrong_dtype"),  # item ids are not a prototype
+            (_raw_task(base, np.ones((2, d), np.float32)), "wrong_shape"),
+            (_raw_task(base, b"\x00" * 64), "invalid"),
+            (encode(_fresh(base, options={"method": "fedavg", "period": 1})), "invalid"),
+        ]
+        for payload, _ in bad:
+            raw.publish(topics.task("alice"), payload)
+        want = {}
+        for _, reason in bad:
+            want[reason] = want.get(reason, 0) + 1
+        assert _wait(lambda: dict(client.receiver.rejected) == want), client.receiver.rejected
+        time.sleep(0.3)
+        assert raw.updates == []  # nothing was trained or sent
+        assert dev.p_tilde is None and len(dev.history) == history_before and dev.snapshot is None
+
+        good = _fresh(base, prototype=np.full(d, 0.1, np.float32))
+        raw.publish(topics.task("alice"), encode(good))
+        assert raw.got_update.wait(20), "a valid task after the bad ones must still be answered"
+        update = decode(raw.updates[0])
+        assert isinstance(update, Update) and update.n_samples == len(log.train_positions(1))
+        assert set(update.delta) == {"U", "V"} and update.prototype is None  # the personal parts never leave
+        np.testing.assert_array_equal(dev.p_tilde, np.full(d, 0.1, np.float32))
+    finally:
+        raw.stop()
+        client.stop()
+
+
+def test_coordinator_refuses_malformed_prototype_updates(tmp_path):
+    from coordinator.fleet.server import FleetConfig
+    from coordinator.fleet.state import FleetState
+    from coordinator.recsys.fleet import RecFleetCoordinator
+    from edge_client.mqtt import BrokerAddress
+    from edge_client.protocol import InvalidMessage, WrongShape
+
+    state = FleetState(tmp_path / "fleet.sqlite")
+    coord = RecFleetCoordinator(FleetConfig(fleet="rec-c", task="rec"), BrokerAddress(), state, method="fcucr",
+                                dim=16)
+    coord.ensure_model({"U": np.zeros((16, 4), np.float32), "V": np.zeros((4, 16), np.float32)})
+    state.upsert_device("bob", state="online")
+    rec = state.open_round("rec", "evaluate", 0, ["bob"], 1, time.time() + 60, {})
+    coord._set_open(rec)
+
+    def update(prototype, kind="evaluate"):
+        return Update(fleet="rec-c", device_id="bob", round_id=rec.round_id, task="rec", kind=kind, base_version=0,
+                      n_samples=1, prototype=prototype)
+
+    coord._check_update(update(np.zeros(16, np.float32)))  # the right size passes
+    with pytest.raises(WrongShape):
+        coord._check_update(update(np.zeros(17, np.float32)))
+    fedavg = RecFleetCoordinator(FleetConfig(fleet="rec-c", task="rec"), BrokerAddress(), state, method="fedavg",
+                                 dim=16)
+    fedavg._set_open(rec)
+    with pytest.raises(InvalidMessage):  # a method without prototype transfer takes none
+        fedavg._check_update(update(np.zeros(16, np.float32)))
+    state.close()
