@@ -8,7 +8,7 @@ import torch
 
 from coordinator.fleet import aggregation
 from coordinator.models.tsfm import TSFM, TSFMConfig
-from coordinator.pretrain.central import WindowPool, _window_starts
+from coordinator.pretrain.central import WindowPool, window_starts
 from coordinator.pretrain.federated import FederatedSettings, local_training, run_federated
 from coordinator.pretrain.silos import Silo
 from coordinator.pretrain.strategies import STRATEGIES, make_strategy, params_of
@@ -26,7 +26,7 @@ def _silo(domain: str, period: int, channels: int, seed: int) -> Silo:
     for c in range(channels):
         t = np.arange(200)
         x = (np.sin(2 * np.pi * t / period + c) + 0.1 * rng.standard_normal(200)).astype(np.float32)
-        s = _window_starts(x, span, 4, len(x))
+        s = window_starts(x, span, 4, len(x))
         chunks.append(x)
         starts.append(s + offset)
         subs.append(np.full(len(s), c))

@@ -98,7 +98,7 @@ def scaled_series(name: str, data_dir: str | os.PathLike[str] | None = None) -> 
     return scaler.transform(values).astype(np.float32), bounds
 
 
-def _window_starts(x: np.ndarray, span: int, stride: int, stop: int) -> np.ndarray:
+def window_starts(x: np.ndarray, span: int, stride: int, stop: int) -> np.ndarray:
     """Start offsets of complete (NaN-free) windows of length `span` inside x[:stop]."""
     n = min(stop, len(x)) - span + 1
     if n <= 0:
@@ -130,7 +130,7 @@ def training_pool(config: TSFMConfig, settings: TrainSettings, data_dir: str | o
             train_end = min(train_end, settings.train_rows)
         for channel in scaled.T:
             part = np.ascontiguousarray(channel[:train_end])
-            starts.append(_window_starts(part, span, settings.window_stride, len(part)) + offset)
+            starts.append(window_starts(part, span, settings.window_stride, len(part)) + offset)
             chunks.append(part)
             offset += len(part)
     pool = WindowPool(np.concatenate(chunks), np.concatenate(starts), span)

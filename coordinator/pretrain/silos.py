@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from coordinator.pretrain.central import WindowPool, _window_starts, scaled_series, split_windows
+from coordinator.pretrain.central import WindowPool, scaled_series, split_windows, window_starts
 from edge_client.datasets import DatasetNotFound
 
 DOMAIN_SILOS: dict[str, tuple[str, ...]] = {
@@ -75,7 +75,7 @@ def build_silo(
             train_end = min(train_end, train_rows)
         for channel in scaled.T:
             part = np.ascontiguousarray(channel[:train_end])
-            s = _window_starts(part, span, window_stride, len(part))
+            s = window_starts(part, span, window_stride, len(part))
             starts.append(s + offset)
             subs.append(np.full(len(s), sub, np.int64))
             chunks.append(part)
