@@ -12,6 +12,7 @@ import logging
 import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 from rich.console import Console, Group
@@ -25,6 +26,9 @@ from coordinator.fleet.simulation import carve_devices, start_devices
 from coordinator.fleet.state import FleetState
 from edge_client.adapters import slice_head
 from edge_client.mqtt import BrokerAddress
+
+if TYPE_CHECKING:
+    from coordinator.models.tsfm import TSFM
 
 log = logging.getLogger("fedge.demo")
 
@@ -49,6 +53,9 @@ class DemoConfig:
     seed: int = 0
     quick: bool = False  # a smaller backbone and budget: a smoke run in well under a minute
     personalize: tuple[tuple[str, float], ...] = ()  # device-side methods (edge_client.personalize)
+    # "auto": the strategy benchmarks/pretrain.py ranked best (coordinator.pretrain.backbone); or
+    # "etth1" (central, ETTh1 only) or one of the silo strategies
+    pretrain_strategy: str = "auto"
 
 
 @dataclass
@@ -56,6 +63,7 @@ class DemoResult:
     rows: list[dict] = field(default_factory=list)
     devices: list[dict] = field(default_factory=list)
     parity: dict = field(default_factory=dict)
+    backbone: dict = field(default_factory=dict)
     broker: str = ""
     out_dir: str = ""
 
@@ -111,6 +119,7 @@ def markdown_report(cfg: DemoConfig, result: DemoResult) -> str:
              f"Broker: {result.broker}. MSE/MAE on each device's held-back window, in its own scaled units; "
              "mean over devices. *global* = the head each round started from, *personal* = after local training "
              "(the device keeps the best of its epochs on its newest windows).\n",
+             f"Backbone: {result.backbone.get('description', '—')}.\n",
              "| round | devices | up KB | down KB | global MSE | global MAE | personal MSE | personal MAE | "
              "naive MSE | naive MAE | wall s |", "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     lines += [f"| {r['round']} | {r['devices']} | {r['up_kb']:.1f} | {r['down_kb']:.1f} | "
@@ -165,9 +174,38 @@ def _broker(spec: str) -> tuple[RunningBroker | None, BrokerAddress, str]:
     return None, addr, f"external {addr.host}:{addr.port}"
 
 
-def run_demo(cfg: DemoConfig, console: Console | None = None) -> DemoResult:
+def demo_backbone(cfg: DemoConfig) -> tuple[TSFM, dict]:
+    """The backbone the demo exports (see coordinator.pretrain.backbone for the selection rule) and a
+    description of it for the output. --quick keeps its 150-step ETTh1 pretraining unless a strategy
+    is asked for, and then runs it on a small budget."""
     from coordinator.models.tsfm import TSFMConfig
-    from coordinator.pretrain.central import pretrained_tsfm
+    from coordinator.pretrain.backbone import (
+        AUTO,
+        ETTH1_ONLY,
+        BackboneBudget,
+        BackboneChoice,
+        choose_backbone,
+        pretrained_backbone,
+    )
+
+    if cfg.quick:
+        mcfg = TSFMConfig(context=256, horizon=max(cfg.horizon, 24), d_model=32, n_layers=2, d_ff=64,
+                          feature_dim=32)
+        budget, etth1_args = BackboneBudget(rounds=2, local_steps=5), {"steps": 150}
+    else:
+        mcfg, budget, etth1_args = TSFMConfig.tiny(), BackboneBudget(), {}
+    if cfg.quick and cfg.pretrain_strategy == AUTO:
+        choice = BackboneChoice(ETTH1_ONLY, "--quick (give --pretrain-strategy for another)")
+    else:
+        choice = choose_backbone(cfg.pretrain_strategy, data_dir=cfg.data_dir)
+    model, meta = pretrained_backbone(choice, mcfg, cfg.cache_dir, data_dir=cfg.data_dir, budget=budget,
+                                      etth1_args=etth1_args, progress=True)
+    return model, {"strategy": choice.strategy, "reason": choice.reason, "datasets": list(choice.datasets),
+                   "held_out": list(choice.held_out), "description": choice.describe(),
+                   "val_mse": meta.get("val_mse")}
+
+
+def run_demo(cfg: DemoConfig, console: Console | None = None) -> DemoResult:
     from export.onnx_export import export_model
 
     console = console or Console()
@@ -175,13 +213,9 @@ def run_demo(cfg: DemoConfig, console: Console | None = None) -> DemoResult:
     out.mkdir(parents=True, exist_ok=True)
     result = DemoResult(out_dir=str(out))
 
-    console.rule("[bold]1. pretrain the tiny TSFM on ETTh1 (train split) — or load it from the cache")
-    if cfg.quick:
-        mcfg = TSFMConfig(context=256, horizon=max(cfg.horizon, 24), d_model=32, n_layers=2, d_ff=64,
-                          feature_dim=32)
-        model = pretrained_tsfm(cfg.cache_dir, mcfg, data_dir=cfg.data_dir, progress=True, steps=150)
-    else:
-        model = pretrained_tsfm(cfg.cache_dir, TSFMConfig.tiny(), data_dir=cfg.data_dir, progress=True)
+    console.rule("[bold]1. pretrain the TSFM backbone (training splits only) — or load it from the cache")
+    model, result.backbone = demo_backbone(cfg)
+    console.print(f"backbone: {result.backbone['description']}")
     console.print(f"model {model.model_id()} — {model.n_params():,} parameters, context {model.config.context}")
 
     console.rule("[bold]2. export backbone + head to ONNX, check parity against torch")

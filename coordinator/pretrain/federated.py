@@ -147,8 +147,11 @@ def _load_round(path: Path, config: TSFMConfig, settings: FederatedSettings,
                 templates: list[State]) -> dict[str, Any] | None:
     if not path.is_file():
         return None
-    payload = torch.load(path, map_location="cpu", weights_only=True)
-    if payload.get("format") != ROUND_CHECKPOINT_FORMAT:
+    try:
+        payload = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # truncated or foreign file: the caller decides whether to start over
+        raise ValueError(f"{path} is not a readable federated pretraining checkpoint: {exc}") from exc
+    if not isinstance(payload, dict) or payload.get("format") != ROUND_CHECKPOINT_FORMAT:
         raise ValueError(f"{path} is not a federated pretraining checkpoint")
     if payload["config"] != config.to_dict() or payload["settings"] != settings.to_json():
         raise ValueError(f"{path} was written by a different run (config or settings differ); "
@@ -318,12 +321,3 @@ def pretrain_command(
     console.print(f"saved {final}")
     return summary
 
-
-BEST_BACKBONE = Path("runs/pretrain/best.pt")
-
-
-def best_pretrained_checkpoint(path: str | os.PathLike[str] = BEST_BACKBONE) -> Path | None:
-    """The backbone `benchmarks/pretrain.py` selected as best exportable strategy, if it exists:
-    what ``fedge demo`` should export by default (falling back to its own ETTh1 pretraining)."""
-    p = Path(path)
-    return p if p.is_file() else None
