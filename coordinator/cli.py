@@ -66,6 +66,9 @@ def demo(
     out: Annotated[Path, typer.Option(help="where results, plot, model and fleet DB go")] = Path("runs/demo"),
     broker: Annotated[str, typer.Option(help="auto | mosquitto | embedded | host:port")] = "auto",
     quick: Annotated[bool, typer.Option(help="smaller backbone and budget: a fast smoke run")] = False,
+    pretrain_strategy: Annotated[str, typer.Option(
+        help="backbone: auto (best in docs/results/pretrain.json) | etth1 | centralized | fedavg | fedprox | "
+             "bilevel | fedal")] = "auto",
     seed: int = 0,
     verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False,
 ) -> None:
@@ -77,6 +80,10 @@ def demo(
     _logging(verbose)
     try:
         make_strategy(strategy)
+        if pretrain_strategy != "auto":  # checked before any work; importing torch only when it is needed
+            from coordinator.pretrain.backbone import check_requested
+
+            check_requested(pretrain_strategy)
         resolve_data_dir(data_dir)
         personal_pairs = parse_personalize(personalize)
     except (ValueError, DatasetNotFound) as exc:
@@ -89,7 +96,9 @@ def demo(
 
         try:
             run_rec_demo(console, data_dir=data_dir, users=users, periods=periods, seed=seed,
-                         cache_dir=DEFAULT_CACHE / "recommender")
+                         cache_dir=DEFAULT_CACHE / "recommender", broker=broker, out_dir=out)
+        except (ConnectionError, RuntimeError) as exc:
+            _fail(str(exc))
         except (FileNotFoundError, ValueError) as exc:
             _fail(f"{exc} (MovieLens-100K may not be redistributed: point --data-dir at a folder holding "
                   "ml-100k/u.data.gz)")
@@ -97,7 +106,8 @@ def demo(
     try:
         run_demo(DemoConfig(devices=devices, rounds=rounds, horizon=horizon, local_epochs=local_epochs, lr=lr,
                             strategy=strategy, prox_mu=prox_mu, data_dir=data_dir, out_dir=out, broker=broker,
-                            quick=quick, seed=seed, personalize=personal_pairs), console)
+                            quick=quick, seed=seed, personalize=personal_pairs,
+                            pretrain_strategy=pretrain_strategy), console)
     except (ConnectionError, RuntimeError, ValueError) as exc:
         _fail(str(exc))
 
