@@ -117,6 +117,7 @@ fleet = "{fleet}"
 broker = "{mosquitto.address.host}:{mosquitto.address.port}"
 backbone = "{tiny_export['backbone']}"
 horizon = 24
+state_dir = "{tmp_path / 'state'}"
 
 [data]
 kind = "dataset"

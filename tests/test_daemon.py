@@ -1,0 +1,286 @@
+"""`fedge-edge run` as a real process against real Mosquitto brokers: the broker restarted mid-round
+(the update computed offline is delivered once), the daemon SIGKILLed between writing its outbox and
+the PUBACK (restarted, the coordinator stores the update once, also when the ack was lost), SIGTERM
+(exit 0, offline published), and the `status` / `forget-me` commands on the store."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import sqlite3
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from typer.testing import CliRunner
+
+from coordinator.fleet.broker import free_port, start_mosquitto
+from coordinator.fleet.server import FleetConfig, FleetCoordinator
+from coordinator.fleet.state import FleetState
+from edge_client import protocol as P
+from edge_client.adapters import slice_head
+from edge_client.daemon import app
+from edge_client.mqtt import BrokerAddress, connect, make_client
+from edge_client.service import lock_state_dir
+from edge_client.store import DB_NAME, DeviceStore
+
+pytestmark = pytest.mark.broker
+ROOT = Path(__file__).resolve().parent.parent
+DEVICE = "meter-7"
+
+
+def _wait(cond, timeout: float, what: str) -> None:
+    deadline = time.time() + timeout
+    while not cond():
+        if time.time() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.05)
+
+
+def _rows(db: Path, query: str) -> list[tuple]:
+    if not db.exists():
+        return []
+    con = sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=5)
+    try:
+        return con.execute(query).fetchall()
+    except sqlite3.OperationalError:
+        return []
+    finally:
+        con.close()
+
+
+def _device(tmp_path: Path, broker: BrokerAddress, fleet: str, backbone: Path, extra: str = "") -> Path:
+    """A device config reading a CSV meter file of 600 hourly readings (a daily cycle plus noise)."""
+    rng = np.random.default_rng(0)
+    t = np.arange(600)
+    values = 10 + 3 * np.sin(2 * np.pi * t / 24) + rng.normal(0, 0.3, t.size)
+    csv = tmp_path / "meter.csv"
+    csv.write_text("ts,kwh\n" + "".join(f"{1_700_000_000 + 3600 * i},{v:.4f}\n" for i, v in enumerate(values)))
+    cfg = tmp_path / "device.toml"
+    cfg.write_text(f"""device_id = "{DEVICE}"
+fleet = "{fleet}"
+broker = "{broker.host}:{broker.port}"
+backbone = "{backbone}"
+horizon = 24
+state_dir = "{tmp_path / 'state'}"
+heartbeat_s = 0.5
+{extra}
+[data]
+kind = "csv"
+path = "{csv}"
+column = "kwh"
+time_column = "ts"
+poll_s = 0.2
+""")
+    return cfg
+
+
+def _start(cfg: Path, **env: str) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-c", "from edge_client.daemon import app; app()", "run", "--config",
+                             str(cfg), "--log-level", "info"], cwd=ROOT, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, env={**os.environ, **env})
+
+
+def _terminate(proc: subprocess.Popen) -> tuple[int, str]:
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+    out, _ = proc.communicate(timeout=30)
+    return proc.returncode, out
+
+
+def _coordinator(broker: BrokerAddress, fleet: str, tmp_path: Path, tiny_export) -> FleetCoordinator:
+    coord = FleetCoordinator(FleetConfig(fleet=fleet, deadline_s=60, local_epochs=1, min_devices=1), broker,
+                             FleetState(tmp_path / "fleet.sqlite")).start()
+    coord.ensure_model(slice_head(tiny_export["model"].head_state(), 24))
+    return coord
+
+
+class _Round(threading.Thread):
+    """coord.run_round in the background, result or exception kept."""
+
+    def __init__(self, coord: FleetCoordinator) -> None:
+        super().__init__(daemon=True)
+        self.coord, self.result, self.error = coord, None, None
+        self.start()
+
+    def run(self) -> None:
+        try:
+            self.result = self.coord.run_round("train")
+        except Exception as exc:  # surfaced by the test
+            self.error = exc
+
+
+class _StatusWatcher:
+    """Every Status message the device publishes (retained ones included)."""
+
+    def __init__(self, broker: BrokerAddress, fleet: str) -> None:
+        self.seen: list[P.Status] = []
+        self.client = make_client(f"watch-{fleet}-{os.getpid()}")
+        self.client.on_connect = lambda c, *a: c.subscribe(P.Topics(fleet).status(DEVICE), qos=1)
+        self.client.on_message = lambda c, u, m: self.seen.append(P.decode(m.payload))
+        connect(self.client, broker, persistent=False)
+
+    def stop(self) -> None:
+        self.client.disconnect()
+        self.client.loop_stop()
+
+
+def test_broker_restart_mid_round_update_computed_offline_is_delivered_once(tiny_export, tmp_path):
+    fleet, port = "brk", free_port()
+    # mosquitto started as root writes its database as the 'mosquitto' user, which cannot enter
+    # pytest's private tmp_path: the database lives in a world-writable directory of its own
+    persist = Path(tempfile.mkdtemp(prefix="fedge-mosquitto-db-"))
+    persist.chmod(0o777)
+    conf = ["persistence true", f"persistence_location {persist}/"]
+    broker = start_mosquitto(port, conf)
+    pause = tmp_path / "pause"
+    pause.touch()  # the device defers training while this file exists (an operator's switch)
+    cfg = _device(tmp_path, broker.address, fleet, tiny_export["backbone"],
+                  f'[resources]\npause_file = "{pause}"\npoll_s = 0.1\n')
+    coord = _coordinator(broker.address, fleet, tmp_path, tiny_export)
+    daemon = _start(cfg)
+    state_db = tmp_path / "state" / DB_NAME
+    try:
+        assert coord.wait_for_devices(1, 60) == [DEVICE]
+        rnd = _Round(coord)
+        _wait(lambda: _rows(state_db, "SELECT value FROM meta WHERE key='last_deferred'"), 30, "the deferral")
+        broker.stop()  # the broker goes away while the round is open
+        pause.unlink()  # now the device may train: it does so offline
+        _wait(lambda: _rows(state_db, "SELECT state FROM outbox") == [("pending",)], 30, "an update in the outbox")
+        broker = start_mosquitto(port, conf)  # back, with its persisted sessions
+        rnd.join(60)
+        assert rnd.error is None and rnd.result is not None
+        _wait(lambda: _rows(state_db, "SELECT state FROM outbox") == [("acked",)], 30, "the PUBACK")
+        watcher = _StatusWatcher(broker.address, fleet)
+        _wait(lambda: any("heartbeat" in s.detail for s in watcher.seen), 10, "a heartbeat")
+        rc, out = _terminate(daemon)
+        _wait(lambda: watcher.seen and watcher.seen[-1].state == "offline", 10, "the offline status")
+        watcher.stop()
+    finally:
+        if daemon.poll() is None:
+            daemon.kill()
+        coord.stop()
+        broker.stop()
+        shutil.rmtree(persist, ignore_errors=True)
+    assert rc == 0, out
+    assert "deferred: paused" in out and "acknowledged" in out
+    assert rnd.result.state == "closed" and rnd.result.new_version == 1
+    stored = _rows(tmp_path / "fleet.sqlite", "SELECT device_id, msg_id FROM updates")
+    outbox = _rows(state_db, "SELECT msg_id FROM outbox")
+    assert stored == [(DEVICE, outbox[0][0])] and coord.duplicates == 0
+    assert watcher.seen[-1].detail == "stopped"
+
+
+def test_daemon_killed_after_writing_its_outbox_delivers_the_update_once_after_restart(mosquitto, tiny_export,
+                                                                                      tmp_path):
+    fleet = "crash"
+    cfg = _device(tmp_path, mosquitto.address, fleet, tiny_export["backbone"])
+    coord = _coordinator(mosquitto.address, fleet, tmp_path, tiny_export)
+    state_db, fleet_db = tmp_path / "state" / DB_NAME, tmp_path / "fleet.sqlite"
+    daemon = _start(cfg, FEDGE_FAILPOINT="after_outbox")
+    try:
+        assert coord.wait_for_devices(1, 60) == [DEVICE]
+        rnd = _Round(coord)
+        out, _ = daemon.communicate(timeout=60)
+        assert daemon.returncode == -signal.SIGKILL, out
+        assert _rows(state_db, "SELECT round_id, state FROM outbox") == [(1, "pending")]
+        assert _rows(fleet_db, "SELECT 1 FROM updates") == []
+
+        daemon = _start(cfg)  # restarted without the failpoint: sends the stored update on connect
+        rnd.join(60)
+        assert rnd.error is None and rnd.result.state == "closed" and rnd.result.new_version == 1
+        _wait(lambda: _rows(state_db, "SELECT state FROM outbox") == [("acked",)], 30, "the PUBACK")
+        rc, out = _terminate(daemon)
+        assert rc == 0, out
+
+        # The ack was lost this time (killed after the broker took it, before the store said so):
+        # the restarted daemon sends it again and the coordinator still has exactly one copy.
+        con = sqlite3.connect(state_db)
+        con.execute("UPDATE outbox SET state='sent'")
+        con.commit()
+        con.close()
+        rejected_before = sum(coord.receiver.rejected.values())
+        daemon = _start(cfg)
+        _wait(lambda: _rows(state_db, "SELECT state FROM outbox") == [("acked",)], 60, "the second PUBACK")
+        _wait(lambda: sum(coord.receiver.rejected.values()) > rejected_before, 10, "the duplicate's refusal")
+        rc, out = _terminate(daemon)
+        assert rc == 0, out
+    finally:
+        if daemon.poll() is None:
+            daemon.kill()
+        coord.stop()
+    stored = _rows(fleet_db, "SELECT round_id, device_id, msg_id FROM updates")
+    assert stored == [(1, DEVICE, _rows(state_db, "SELECT msg_id FROM outbox")[0][0])]
+    assert coord.receiver.rejected["replay"] == 1
+    assert [v for (v,) in _rows(fleet_db, "SELECT version FROM models ORDER BY version")] == [0, 1]
+
+
+def _filled_store(tmp_path: Path) -> Path:
+    cfg = tmp_path / "device.toml"
+    cfg.write_text(f'device_id = "{DEVICE}"\nbackbone = "b.onnx"\nstate_dir = "{tmp_path / "state"}"\n')
+    with DeviceStore(tmp_path / "state") as s:
+        s.add_samples([(1_700_000_000 + 3600 * i, float(i)) for i in range(50)], "csv:x")
+        s.save_ingest_position("csv:x", s.ingest_position("csv:x").__class__(good=50, bad=3))
+        s.outbox_put(4, "aaaaaaaa", "t", b"u4")
+        s.outbox_mark(4, "aaaaaaaa", "acked")
+        s.outbox_put(5, "bbbbbbbb", "t", b"secret-update-5")
+        s.save_personal("head", {"w": np.ones(3, np.float32)})
+        s.set_meta("last_round", {"round": 5, "kind": "train", "ts": time.time()})
+        s.set_meta("rounds_trained", 5)
+    return cfg
+
+
+def test_status_reads_the_store_without_connecting(tmp_path):
+    cfg = _filled_store(tmp_path)
+    result = CliRunner().invoke(app, ["status", "--config", str(cfg)])
+    assert result.exit_code == 0, result.output
+    out = result.output
+    assert "50 from" in out and "50 lines stored, 3 bad lines skipped" in out
+    assert "1 pending, 0 sent (no ack), 1 acked" in out
+    assert "personal state" in out and "head" in out and "no daemon running" in out
+    assert "5 (train)" in out
+
+
+def test_forget_me_asks_refuses_while_running_and_deletes_personal_state(tmp_path):
+    cfg = _filled_store(tmp_path)
+    runner = CliRunner()
+    declined = runner.invoke(app, ["forget-me", "--config", str(cfg)], input="n\n")
+    assert declined.exit_code == 1 and "nothing deleted" in declined.output
+    held = lock_state_dir(tmp_path / "state")  # a daemon is running
+    busy = runner.invoke(app, ["forget-me", "--config", str(cfg), "--yes"])
+    held.close()
+    assert busy.exit_code == 2 and "stop it first" in busy.output
+    with DeviceStore(tmp_path / "state") as s:
+        assert s.personal_names() == ["head"] and s.outbox_counts()["pending"] == 1
+
+    done = runner.invoke(app, ["forget-me", "--config", str(cfg), "--yes"])
+    assert done.exit_code == 0, done.output
+    assert "deleted personal state: head" in done.output and "deleted 2 stored update(s)" in done.output
+    with DeviceStore(tmp_path / "state") as s:
+        assert s.personal_names() == [] and s.outbox_counts() == {"pending": 0, "sent": 0, "acked": 0}
+        assert s.get_meta("last_round") is None and s.n_samples() == 50  # readings stay without --samples
+    again = runner.invoke(app, ["forget-me", "--config", str(cfg), "--yes", "--samples"])
+    assert again.exit_code == 0 and "deleted 50 stored readings" in again.output
+    with DeviceStore(tmp_path / "state") as s:
+        assert s.n_samples() == 0
+    raw = (tmp_path / "state" / DB_NAME).read_bytes()
+    assert b"secret-update-5" not in raw  # secure_delete + VACUUM: the deleted update is not left in free pages
+
+
+def test_run_reports_a_busy_state_dir_and_a_bad_broker_address(tmp_path, tiny_export):
+    cfg = _device(tmp_path, BrokerAddress("127.0.0.1", 1), "x", tiny_export["backbone"])
+    held = lock_state_dir(tmp_path / "state")
+    try:
+        busy = CliRunner().invoke(app, ["run", "--config", str(cfg)])
+    finally:
+        held.close()
+    assert busy.exit_code == 2 and "another fedge-edge daemon" in busy.output
+    cfg.write_text(cfg.read_text().replace('broker = "127.0.0.1:1"', 'broker = "host:notaport"'))
+    bad = CliRunner().invoke(app, ["run", "--config", str(cfg)])
+    assert bad.exit_code == 2 and "bad broker address" in bad.output
