@@ -9,7 +9,6 @@ transaction, so a round is aggregated exactly once even if the process dies in b
 
 from __future__ import annotations
 
-import io
 import json
 import sqlite3
 import threading
@@ -19,6 +18,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+
+from edge_client.store import params_from_blob, params_to_blob  # one .npz blob format, shared with devices
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS models (
@@ -38,17 +39,6 @@ CREATE TABLE IF NOT EXISTS devices (
     device_id TEXT PRIMARY KEY, domain TEXT, profile TEXT, runtime TEXT, n_train INTEGER,
     state TEXT NOT NULL DEFAULT 'unknown', last_seen REAL NOT NULL);
 """
-
-
-def params_to_blob(params: Mapping[str, np.ndarray]) -> bytes:
-    buf = io.BytesIO()
-    np.savez(buf, **{k: np.asarray(v) for k, v in params.items()})
-    return buf.getvalue()
-
-
-def params_from_blob(blob: bytes) -> dict[str, np.ndarray]:
-    with np.load(io.BytesIO(blob), allow_pickle=False) as data:
-        return {k: data[k] for k in data.files}
 
 
 @dataclass(frozen=True)
