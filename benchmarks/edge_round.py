@@ -69,13 +69,19 @@ print(json.dumps({
 """
 
 
-def export_default_model(workdir: Path) -> tuple[Path, Path, dict]:
+def default_model():  # type: ignore[no-untyped-def]
+    """The pretrained tiny TSFM the demo uses (trained once, then cached in ~/.cache/fedge)."""
     from coordinator.demo import DEFAULT_CACHE
     from coordinator.models.tsfm import TSFMConfig
     from coordinator.pretrain.central import pretrained_tsfm
+
+    return pretrained_tsfm(DEFAULT_CACHE, TSFMConfig.tiny(), progress=True)
+
+
+def export_default_model(workdir: Path, model=None) -> tuple[Path, Path, dict]:  # type: ignore[no-untyped-def]
     from export.onnx_export import export_model
 
-    model = pretrained_tsfm(DEFAULT_CACHE, TSFMConfig.tiny(), progress=True)
+    model = model or default_model()
     result = export_model(model, workdir)
     return result.backbone, result.head_npz, {"model_id": model.model_id(), "n_params": model.n_params(),
                                               "backbone_kb": result.backbone.stat().st_size / 1024}

@@ -1,7 +1,7 @@
 """Hardware-in-loop harness: one full federated round with the real device daemon held to a device
 profile's limits, against a real Mosquitto and a real coordinator process.
 
-    python -m hardware.hil --profile pi4 [--format onnx|int8|tflite] [--emulate auto|qemu|native]
+    python -m hardware.hil --profile pi4 [--format onnx|int8|tflite|tflite-int8] [--emulate auto|qemu|native]
                            [--model-dir runs/model] [--memory-mb N] [--cpus 1] [--json out.json]
 
 What runs (all real processes, nothing mocked):
@@ -27,6 +27,7 @@ import argparse
 import json
 import logging
 import os
+import shutil
 import sqlite3
 import subprocess
 import sys
@@ -41,7 +42,9 @@ from hardware.profiles import DeviceProfile, load_profile
 
 log = logging.getLogger("fedge.hil")
 ROOT = Path(__file__).resolve().parent.parent
-FORMATS = {"onnx": "backbone.onnx", "int8": "backbone.int8.onnx", "tflite": "backbone.tflite"}
+# format -> backbone file of an export directory (`fedge export`, export/quantize.py, export/tflite_export.py)
+FORMATS = {"onnx": "backbone.onnx", "int8": "backbone.int8.onnx", "tflite": "backbone.tflite",
+           "tflite-int8": "backbone.int8.tflite"}
 FLEET = "hil"
 RESULT_TAG = "HIL_DEVICE_RESULT "
 
@@ -128,11 +131,35 @@ def model_files(model_dir: Path, fmt: str) -> tuple[Path, Path]:
     return backbone, head
 
 
+def coordinator_head(work: Path, head: Path, backbone: Path) -> Path:
+    """head.npz (+ spec.json) for `fedge serve`, pinned to the backbone this run deploys.
+
+    `fedge serve` pins the fleet's backbone to ``spec.json``'s ``files["backbone.onnx"]`` hash, and a
+    device refuses a global head or manifest for another backbone (``model_mismatch``). A run of the
+    int8 or TFLite format deploys that file, so the staged spec carries its hash under that key; the
+    fp32 run gets the export's spec unchanged."""
+    from edge_client.runtime import sha256_file
+
+    stage = work / "coordinator-model"
+    stage.mkdir(exist_ok=True)
+    shutil.copy2(head, stage / "head.npz")
+    spec_path = head.with_name("spec.json")
+    spec = json.loads(spec_path.read_text()) if spec_path.is_file() else {}
+    if spec and backbone.name != FORMATS["onnx"]:
+        spec["files"] = {**spec.get("files", {}), FORMATS["onnx"]: {"bytes": backbone.stat().st_size,
+                                                                    "sha256": sha256_file(backbone)}}
+    if spec:
+        (stage / "spec.json").write_text(json.dumps(spec, indent=2))
+    return stage / "head.npz"
+
+
 def device_toml(path: Path, *, device_id: str, broker: str, backbone: Path, profile: DeviceProfile,
                 horizon: int, data: dict) -> Path:
-    """The daemon's config: the profile name and its ORT thread count travel in the TOML."""
+    """The daemon's config: the profile name and its ORT thread count travel in the TOML; the device's
+    SQLite store lives in the run's directory, so runs never share an outbox."""
     lines = [f'device_id = "{device_id}"', f'fleet = "{FLEET}"', f'broker = "{broker}"', f'backbone = "{backbone}"',
-             f'profile = "{profile.name}"', f"threads = {profile.threads}", f"horizon = {horizon}", "", "[data]"]
+             f'profile = "{profile.name}"', f"threads = {profile.threads}", f"horizon = {horizon}",
+             f'state_dir = "{path.parent / "device-state"}"', "", "[data]"]
     lines += [f"{k} = {json.dumps(v)}" for k, v in data.items()]
     path.write_text("\n".join(lines) + "\n")
     return path
@@ -264,7 +291,8 @@ def run_hil(profile: str | DeviceProfile, model_dir: Path, *, fmt: str = "onnx",
                           profile=prof, horizon=horizon, data=data)
         with open(clog, "w") as out:
             coord = subprocess.Popen(
-                [sys.executable, "-c", "from coordinator.cli import app; app()", "serve", "--init-head", str(head),
+                [sys.executable, "-c", "from coordinator.cli import app; app()", "serve", "--init-head",
+                 str(coordinator_head(work, head, backbone)),
                  "--db", str(db), "--broker", address, "--fleet", FLEET, "--rounds", "1", "--min-devices", "1",
                  "--deadline", str(int(timeout_s)), "--horizon", str(horizon), "--local-epochs", str(local_epochs),
                  "--wait-devices", str(int(timeout_s))],

@@ -27,8 +27,12 @@ PIP="${PIP:-python3 -m pip}"
 SITE="$ROOTFS/opt/fedge/site-packages"          # the harness puts this on the emulated PYTHONPATH
 QEMU="$(dirname "$ROOTFS")/qemu-aarch64"         # where hardware/emulation.py looks for it
 QEMU_SUITE="${FEDGE_QEMU_SUITE:-trixie}"
-# The device install of pyproject.toml's default dependencies (no torch).
-DEVICE_DEPS=(numpy onnxruntime "paho-mqtt>=2.0" msgpack "pydantic>=2.6" cryptography typer rich)
+# The device install of pyproject.toml's default dependencies (no torch), plus the LiteRT interpreter
+# for .tflite backbones.
+DEVICE_DEPS=(numpy onnxruntime "paho-mqtt>=2.0" msgpack "pydantic>=2.6" cryptography typer rich ai-edge-litert)
+# bookworm's glibc is 2.36: accept every manylinux tag up to it (ai-edge-litert 2.x is manylinux_2_27 only)
+PLATFORMS=(--platform manylinux2014_aarch64)
+for v in 17 24 26 27 28 31 34 35 36; do PLATFORMS+=(--platform "manylinux_2_${v}_aarch64"); done
 
 for tool in debootstrap dpkg-deb apt-get; do
     command -v "$tool" >/dev/null || { echo "error: $tool not found (apt-get install -y debootstrap)" >&2; exit 2; }
@@ -74,15 +78,14 @@ done
 
 echo "== pip: manylinux aarch64 wheels of the device dependencies -> $SITE"
 mkdir -p "$SITE"
-$PIP install --quiet --no-cache-dir --target "$SITE" --platform manylinux2014_aarch64 --platform manylinux_2_28_aarch64 \
-    --platform manylinux_2_17_aarch64 --only-binary=:all: --python-version 3.11 --implementation cp \
-    "${DEVICE_DEPS[@]}"
+$PIP install --quiet --no-cache-dir --target "$SITE" "${PLATFORMS[@]}" --only-binary=:all: --python-version 3.11 \
+    --implementation cp "${DEVICE_DEPS[@]}"
 
 echo "== smoke test under qemu"
 "$QEMU" -L "$ROOTFS" "$ROOTFS/usr/bin/python3.11" -c "
 import sys, platform
 sys.path.insert(0, '$SITE')
-import numpy, onnxruntime, paho.mqtt, msgpack, pydantic, cryptography
+import numpy, onnxruntime, paho.mqtt, msgpack, pydantic, cryptography, ai_edge_litert.interpreter
 print(platform.machine(), sys.version.split()[0], 'numpy', numpy.__version__, 'onnxruntime', onnxruntime.__version__)
 "
 touch "$ROOTFS/.fedge-rootfs-ok"
