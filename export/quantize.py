@@ -6,9 +6,11 @@ file for every export without holding any device's data, and it shrinks the MatM
 ~3x. The quantised file keeps the ``fedge.spec`` metadata: a device reads context, horizon and
 quantiles from the file it runs, whatever its format.
 
-:func:`format_report` measures what the shrink costs, per format, on real windows: file size, how
-far the forecasts move from torch (max/mean absolute error) and the forecast MSE against the truth,
-with its change against fp32 (the number that says whether int8 is safe to deploy).
+:func:`formats_report` measures what each format costs, on real windows and through the device's own
+runtime (ONNX Runtime or LiteRT, :class:`edge_client.runtime.BackboneRunner`): file size, how far the
+features and forecasts move from torch (max/mean absolute error), the forecast MSE against the truth
+with its change against ONNX fp32 (the number that says whether a format is safe to deploy), and the
+backbone's time per window on one thread.
 """
 
 from __future__ import annotations
@@ -17,6 +19,8 @@ import json
 import logging
 import os
 import tempfile
+import time
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -24,7 +28,8 @@ from typing import Any
 import numpy as np
 import onnx
 
-from export.onnx_export import SPEC_KEY, _session, _set_metadata, numpy_head, read_spec
+from edge_client.runtime import BackboneRunner
+from export.onnx_export import SPEC_KEY, _set_metadata, numpy_head, read_spec
 
 log = logging.getLogger(__name__)
 
@@ -67,60 +72,82 @@ def _spec_json(spec: dict[str, Any]) -> str:
 
 @dataclass
 class FormatRow:
-    """One format's cost and accuracy. Errors are on the de-normalised point forecast vs torch."""
+    """One format's cost and accuracy. Errors are against torch on the same windows: the backbone
+    features, and the de-normalised point forecast (device path: backbone runtime + numpy head)."""
 
     format: str
     size_kb: float
-    max_abs_err: float
+    max_abs_err: float  # point forecast vs torch
     mean_abs_err: float
     mse: float
     mse_change: float  # mse - fp32 mse
     mse_change_pct: float
+    feat_max_abs_err: float = 0.0  # backbone features vs torch
+    feat_mean_abs_err: float = 0.0
+    runtime: str = "torch"
+    ms_per_window: float = float("nan")  # backbone, one thread, batches of 32, this machine
 
 
-def onnx_point_forecast(backbone_path: str | os.PathLike[str], head_state: dict[str, np.ndarray], x: np.ndarray,
-                        batch_size: int = 512) -> np.ndarray:
-    """Point forecasts (N, H) the way a device computes them: ORT backbone + numpy head + RevIN."""
-    sess = _session(backbone_path)
+def device_point_forecast(backbone_path: str | os.PathLike[str], head_state: dict[str, np.ndarray], x: np.ndarray,
+                          ) -> tuple[np.ndarray, np.ndarray, BackboneRunner, float]:
+    """(point forecasts (N, H), features (N, D), runner, seconds) the way a device computes them: its
+    backbone runtime (ONNX Runtime or LiteRT, from the file) on one thread + numpy head + RevIN."""
+    runner = BackboneRunner(backbone_path, threads=1)
+    t0 = time.perf_counter()
+    f = runner.features(x)
+    seconds = time.perf_counter() - t0
+    point_n, _ = numpy_head(head_state, f.feats)
+    return point_n * f.scale + f.loc, f.feats, runner, seconds
+
+
+def formats_report(model: Any, backbones: Mapping[str, str | os.PathLike[str]],
+                   windows: tuple[np.ndarray, np.ndarray], baseline: str = "onnx-fp32") -> list[FormatRow]:
+    """Rows for torch (reference) and each named backbone file on the same (x, y) windows; the MSE
+    change is against `baseline` (torch when it is not among the backbones)."""
+    import torch
+
+    from coordinator.pretrain.central import predict
+
+    x, y = np.asarray(windows[0], np.float32), np.asarray(windows[1], np.float32)
+    reference = predict(model, x)[0]
+    with torch.no_grad():
+        feats_t = np.concatenate([model.features(torch.from_numpy(x[i : i + 1024]))[0].numpy()
+                                  for i in range(0, len(x), 1024)]) if len(x) else np.zeros((0, 0), np.float32)
+    state = model.head_state()
+    rows = [("torch", reference, feats_t, float("nan"), "torch", float("nan"))]
+    for name, path in backbones.items():
+        fc, feats, runner, seconds = device_point_forecast(path, state, x)
+        rows.append((name, fc, feats, Path(path).stat().st_size / 1024, runner.runtime_version,
+                     1e3 * seconds / max(1, len(x))))
+    mses = {name: float(np.mean((fc - y) ** 2)) for name, fc, *_ in rows}
+    base = mses.get(baseline, mses["torch"])
     out = []
-    for i in range(0, len(x), batch_size):
-        feats, loc, scale = sess.run(None, {"context": np.ascontiguousarray(x[i : i + batch_size], np.float32)})
-        point_n, _ = numpy_head(head_state, feats)
-        out.append(point_n * scale + loc)
-    return np.concatenate(out) if out else np.zeros((0, len(head_state["point_bias"])), np.float32)
+    for name, fc, feats, size, runtime, ms in rows:
+        err, ferr = np.abs(fc - reference), np.abs(feats - feats_t)
+        m = mses[name]
+        out.append(FormatRow(name, size, float(err.max()), float(err.mean()), m, m - base,
+                             100.0 * (m - base) / base if base else 0.0, float(ferr.max()), float(ferr.mean()),
+                             runtime, ms))
+    return out
 
 
 def format_report(model: Any, fp32_path: str | os.PathLike[str], int8_path: str | os.PathLike[str],
                   windows: tuple[np.ndarray, np.ndarray]) -> list[FormatRow]:
     """Rows for torch (reference), fp32 ONNX and int8 ONNX on the same (x, y) windows."""
-    from coordinator.pretrain.central import predict
-
-    x, y = np.asarray(windows[0], np.float32), np.asarray(windows[1], np.float32)
-    reference = predict(model, x)[0]
-    state = model.head_state()
-    forecasts = {"torch": reference}
-    sizes = {"torch": float("nan")}
-    for name, path in (("onnx-fp32", fp32_path), ("onnx-int8", int8_path)):
-        forecasts[name] = onnx_point_forecast(path, state, x)
-        sizes[name] = Path(path).stat().st_size / 1024
-    base = float(np.mean((forecasts["onnx-fp32"] - y) ** 2))
-    rows = []
-    for name, fc in forecasts.items():
-        err = np.abs(fc - reference)
-        m = float(np.mean((fc - y) ** 2))
-        rows.append(FormatRow(name, sizes[name], float(err.max()), float(err.mean()), m, m - base,
-                              100.0 * (m - base) / base if base else 0.0))
-    return rows
+    return formats_report(model, {"onnx-fp32": fp32_path, "onnx-int8": int8_path}, windows)
 
 
 def report_table(rows: list[FormatRow]) -> str:
     """Markdown table of :func:`format_report` rows."""
-    lines = ["| format | size KB | max abs err vs torch | mean abs err vs torch | forecast MSE | ΔMSE vs fp32 |",
-             "|---|---:|---:|---:|---:|---:|"]
+    lines = ["| format | runtime | size KB | features max / mean abs err | forecast max / mean abs err | "
+             "forecast MSE | ΔMSE vs fp32 | ms/window |",
+             "|---|---|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
         size = "–" if np.isnan(r.size_kb) else f"{r.size_kb:.0f}"
-        lines.append(f"| {r.format} | {size} | {r.max_abs_err:.2e} | {r.mean_abs_err:.2e} | {r.mse:.5f} | "
-                     f"{r.mse_change:+.1e} ({r.mse_change_pct:+.3f} %) |")
+        ms = "–" if np.isnan(r.ms_per_window) else f"{r.ms_per_window:.3f}"
+        lines.append(f"| {r.format} | {r.runtime} | {size} | {r.feat_max_abs_err:.1e} / {r.feat_mean_abs_err:.1e} | "
+                     f"{r.max_abs_err:.1e} / {r.mean_abs_err:.1e} | {r.mse:.5f} | "
+                     f"{r.mse_change:+.1e} ({r.mse_change_pct:+.3f} %) | {ms} |")
     return "\n".join(lines)
 
 

@@ -275,3 +275,21 @@ def test_conversion_round_trip(tiny_export, tmp_path):
     assert {TFLITE_NAME, TFLITE_INT8_NAME} <= set(spec["files"]) and "fp32" in spec["parity_tflite"]
     r = BackboneRunner(result.paths["fp32"])
     assert r.runtime == LITERT and r.spec.model_id == tiny_export["model"].model_id()
+
+
+def test_formats_report_covers_onnx_and_litert_against_torch():
+    """The parity report of benchmarks/formats.py, on the fixture's own torch model and ETTh1 test windows."""
+    from coordinator.pretrain.central import load_checkpoint, split_windows
+    from export.quantize import formats_report, report_table
+
+    model = load_checkpoint(FIXTURE / "model.pt")
+    assert model.model_id() == json.loads((FIXTURE / "spec.json").read_text())["model_id"]
+    x, y = split_windows("etth1", "test", model.config.context, model.config.horizon, stride=96)
+    rows = {r.format: r for r in formats_report(model, {"onnx-fp32": FIXTURE / "backbone.onnx",
+                                                        "tflite-fp32": FIXTURE / TFLITE_NAME,
+                                                        "tflite-int8": FIXTURE / TFLITE_INT8_NAME}, (x, y))}
+    assert rows["tflite-fp32"].runtime.startswith("ai-edge-litert") and rows["onnx-fp32"].runtime.startswith("onnx")
+    assert rows["tflite-fp32"].feat_max_abs_err < FP32_TOL and rows["tflite-fp32"].max_abs_err < 1e-3
+    assert abs(rows["tflite-fp32"].mse_change_pct) < 0.01
+    assert FP32_TOL < rows["tflite-int8"].feat_max_abs_err < INT8_TOL and abs(rows["tflite-int8"].mse_change_pct) < 5
+    assert rows["torch"].max_abs_err == 0 and "tflite-int8" in report_table(list(rows.values()))
