@@ -284,3 +284,45 @@ def test_run_reports_a_busy_state_dir_and_a_bad_broker_address(tmp_path, tiny_ex
     cfg.write_text(cfg.read_text().replace('broker = "127.0.0.1:1"', 'broker = "host:notaport"'))
     bad = CliRunner().invoke(app, ["run", "--config", str(cfg)])
     assert bad.exit_code == 2 and "bad broker address" in bad.output
+
+
+def test_daemon_fetches_its_backbone_as_a_signed_bundle_and_switches_versions_between_rounds(
+        mosquitto, tiny_export, tmp_path):
+    from export.bundle import build_bundle, generate_key, publish_bundle, save_keypair
+
+    fleet, topics = "bnd", P.Topics("bnd")
+    key, forger = generate_key(), generate_key()
+    pub = save_keypair(key, tmp_path / "keys" / "coordinator.key")
+    publisher = make_client("bundle-publisher")
+    connect(publisher, mosquitto.address)
+    publish_bundle(publisher, topics, build_bundle(tiny_export["dir"], tmp_path / "b1", 1, key))
+    cfg = _device(tmp_path, mosquitto.address, fleet, tiny_export["backbone"],
+                  f'profile = "pi4"\n[bundle]\ndir = "{tmp_path / "bundles"}"\npublic_key = "{pub}"\n')
+    cfg.write_text("\n".join(line for line in cfg.read_text().splitlines() if not line.startswith("backbone =")))
+    coord = _coordinator(mosquitto.address, fleet, tmp_path, tiny_export)
+    daemon = _start(cfg)  # no backbone file: it must wait for the signed bundle
+    state_db, current = tmp_path / "state" / DB_NAME, tmp_path / "bundles" / "current"
+    try:
+        assert coord.wait_for_devices(1, 60) == [DEVICE]
+        assert coord.run_round("train").state == "closed"
+        assert _rows(state_db, "SELECT value FROM meta WHERE key='bundle_version'") == [("1",)]
+
+        publish_bundle(publisher, topics, build_bundle(tiny_export["dir"], tmp_path / "b2", 2, key))
+        _wait(lambda: current.exists() and current.read_text().strip() == "2", 30, "bundle v2 installed")
+        assert coord.run_round("train").state == "closed"  # the device switched before training
+        assert _rows(state_db, "SELECT value FROM meta WHERE key='bundle_version'") == [("2",)]
+
+        publish_bundle(publisher, topics, build_bundle(tiny_export["dir"], tmp_path / "b3", 3, forger))
+        time.sleep(1.0)  # give the forged manifest time to arrive (and be refused)
+        rc, out = _terminate(daemon)
+    finally:
+        if daemon.poll() is None:
+            daemon.kill()
+        coord.stop()
+        publisher.disconnect()
+        publisher.loop_stop()
+    assert rc == 0, out
+    assert "switching to bundle v2" in out and "rejected: bad_signature" in out
+    assert current.read_text().strip() == "2" and not (tmp_path / "bundles" / "versions" / "3").exists()
+    status = CliRunner().invoke(app, ["status", "--config", str(cfg)])
+    assert "current v2, previous v1" in status.output
