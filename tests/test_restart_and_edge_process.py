@@ -167,4 +167,4 @@ def test_daemon_reports_bad_config_clearly(tmp_path):
     good.write_text(f'device_id = "a"\nbackbone = "{corrupt}"\n')
     proc = subprocess.run([sys.executable, "-c", "from edge_client.daemon import app; app()", "info", "--config",
                            str(good)], cwd=ROOT, capture_output=True, text=True, timeout=60)
-    assert proc.returncode == 2 and "cannot load backbone" in proc.stderr
+    assert proc.returncode == 2 and "cannot load" in proc.stderr and "backbone" in proc.stderr
