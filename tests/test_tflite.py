@@ -263,18 +263,25 @@ def test_cli_rejects_an_unknown_format(tmp_path):
 @pytest.mark.slow
 @pytest.mark.skipif(env_python() is None, reason="no TFLite conversion env (python -m export.tflite_export "
                     "--ensure-env builds it: ~2 GB); the device path is tested on the committed fixture")
-def test_conversion_round_trip(tiny_export, tmp_path):
-    from export.tflite_export import export_tflite
+def test_fedge_export_format_tflite_round_trip(tmp_path):
+    """`fedge export --format tflite` on the fixture's checkpoint: converts in the conversion env, checks
+    parity, records the files in spec.json, and the device runs the result like the committed file."""
+    from typer.testing import CliRunner
 
-    for name in ("backbone.onnx", "spec.json"):
-        shutil.copyfile(tiny_export["dir"] / name, tmp_path / name)
-    result = export_tflite(tiny_export["model"], tmp_path, create_env=False)
-    assert result.parity["fp32"].ok() and result.parity["fp32"].batch_sizes == [1, 8]
-    assert result.parity["int8"].backbone_max_abs_err < INT8_TOL
-    spec = json.loads((tmp_path / "spec.json").read_text())
-    assert {TFLITE_NAME, TFLITE_INT8_NAME} <= set(spec["files"]) and "fp32" in spec["parity_tflite"]
-    r = BackboneRunner(result.paths["fp32"])
-    assert r.runtime == LITERT and r.spec.model_id == tiny_export["model"].model_id()
+    from coordinator.cli import app
+
+    out = tmp_path / "model"
+    result = CliRunner().invoke(app, ["export", str(FIXTURE / "model.pt"), "--out", str(out), "--format", "tflite"])
+    assert result.exit_code == 0, result.output
+    spec = json.loads((out / "spec.json").read_text())
+    assert {TFLITE_NAME, TFLITE_INT8_NAME} <= set(spec["files"])
+    assert spec["parity_tflite"]["fp32"]["backbone_max_abs_err"] < FP32_TOL
+    assert FP32_TOL < spec["parity_tflite"]["int8"]["backbone_max_abs_err"] < INT8_TOL
+    with np.load(FIXTURE / "reference.npz") as data:
+        x, want = data["x"], data["features"]
+    r = BackboneRunner(out / TFLITE_NAME)
+    assert r.runtime == LITERT and r.spec.model_id == spec["model_id"]
+    np.testing.assert_allclose(r.features(x).feats, want, atol=FP32_TOL, rtol=0)
 
 
 def test_formats_report_covers_onnx_and_litert_against_torch():
