@@ -42,6 +42,15 @@ def test_round_under_pi4_limits_completes_and_respects_them(tiny_export):
 
 
 @pytest.mark.broker
+def test_tflite_backbone_round_under_profile_limits():
+    """The LiteRT path of the daemon through the same harness (the committed tiny TFLite export)."""
+    res = run_hil("pi5", ROOT / "tests/data/tflite", fmt="tflite", emulate="native", memory_mb=300, cpus=[LAST_CPU])
+    assert res.ok, f"{res.error}\n{res.daemon_log_tail}\n{res.coordinator_log_tail}"
+    assert res.runtime.startswith("litert") and res.threads == load_profile("pi5").threads
+    assert (res.base_version, res.new_version) == (0, 1) and set(res.observed_cpus) <= {LAST_CPU}
+
+
+@pytest.mark.broker
 def test_too_small_memory_limit_fails_cleanly_not_hangs(tiny_export):
     probe = MemoryLimit.create(16)
     probe.close()
