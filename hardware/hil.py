@@ -215,7 +215,10 @@ def _device_report(log_path: Path) -> dict:
     except OSError:
         return {}
     tagged = [line for line in text.splitlines() if line.startswith(RESULT_TAG)]
-    return json.loads(tagged[-1][len(RESULT_TAG):]) if tagged else {}
+    try:
+        return json.loads(tagged[-1][len(RESULT_TAG):]) if tagged else {}
+    except json.JSONDecodeError:
+        return {}  # cut off mid-line by a kill: the harness's own measurements still stand
 
 
 def _round_from_db(db: Path, device_id: str) -> dict:
@@ -278,14 +281,14 @@ def run_hil(profile: str | DeviceProfile, model_dir: Path, *, fmt: str = "onnx",
     work = Path(workdir or tmp.name)  # type: ignore[union-attr]
     work.mkdir(parents=True, exist_ok=True)
     db, dlog, clog = work / "fleet.sqlite", work / "device.log", work / "coordinator.log"
-    broker = start_mosquitto()
     limit = MemoryLimit.create(limit_mb, memory_mode)
     res.memory_mode, res.memory_note = limit.mode, limit.note
-    coord = daemon = None
+    coord = daemon = broker = None
     observed: set[int] = set()
     t0 = t_daemon = time.time()
     first_exit = ""  # which process failed first (the other one is then stopped by us)
     try:
+        broker = start_mosquitto()
         address = f"{broker.address.host}:{broker.address.port}"
         cfg = device_toml(work / "device.toml", device_id=device_id, broker=address, backbone=backbone,
                           profile=prof, horizon=horizon, data=data)
@@ -323,7 +326,10 @@ def run_hil(profile: str | DeviceProfile, model_dir: Path, *, fmt: str = "onnx",
         res.total_s = time.time() - t0
         res.cgroup_peak_mb, res.oom_kills = limit.peak_mb(), limit.oom_kills()
         limit.close()
-        broker.stop()
+        if broker is not None:
+            broker.stop()
+        if tmp is not None and sys.exc_info()[0] is not None:
+            tmp.cleanup()
 
     res.observed_cpus = sorted(observed)
     dev = _device_report(dlog)
