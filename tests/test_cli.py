@@ -33,6 +33,7 @@ def test_quick_demo_runs_end_to_end_on_the_embedded_broker(tmp_path) -> None:
     assert len(result["devices"]) == 3 and result["parity"]["forecast_max_abs_err"] < 1e-4
     assert (out / "demo.png").stat().st_size > 10_000
     assert (out / "model" / "backbone.onnx").is_file()
+    assert result["backbone"]["strategy"] == "etth1" and "--quick" in result["backbone"]["reason"]
 
 
 @pytest.mark.parametrize(("args", "message"), [
@@ -41,6 +42,7 @@ def test_quick_demo_runs_end_to_end_on_the_embedded_broker(tmp_path) -> None:
     (("demo", "--task", "chess"), "--task must be"),
     (("demo", "--devices", "0"), "devices"),
     (("demo", "--data-dir", "/nonexistent/dir"), "does not exist"),
+    (("demo", "--pretrain-strategy", "fedpm"), "cannot be the demo's backbone"),
     (("serve", "--init-head", "/nonexistent/head.npz"), "cannot start"),
     (("export", "/nonexistent/ckpt.pt"), "error"),
     (("status", "--db", "/nonexistent/fleet.sqlite"), "no fleet database"),

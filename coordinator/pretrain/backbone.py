@@ -104,8 +104,8 @@ def check_requested(name: str) -> None:
     if name not in CHOICES:
         raise ValueError(f"unknown pretraining strategy {name!r}; choose one of {', '.join(CHOICES)}")
     if name in STRATEGIES and not make_strategy(name).exportable():
-        raise ValueError(f"{name}'s global model quantises tokens with a memory the ONNX backbone does not "
-                         "contain; it cannot be the demo's backbone")
+        raise ValueError(f"{name} cannot be the demo's backbone: its global model quantises tokens with a "
+                         "memory the ONNX backbone does not contain")
 
 
 def choose_backbone(
