@@ -90,12 +90,16 @@ def start_mosquitto(port: int | None = None, extra_config: list[str] | None = No
     tmp = tempfile.TemporaryDirectory(prefix="fedge-mosquitto-")
     conf = Path(tmp.name) / "mosquitto.conf"
     conf.write_text(mosquitto_config(port, extra_config))
-    proc = subprocess.Popen([binary, "-c", str(conf)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    log_path = Path(tmp.name) / "mosquitto.log"
+    with open(log_path, "wb") as log_file:  # a file, not a pipe: nobody reads a pipe, and a full one (a few
+        # hundred connects and disconnects of log lines) blocks mosquitto's writes and so the whole broker
+        proc = subprocess.Popen([binary, "-c", str(conf)], stdout=subprocess.DEVNULL, stderr=log_file)
     try:
         wait_for_port(port)
     except RuntimeError:
         proc.kill()
-        err = proc.stderr.read().decode(errors="replace") if proc.stderr else ""
+        proc.wait()
+        err = log_path.read_text(errors="replace")
         tmp.cleanup()
         raise RuntimeError(f"mosquitto failed to start on port {port}: {err.strip()}") from None
     log.info("mosquitto listening on 127.0.0.1:%d", port)

@@ -23,6 +23,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
+from threadpoolctl import threadpool_limits
 
 from coordinator.fleet.server import FleetConfig, FleetCoordinator, RoundResult
 from coordinator.fleet.state import FleetState
@@ -131,6 +132,18 @@ def run_federated_mqtt(
 
     StageLog.bytes_up/bytes_down are what crossed the broker in the period's rounds (updates up;
     global model and tasks down), measured by the coordinator."""
+    with threadpool_limits(limits=1):  # see below
+        return _run_federated_mqtt(name, split, encoder, items, cfg, broker, db, fleet=fleet, deadline_s=deadline_s,
+                                   on_stage=on_stage, on_round=on_round)
+
+
+def _run_federated_mqtt(name: str, split: ContinualSplit, encoder: SequenceEncoder, items: np.ndarray,
+                        cfg: RecSimConfig, broker: BrokerAddress, db: str | Path, *, fleet: str, deadline_s: float,
+                        on_stage: StageCallback | None, on_round: Callable[[str, int, int], None] | None
+                        ) -> MethodResult:
+    """The body of :func:`run_federated_mqtt`, run with one BLAS thread: every simulated device trains
+    on its own worker thread in this one process, and a multi-threaded BLAS under each of them
+    oversubscribes the cores (60 devices on 2 cores: 161 s instead of 6.6 s for four periods)."""
     spec = METHODS[name]
     dim = items.shape[1]
     init = init_adapter(dim, cfg.adapter, np.random.default_rng(cfg.seed))
