@@ -30,7 +30,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from edge_round import ROOT, TARGETS, default_model, export_default_model
 
 from hardware.emulation import EmulationUnavailable, host_arch, qemu_python
-from hardware.hil import FORMATS, HilResult, model_files, run_hil
+from hardware.hil import FORMATS, HilResult, exit_on_sigterm, model_files, run_hil
 from hardware.profiles import list_profiles, load_profile
 
 
@@ -93,7 +93,8 @@ def markdown(report: dict) -> str:
         "(torch blocked) pinned to the profile's cores (capped by this host's "
         f"{report['machine']['host_cpus']} CPUs), the profile's ORT threads, under a memory cgroup of the "
         f"profile's RAM; {report['settings']['local_epochs']} local epochs, horizon 24, median of "
-        f"{report['settings']['repeats']} rounds (emulated rows: 1). Host: {report['machine']['cpu']}, "
+        f"{report['settings']['repeats']} rounds (emulated rows: 1 round, profiles "
+        f"{', '.join(report['settings']['qemu_profiles'])}). Host: {report['machine']['cpu']}, "
         f"Python {report['machine']['python']}.\n",
         "**Emulated rows are not hardware timings**: an aarch64 CPython and the aarch64 wheels under qemu "
         "user-mode emulation on an x86-64 host; they show that the device stack runs on aarch64 and how its "
@@ -132,12 +133,15 @@ def main() -> None:
     ap.add_argument("--profiles", default=",".join(list_profiles()))
     ap.add_argument("--formats", default=",".join(FORMATS))
     ap.add_argument("--emulate", default="native,qemu", help="native, qemu or both (comma-separated)")
+    ap.add_argument("--qemu-profiles", default="pi4", help="profiles for emulated rows (each takes minutes: the "
+                    "backbone features of every local window are computed under emulation)")
     ap.add_argument("--repeats", type=int, default=3, help="rounds per native row (emulated rows: 1)")
     ap.add_argument("--local-epochs", type=int, default=2)
     ap.add_argument("--model-dir", type=Path, default=None, help="an export directory (default: export the demo "
                     "model; TFLite needs it too, so only with --formats onnx,int8)")
     ap.add_argument("--out", type=Path, default=ROOT / "docs" / "results")
     args = ap.parse_args()
+    exit_on_sigterm()
     profiles, formats = args.profiles.split(","), args.formats.split(",")
     for p in profiles:
         load_profile(p)
@@ -157,11 +161,14 @@ def main() -> None:
         if args.model_dir is None:
             _, _, model_info = export_default_model(model_dir, model)
         else:
-            model_info = {"model_id": model_dir.name, "n_params": 0}
+            spec_path = model_dir / "spec.json"
+            spec = json.loads(spec_path.read_text()) if spec_path.is_file() else {}
+            model_info = {"model_id": spec.get("model_id", model_dir.name), "n_params": spec.get("n_params", 0)}
         missing = prepare_formats(model, model_dir, formats)
         rows = []
+        qemu_profiles = args.qemu_profiles.split(",")
         for mode in modes:
-            for profile in profiles:
+            for profile in profiles if mode == "native" else [p for p in profiles if p in qemu_profiles]:
                 for fmt in formats:
                     if fmt in missing:
                         continue
@@ -176,7 +183,8 @@ def main() -> None:
            and r["upload_bytes"] / 1024 <= TARGETS["upload_kb"]
            for r in rows if r["profile"] == "pi4" and not r["emulated"]}
     report = {"model": model_info, "settings": {"repeats": args.repeats, "local_epochs": args.local_epochs,
-                                                "profiles": profiles, "formats": formats, "emulate": modes},
+                                                "profiles": profiles, "formats": formats, "emulate": modes,
+                                                "qemu_profiles": args.qemu_profiles.split(",")},
               "machine": {"python": platform.python_version(), "cpu": platform.processor() or host_arch(),
                           "host_cpus": len(os.sched_getaffinity(0))},
               "targets": TARGETS, "pi4_native_targets_met": pi4, "missing_formats": missing,

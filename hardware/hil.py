@@ -28,6 +28,7 @@ import json
 import logging
 import os
 import shutil
+import signal
 import sqlite3
 import subprocess
 import sys
@@ -380,6 +381,11 @@ def _diagnose(res: HilResult, first_exit: str = "") -> str:
     return ""
 
 
+def exit_on_sigterm() -> None:
+    """Turn SIGTERM into SystemExit so the harness's cleanup (child processes, broker, cgroup) runs."""
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
+
+
 def main(argv: list[str] | None = None) -> int:
     from hardware.profiles import list_profiles
 
@@ -395,6 +401,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--timeout", type=float, default=None, help="seconds for the whole run")
     ap.add_argument("--json", type=Path, default=None, help="write the result record here")
     args = ap.parse_args(argv)
+    exit_on_sigterm()
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     try:
         cpus = [int(c) for c in args.cpus.split(",")] if args.cpus else None
