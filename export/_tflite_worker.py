@@ -53,11 +53,16 @@ def quantize_int8(model: bytes) -> bytes:
 
 
 def add_metadata(model: bytes, key: str, value: bytes) -> bytes:
-    """Append (or replace) one named metadata buffer with the schema's object API, then re-pack."""
+    """Append (or replace) one named metadata buffer with the schema's object API, then re-pack into one
+    self-contained flatbuffer."""
     import flatbuffers
     from ai_edge_litert import schema_py_generated as schema
 
     m = schema.ModelT.InitFromPackedBuf(bytearray(model), 0)
+    for b in m.buffers:  # ai-edge-quantizer appends large constants after the flatbuffer (offset/size):
+        if b.offset > 1:  # re-packing would drop that tail, so pull them inside (fine below 2 GB)
+            b.data = np.frombuffer(model, dtype=np.uint8, count=b.size, offset=b.offset)
+            b.offset = b.size = 0
     buf = schema.BufferT()
     buf.data = np.frombuffer(value, dtype=np.uint8)
     m.buffers.append(buf)

@@ -99,6 +99,29 @@ def test_metadata_reader_agrees_with_the_tflite_schema():
     assert spec["format"] == "tflite-fp32" and spec["signature_batches"] == [1, 8, 32]
 
 
+def test_metadata_reader_follows_buffers_stored_after_the_flatbuffer():
+    """Large constants may live past the flatbuffer (Buffer.offset/size, as ai-edge-quantizer writes them)."""
+    import flatbuffers
+    from ai_edge_litert import schema_py_generated as schema
+
+    payload = b'{"moved": true}'
+    m = schema.ModelT.InitFromPackedBuf(bytearray((FIXTURE / TFLITE_NAME).read_bytes()), 0)
+    index = next(md.buffer for md in m.metadata if md.name in (b"fedge.spec", "fedge.spec"))
+    m.buffers[index].data, m.buffers[index].size = None, len(payload)
+
+    def pack(offset: int) -> bytes:
+        m.buffers[index].offset = offset
+        builder = flatbuffers.Builder(1024)
+        builder.Finish(m.Pack(builder), file_identifier=b"TFL3")
+        return bytes(builder.Output())
+
+    head = pack(2)  # same width as the real offset, so the flatbuffer's length does not change
+    data = pack(len(head)) + payload
+    assert litert.read_metadata(data)["fedge.spec"] == payload
+    with pytest.raises(litert.TFLiteFormatError, match="outside"):
+        litert.read_metadata(data[: -len(payload) // 2])
+
+
 # --------------------------------------------------------------------------- broken files
 
 
