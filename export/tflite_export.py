@@ -170,7 +170,7 @@ def export_tflite(
         np.savez(t / "sample.npz", x=x)
         cmd = [str(py), str(WORKER), "--program", str(t / "backbone.pt2"), "--spec", str(t / "spec.json"),
                "--sample", str(t / "sample.npz"), "--out", str(paths["fp32"]), "--result", str(t / "result.npz"),
-               "--batches", ",".join(str(b) for b in sorted({*SIGNATURE_BATCHES, len(x)}))]
+               "--batches", ",".join(str(b) for b in SIGNATURE_BATCHES)]
         if int8:
             cmd += ["--int8-out", str(paths["int8"])]
         t0 = time.perf_counter()

@@ -274,6 +274,20 @@ def test_conversion_pins_match_the_pyproject_extra():
     assert any(d.startswith("ai-edge-litert") for d in extras["litert"]) and "fedge[litert]" in extras["dev"]
 
 
+def test_conversion_env_is_used_only_with_the_current_pins(tmp_path, monkeypatch):
+    from export import tflite_export as T
+
+    (tmp_path / "bin").mkdir()
+    (tmp_path / "bin" / "python").write_text("")
+    assert T.env_python(tmp_path) is None  # an interrupted install has no pins file
+    (tmp_path / "fedge-pins.txt").write_text("torch==2.12.0\nlitert-torch==0.9.0\n")
+    assert T.env_python(tmp_path) is None  # older pins: ensure_env rebuilds it
+    (tmp_path / "fedge-pins.txt").write_text("\n".join(CONVERT_PINS) + "\n")
+    assert T.env_python(tmp_path) == tmp_path / "bin" / "python"
+    monkeypatch.setenv("FEDGE_TFLITE_ENV", str(tmp_path))
+    assert T.default_env_dir() == tmp_path and T.ensure_env() == tmp_path / "bin" / "python"
+
+
 def test_cli_rejects_an_unknown_format(tmp_path):
     from typer.testing import CliRunner
 
