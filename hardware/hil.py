@@ -367,7 +367,8 @@ def _diagnose(res: HilResult, first_exit: str = "") -> str:
     device_failed = res.daemon_exit not in (0, None)
     coordinator_failed = res.coordinator_exit not in (0, None)
     if device_failed and (first_exit != "coordinator" or not coordinator_failed):
-        last = (res.daemon_log_tail.splitlines() or ["no output"])[-1]
+        lines = [x for x in res.daemon_log_tail.splitlines() if x.strip() and not x.startswith(RESULT_TAG)]
+        last = next((x for x in reversed(lines) if x.startswith("error:")), lines[-1] if lines else "no output")
         return f"device daemon exited with {res.daemon_exit}: {last}"
     if coordinator_failed:
         last = (res.coordinator_log_tail.splitlines() or ["no output"])[-1]

@@ -64,6 +64,19 @@ def test_too_small_memory_limit_fails_cleanly_not_hangs(tiny_export):
     assert res.new_version is None  # nothing was aggregated from a device that never answered
 
 
+@pytest.mark.broker
+def test_device_that_cannot_load_its_model_fails_with_its_own_error(tiny_export, tmp_path):
+    model_dir = tmp_path / "model"
+    model_dir.mkdir()
+    for name in ("backbone.onnx", "head.npz", "spec.json"):
+        (model_dir / name).write_bytes((tiny_export["dir"] / name).read_bytes())
+    (model_dir / "backbone.tflite").write_bytes(b"TFL3 but not a model")
+    res = run_hil("pi4", model_dir, fmt="tflite", emulate="native", memory_mb=300, cpus=[LAST_CPU], timeout_s=120)
+    assert not res.ok and res.daemon_exit == 2
+    assert res.error.startswith("device daemon exited with 2: error:") and "backbone" in res.error, res.error
+    assert res.total_s is not None and res.total_s < 60
+
+
 def test_limits_are_applied_before_the_program_starts(tmp_path):
     """The wrapped child sees the mask and the cgroup (or rlimit) from its first instruction."""
     probe = (
