@@ -247,7 +247,7 @@ class EdgeClient:
         """(Re-)publish the retained hello, e.g. after the learner was rebuilt on new data."""
         current = max(self.globals) if self.globals else None
         self._publish(self.topics.hello(self.device_id), Hello(
-            fleet=self.fleet, device_id=self.device_id, runtime=self.learner.backbone.runtime,
+            fleet=self.fleet, device_id=self.device_id, runtime=self.learner.backbone.runtime_version,
             profile=self.profile, domain=self.domain, n_train=self.learner.n_train, n_eval=self.learner.n_eval,
             model_version=current, capabilities=["train", "evaluate", "fedprox"]), retain=True)
 

@@ -85,6 +85,9 @@ class BundleConfig(BaseModel):
     dir: str
     public_key: str  # PEM file with the coordinator's ed25519 public key
     preferred_format: Literal["fp32", "int8"] = "fp32"
+    # Which runtime runs the bundle's backbone: LiteRT picks the .tflite file when the bundle ships one
+    # and ai-edge-litert (or tflite-runtime) is installed; otherwise the device falls back to ONNX Runtime.
+    runtime: Literal["onnxruntime", "litert"] = "onnxruntime"
 
 
 class DeviceConfig(BaseModel):

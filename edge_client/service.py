@@ -153,7 +153,7 @@ class DeviceService:
 
         b = cfg.bundle
         return BundleStore(Path(b.dir), load_public_key(b.public_key), profile=cfg.profile,
-                           preferred_format=b.preferred_format, threads=cfg.threads)
+                           preferred_format=b.preferred_format, runtime=b.runtime, threads=cfg.threads)
 
     def load_backbone(self) -> BackboneRunner | None:
         """The current bundle's backbone (rolled back by BundleStore if it fails), else the file
