@@ -81,7 +81,7 @@ def default_model():  # type: ignore[no-untyped-def]
 def export_default_model(workdir: Path, model=None) -> tuple[Path, Path, dict]:  # type: ignore[no-untyped-def]
     from export.onnx_export import export_model
 
-    model = model or default_model()
+    model = default_model() if model is None else model
     result = export_model(model, workdir)
     return result.backbone, result.head_npz, {"model_id": model.model_id(), "n_params": model.n_params(),
                                               "backbone_kb": result.backbone.stat().st_size / 1024}
