@@ -235,7 +235,7 @@ def serve(
         _fail(str(exc))
     try:
         sha = spec.get("files", {}).get("backbone.onnx", {}).get("sha256", "")
-        coordinator.ensure_model(initial, {"backbone_sha256": sha})
+        coordinator.ensure_model(initial, {"backbone_sha256": sha, "backbone_id": str(spec.get("model_id", ""))})
         if spec:
             coordinator.publish_manifest(spec)
         while state.finished_rounds() < rounds:

@@ -244,7 +244,8 @@ def run_demo(cfg: DemoConfig, console: Console | None = None) -> DemoResult:
     try:
         coordinator.start()
         initial = slice_head(model.head_state(), cfg.horizon)
-        coordinator.ensure_model(initial, {"backbone_sha256": exported.spec["files"]["backbone.onnx"]["sha256"]})
+        coordinator.ensure_model(initial, {"backbone_sha256": exported.spec["files"]["backbone.onnx"]["sha256"],
+                                           "backbone_id": exported.spec["model_id"]})
         coordinator.publish_manifest(exported.spec)
         sims = carve_devices(cfg.devices, cfg.data_dir, seed=cfg.seed)
         with console.status("starting devices (ONNX Runtime sessions, backbone features of local data)"):

@@ -47,6 +47,7 @@ from edge_client.protocol import (
     decode,
     encode,
 )
+from edge_client.runtime import backbone_mismatch
 from edge_client.store import OutboxEntry, OutboxState
 
 log = logging.getLogger("fedge.edge")
@@ -320,21 +321,27 @@ class EdgeClient:
             log.warning("device %s: coordinator rejected %s: %s (%s)", self.device_id, msg.ref_msg_id, msg.reason,
                         msg.detail)
 
+    def _backbone_identity(self) -> tuple[str, str]:
+        """(model id, file sha256) of the backbone this device runs; the id is empty for backbones whose
+        metadata has none (the recommender's encoder), and then the file hash decides."""
+        backbone = self.learner.backbone
+        return str(getattr(backbone.spec, "model_id", "") or ""), backbone.sha256
+
     def _on_manifest(self, msg: ModelManifest) -> None:
-        wanted = {f.name: f.sha256 for f in msg.files}.get("backbone.onnx")
         self.manifest = msg
-        if wanted and wanted != self.learner.backbone.sha256:
-            self.receiver.reject(ModelMismatch(
-                f"fleet runs backbone {wanted[:12]}… (manifest v{msg.version}), this device has "
-                f"{self.learner.backbone.sha256[:12]}…; install the new backbone"), self.topics.manifest(self.task))
+        why = backbone_mismatch(*self._backbone_identity(), model_id=msg.model_id,
+                                sha256s=[f.sha256 for f in msg.files if f.name.startswith("backbone")])
+        if why:
+            self.receiver.reject(ModelMismatch(f"fleet runs {why} (manifest v{msg.version}); install the new backbone"),
+                                 self.topics.manifest(self.task))
 
     def _on_global(self, msg: GlobalModel) -> None:
         spec = self.learner.backbone.spec
         horizon = len(msg.params.get("point_bias", ()))
         try:
-            if msg.backbone_sha256 and msg.backbone_sha256 != self.learner.backbone.sha256:
-                raise ModelMismatch(f"global head v{msg.version} was trained for backbone {msg.backbone_sha256[:12]}…,"
-                                    f" this device runs {self.learner.backbone.sha256[:12]}…")
+            if why := backbone_mismatch(*self._backbone_identity(), model_id=msg.backbone_id,
+                                        sha256s=[msg.backbone_sha256]):
+                raise ModelMismatch(f"global head v{msg.version} was trained for {why}")
             if horizon != self.learner.split.horizon:
                 raise WrongShape(f"global head horizon {horizon} != device horizon {self.learner.split.horizon}")
             check_arrays(msg.params, head_shapes(spec.feature_dim, horizon, len(spec.quantiles)), what="global")

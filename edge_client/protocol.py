@@ -315,6 +315,8 @@ class GlobalModel(Message):
     version: int = Field(ge=0)
     params: Arrays
     backbone_sha256: str = Field(default="", max_length=64)
+    # The export's model id, shared by all its formats (ONNX, int8, TFLite); devices check it first.
+    backbone_id: str = Field(default="", max_length=128)
 
 
 class ModelFile(BaseModel):

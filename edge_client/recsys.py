@@ -90,7 +90,8 @@ class SequenceEncoder:
         self.sha256 = sha256_file(self.path)  # what global models and manifests are checked against
         if expected_sha256 and self.sha256 != expected_sha256:
             raise ModelLoadError(f"encoder {self.path} does not match the manifest's sha256")
-        self.runtime = f"onnxruntime {ort.__version__}"
+        self.runtime = "onnxruntime"  # the same names BackboneRunner uses, read by EdgeClient's hello
+        self.runtime_version = f"onnxruntime {ort.__version__}"
         opts = ort.SessionOptions()
         opts.intra_op_num_threads = max(1, threads)
         opts.inter_op_num_threads = 1

@@ -53,6 +53,7 @@ from edge_client.protocol import (
 )
 from edge_client.recsys import METHODS, RecDevice, full_scores, represent
 from edge_client.recsys_data import UserLog, hit_ndcg, ranks
+from edge_client.runtime import backbone_mismatch
 
 log = logging.getLogger("fedge.edge.rec")
 
@@ -197,10 +198,9 @@ class RecEdgeClient(EdgeClient):
 
     def _on_global(self, msg: GlobalModel) -> None:
         try:
-            mine = self.learner.backbone.sha256
-            if msg.backbone_sha256 and msg.backbone_sha256 != mine:
-                raise ModelMismatch(f"global adapter v{msg.version} was trained for encoder "
-                                    f"{msg.backbone_sha256[:12]}…, this device runs {mine[:12]}…")
+            if why := backbone_mismatch(*self._backbone_identity(), model_id=msg.backbone_id,
+                                        sha256s=[msg.backbone_sha256]):
+                raise ModelMismatch(f"global adapter v{msg.version} was trained for {why}")
             self.learner.check_global(msg.params)
         except ProtocolError as err:
             self.receiver.reject(err, self.topics.global_model(self.task))

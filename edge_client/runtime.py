@@ -16,6 +16,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+from collections.abc import Collection
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -95,6 +96,21 @@ class _OrtBackbone:
 
     def run(self, x: np.ndarray, batch_size: int) -> list[list[np.ndarray]]:
         return [self.session.run(None, {"context": x[i : i + batch_size]}) for i in range(0, len(x), batch_size)]
+
+
+def backbone_mismatch(mine_id: str, mine_sha256: str, *, model_id: str = "",
+                      sha256s: Collection[str] = ()) -> str | None:
+    """Why a head or manifest made for another backbone must be refused, or None when it fits.
+
+    Every format of one export (ONNX fp32/int8, TFLite fp32/int8) carries the same model id (a content
+    hash of the torch weights) in its metadata but has a file hash of its own, so a fleet can mix formats:
+    the id decides when both sides know it, and the file hashes only for messages or files without one."""
+    if model_id and mine_id:
+        return None if model_id == mine_id else f"backbone {model_id}, this device runs {mine_id}"
+    wanted = [s for s in sha256s if s]
+    if wanted and mine_sha256 not in wanted:
+        return f"backbone {wanted[0][:12]}…, this device runs {mine_sha256[:12]}…"
+    return None
 
 
 class BackboneRunner:

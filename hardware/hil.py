@@ -27,7 +27,6 @@ import argparse
 import json
 import logging
 import os
-import shutil
 import signal
 import sqlite3
 import subprocess
@@ -130,28 +129,6 @@ def model_files(model_dir: Path, fmt: str) -> tuple[Path, Path]:
     if not backbone.is_file():
         raise FileNotFoundError(f"{backbone} does not exist (no {fmt} export in {model_dir})")
     return backbone, head
-
-
-def coordinator_head(work: Path, head: Path, backbone: Path) -> Path:
-    """head.npz (+ spec.json) for `fedge serve`, pinned to the backbone this run deploys.
-
-    `fedge serve` pins the fleet's backbone to ``spec.json``'s ``files["backbone.onnx"]`` hash, and a
-    device refuses a global head or manifest for another backbone (``model_mismatch``). A run of the
-    int8 or TFLite format deploys that file, so the staged spec carries its hash under that key; the
-    fp32 run gets the export's spec unchanged."""
-    from edge_client.runtime import sha256_file
-
-    stage = work / "coordinator-model"
-    stage.mkdir(exist_ok=True)
-    shutil.copy2(head, stage / "head.npz")
-    spec_path = head.with_name("spec.json")
-    spec = json.loads(spec_path.read_text()) if spec_path.is_file() else {}
-    if spec and backbone.name != FORMATS["onnx"]:
-        spec["files"] = {**spec.get("files", {}), FORMATS["onnx"]: {"bytes": backbone.stat().st_size,
-                                                                    "sha256": sha256_file(backbone)}}
-    if spec:
-        (stage / "spec.json").write_text(json.dumps(spec, indent=2))
-    return stage / "head.npz"
 
 
 def device_toml(path: Path, *, device_id: str, broker: str, backbone: Path, profile: DeviceProfile,
@@ -296,7 +273,7 @@ def run_hil(profile: str | DeviceProfile, model_dir: Path, *, fmt: str = "onnx",
         with open(clog, "w") as out:
             coord = subprocess.Popen(
                 [sys.executable, "-c", "from coordinator.cli import app; app()", "serve", "--init-head",
-                 str(coordinator_head(work, head, backbone)),
+                 str(head),
                  "--db", str(db), "--broker", address, "--fleet", FLEET, "--rounds", "1", "--min-devices", "1",
                  "--deadline", str(int(timeout_s)), "--horizon", str(horizon), "--local-epochs", str(local_epochs),
                  "--wait-devices", str(int(timeout_s))],

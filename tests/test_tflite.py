@@ -337,3 +337,18 @@ def test_formats_report_covers_onnx_and_litert_against_torch():
     assert abs(rows["tflite-fp32"].mse_change_pct) < 0.01
     assert FP32_TOL < rows["tflite-int8"].feat_max_abs_err < INT8_TOL and abs(rows["tflite-int8"].mse_change_pct) < 5
     assert rows["torch"].max_abs_err == 0 and "tflite-int8" in report_table(list(rows.values()))
+
+
+def test_a_fleet_mixes_formats_of_one_export_but_refuses_another_backbone():
+    """Heads are pinned to the export's model id, which ONNX and TFLite files of one model share,
+    so a LiteRT device accepts a head the coordinator pinned with the ONNX file's hash."""
+    from edge_client.runtime import backbone_mismatch
+
+    onnx, tflite = BackboneRunner(FIXTURE / "backbone.onnx"), BackboneRunner(FIXTURE / "backbone.tflite")
+    assert onnx.spec.model_id and onnx.spec.model_id == tflite.spec.model_id and onnx.sha256 != tflite.sha256
+    pinned = {"model_id": onnx.spec.model_id, "sha256s": [onnx.sha256]}
+    assert backbone_mismatch(tflite.spec.model_id, tflite.sha256, **pinned) is None
+    assert "this device runs" in backbone_mismatch("tsfm-other", tflite.sha256, **pinned)
+    # without an id on either side the file hash decides, as before
+    assert backbone_mismatch("", onnx.sha256, sha256s=[onnx.sha256]) is None
+    assert backbone_mismatch("", tflite.sha256, sha256s=[onnx.sha256]) is not None

@@ -152,7 +152,8 @@ class FleetCoordinator:
         meta = self.state.latest_model(self.cfg.task)
         msg = GlobalModel(fleet=self.cfg.fleet, task=self.cfg.task, version=version, round_id=round_id,
                           params={k: np.asarray(v, np.float32) for k, v in params.items()},
-                          backbone_sha256=str((meta[2] if meta else {}).get("backbone_sha256", "")))
+                          backbone_sha256=str((meta[2] if meta else {}).get("backbone_sha256", "")),
+                          backbone_id=str((meta[2] if meta else {}).get("backbone_id", "")))
         payload = encode(msg)
         M.publish(self.client, self.topics.global_model(self.cfg.task), payload, retain=True)
         return len(payload)
@@ -305,7 +306,8 @@ class FleetCoordinator:
 
     def _model_meta(self) -> dict:
         latest = self.state.latest_model(self.cfg.task)
-        return {"backbone_sha256": (latest[2] if latest else {}).get("backbone_sha256", "")}
+        meta = latest[2] if latest else {}
+        return {k: meta.get(k, "") for k in ("backbone_sha256", "backbone_id")}
 
     def _set_open(self, rec: RoundRecord | None) -> None:
         with self._changed:
