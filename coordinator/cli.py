@@ -5,6 +5,7 @@
     fedge export     checkpoint -> backbone.onnx, head.onnx, head.npz, spec.json (+ parity); --format tflite
     fedge serve      run federated rounds for real devices over an MQTT broker (resumable)
     fedge status     rounds, models and devices recorded in a fleet database
+    fedge bundle     keygen / publish: signed model bundles that devices fetch, verify and switch to
 """
 
 from __future__ import annotations
@@ -20,9 +21,12 @@ from rich.console import Console
 from rich.logging import RichHandler
 from rich.table import Table
 
+from coordinator.bundle_cli import bundle_app
+
 app = typer.Typer(help="fedge coordinator: federated learning for foundation models on edge devices.",
                   no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False)
 console = Console(width=None if sys.stdout.isatty() else 120)  # logs and CI output keep whole tables
+app.add_typer(bundle_app, name="bundle")
 
 
 def _logging(verbose: bool) -> None:

@@ -303,3 +303,42 @@ def test_profiles_load() -> None:
     assert load_profile("pi4").preferred_format == "int8"
     with pytest.raises(ValueError, match="unknown device profile"):
         load_profile("pi3")
+
+
+# --------------------------------------------------------------------------- command line
+
+
+def test_fedge_bundle_keygen_and_publish_reach_a_device(mosquitto, export_dir, tmp_path) -> None:
+    """The operator's path: `fedge bundle keygen`, then `fedge bundle publish`; a device holding only
+    the .pub file downloads, verifies and installs it. Bad arguments exit 2 without touching keys."""
+    from typer.testing import CliRunner
+
+    from coordinator.cli import app
+
+    runner = CliRunner()
+    keyfile = tmp_path / "keys" / "coordinator.key"
+    assert runner.invoke(app, ["bundle", "keygen", "--key", str(keyfile)]).exit_code == 0
+    pem = keyfile.read_bytes()
+    again = runner.invoke(app, ["bundle", "keygen", "--key", str(keyfile)])
+    assert again.exit_code == 2 and "refusing to replace" in again.output and keyfile.read_bytes() == pem
+    broker = f"{mosquitto.address.host}:{mosquitto.address.port}"
+    common = ["--fleet", FLEET, "--broker", broker, "--out", str(tmp_path / "signed")]
+    for args, message in [(["--key", str(tmp_path / "nope.key"), "--version", "1"], "nope.key"),
+                          (["--key", str(export_dir / "spec.json"), "--version", "1"], "error:"),
+                          (["--key", str(keyfile), "--version", "1", "--profile", "pi9"], "pi9")]:
+        bad = runner.invoke(app, ["bundle", "publish", str(export_dir), *args, *common])
+        assert bad.exit_code == 2 and message in bad.output, bad.output
+    ok = runner.invoke(app, ["bundle", "publish", str(export_dir), "--key", str(keyfile), "--version", "3", *common])
+    assert ok.exit_code == 0, ok.output
+
+    store = BundleStore(tmp_path / "device", load_public_key(keyfile.with_name("coordinator.key.pub")),
+                        profile="pi4")
+    client = M.make_client("device-cli")
+    downloader = BundleDownloader(client, Topics(FLEET), store)
+    M.connect(client, mosquitto.address)
+    try:
+        assert downloader.installed.wait(30), f"rejected: {store.rejected}"
+    finally:
+        client.disconnect()
+        client.loop_stop()
+    assert store.current_version == 3 and not store.rejected
