@@ -166,7 +166,7 @@ def save_plot(rows: list[dict], devices: list[dict], path: Path) -> None:
     plt.close(fig)
 
 
-def _broker(spec: str) -> tuple[RunningBroker | None, BrokerAddress, str]:
+def start_demo_broker(spec: str) -> tuple[RunningBroker | None, BrokerAddress, str]:
     if spec in ("auto", "mosquitto", "embedded"):
         b = start_broker(spec)
         return b, b.address, b.kind
@@ -228,7 +228,7 @@ def run_demo(cfg: DemoConfig, console: Console | None = None) -> DemoResult:
                   f"max |Δ| {p.numpy_head_max_abs_err:.1e}")
 
     console.rule("[bold]3. broker, coordinator and simulated devices")
-    broker, address, kind = _broker(cfg.broker)
+    broker, address, kind = start_demo_broker(cfg.broker)
     result.broker = kind
     console.print(f"MQTT broker: {kind} on {address.host}:{address.port}")
     db = out / "fleet.sqlite"

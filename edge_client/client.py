@@ -335,16 +335,21 @@ class EdgeClient:
             self.receiver.reject(ModelMismatch(f"fleet runs {why} (manifest v{msg.version}); install the new backbone"),
                                  self.topics.manifest(self.task))
 
-    def _on_global(self, msg: GlobalModel) -> None:
+    def _check_params(self, params: Params) -> None:
+        """Raise a ProtocolError unless `params` fit this device's head (the recommender's client checks
+        its adapter instead)."""
         spec = self.learner.backbone.spec
-        horizon = len(msg.params.get("point_bias", ()))
+        horizon = len(params.get("point_bias", ()))
+        if horizon != self.learner.split.horizon:
+            raise WrongShape(f"global head horizon {horizon} != device horizon {self.learner.split.horizon}")
+        check_arrays(params, head_shapes(spec.feature_dim, horizon, len(spec.quantiles)), what="global")
+
+    def _on_global(self, msg: GlobalModel) -> None:
         try:
             if why := backbone_mismatch(*self._backbone_identity(), model_id=msg.backbone_id,
                                         sha256s=[msg.backbone_sha256]):
-                raise ModelMismatch(f"global head v{msg.version} was trained for {why}")
-            if horizon != self.learner.split.horizon:
-                raise WrongShape(f"global head horizon {horizon} != device horizon {self.learner.split.horizon}")
-            check_arrays(msg.params, head_shapes(spec.feature_dim, horizon, len(spec.quantiles)), what="global")
+                raise ModelMismatch(f"global {self.task} model v{msg.version} was trained for {why}")
+            self._check_params(msg.params)
         except ProtocolError as err:
             self.receiver.reject(err, self.topics.global_model(self.task))
             return

@@ -37,14 +37,12 @@ from collections.abc import Mapping
 
 import numpy as np
 
-from edge_client.adapters import Params, as_float32
+from edge_client.adapters import Params
 from edge_client.client import EdgeClient
 from edge_client.mqtt import BrokerAddress
 from edge_client.protocol import (
-    GlobalModel,
     InvalidMessage,
     Message,
-    ModelMismatch,
     ProtocolError,
     RoundTask,
     Update,
@@ -53,7 +51,6 @@ from edge_client.protocol import (
 )
 from edge_client.recsys import METHODS, RecDevice, full_scores, represent
 from edge_client.recsys_data import UserLog, hit_ndcg, ranks
-from edge_client.runtime import backbone_mismatch
 
 log = logging.getLogger("fedge.edge.rec")
 
@@ -196,22 +193,8 @@ class RecEdgeClient(EdgeClient):
         super().__init__(device_id, fleet, learner, broker, profile=profile, domain="movielens", seed=seed,
                          task=TASK)  # type: ignore[arg-type]  # RecLearner offers what EdgeClient reads
 
-    def _on_global(self, msg: GlobalModel) -> None:
-        try:
-            if why := backbone_mismatch(*self._backbone_identity(), model_id=msg.backbone_id,
-                                        sha256s=[msg.backbone_sha256]):
-                raise ModelMismatch(f"global adapter v{msg.version} was trained for {why}")
-            self.learner.check_global(msg.params)
-        except ProtocolError as err:
-            self.receiver.reject(err, self.topics.global_model(self.task))
-            return
-        with self._lock:
-            self.globals[msg.version] = as_float32(msg.params)
-            for old in sorted(self.globals)[:-2]:
-                del self.globals[old]
-            task = self._pending.pop(msg.version, None)
-        if task is not None:
-            self._worker.submit(self._run_task, task)
+    def _check_params(self, params: Params) -> None:
+        self.learner.check_global(params)
 
     def _dispatch(self, msg: Message) -> None:
         """Refuse a malformed task on arrival (logged, counted), before it is queued for the worker."""

@@ -29,30 +29,11 @@ from edge_client.daemon import app
 from edge_client.mqtt import BrokerAddress, connect, make_client
 from edge_client.service import lock_state_dir
 from edge_client.store import DB_NAME, DeviceStore
+from tests.waiting import db_rows, wait_for
 
 pytestmark = pytest.mark.broker
 ROOT = Path(__file__).resolve().parent.parent
 DEVICE = "meter-7"
-
-
-def _wait(cond, timeout: float, what: str) -> None:
-    deadline = time.time() + timeout
-    while not cond():
-        if time.time() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.05)
-
-
-def _rows(db: Path, query: str) -> list[tuple]:
-    if not db.exists():
-        return []
-    con = sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=5)
-    try:
-        return con.execute(query).fetchall()
-    except sqlite3.OperationalError:
-        return []
-    finally:
-        con.close()
 
 
 def _device(tmp_path: Path, broker: BrokerAddress, fleet: str, backbone: Path, extra: str = "") -> Path:
@@ -149,18 +130,18 @@ def test_broker_restart_mid_round_update_computed_offline_is_delivered_once(tiny
     try:
         assert coord.wait_for_devices(1, 60) == [DEVICE]
         rnd = _Round(coord)
-        _wait(lambda: _rows(state_db, "SELECT value FROM meta WHERE key='last_deferred'"), 30, "the deferral")
+        wait_for(lambda: db_rows(state_db, "SELECT value FROM meta WHERE key='last_deferred'"), 30, "the deferral")
         broker.stop()  # the broker goes away while the round is open
         pause.unlink()  # now the device may train: it does so offline
-        _wait(lambda: _rows(state_db, "SELECT state FROM outbox") == [("pending",)], 30, "an update in the outbox")
+        wait_for(lambda: db_rows(state_db, "SELECT state FROM outbox") == [("pending",)], 30, "an update in the outbox")
         broker = start_mosquitto(port, conf)  # back, with its persisted sessions
         rnd.join(60)
         assert rnd.error is None and rnd.result is not None
-        _wait(lambda: _rows(state_db, "SELECT state FROM outbox") == [("acked",)], 30, "the PUBACK")
+        wait_for(lambda: db_rows(state_db, "SELECT state FROM outbox") == [("acked",)], 30, "the PUBACK")
         watcher = _StatusWatcher(broker.address, fleet)
-        _wait(lambda: any("heartbeat" in s.detail for s in watcher.seen), 10, "a heartbeat")
+        wait_for(lambda: any("heartbeat" in s.detail for s in watcher.seen), 10, "a heartbeat")
         rc, out = _terminate(daemon)
-        _wait(lambda: watcher.seen and watcher.seen[-1].state == "offline", 10, "the offline status")
+        wait_for(lambda: watcher.seen and watcher.seen[-1].state == "offline", 10, "the offline status")
         watcher.stop()
     finally:
         if daemon.poll() is None:
@@ -171,8 +152,8 @@ def test_broker_restart_mid_round_update_computed_offline_is_delivered_once(tiny
     assert rc == 0, out
     assert "deferred: paused" in out and "acknowledged" in out
     assert rnd.result.state == "closed" and rnd.result.new_version == 1
-    stored = _rows(tmp_path / "fleet.sqlite", "SELECT device_id, msg_id FROM updates")
-    outbox = _rows(state_db, "SELECT msg_id FROM outbox")
+    stored = db_rows(tmp_path / "fleet.sqlite", "SELECT device_id, msg_id FROM updates")
+    outbox = db_rows(state_db, "SELECT msg_id FROM outbox")
     assert stored == [(DEVICE, outbox[0][0])] and coord.duplicates == 0
     assert watcher.seen[-1].detail == "stopped"
 
@@ -189,13 +170,13 @@ def test_daemon_killed_after_writing_its_outbox_delivers_the_update_once_after_r
         rnd = _Round(coord)
         out, _ = daemon.communicate(timeout=60)
         assert daemon.returncode == -signal.SIGKILL, out
-        assert _rows(state_db, "SELECT round_id, state FROM outbox") == [(1, "pending")]
-        assert _rows(fleet_db, "SELECT 1 FROM updates") == []
+        assert db_rows(state_db, "SELECT round_id, state FROM outbox") == [(1, "pending")]
+        assert db_rows(fleet_db, "SELECT 1 FROM updates") == []
 
         daemon = _start(cfg)  # restarted without the failpoint: sends the stored update on connect
         rnd.join(60)
         assert rnd.error is None and rnd.result.state == "closed" and rnd.result.new_version == 1
-        _wait(lambda: _rows(state_db, "SELECT state FROM outbox") == [("acked",)], 30, "the PUBACK")
+        wait_for(lambda: db_rows(state_db, "SELECT state FROM outbox") == [("acked",)], 30, "the PUBACK")
         rc, out = _terminate(daemon)
         assert rc == 0, out
 
@@ -207,18 +188,18 @@ def test_daemon_killed_after_writing_its_outbox_delivers_the_update_once_after_r
         con.close()
         rejected_before = sum(coord.receiver.rejected.values())
         daemon = _start(cfg)
-        _wait(lambda: _rows(state_db, "SELECT state FROM outbox") == [("acked",)], 60, "the second PUBACK")
-        _wait(lambda: sum(coord.receiver.rejected.values()) > rejected_before, 10, "the duplicate's refusal")
+        wait_for(lambda: db_rows(state_db, "SELECT state FROM outbox") == [("acked",)], 60, "the second PUBACK")
+        wait_for(lambda: sum(coord.receiver.rejected.values()) > rejected_before, 10, "the duplicate's refusal")
         rc, out = _terminate(daemon)
         assert rc == 0, out
     finally:
         if daemon.poll() is None:
             daemon.kill()
         coord.stop()
-    stored = _rows(fleet_db, "SELECT round_id, device_id, msg_id FROM updates")
-    assert stored == [(1, DEVICE, _rows(state_db, "SELECT msg_id FROM outbox")[0][0])]
+    stored = db_rows(fleet_db, "SELECT round_id, device_id, msg_id FROM updates")
+    assert stored == [(1, DEVICE, db_rows(state_db, "SELECT msg_id FROM outbox")[0][0])]
     assert coord.receiver.rejected["replay"] == 1
-    assert [v for (v,) in _rows(fleet_db, "SELECT version FROM models ORDER BY version")] == [0, 1]
+    assert [v for (v,) in db_rows(fleet_db, "SELECT version FROM models ORDER BY version")] == [0, 1]
 
 
 def _filled_store(tmp_path: Path) -> Path:
@@ -305,12 +286,12 @@ def test_daemon_fetches_its_backbone_as_a_signed_bundle_and_switches_versions_be
     try:
         assert coord.wait_for_devices(1, 60) == [DEVICE]
         assert coord.run_round("train").state == "closed"
-        assert _rows(state_db, "SELECT value FROM meta WHERE key='bundle_version'") == [("1",)]
+        assert db_rows(state_db, "SELECT value FROM meta WHERE key='bundle_version'") == [("1",)]
 
         publish_bundle(publisher, topics, build_bundle(tiny_export["dir"], tmp_path / "b2", 2, key))
-        _wait(lambda: current.exists() and current.read_text().strip() == "2", 30, "bundle v2 installed")
+        wait_for(lambda: current.exists() and current.read_text().strip() == "2", 30, "bundle v2 installed")
         assert coord.run_round("train").state == "closed"  # the device switched before training
-        assert _rows(state_db, "SELECT value FROM meta WHERE key='bundle_version'") == [("2",)]
+        assert db_rows(state_db, "SELECT value FROM meta WHERE key='bundle_version'") == [("2",)]
 
         publish_bundle(publisher, topics, build_bundle(tiny_export["dir"], tmp_path / "b3", 3, forger))
         time.sleep(1.0)  # give the forged manifest time to arrive (and be refused)

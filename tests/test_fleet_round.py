@@ -17,17 +17,10 @@ from coordinator.fleet.state import FleetState
 from edge_client import protocol as P
 from edge_client.adapters import slice_head
 from edge_client.mqtt import connect, make_client
+from tests.waiting import wait_for
 
 pytestmark = pytest.mark.broker
 FLEET = "t1"
-
-
-def _wait(cond, timeout: float = 10.0) -> None:
-    deadline = time.time() + timeout
-    while not cond():
-        if time.time() > deadline:
-            raise AssertionError("condition not reached in time")
-        time.sleep(0.05)
 
 
 @pytest.fixture
@@ -62,7 +55,7 @@ def test_one_round_with_three_devices_aggregates_exact_fedavg(fleet) -> None:
         assert set(u.delta) == set(base) and all(v.dtype == np.float16 for v in u.delta.values())
         assert {"global_mse", "personal_mse", "naive_mse"} <= set(u.metrics)
     assert 0 < result.bytes_up / 3 < 32 * 1024
-    _wait(lambda: all(result.new_version in c.globals for c in clients))  # everyone got the new head
+    wait_for(lambda: all(result.new_version in c.globals for c in clients))  # everyone got the new head
 
     evaluation = coord.run_round("evaluate")
     assert evaluation.new_version is None and len(evaluation.metrics) == 3
@@ -87,7 +80,7 @@ def test_bad_updates_are_refused_counted_and_the_round_still_completes(fleet, mo
     runner = threading.Thread(target=lambda: results.append(coord.run_round("train")))
     results: list = []
     runner.start()
-    _wait(lambda: coord.state.open_rounds("tsfm"))
+    wait_for(lambda: coord.state.open_rounds("tsfm"))
     (rec,) = coord.state.open_rounds("tsfm")
     base = coord.state.model(rec.base_version)
     good = {k: np.zeros(v.shape, np.float16) for k, v in base.items()}
@@ -113,7 +106,7 @@ def test_bad_updates_are_refused_counted_and_the_round_still_completes(fleet, mo
     ]
     for topic, payload in attacks:
         evil.publish(topic, payload, qos=1).wait_for_publish(5)
-    _wait(lambda: sum(coord.receiver.rejected.values()) >= len(attacks))
+    wait_for(lambda: sum(coord.receiver.rejected.values()) >= len(attacks))
     assert coord.state.reported(rec.round_id) == set()  # nothing bad was stored
     runner.join(60)
 
@@ -123,7 +116,7 @@ def test_bad_updates_are_refused_counted_and_the_round_still_completes(fleet, mo
         assert counted[reason] >= 1, (reason, counted)
     (result,) = results
     assert result.state == "closed" and len(result.metrics) == 3  # the real updates all counted, once
-    _wait(lambda: any(isinstance(m, P.Reject) for m in inbox))
+    wait_for(lambda: any(isinstance(m, P.Reject) for m in inbox))
     assert {m.reason for m in inbox if isinstance(m, P.Reject)} >= {"malformed", "non_finite", "wrong_shape"}
     for c in (spy, evil):
         c.disconnect()
@@ -145,12 +138,17 @@ def test_device_refuses_a_global_head_of_the_wrong_shape_or_for_another_backbone
     connect(pub, mosquitto.address, persistent=False)
     bad = P.GlobalModel(fleet=FLEET, version=99, params={"point_weight": np.zeros((24, 3), np.float32)})
     pub.publish(P.Topics(FLEET).global_model("tsfm"), P.encode(bad), qos=1).wait_for_publish(5)
-    _wait(lambda: clients[0].receiver.rejected["wrong_shape"] >= 1)
+    wait_for(lambda: clients[0].receiver.rejected["wrong_shape"] >= 1)
     _, head = coord.current_model()
     other = P.GlobalModel(fleet=FLEET, version=98, params=head, backbone_sha256="f" * 64)
     pub.publish(P.Topics(FLEET).global_model("tsfm"), P.encode(other), qos=1).wait_for_publish(5)
-    _wait(lambda: clients[0].receiver.rejected["model_mismatch"] >= 1)
-    assert {98, 99}.isdisjoint(clients[0].globals) and set(before) <= set(clients[0].globals)
+    wait_for(lambda: clients[0].receiver.rejected["model_mismatch"] >= 1)
+    # the model id outranks the file hash: the device's own file with another export's id is still refused
+    mine = clients[0].learner.backbone.sha256
+    other_id = P.GlobalModel(fleet=FLEET, version=97, params=head, backbone_sha256=mine, backbone_id="tsfm-0ther")
+    pub.publish(P.Topics(FLEET).global_model("tsfm"), P.encode(other_id), qos=1).wait_for_publish(5)
+    wait_for(lambda: clients[0].receiver.rejected["model_mismatch"] >= 2)
+    assert {97, 98, 99}.isdisjoint(clients[0].globals) and set(before) <= set(clients[0].globals)
     pub.disconnect()
     pub.loop_stop()
 
@@ -171,7 +169,7 @@ def test_broker_publish_with_paho_v5_reaches_device_queue_when_offline(mosquitto
     sub2 = make_client("persistent-sub")
     sub2.on_message = lambda c, u, m: got.append(m.payload)
     connect(sub2, mosquitto.address, persistent=True)
-    _wait(lambda: got == [b"while-away"])
+    wait_for(lambda: got == [b"while-away"])
     for c in (pub, sub2):
         c.disconnect()
         c.loop_stop()

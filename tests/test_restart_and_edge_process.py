@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import ast
 import signal
-import sqlite3
 import subprocess
 import sys
 import time
@@ -19,6 +18,7 @@ from coordinator.fleet.simulation import carve_devices, start_devices
 from coordinator.fleet.state import FleetState, params_from_blob
 from edge_client import protocol as P
 from edge_client.adapters import slice_head
+from tests.waiting import db_rows, wait_for
 
 pytestmark = pytest.mark.broker
 ROOT = Path(__file__).resolve().parent.parent
@@ -28,26 +28,6 @@ def _serve_cmd(head: Path, db: Path, broker, fleet: str) -> list[str]:
     return [sys.executable, "-c", "from coordinator.cli import app; app()", "serve", "--init-head", str(head),
             "--db", str(db), "--broker", f"{broker.host}:{broker.port}", "--fleet", fleet, "--rounds", "1",
             "--min-devices", "3", "--deadline", "60", "--horizon", "24", "--local-epochs", "1", "--wait-devices", "30"]
-
-
-def _db_rows(db: Path, query: str) -> list[tuple]:
-    if not db.exists():
-        return []
-    con = sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=5)
-    try:
-        return con.execute(query).fetchall()
-    except sqlite3.OperationalError:
-        return []  # tables not created yet
-    finally:
-        con.close()
-
-
-def _wait(cond, timeout: float, what: str) -> None:
-    deadline = time.time() + timeout
-    while not cond():
-        if time.time() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.1)
 
 
 def test_coordinator_killed_mid_round_resumes_and_counts_every_update_once(mosquitto, tiny_export, tmp_path):
@@ -64,11 +44,11 @@ def test_coordinator_killed_mid_round_resumes_and_counts_every_update_once(mosqu
     first = subprocess.Popen(_serve_cmd(head, db, mosquitto.address, fleet), cwd=ROOT, stdout=subprocess.PIPE,
                              stderr=subprocess.STDOUT, text=True)
     try:
-        _wait(lambda: len(_db_rows(db, "SELECT device_id FROM updates WHERE round_id=1")) >= 2, 60,
-              "two updates stored by the first coordinator")
+        wait_for(lambda: len(db_rows(db, "SELECT device_id FROM updates WHERE round_id=1")) >= 2, 60,
+                 "two updates stored by the first coordinator")
         first.send_signal(signal.SIGKILL)
         first.wait(10)
-        assert len(_db_rows(db, "SELECT 1 FROM updates")) == 2
+        assert len(db_rows(db, "SELECT 1 FROM updates")) == 2
         assert slow.updates_sent.acquire(timeout=30), "the slow device never got its update acknowledged"
 
         second = subprocess.run(_serve_cmd(head, db, mosquitto.address, fleet), cwd=ROOT, capture_output=True,
@@ -81,11 +61,11 @@ def test_coordinator_killed_mid_round_resumes_and_counts_every_update_once(mosqu
         for c in clients:
             c.stop()
 
-    assert _db_rows(db, "SELECT round_id, state, base_version, new_version FROM rounds") == [(1, "closed", 0, 1)]
-    payloads = _db_rows(db, "SELECT device_id, payload FROM updates WHERE round_id=1 ORDER BY device_id")
+    assert db_rows(db, "SELECT round_id, state, base_version, new_version FROM rounds") == [(1, "closed", 0, 1)]
+    payloads = db_rows(db, "SELECT device_id, payload FROM updates WHERE round_id=1 ORDER BY device_id")
     assert sorted(d for d, _ in payloads) == sorted(c.device_id for c in clients)
     updates = [P.decode(p) for _, p in payloads]
-    models = {v: params_from_blob(b) for v, b in _db_rows(db, "SELECT version, params FROM models")}
+    models = {v: params_from_blob(b) for v, b in db_rows(db, "SELECT version, params FROM models")}
     assert sorted(models) == [0, 1]  # aggregated exactly once
     weights = np.array([u.n_samples for u in updates], np.float64)
     weights /= weights.sum()
