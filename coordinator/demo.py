@@ -167,6 +167,8 @@ def save_plot(rows: list[dict], devices: list[dict], path: Path) -> None:
 
 
 def start_demo_broker(spec: str) -> tuple[RunningBroker | None, BrokerAddress, str]:
+    """(broker we started or None, its address, a label): ``auto|mosquitto|embedded`` start one that
+    both demos stop afterwards; ``host:port`` uses a broker someone else runs."""
     if spec in ("auto", "mosquitto", "embedded"):
         b = start_broker(spec)
         return b, b.address, b.kind
