@@ -167,6 +167,7 @@ class EdgeClient:
         self.receiver = Receiver(f"device {device_id}")
         self.stats = EdgeStats()
         self.globals: dict[int, Params] = {}
+        self._global_msgs: dict[int, GlobalModel] = {}  # as received, to re-check after a backbone change
         self.personal: Params | None = personal
         self.manifest: ModelManifest | None = None
         self.outbox: Outbox = outbox if outbox is not None else MemoryOutbox()
@@ -335,6 +336,19 @@ class EdgeClient:
             self.receiver.reject(ModelMismatch(f"fleet runs {why} (manifest v{msg.version}); install the new backbone"),
                                  self.topics.manifest(self.task))
 
+    def backbone_changed(self) -> None:
+        """The device now runs another backbone: the personal head, trained on the old features, goes,
+        and the global heads received so far are checked again against the new backbone (a new bundle of
+        the same export keeps them; another export's head is refused and the device waits for the fleet's
+        next one). Re-subscribing would not do: the broker's retained copy is a replay to the receiver."""
+        with self._lock:
+            received = [self._global_msgs[v] for v in sorted(self._global_msgs)]
+            self.globals.clear()
+            self._global_msgs.clear()
+            self.personal = None
+        for msg in received:
+            self._on_global(msg)
+
     def _check_params(self, params: Params) -> None:
         """Raise a ProtocolError unless `params` fit this device's head (the recommender's client checks
         its adapter instead)."""
@@ -355,8 +369,10 @@ class EdgeClient:
             return
         with self._lock:
             self.globals[msg.version] = as_float32(msg.params)
+            self._global_msgs[msg.version] = msg
             for old in sorted(self.globals)[:-2]:
                 del self.globals[old]
+                self._global_msgs.pop(old, None)
             task = self._pending.pop(msg.version, None)
         log.info("device %s: global head v%d", self.device_id, msg.version)
         if task is not None:
@@ -378,6 +394,12 @@ class EdgeClient:
                 return
             if self.before_task is not None:
                 self.before_task(task)
+                with self._lock:
+                    if task.model_version not in self.globals:  # the backbone changed: wait for a head made for it
+                        self._pending[task.model_version] = task
+                        log.info("device %s: round %d waits for global v%d for the new backbone", self.device_id,
+                                 task.round_id, task.model_version)
+                        return
             self.publish_status("training", f"round {task.round_id}")
             update = self._compute(task)
             payload = encode(update)

@@ -202,6 +202,10 @@ class DeviceService:
                 self._check_horizon(runner)
                 log.info("switching to bundle v%s (backbone %s…)", self.bundle_version, runner.sha256[:12])
                 self.runner, switched = runner, True
+                dropped = self.store.delete_personal()  # trained on the old backbone's features
+                if self.client is not None:
+                    self.client.backbone_changed()
+                log.info("dropped the global and personal heads of the old backbone (%s)", ", ".join(dropped) or "-")
         n = self.store.n_samples()
         if switched or (n - self._built_at >= self.rebuild_every and n != self._tried_at):
             learner = self.build_learner()

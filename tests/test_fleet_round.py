@@ -240,3 +240,20 @@ def test_rounds_can_ask_devices_for_personalisation_methods(fleet) -> None:
         assert np.abs(model.params["adapter_B"]).sum() > 0  # the adapter trained
     for m in result.metrics.values():
         assert np.isfinite(m["personal_mse"])
+
+
+def test_a_new_backbone_keeps_heads_of_the_same_export_and_drops_the_rest(fleet) -> None:
+    """After a bundle switch the device re-checks the heads it holds: another export's head is refused and the
+    personal head (trained on the old features) is gone; a new bundle of the same export keeps its heads."""
+    coord, clients = fleet
+    client = clients[0]
+    _, head = coord.current_model()
+    mine = client.learner.backbone.spec.model_id
+    client._on_global(P.GlobalModel(fleet=FLEET, version=50, params=head, backbone_id=mine))
+    client.personal = {k: v.copy() for k, v in head.items()}
+    client.backbone_changed()  # same export (a re-signed bundle): the head stays usable
+    assert 50 in client.globals and client.personal is None
+    before = client.receiver.rejected["model_mismatch"]
+    client._backbone_identity = lambda: ("tsfm-an0ther", "0" * 64)  # what the newly loaded backbone reports
+    client.backbone_changed()
+    assert 50 not in client.globals and client.receiver.rejected["model_mismatch"] > before
