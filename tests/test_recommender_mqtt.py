@@ -176,3 +176,61 @@ def test_coordinator_refuses_malformed_prototype_updates(tmp_path):
     with pytest.raises(InvalidMessage):  # a method without prototype transfer takes none
         fedavg._check_update(update(np.zeros(16, np.float32)))
     state.close()
+
+
+def test_a_restarted_coordinator_rebuilds_the_prototype_server_and_p_tilde(split, bundle, mosquitto,  # noqa: F811
+                                                                          tmp_path):
+    """Two FCUCR periods over the broker, then a new coordinator on the same database (what a
+    restart mid-run gets): it must hold the same prototypes, in the same order, and send the same
+    p̃ as the first one, or the prototype transfer silently degrades after a restart."""
+    from coordinator.fleet.server import FleetConfig
+    from coordinator.fleet.state import FleetState
+    from coordinator.recsys.fleet import RecFleetCoordinator, start_rec_devices
+    from edge_client.recsys_client import TASK
+
+    encoder, items = load_bundle(bundle["dir"])
+    dim, fleet = items.shape[1], "rec-restart"
+    cfg = FleetConfig(fleet=fleet, task=TASK, deadline_s=60, quorum_fraction=1.0, upload_dtype="float32",
+                      seed=CFG.seed)
+
+    def coordinator() -> RecFleetCoordinator:
+        return RecFleetCoordinator(cfg, mosquitto.address, FleetState(tmp_path / "fleet.sqlite"), method="fcucr",
+                                   dim=dim, top_m=CFG.top_m, temperature=CFG.proto_temperature)
+
+    first = coordinator()
+    clients = []
+    try:
+        first.start()
+        init = init_adapter(dim, CFG.adapter, np.random.default_rng(CFG.seed))
+        first.ensure_model({k: init[k].astype(np.float32) for k in METHODS["fcucr"].shared},
+                           {"backbone_sha256": encoder.sha256})
+        clients = start_rec_devices(split, encoder, items, CFG, "fcucr", mosquitto.address, fleet)
+        everyone = [c.device_id for c in clients]
+        assert len(first.wait_for_devices(len(everyone), timeout_s=60)) == len(everyone)
+        for t in (1, 2):
+            options = {"method": "fcucr", "period": t}
+            evaluated = first.run_round("evaluate", devices=everyone, options=options)
+            trainers = [d for d in sorted(evaluated.metrics) if evaluated.metrics[d].get("new_targets", 0) > 0]
+            if trainers:
+                first.run_round("train", devices=trainers, options=options)
+    finally:
+        for c in clients:
+            c.stop()
+        first.stop()
+        first.state.close()
+    assert first.prototypes is not None and len(first.prototypes.protos) >= 2 and first.p_tilde
+
+    second = coordinator()  # never started: the rebuild must not wait for the broker or the devices
+    try:
+        assert second.prototypes is not None
+        assert list(second.prototypes.protos) == list(first.prototypes.protos)  # same order: same neighbours
+        for d, p in first.prototypes.protos.items():
+            np.testing.assert_array_equal(second.prototypes.protos[d], p)
+        assert sorted(second.p_tilde) == sorted(first.p_tilde)
+        for d, p in first.p_tilde.items():
+            np.testing.assert_array_equal(second.p_tilde[d], p)
+        last = second.state.round(second.state.next_round_id() - 1)
+        d = sorted(first.p_tilde)[0]
+        np.testing.assert_array_equal(second.build_task(last, d).prototype, first.p_tilde[d])  # what goes out
+    finally:
+        second.state.close()

@@ -134,6 +134,13 @@ class FleetState:
                 "SELECT round_id FROM rounds WHERE task=? AND state='open' ORDER BY round_id", (task,))]
         return [self.round(i) for i in ids]
 
+    def closed_rounds(self, task: str, kind: str) -> list[int]:
+        """Ids of the closed rounds of one kind, oldest first (a restarted coordinator replays them)."""
+        with self._lock:
+            return [r[0] for r in self._db.execute(
+                "SELECT round_id FROM rounds WHERE task=? AND kind=? AND state='closed' ORDER BY round_id",
+                (task, kind))]
+
     def finished_rounds(self) -> int:
         """Rounds that are closed or failed (a resumed run counts what earlier runs finished)."""
         with self._lock:

@@ -26,7 +26,7 @@ import numpy as np
 from threadpoolctl import threadpool_limits
 
 from coordinator.fleet.server import FleetConfig, FleetCoordinator, RoundResult
-from coordinator.fleet.state import FleetState
+from coordinator.fleet.state import FleetState, RoundRecord
 from coordinator.recsys.simulation import MethodResult, PrototypeServer, RecSimConfig, StageCallback, StageLog
 from edge_client.mqtt import BrokerAddress
 from edge_client.protocol import InvalidMessage, RoundTask, Update, WrongShape, decode
@@ -43,7 +43,17 @@ def device_id(user: int) -> str:
 
 
 class RecFleetCoordinator(FleetCoordinator):
-    """The fleet coordinator for task ``rec`` with FCUCR's prototype exchange."""
+    """The fleet coordinator for task ``rec`` with FCUCR's prototype exchange.
+
+    Restart-safe without a table of its own: the prototype server and every device's p̃ are a pure
+    function of the evaluate updates already in SQLite (stored byte for byte, ordered by round and
+    device id), so a new coordinator on the same database replays the closed evaluate rounds and
+    ends with the same prototypes, in the same order, and bit-identical p̃. Persisting the server's
+    state as well would store the same facts twice and could disagree with the updates after a
+    crash between the two writes. The replay holds because the exchange belongs to closing an
+    evaluate round (:meth:`_close`), not to the caller: every closed evaluate round has been
+    exchanged, and one that closed just before a crash is exchanged by the replay.
+    """
 
     def __init__(self, cfg: FleetConfig, broker: BrokerAddress, state: FleetState, *, method: str, dim: int,
                  top_m: int = 10, temperature: float = 0.1) -> None:
@@ -55,6 +65,8 @@ class RecFleetCoordinator(FleetCoordinator):
         self.dim = dim
         self.prototypes = PrototypeServer(top_m, temperature) if self.spec.prototypes else None
         self.p_tilde: dict[str, np.ndarray] = {}  # device -> the latest mix of its neighbours' prototypes
+        for round_id in state.closed_rounds(cfg.task, "evaluate"):  # a restart: replay what SQLite holds
+            self.exchange_prototypes(round_id)
 
     def build_task(self, rec, device_id: str) -> RoundTask:  # type: ignore[no-untyped-def]
         task = super().build_task(rec, device_id)
@@ -71,6 +83,13 @@ class RecFleetCoordinator(FleetCoordinator):
             raise InvalidMessage("prototypes travel in evaluate updates")
         if msg.prototype.shape != (self.dim,):
             raise WrongShape(f"prototype: expected shape ({self.dim},), got {tuple(msg.prototype.shape)}")
+
+    def _close(self, rec: RoundRecord, base: dict[str, np.ndarray], t0: float, resumed: bool) -> RoundResult:
+        """Close the round; an evaluate round's prototypes go to the prototype server right away."""
+        result = super()._close(rec, base, t0, resumed)
+        if rec.kind == "evaluate":
+            self.exchange_prototypes(rec.round_id)
+        return result
 
     def exchange_prototypes(self, round_id: int) -> dict[str, np.ndarray]:
         """Feed the prototypes of an evaluate round to the prototype server (in device order, as the
@@ -180,7 +199,6 @@ def _run_federated_mqtt(name: str, split: ContinualSplit, encoder: SequenceEncod
                 break
             start = time.perf_counter()
             stage = StageLog(t)
-            coordinator.exchange_prototypes(evaluated.round_id)
             active = [d for d in sorted(evaluated.metrics) if evaluated.metrics[d].get("active")]
             trainers = [d for d in active if evaluated.metrics[d].get("new_targets", 0) > 0]
             stage.skipped_users = len(active) - len(trainers)
