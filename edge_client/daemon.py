@@ -150,23 +150,41 @@ def forget_me(
     config: ConfigOpt,
     samples: Annotated[bool, typer.Option("--samples", help="also delete the stored readings")] = False,
     yes: Annotated[bool, typer.Option("--yes", "-y", help="do not ask for confirmation")] = False,
+    local_only: Annotated[bool, typer.Option("--local-only", help="do not ask the coordinator to delete what it "
+                                             "stored from this device")] = False,
 ) -> None:
     """Delete this device's personal state: personal head, stored updates (outbox), round history,
-    and with --samples the readings too. The daemon must be stopped first."""
-    from edge_client.device_state import forget
+    and with --samples the readings too; then ask the coordinator (over the broker) to delete the
+    updates, prototypes and registration it stored from this device. The daemon must be stopped first."""
+    from edge_client.device_state import forget, tell_coordinator
     from edge_client.service import state_dir_busy
     from edge_client.store import DB_NAME
 
     cfg = _config(config, "warning")
     state = cfg.state_path()
-    if not (state / DB_NAME).is_file():
+    has_store = (state / DB_NAME).is_file()
+    if has_store and state_dir_busy(state):
+        _fail(f"a fedge-edge daemon is using {state}; stop it first (e.g. systemctl stop fedge-edge)")
+    what = ("personal head, outbox and round history" + (", and all stored readings" if samples else "")
+            if has_store else "")
+    if not local_only:
+        what += (" and " if what else "") + f"what the coordinator of fleet {cfg.fleet} stored from this device"
+    if not what:
         typer.echo(f"nothing to delete: no store in {state}")
         return
-    if state_dir_busy(state):
-        _fail(f"a fedge-edge daemon is using {state}; stop it first (e.g. systemctl stop fedge-edge)")
-    what = "personal head, outbox and round history" + (", and all stored readings" if samples else "")
-    if not yes and not typer.confirm(f"Delete the {what} of {cfg.device_id} in {state}?"):
+    if not yes and not typer.confirm(f"Delete the {what} of {cfg.device_id}?"):
         typer.echo("nothing deleted")
         raise typer.Exit(1)
-    for line in forget(state, samples=samples):
-        typer.echo(line)
+    if has_store:
+        for line in forget(state, samples=samples):
+            typer.echo(line)
+    else:
+        typer.echo(f"no store in {state}: nothing kept on this device")
+    if not local_only:
+        try:
+            typer.echo(tell_coordinator(cfg))
+        except (ConnectionError, ValueError) as exc:
+            log.error("forget-me: the coordinator was not told: %s", exc)
+            typer.echo(f"error: the coordinator was not told ({exc}); run `fedge-edge forget-me` again when the "
+                       "broker is reachable (what is on this device is already deleted)", err=True)
+            raise typer.Exit(1) from None

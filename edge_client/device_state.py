@@ -80,3 +80,30 @@ def forget(state_dir: Path, *, samples: bool = False) -> list[str]:
             out.append(f"deleted {store.delete_samples()} stored readings")
         store.vacuum()
     return out
+
+
+def tell_coordinator(cfg: DeviceConfig, timeout_s: float = 10.0) -> str:
+    """Ask the fleet's coordinator to delete what it stored from this device (``Forget``), and clear the
+    device's retained hello and status on the broker, so a restarted coordinator does not register it
+    again. Done once the broker acknowledges: the coordinator's persistent session receives the request
+    even if it is down now. Raises ConnectionError when the broker cannot be reached."""
+    from edge_client import mqtt as M
+    from edge_client.protocol import Forget, Topics, encode
+
+    topics = Topics(cfg.fleet)
+    client = M.make_client(f"fedge-{cfg.fleet}-forget-{cfg.device_id}")
+    M.connect(client, M.BrokerAddress.parse(cfg.broker), persistent=False, timeout_s=timeout_s)
+    try:
+        request = encode(Forget(fleet=cfg.fleet, device_id=cfg.device_id))
+        infos = [M.publish(client, topics.forget(cfg.device_id), request),
+                 M.publish(client, topics.hello(cfg.device_id), b"", retain=True),
+                 M.publish(client, topics.status(cfg.device_id), b"", retain=True)]
+        for info in infos:
+            info.wait_for_publish(timeout_s)
+        if not all(info.is_published() for info in infos):
+            raise ConnectionError(f"the broker at {cfg.broker} did not acknowledge within {timeout_s:.0f} s")
+    finally:
+        client.disconnect()
+        client.loop_stop()
+    return (f"asked the coordinator of fleet {cfg.fleet} (via {cfg.broker}) to delete this device's updates, "
+            "prototypes and registration, and cleared its retained hello and status")

@@ -256,6 +256,15 @@ class Status(Message):
     detail: str = Field(default="", max_length=512)
 
 
+class Forget(Message):
+    """The device's owner ran ``fedge-edge forget-me``: the coordinator deletes what it stored from this
+    device (its updates with their deltas and prototypes, its personal head, its registration). Models
+    that already averaged the device's updates cannot be un-averaged; only the per-device records go."""
+
+    type: Literal["forget"] = "forget"
+    device_id: DeviceId
+
+
 class RoundTask(Message):
     """The coordinator asks a device to train (or only evaluate) on a given global version."""
 
@@ -374,10 +383,12 @@ class Reject(Message):
 
 MESSAGE_TYPES: dict[str, type[Message]] = {
     cls.model_fields["type"].default: cls
-    for cls in (Hello, Status, RoundTask, Update, GlobalModel, ModelManifest, BundleManifest, BundleChunk, Reject)
+    for cls in (Hello, Status, Forget, RoundTask, Update, GlobalModel, ModelManifest, BundleManifest, BundleChunk,
+                Reject)
 }
 AnyMessage = Annotated[
-    Hello | Status | RoundTask | Update | GlobalModel | ModelManifest | BundleManifest | BundleChunk | Reject,
+    Hello | Status | Forget | RoundTask | Update | GlobalModel | ModelManifest | BundleManifest | BundleChunk
+    | Reject,
     Field(discriminator="type"),
 ]
 _ANY = TypeAdapter(AnyMessage)
@@ -495,6 +506,9 @@ class Topics:
     def task(self, device_id: str) -> str:
         return f"{self.root}/devices/{check_name(device_id, 'device id')}/task"
 
+    def forget(self, device_id: str) -> str:
+        return f"{self.root}/devices/{check_name(device_id, 'device id')}/forget"
+
     def update(self, round_id: int, device_id: str) -> str:
         return f"{self.root}/rounds/{int(round_id)}/updates/{check_name(device_id, 'device id')}"
 
@@ -526,6 +540,10 @@ class Topics:
     @property
     def all_statuses(self) -> str:
         return f"{self.root}/devices/+/status"
+
+    @property
+    def all_forgets(self) -> str:
+        return f"{self.root}/devices/+/forget"
 
     def device_of(self, topic: str) -> str | None:
         """The device id a topic belongs to (the publisher's identity as the broker's ACL sees it)."""

@@ -202,9 +202,12 @@ def test_daemon_killed_after_writing_its_outbox_delivers_the_update_once_after_r
     assert [v for (v,) in db_rows(fleet_db, "SELECT version FROM models ORDER BY version")] == [0, 1]
 
 
-def _filled_store(tmp_path: Path) -> Path:
+def _filled_store(tmp_path: Path, broker: str = "127.0.0.1:1", fleet: str = "demo") -> Path:
+    """A stopped device's store with readings, an acked and a pending update and a personal head; the
+    broker defaults to a port nobody listens on."""
     cfg = tmp_path / "device.toml"
-    cfg.write_text(f'device_id = "{DEVICE}"\nbackbone = "b.onnx"\nstate_dir = "{tmp_path / "state"}"\n')
+    cfg.write_text(f'device_id = "{DEVICE}"\nfleet = "{fleet}"\nbroker = "{broker}"\nbackbone = "b.onnx"\n'
+                   f'state_dir = "{tmp_path / "state"}"\n')
     with DeviceStore(tmp_path / "state") as s:
         s.add_samples([(1_700_000_000 + 3600 * i, float(i)) for i in range(50)], "csv:x")
         s.save_ingest_position("csv:x", s.ingest_position("csv:x").__class__(good=50, bad=3))
@@ -240,14 +243,15 @@ def test_forget_me_asks_refuses_while_running_and_deletes_personal_state(tmp_pat
     with DeviceStore(tmp_path / "state") as s:
         assert s.personal_names() == ["head"] and s.outbox_counts()["pending"] == 1
 
-    done = runner.invoke(app, ["forget-me", "--config", str(cfg), "--yes"])
+    done = runner.invoke(app, ["forget-me", "--config", str(cfg), "--yes", "--local-only"])
     assert done.exit_code == 0, done.output
     assert "deleted personal state: head" in done.output and "deleted 2 stored update(s)" in done.output
     with DeviceStore(tmp_path / "state") as s:
         assert s.personal_names() == [] and s.outbox_counts() == {"pending": 0, "sent": 0, "acked": 0}
         assert s.get_meta("last_round") is None and s.n_samples() == 50  # readings stay without --samples
-    again = runner.invoke(app, ["forget-me", "--config", str(cfg), "--yes", "--samples"])
-    assert again.exit_code == 0 and "deleted 50 stored readings" in again.output
+    again = runner.invoke(app, ["forget-me", "--config", str(cfg), "--yes", "--samples"])  # no broker to tell
+    assert again.exit_code == 1 and "deleted 50 stored readings" in again.output
+    assert "the coordinator was not told" in again.output
     with DeviceStore(tmp_path / "state") as s:
         assert s.n_samples() == 0
     raw = (tmp_path / "state" / DB_NAME).read_bytes()
@@ -307,3 +311,38 @@ def test_daemon_fetches_its_backbone_as_a_signed_bundle_and_switches_versions_be
     assert current.read_text().strip() == "2" and not (tmp_path / "bundles" / "versions" / "3").exists()
     status = CliRunner().invoke(app, ["status", "--config", str(cfg)])
     assert "current v2, previous v1" in status.output
+
+
+def test_forget_me_reaches_the_coordinator_which_deletes_the_devices_records(mosquitto, tiny_export, tmp_path):
+    """Over a real broker: the coordinator deletes the device's stored updates and registration, an open
+    round stops counting it, the retained hello is cleared, and other devices' records stay."""
+    fleet = "forget"
+    coord = _coordinator(mosquitto.address, fleet, tmp_path, tiny_export)
+    try:
+        for dev in (DEVICE, "meter-8"):
+            coord.state.upsert_device(dev, domain="energy", profile="pi4", runtime="onnxruntime", n_train=10)
+            coord.state.add_update(1, dev, f"id-{dev}", 10, b"payload")
+        pub = make_client("hello-publisher")
+        connect(pub, mosquitto.address, persistent=False)
+        hello = P.Hello(fleet=fleet, device_id=DEVICE, runtime="onnxruntime", n_train=10, n_eval=2)
+        pub.publish(P.Topics(fleet).hello(DEVICE), P.encode(hello), qos=1, retain=True).wait_for_publish(5)
+        pub.disconnect()
+        pub.loop_stop()
+        cfg = _filled_store(tmp_path, f"{mosquitto.address.host}:{mosquitto.address.port}", fleet)
+        done = CliRunner().invoke(app, ["forget-me", "--config", str(cfg), "--yes"])
+        assert done.exit_code == 0, done.output
+        assert "asked the coordinator of fleet forget" in done.output
+        wait_for(lambda: not coord.state.has_device(DEVICE), 10, "the coordinator to forget the device")
+        assert coord.state.reported(1) == {"meter-8"} and coord.state.has_device("meter-8")
+        assert coord.receiver.rejected.total() == 0  # the cleared retained hello is not a bad message
+    finally:
+        coord.stop()
+    retained: list[bytes] = []
+    sub = make_client("retained-reader")
+    sub.on_message = lambda c, u, m: retained.append(m.payload)
+    connect(sub, mosquitto.address, persistent=False)
+    sub.subscribe(P.Topics(fleet).hello(DEVICE), 1)
+    time.sleep(0.5)
+    sub.disconnect()
+    sub.loop_stop()
+    assert retained == []  # nothing retained any more for this device

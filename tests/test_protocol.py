@@ -49,6 +49,7 @@ def test_array_wire_format_is_dtype_shape_little_endian_bytes() -> None:
 @pytest.mark.parametrize("factory", [
     lambda: P.Hello(fleet="f", device_id="d", runtime="onnxruntime 1.20", n_train=10, n_eval=2),
     lambda: P.Status(fleet="f", device_id="d", state="online"),
+    lambda: P.Forget(fleet="f", device_id="d"),
     lambda: P.RoundTask(fleet="f", device_id="d", round_id=1, model_version=0, deadline_ts=1e9),
     lambda: P.GlobalModel(fleet="f", version=4, params={"w": np.zeros((2, 2), np.float32)}),
     lambda: P.ModelManifest(fleet="f", model_id="tsfm-tiny", version=1,

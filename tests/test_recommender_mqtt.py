@@ -232,5 +232,12 @@ def test_a_restarted_coordinator_rebuilds_the_prototype_server_and_p_tilde(split
         last = second.state.round(second.state.next_round_id() - 1)
         d = sorted(first.p_tilde)[0]
         np.testing.assert_array_equal(second.build_task(last, d).prototype, first.p_tilde[d])  # what goes out
+
+        gone = next(iter(second.prototypes.protos))  # this user runs `fedge-edge forget-me`
+        second._on_forget(gone)
+        assert gone not in second.prototypes.protos and gone not in second.p_tilde
+        assert set(second.prototypes.protos) == set(first.prototypes.protos) - {gone}
+        changed = [u for u in second.p_tilde if not np.array_equal(second.p_tilde[u], first.p_tilde[u])]
+        assert changed  # the others' mixes no longer draw on the forgotten user's prototype
     finally:
         second.state.close()

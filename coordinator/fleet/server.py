@@ -27,6 +27,7 @@ from coordinator.fleet.personalized import personalized_aggregates
 from coordinator.fleet.state import FleetState, RoundRecord
 from edge_client import mqtt as M
 from edge_client.protocol import (
+    Forget,
     GlobalModel,
     Hello,
     InvalidMessage,
@@ -129,7 +130,8 @@ class FleetCoordinator:
         if reason_code.is_failure:
             log.error("coordinator: broker refused connection: %s", reason_code)
             return
-        client.subscribe([(self.topics.all_updates, 1), (self.topics.all_hellos, 1), (self.topics.all_statuses, 1)])
+        client.subscribe([(self.topics.all_updates, 1), (self.topics.all_hellos, 1), (self.topics.all_statuses, 1),
+                          (self.topics.all_forgets, 1)])
         log.info("coordinator connected to %s:%d (session present: %s)", self.broker.host, self.broker.port,
                  flags.session_present)
 
@@ -320,6 +322,8 @@ class FleetCoordinator:
 
     def _on_message(self, client, userdata, message) -> None:  # type: ignore[no-untyped-def]
         device = self.topics.device_of(message.topic)
+        if not message.payload and message.topic.rsplit("/", 1)[-1] in ("hello", "status"):
+            return  # a device cleared its retained hello/status (forget-me): nothing to decode
         try:
             msg = self.receiver.accept(message.topic, message.payload, self.topics)  # counts its own refusals
         except ProtocolError as err:
@@ -330,6 +334,8 @@ class FleetCoordinator:
                 self._on_update(msg, message.payload)
             elif isinstance(msg, Hello):
                 self._on_hello(msg, retained=bool(message.retain))
+            elif isinstance(msg, Forget):
+                self._on_forget(msg.device_id)
             elif isinstance(msg, Status):
                 self.state.set_device_state(msg.device_id, msg.state)
                 with self._changed:
@@ -350,6 +356,15 @@ class FleetCoordinator:
         log.info("device %s joined (%s, %s, %d windows)", msg.device_id, msg.domain, msg.runtime, msg.n_train)
         with self._changed:
             self._changed.notify_all()
+
+    def _on_forget(self, device_id: str) -> None:
+        """Delete what this coordinator stored from the device (subclasses also drop what they derived
+        from it, e.g. the recommender's prototypes)."""
+        with self._changed:
+            deleted = self.state.forget_device(device_id)
+            self._changed.notify_all()
+        log.info("device %s asked to be forgotten: deleted %s", device_id,
+                 ", ".join(f"{n} {table}" for table, n in deleted.items()))
 
     def _on_update(self, msg: Update, payload: bytes) -> None:
         self._check_update(msg)

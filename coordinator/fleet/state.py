@@ -213,6 +213,20 @@ class FleetState:
 
     # ------------------------------------------------------------------ devices
 
+    def forget_device(self, device_id: str) -> dict[str, int]:
+        """Delete every per-device record in one transaction (rows deleted per table). An open round
+        simply no longer counts the device's update; aggregated models stay as they are."""
+        with self._lock:
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                deleted = {table: self._db.execute(f"DELETE FROM {table} WHERE device_id = ?", (device_id,)).rowcount
+                           for table in ("updates", "personal", "devices")}
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
+            self._db.execute("COMMIT")
+            return deleted
+
     def upsert_device(self, device_id: str, *, domain: str = "", profile: str = "", runtime: str = "",
                       n_train: int = 0, state: str | None = None) -> None:
         """Register or refresh a device's card; `state` None keeps the known state (a retained

@@ -63,10 +63,22 @@ class RecFleetCoordinator(FleetCoordinator):
         self.method = method
         self.spec = METHODS[method]
         self.dim = dim
-        self.prototypes = PrototypeServer(top_m, temperature) if self.spec.prototypes else None
+        self.top_m, self.temperature = top_m, temperature
+        self.replay_prototypes()  # a restart: rebuild from what SQLite holds
+
+    def replay_prototypes(self) -> None:
+        """Rebuild the prototype server and every p̃ from the closed evaluate rounds in SQLite."""
+        self.prototypes = PrototypeServer(self.top_m, self.temperature) if self.spec.prototypes else None
         self.p_tilde: dict[str, np.ndarray] = {}  # device -> the latest mix of its neighbours' prototypes
-        for round_id in state.closed_rounds(cfg.task, "evaluate"):  # a restart: replay what SQLite holds
+        for round_id in self.state.closed_rounds(self.cfg.task, "evaluate"):
             self.exchange_prototypes(round_id)
+
+    def _on_forget(self, device_id: str) -> None:
+        """The device's updates are gone from SQLite, so replaying drops its prototype from the server
+        and from every other user's p̃ (the next tasks carry mixes without it)."""
+        super()._on_forget(device_id)
+        with self._changed:
+            self.replay_prototypes()
 
     def build_task(self, rec, device_id: str) -> RoundTask:  # type: ignore[no-untyped-def]
         task = super().build_task(rec, device_id)
