@@ -401,7 +401,7 @@ class EdgeClient:
                                  task.round_id, task.model_version)
                         return
             self.publish_status("training", f"round {task.round_id}")
-            update = self._compute(task)
+            update = self._compute(task).model_copy(update={"round_opened": task.round_opened})
             payload = encode(update)
             topic = self.topics.update(task.round_id, self.device_id)
             with self._ack_lock:  # a reconnect flushing the outbox right now must leave this one to us
@@ -418,12 +418,14 @@ class EdgeClient:
 
     @staticmethod
     def _same_task(entry: OutboxEntry, task: RoundTask) -> bool:
-        """An outbox entry answers this task (not an older fleet's round with the same number)."""
+        """An outbox entry answers this task, not another fleet database's round with the same number (a
+        coordinator whose database was reset numbers its rounds from 1 again, with new opening times)."""
         try:
             sent = decode(entry.payload)
         except ProtocolError:
             return False
-        return isinstance(sent, Update) and sent.base_version == task.model_version and sent.kind == task.kind
+        return (isinstance(sent, Update) and sent.base_version == task.model_version and sent.kind == task.kind
+                and sent.round_opened == task.round_opened)
 
     def _wait_for_resources(self, task: RoundTask) -> bool:
         """Defer training while the gate says no; give up at the deadline or when stopping."""

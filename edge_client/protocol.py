@@ -279,6 +279,9 @@ class RoundTask(Message):
     lr: float = Field(default=1e-3, gt=0, le=1.0)
     batch_size: int = Field(default=64, ge=1, le=65536)
     prox_mu: float = Field(default=0.0, ge=0)
+    # when the coordinator opened this round (kept across its restarts): tells a resumed round from another
+    # fleet database's round with the same number, so a device re-sends a stored update only to the former
+    round_opened: float = Field(default=0.0, ge=0)
     options: dict[str, float | int | str | bool] = Field(default_factory=dict, max_length=64)
     # bi-level personalised aggregation: this device's own starting head (empty: the global head)
     params: Arrays = Field(default_factory=dict)
@@ -303,6 +306,7 @@ class Update(Message):
     delta: Arrays = Field(default_factory=dict)
     metrics: Metrics = Field(default_factory=dict)
     train_seconds: float = Field(default=0.0, ge=0)
+    round_opened: float = Field(default=0.0, ge=0)  # echoed from the task (see RoundTask.round_opened)
     # FCUCR: the user's prototype (one vector summarising recent history; no item ids), or None
     prototype: Array | None = None
 

@@ -221,3 +221,20 @@ def test_old_configs_stay_valid_and_new_tables_are_checked(tmp_path):
         DeviceConfig.model_validate({"device_id": "m"})
     with pytest.raises(ValueError, match="extra"):
         DeviceConfig.model_validate({"device_id": "m", "backbone": "b", "resources": {"min_free": 1}})
+
+
+def test_a_stored_update_answers_only_the_round_it_was_computed_for():
+    """A resumed round (same opening time) gets the stored update again; a reset coordinator's round with the
+    same number, base version and kind but another opening time does not."""
+    from edge_client.client import EdgeClient
+    from edge_client.protocol import RoundTask, Update, encode
+    from edge_client.store import OutboxEntry
+
+    sent = Update(fleet="f", device_id="d", round_id=3, base_version=2, n_samples=5, round_opened=1_700_000_000.5)
+    entry = OutboxEntry(3, sent.msg_id, "t", encode(sent), "acked", 1)
+    task = RoundTask(fleet="f", device_id="d", round_id=3, model_version=2, deadline_ts=2e9,
+                     round_opened=1_700_000_000.5)
+    assert EdgeClient._same_task(entry, task)
+    assert not EdgeClient._same_task(entry, task.model_copy(update={"round_opened": 1_800_000_000.0}))
+    assert not EdgeClient._same_task(entry, task.model_copy(update={"model_version": 1}))
+    assert not EdgeClient._same_task(OutboxEntry(3, "x", "t", b"\x00garbage", "acked", 1), task)

@@ -243,6 +243,7 @@ class FleetCoordinator:
         c = rec.config
         task = RoundTask(fleet=self.cfg.fleet, device_id=device_id, round_id=rec.round_id, task=rec.task,
                          kind=rec.kind, model_version=rec.base_version, deadline_ts=rec.deadline,
+                         round_opened=rec.opened,
                          local_epochs=c["local_epochs"], lr=c["lr"], batch_size=c["batch_size"],
                          prox_mu=c["prox_mu"], options={"upload_dtype": c["upload_dtype"],
                                                         **({"personalize": True, **c["personalize"]}
