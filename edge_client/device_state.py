@@ -14,7 +14,8 @@ from edge_client.config import DeviceConfig
 from edge_client.store import DB_NAME, DeviceStore
 
 # meta keys that describe this person's rounds (deleted by forget-me); 'device' and model facts stay
-PERSONAL_META = ("last_round", "last_global_version", "rounds_trained", "last_deferred")
+PERSONAL_META = ("last_round", "last_global_version", "rounds_trained", "last_deferred", "personal_backbone",
+                 "personal_day")
 
 
 def status_rows(cfg: DeviceConfig, when: Callable[[float | None], str]) -> Iterator[tuple[str, str]]:

@@ -24,6 +24,7 @@ from typing import IO, Any
 
 from edge_client import ingest
 from edge_client import mqtt as M
+from edge_client import personalize as PZ
 from edge_client import resources as R
 from edge_client.client import EdgeClient
 from edge_client.config import DeviceConfig
@@ -35,7 +36,8 @@ from edge_client.store import DeviceStore
 log = logging.getLogger("fedge.service")
 
 LOCK_NAME = "daemon.lock"
-PERSONAL_HEAD = "head"
+PERSONAL_HEAD = "head"  # the head this device forecasts with
+PERSONAL_MODEL = "model"  # adapter + head of the personal model: next round's self-distillation teacher
 
 
 class StateDirBusy(RuntimeError):
@@ -186,6 +188,11 @@ class DeviceService:
             return None
         if self.learner is not None and self.learner.backbone is self.runner:
             learner.personal_model = self.learner.personal_model  # the self-distillation teacher stays
+        elif self._personal_fits():  # a restart: the teacher comes back from the store
+            params = self.store.load_personal(PERSONAL_MODEL)
+            if params is not None:
+                learner.personal_model = PZ.PersonalModel(params, PZ.PersonalConfig(),
+                                                          trained_at_day=self.store.get_meta("personal_day"))
         self._built_at = n
         self.store.set_meta("backbone_sha256", self.runner.sha256)
         log.info("learner built on %d readings: %d train windows, %d held back", n, learner.n_train, learner.n_eval)
@@ -223,10 +230,19 @@ class DeviceService:
             self.store.set_meta("last_deferred", {"round": task.round_id, "reason": reason, "ts": time.time()})
         return reason
 
+    def _personal_fits(self) -> bool:
+        """Personal state is only reused on the backbone whose features it was trained on."""
+        return self.runner is not None and self.store.get_meta("personal_backbone") == self.runner.sha256
+
     def after_update(self, task: RoundTask, update: Update) -> None:
-        assert self.client is not None
+        assert self.client is not None and self.runner is not None
         if self.client.personal is not None:
             self.store.save_personal(PERSONAL_HEAD, self.client.personal)
+            self.store.set_meta("personal_backbone", self.runner.sha256)
+        model = self.learner.personal_model if self.learner is not None else None
+        if model is not None:  # its config is the next round's; only parameters and data time persist
+            self.store.save_personal(PERSONAL_MODEL, model.params)
+            self.store.set_meta("personal_day", model.trained_at_day)
         self.store.set_meta("last_round", {"round": task.round_id, "kind": task.kind, "ts": time.time(),
                                            "metrics": dict(update.metrics)})
         self.store.set_meta("last_global_version", task.model_version)
@@ -284,7 +300,8 @@ class DeviceService:
         self.client = EdgeClient(cfg.device_id, cfg.fleet, self.learner, self.broker, profile=cfg.profile,
                                  domain=self.domain, seed=cfg.seed, outbox=self.store, gate=self.gate,
                                  gate_poll_s=cfg.resources.poll_s, before_task=self.refresh,
-                                 after_update=self.after_update, personal=self.store.load_personal(PERSONAL_HEAD))
+                                 after_update=self.after_update,
+                                 personal=self.store.load_personal(PERSONAL_HEAD) if self._personal_fits() else None)
         self._attach_bundles(self.client)
         unacked = self.store.outbox_unacked()
         if unacked:

@@ -346,3 +346,44 @@ def test_forget_me_reaches_the_coordinator_which_deletes_the_devices_records(mos
     sub.disconnect()
     sub.loop_stop()
     assert retained == []  # nothing retained any more for this device
+
+
+def test_personal_model_survives_a_daemon_restart_on_the_same_backbone_only(mosquitto, tiny_export, tmp_path):
+    """The personal model (next round's self-distillation teacher) and head are stored after a personalised
+    round and come back after a restart; on another backbone they are not reused."""
+    from edge_client.config import DeviceConfig
+    from edge_client.service import PERSONAL_HEAD, PERSONAL_MODEL, DeviceService
+
+    fleet = "personal"
+    cfg = _device(tmp_path, mosquitto.address, fleet, tiny_export["backbone"])
+    coord = FleetCoordinator(FleetConfig(fleet=fleet, deadline_s=60, local_epochs=1, min_devices=1,
+                                         personalize=(("rank", 2.0), ("self_distill", 0.5))), mosquitto.address,
+                             FleetState(tmp_path / "fleet.sqlite")).start()
+    coord.ensure_model(slice_head(tiny_export["model"].head_state(), 24))
+    daemon = _start(cfg)
+    try:
+        assert coord.wait_for_devices(1, 60) == [DEVICE]
+        assert coord.run_round("train").state == "closed"
+        rc, out = _terminate(daemon)
+        assert rc == 0, out
+    finally:
+        if daemon.poll() is None:
+            daemon.kill()
+        coord.stop()
+    with DeviceStore(tmp_path / "state") as store:
+        saved = store.load_personal(PERSONAL_MODEL)
+        assert saved is not None and store.load_personal(PERSONAL_HEAD) is not None
+        assert store.get_meta("personal_day") is not None
+
+    device = DeviceConfig.from_toml(cfg)
+    service = DeviceService(device, BrokerAddress.parse(device.broker))  # the daemon, restarted
+    try:
+        service.runner = service.load_backbone()
+        teacher = service.build_learner().personal_model
+        assert teacher is not None and set(teacher.params) == set(saved)
+        for k, v in saved.items():
+            np.testing.assert_array_equal(teacher.params[k], v)
+        service.store.set_meta("personal_backbone", "0" * 64)  # as if it had been trained on another backbone
+        assert service.build_learner().personal_model is None
+    finally:
+        service.close()
