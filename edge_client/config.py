@@ -84,10 +84,12 @@ class BundleConfig(BaseModel):
 
     dir: str
     public_key: str  # PEM file with the coordinator's ed25519 public key
-    preferred_format: Literal["fp32", "int8"] = "fp32"
-    # Which runtime runs the bundle's backbone: LiteRT picks the .tflite file when the bundle ships one
-    # and ai-edge-litert (or tflite-runtime) is installed; otherwise the device falls back to ONNX Runtime.
-    runtime: Literal["onnxruntime", "litert"] = "onnxruntime"
+    # Which of the bundle's backbones this device runs. Unset: what the device's profile says
+    # (hardware/profiles/<profile>.toml; onnxruntime + fp32 for a profile fedge does not ship). LiteRT
+    # picks the .tflite file when the bundle ships one and ai-edge-litert (or tflite-runtime) is
+    # installed; otherwise the device falls back to ONNX Runtime.
+    preferred_format: Literal["fp32", "int8"] | None = None
+    runtime: Literal["onnxruntime", "litert"] | None = None
 
 
 class DeviceConfig(BaseModel):

@@ -85,6 +85,18 @@ class _SharedConnection:
         return self._client.unsubscribe(*args, **kwargs)
 
 
+def profile_choice(profile: str) -> tuple[str, str]:
+    """(runtime, format) the device's profile prefers for bundled backbones; ONNX Runtime fp32 for a
+    profile fedge does not ship (the default "generic")."""
+    from hardware.profiles import load_profile
+
+    try:
+        p = load_profile(profile)
+    except (ValueError, OSError):
+        return "onnxruntime", "fp32"
+    return p.runtime, p.preferred_format
+
+
 class DeviceService:
     """One device daemon. :meth:`run` blocks until `stop` is set (SIGTERM) or `max_rounds` updates."""
 
@@ -154,8 +166,10 @@ class DeviceService:
         from edge_client.bundle import BundleStore, load_public_key
 
         b = cfg.bundle
+        runtime, fmt = profile_choice(cfg.profile)
         return BundleStore(Path(b.dir), load_public_key(b.public_key), profile=cfg.profile,
-                           preferred_format=b.preferred_format, runtime=b.runtime, threads=cfg.threads)
+                           preferred_format=b.preferred_format or fmt, runtime=b.runtime or runtime,
+                           threads=cfg.threads)
 
     def load_backbone(self) -> BackboneRunner | None:
         """The current bundle's backbone (rolled back by BundleStore if it fails), else the file

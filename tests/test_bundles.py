@@ -298,7 +298,8 @@ def test_profiles_load() -> None:
     assert list_profiles() == ["jetson-orin-nano", "pi4", "pi5"]
     for name in list_profiles():
         p = load_profile(name)
-        assert p.name == name and p.runtime == "onnxruntime" and 1 <= p.threads <= p.cores and p.memory_mb > 0
+        assert p.name == name and p.runtime in ("onnxruntime", "litert") and 1 <= p.threads <= p.cores
+        assert p.memory_mb > 0
         assert p.preferred_format in ("fp32", "int8")
     assert load_profile("pi4").preferred_format == "int8"
     with pytest.raises(ValueError, match="unknown device profile"):

@@ -352,3 +352,13 @@ def test_a_fleet_mixes_formats_of_one_export_but_refuses_another_backbone():
     # without an id on either side the file hash decides, as before
     assert backbone_mismatch("", onnx.sha256, sha256s=[onnx.sha256]) is None
     assert backbone_mismatch("", tflite.sha256, sha256s=[onnx.sha256]) is not None
+
+
+def test_a_device_runs_the_bundle_backbone_its_profile_names():
+    """Unset [bundle] runtime/format come from the device's profile (pi4: LiteRT int8); a profile fedge does
+    not ship gets ONNX Runtime fp32."""
+    from edge_client.service import profile_choice
+
+    assert profile_choice("pi4") == ("litert", "int8")
+    assert profile_choice("jetson-orin-nano") == ("onnxruntime", "fp32")
+    assert profile_choice("generic") == ("onnxruntime", "fp32")
