@@ -1,7 +1,7 @@
 """`fedge`: the coordinator's command line.
 
     fedge demo       broker + coordinator + simulated devices on real data, one command
-    fedge pretrain   pretrain the TSFM (centralized on ETTh1 for now) and save a checkpoint
+    fedge pretrain   pretrain the TSFM (on ETTh1, or across domain silos with a federated strategy)
     fedge export     checkpoint -> backbone.onnx, head.onnx, head.npz, spec.json (+ parity); --format tflite
     fedge serve      run federated rounds for real devices over an MQTT broker (resumable)
     fedge status     rounds, models and devices recorded in a fleet database
