@@ -55,9 +55,9 @@ def _setup(config: Path, level: str):  # type: ignore[no-untyped-def]
         if cfg.backbone:
             runner = BackboneRunner(cfg.backbone, threads=cfg.threads)
         else:
-            from edge_client.service import DeviceService
+            from edge_client.service import bundle_store
 
-            runner = DeviceService._bundle_store_for(cfg).load_current()
+            runner = bundle_store(cfg).load_current()
         if cfg.data.kind in ("dataset", "csv"):
             series, season, domain = cfg.data.load()
         elif (cfg.state_path() / DB_NAME).is_file():

@@ -97,6 +97,18 @@ def profile_choice(profile: str) -> tuple[str, str]:
     return p.runtime, p.preferred_format
 
 
+def bundle_store(cfg: DeviceConfig):  # type: ignore[no-untyped-def]
+    """The device's BundleStore, or None without a [bundle] table (imports cryptography lazily)."""
+    if cfg.bundle is None:
+        return None
+    from edge_client.bundle import BundleStore, load_public_key
+
+    b = cfg.bundle
+    runtime, fmt = profile_choice(cfg.profile)
+    return BundleStore(Path(b.dir), load_public_key(b.public_key), profile=cfg.profile,
+                       preferred_format=b.preferred_format or fmt, runtime=b.runtime or runtime, threads=cfg.threads)
+
+
 class DeviceService:
     """One device daemon. :meth:`run` blocks until `stop` is set (SIGTERM) or `max_rounds` updates."""
 
@@ -109,7 +121,7 @@ class DeviceService:
                                  max_train_windows=cfg.max_train_windows)
         self.rebuild_every = cfg.rebuild_every or cfg.horizon
         self.season, self.domain = cfg.data.season or 24, cfg.data.kind
-        self.bundles = self._bundle_store()
+        self.bundles = bundle_store(cfg)
         self.bundle_version: int | None = None
         self.runner: BackboneRunner | None = None
         self.learner: DeviceLearner | None = None
@@ -154,22 +166,6 @@ class DeviceService:
             log.debug("ingested %d new readings from %s", new, self._csv.path)
 
     # ------------------------------------------------------------------ model
-
-    def _bundle_store(self):  # type: ignore[no-untyped-def]
-        return self._bundle_store_for(self.cfg)
-
-    @staticmethod
-    def _bundle_store_for(cfg: DeviceConfig):  # type: ignore[no-untyped-def]
-        """The device's BundleStore, or None without a [bundle] table (imports cryptography lazily)."""
-        if cfg.bundle is None:
-            return None
-        from edge_client.bundle import BundleStore, load_public_key
-
-        b = cfg.bundle
-        runtime, fmt = profile_choice(cfg.profile)
-        return BundleStore(Path(b.dir), load_public_key(b.public_key), profile=cfg.profile,
-                           preferred_format=b.preferred_format or fmt, runtime=b.runtime or runtime,
-                           threads=cfg.threads)
 
     def load_backbone(self) -> BackboneRunner | None:
         """The current bundle's backbone (rolled back by BundleStore if it fails), else the file
