@@ -166,8 +166,9 @@ class EdgeClient:
         self.topics = Topics(fleet)
         self.receiver = Receiver(f"device {device_id}")
         self.stats = EdgeStats()
-        self.globals: dict[int, Params] = {}
-        self._global_msgs: dict[int, GlobalModel] = {}  # as received, to re-check after a backbone change
+        # the last two global models accepted (params as float32): what tasks train from, kept as messages
+        # so they can be checked again after a backbone change
+        self.global_models: dict[int, GlobalModel] = {}
         self.personal: Params | None = personal
         self.manifest: ModelManifest | None = None
         self.outbox: Outbox = outbox if outbox is not None else MemoryOutbox()
@@ -192,6 +193,12 @@ class EdgeClient:
         self.client.on_publish = self._on_publish
         self.client.on_disconnect = self._on_disconnect
         self.client.on_connect_fail = self._on_connect_fail
+
+    @property
+    def globals(self) -> dict[int, Params]:
+        """Version -> global head (or adapter) this device holds."""
+        with self._lock:
+            return {v: m.params for v, m in self.global_models.items()}
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -247,7 +254,7 @@ class EdgeClient:
 
     def announce(self) -> None:
         """(Re-)publish the retained hello, e.g. after the learner was rebuilt on new data."""
-        current = max(self.globals) if self.globals else None
+        current = max(self.global_models) if self.global_models else None
         self._publish(self.topics.hello(self.device_id), Hello(
             fleet=self.fleet, device_id=self.device_id, runtime=self.learner.backbone.runtime_version,
             profile=self.profile, domain=self.domain, n_train=self.learner.n_train, n_eval=self.learner.n_eval,
@@ -308,7 +315,7 @@ class EdgeClient:
             self._on_global(msg)
         elif isinstance(msg, RoundTask):
             with self._lock:
-                ready = msg.model_version in self.globals
+                ready = msg.model_version in self.global_models
                 if not ready:
                     self._pending[msg.model_version] = msg
             if ready:
@@ -342,9 +349,8 @@ class EdgeClient:
         the same export keeps them; another export's head is refused and the device waits for the fleet's
         next one). Re-subscribing would not do: the broker's retained copy is a replay to the receiver."""
         with self._lock:
-            received = [self._global_msgs[v] for v in sorted(self._global_msgs)]
-            self.globals.clear()
-            self._global_msgs.clear()
+            received = [self.global_models[v] for v in sorted(self.global_models)]
+            self.global_models.clear()
             self.personal = None
         for msg in received:
             self._on_global(msg)
@@ -368,11 +374,9 @@ class EdgeClient:
             self.receiver.reject(err, self.topics.global_model(self.task))
             return
         with self._lock:
-            self.globals[msg.version] = as_float32(msg.params)
-            self._global_msgs[msg.version] = msg
-            for old in sorted(self.globals)[:-2]:
-                del self.globals[old]
-                self._global_msgs.pop(old, None)
+            self.global_models[msg.version] = msg.model_copy(update={"params": as_float32(msg.params)})
+            for old in sorted(self.global_models)[:-2]:
+                del self.global_models[old]
             task = self._pending.pop(msg.version, None)
         log.info("device %s: global head v%d", self.device_id, msg.version)
         if task is not None:
@@ -395,7 +399,7 @@ class EdgeClient:
             if self.before_task is not None:
                 self.before_task(task)
                 with self._lock:
-                    if task.model_version not in self.globals:  # the backbone changed: wait for a head made for it
+                    if task.model_version not in self.global_models:  # backbone changed: wait for a head for it
                         self._pending[task.model_version] = task
                         log.info("device %s: round %d waits for global v%d for the new backbone", self.device_id,
                                  task.round_id, task.model_version)
@@ -448,7 +452,7 @@ class EdgeClient:
         return False
 
     def _compute(self, task: RoundTask) -> Update:
-        global_params = self.globals[task.model_version]
+        global_params = self.global_models[task.model_version].params
         if task.params:  # bi-level personalised aggregation: train from this device's own aggregate
             spec = self.learner.backbone.spec
             check_arrays(task.params, head_shapes(spec.feature_dim, self.learner.split.horizon, len(spec.quantiles)),

@@ -207,7 +207,7 @@ class RecEdgeClient(EdgeClient):
         super()._dispatch(msg)
 
     def _compute(self, task: RoundTask) -> Update:
-        global_params: Params = self.globals[task.model_version]
+        global_params: Params = self.global_models[task.model_version].params
         try:
             if task.kind == "evaluate":
                 return self.learner.evaluate(task, global_params)
