@@ -65,6 +65,18 @@ def _feed(store: BundleStore, bundle, chunks=None) -> bool:
     return store.install(bundle.version)
 
 
+def _download(address: M.BrokerAddress, topics: Topics, store: BundleStore, client_id: str) -> bool:
+    """Connect a device's downloader to the broker; True once it installed a bundle (30 s at most)."""
+    client = M.make_client(client_id)
+    downloader = BundleDownloader(client, topics, store)
+    M.connect(client, address)
+    try:
+        return downloader.installed.wait(30)
+    finally:
+        client.disconnect()
+        client.loop_stop()
+
+
 @pytest.fixture
 def store_v1(export_dir, key, tmp_path) -> tuple[BundleStore, Path]:
     """A device store with a good v1 installed."""
@@ -255,14 +267,8 @@ def test_chunked_transfer_resumes_after_disconnect(mosquitto, export_dir, key, t
     assert first.chunks_written == 5 and len(missing) == total - 5 and first.current_version is None
 
     second = BundleStore(root, key.public_key())  # the device process restarts: state comes from disk
-    client = M.make_client("device-1")
-    downloader = BundleDownloader(client, topics, second)
-    M.connect(client, mosquitto.address)
-    try:
-        assert downloader.installed.wait(30), f"rejected: {second.rejected}, missing {len(second.missing(1))}"
-    finally:
-        client.disconnect()
-        client.loop_stop()
+    assert _download(mosquitto.address, topics, second, "device-1"), \
+        f"rejected: {second.rejected}, missing {len(second.missing(1))}"
     assert second.chunks_written == total - 5  # only the missing chunks were stored again
     assert second.current_version == 1 and not second.rejected
     assert second.load_current().spec.context == 96
@@ -334,12 +340,5 @@ def test_fedge_bundle_keygen_and_publish_reach_a_device(mosquitto, export_dir, t
 
     store = BundleStore(tmp_path / "device", load_public_key(keyfile.with_name("coordinator.key.pub")),
                         profile="pi4")
-    client = M.make_client("device-cli")
-    downloader = BundleDownloader(client, Topics(FLEET), store)
-    M.connect(client, mosquitto.address)
-    try:
-        assert downloader.installed.wait(30), f"rejected: {store.rejected}"
-    finally:
-        client.disconnect()
-        client.loop_stop()
+    assert _download(mosquitto.address, Topics(FLEET), store, "device-cli"), f"rejected: {store.rejected}"
     assert store.current_version == 3 and not store.rejected

@@ -75,8 +75,8 @@ def _terminate(proc: subprocess.Popen) -> tuple[int, str]:
     return proc.returncode, out
 
 
-def _coordinator(broker: BrokerAddress, fleet: str, tmp_path: Path, tiny_export) -> FleetCoordinator:
-    coord = FleetCoordinator(FleetConfig(fleet=fleet, deadline_s=60, local_epochs=1, min_devices=1), broker,
+def _coordinator(broker: BrokerAddress, fleet: str, tmp_path: Path, tiny_export, **config) -> FleetCoordinator:
+    coord = FleetCoordinator(FleetConfig(fleet=fleet, deadline_s=60, local_epochs=1, min_devices=1, **config), broker,
                              FleetState(tmp_path / "fleet.sqlite")).start()
     coord.ensure_model(slice_head(tiny_export["model"].head_state(), 24))
     return coord
@@ -356,10 +356,8 @@ def test_personal_model_survives_a_daemon_restart_on_the_same_backbone_only(mosq
 
     fleet = "personal"
     cfg = _device(tmp_path, mosquitto.address, fleet, tiny_export["backbone"])
-    coord = FleetCoordinator(FleetConfig(fleet=fleet, deadline_s=60, local_epochs=1, min_devices=1,
-                                         personalize=(("rank", 2.0), ("self_distill", 0.5))), mosquitto.address,
-                             FleetState(tmp_path / "fleet.sqlite")).start()
-    coord.ensure_model(slice_head(tiny_export["model"].head_state(), 24))
+    coord = _coordinator(mosquitto.address, fleet, tmp_path, tiny_export,
+                         personalize=(("rank", 2.0), ("self_distill", 0.5)))
     daemon = _start(cfg)
     try:
         assert coord.wait_for_devices(1, 60) == [DEVICE]
