@@ -151,11 +151,8 @@ class FleetCoordinator:
         return latest[0], latest[1]
 
     def publish_global(self, version: int, params: Mapping[str, np.ndarray], round_id: int | None = None) -> int:
-        meta = self.state.latest_model(self.cfg.task)
         msg = GlobalModel(fleet=self.cfg.fleet, task=self.cfg.task, version=version, round_id=round_id,
-                          params={k: np.asarray(v, np.float32) for k, v in params.items()},
-                          backbone_sha256=str((meta[2] if meta else {}).get("backbone_sha256", "")),
-                          backbone_id=str((meta[2] if meta else {}).get("backbone_id", "")))
+                          params={k: np.asarray(v, np.float32) for k, v in params.items()}, **self._model_meta())
         payload = encode(msg)
         M.publish(self.client, self.topics.global_model(self.cfg.task), payload, retain=True)
         return len(payload)
@@ -307,10 +304,11 @@ class FleetCoordinator:
         new = {k: np.asarray(v, np.float32) for k, v in mean.items()}
         return new, {d: {k: np.asarray(v, np.float32) for k, v in p.items()} for d, p in personal.items()}
 
-    def _model_meta(self) -> dict:
+    def _model_meta(self) -> dict[str, str]:
+        """The backbone pin of the latest model: carried into each new version and each GlobalModel."""
         latest = self.state.latest_model(self.cfg.task)
         meta = latest[2] if latest else {}
-        return {k: meta.get(k, "") for k in ("backbone_sha256", "backbone_id")}
+        return {k: str(meta.get(k, "")) for k in ("backbone_sha256", "backbone_id")}
 
     def _set_open(self, rec: RoundRecord | None) -> None:
         with self._changed:
