@@ -99,9 +99,11 @@ def tell_coordinator(cfg: DeviceConfig, timeout_s: float = 10.0) -> str:
         infos = [M.publish(client, topics.forget(cfg.device_id), request),
                  M.publish(client, topics.hello(cfg.device_id), b"", retain=True),
                  M.publish(client, topics.status(cfg.device_id), b"", retain=True)]
-        for info in infos:
-            info.wait_for_publish(timeout_s)
-        if not all(info.is_published() for info in infos):
+        try:
+            done = M.acknowledged(infos, timeout_s)
+        except RuntimeError as exc:  # paho could not queue it: the connection dropped
+            raise ConnectionError(f"lost the connection to {cfg.broker}: {exc}") from None
+        if not done:
             raise ConnectionError(f"the broker at {cfg.broker} did not acknowledge within {timeout_s:.0f} s")
     finally:
         client.disconnect()

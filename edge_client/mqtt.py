@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 import paho.mqtt.client as mqtt
@@ -118,3 +120,15 @@ def publish(
     if info.rc not in (mqtt.MQTT_ERR_SUCCESS, mqtt.MQTT_ERR_NO_CONN):
         log.warning("publish to %s failed: %s", topic, mqtt.error_string(info.rc))
     return info
+
+
+def acknowledged(infos: Iterable[mqtt.MQTTMessageInfo], timeout_s: float) -> bool:
+    """Wait, within one deadline for all of them, until the broker has acknowledged every QoS 1
+    message; False if one is still unacknowledged then (paho raises RuntimeError for a message it
+    could not queue)."""
+    deadline = time.monotonic() + timeout_s
+    for info in infos:
+        info.wait_for_publish(max(0.1, deadline - time.monotonic()))
+        if not info.is_published():
+            return False
+    return True

@@ -19,7 +19,6 @@ import hashlib
 import json
 import os
 import shutil
-import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -174,9 +173,6 @@ def publish_bundle(client: Any, topics: Topics, bundle: Bundle, *, timeout_s: fl
     infos = [M.publish(client, topics.chunk(task, n), encode(chunk), retain=True)
              for n, chunk in enumerate(iter_chunks(bundle, topics.fleet))]
     infos.append(M.publish(client, topics.bundle(task), encode(manifest_message(bundle, topics.fleet)), retain=True))
-    deadline = time.monotonic() + timeout_s
-    for info in infos:
-        info.wait_for_publish(max(0.1, deadline - time.monotonic()))
-        if not info.is_published():
-            raise TimeoutError(f"broker did not acknowledge bundle v{bundle.version} within {timeout_s:.0f} s")
+    if not M.acknowledged(infos, timeout_s):
+        raise TimeoutError(f"broker did not acknowledge bundle v{bundle.version} within {timeout_s:.0f} s")
     return len(infos) - 1
