@@ -40,7 +40,7 @@ import numpy as np
 
 from edge_client.adapters import Adam, Params
 from edge_client.recsys_data import PAD, prefix_batch
-from edge_client.runtime import ModelLoadError, sha256_file
+from edge_client.runtime import ModelLoadError, ort_session, sha256_file
 
 ADAPTER_KEYS = ("U", "V", "u")
 GATE_KEYS = ("Wg", "bg")
@@ -92,11 +92,7 @@ class SequenceEncoder:
             raise ModelLoadError(f"encoder {self.path} does not match the manifest's sha256")
         self.runtime = "onnxruntime"  # the same names BackboneRunner uses, read by EdgeClient's hello
         self.runtime_version = f"onnxruntime {ort.__version__}"
-        opts = ort.SessionOptions()
-        opts.intra_op_num_threads = max(1, threads)
-        opts.inter_op_num_threads = 1
-        opts.log_severity_level = 3
-        self.session = ort.InferenceSession(str(self.path), sess_options=opts, providers=["CPUExecutionProvider"])
+        self.session = ort_session(self.path, threads)
         meta = self.session.get_modelmeta().custom_metadata_map
         self.spec: dict[str, Any] = json.loads(meta.get("fedge.spec", "{}"))
         self.max_len = int(self.spec.get("max_len", self.session.get_inputs()[0].shape[1]))

@@ -19,7 +19,7 @@ import logging
 from collections.abc import Collection
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -77,17 +77,26 @@ def runtime_for(path: str | Path) -> str:
     return LITERT if Path(path).suffix == ".tflite" or is_tflite(path) else ONNXRUNTIME
 
 
+def ort_session(path: str | Path, threads: int | None = 1) -> Any:
+    """A quiet CPU ONNX Runtime session; `threads` bounds intra-op threads (one inter-op thread), None
+    leaves both to ONNX Runtime (the coordinator's parity checks may use every core)."""
+    import onnxruntime as ort  # imported here so protocol-only users never load it
+
+    opts = ort.SessionOptions()
+    if threads is not None:
+        opts.intra_op_num_threads = max(1, threads)
+        opts.inter_op_num_threads = 1
+    opts.log_severity_level = 3
+    return ort.InferenceSession(str(path), sess_options=opts, providers=["CPUExecutionProvider"])
+
+
 class _OrtBackbone:
     """ONNX Runtime session with the same small interface as :class:`edge_client.litert.LiteRTBackbone`."""
 
     def __init__(self, path: Path, threads: int) -> None:
-        import onnxruntime as ort  # imported here so protocol-only users never load it
+        import onnxruntime as ort
 
-        opts = ort.SessionOptions()
-        opts.intra_op_num_threads = max(1, threads)
-        opts.inter_op_num_threads = 1
-        opts.log_severity_level = 3
-        self.session = ort.InferenceSession(str(path), sess_options=opts, providers=["CPUExecutionProvider"])
+        self.session = ort_session(path, threads)
         self.metadata = self.session.get_modelmeta().custom_metadata_map
         self.version = f"onnxruntime {ort.__version__}"
         outputs = [o.name for o in self.session.get_outputs()]

@@ -34,7 +34,7 @@ from torch import nn
 
 from coordinator.models.tsfm import TSFM
 from edge_client.adapters import head_outputs
-from edge_client.runtime import sha256_file  # re-exported: recommender_export and tests import it from here
+from edge_client.runtime import ort_session, sha256_file  # sha256_file re-exported: recommender_export, tests
 
 log = logging.getLogger(__name__)
 
@@ -244,14 +244,6 @@ def _denormalised(point_n: np.ndarray, quantiles_n: np.ndarray, loc: np.ndarray,
     return np.concatenate([point_n * scale + loc, (quantiles_n.reshape(n, -1) * scale + loc)], axis=1)
 
 
-def _session(path: str | os.PathLike[str]) -> Any:
-    import onnxruntime as ort
-
-    opts = ort.SessionOptions()
-    opts.log_severity_level = 3
-    return ort.InferenceSession(str(path), sess_options=opts, providers=["CPUExecutionProvider"])
-
-
 @torch.no_grad()
 def _torch_reference(model: TSFM, x: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """(features, forecast rows as in :func:`_denormalised`, loc, scale) from torch."""
@@ -272,7 +264,7 @@ def check_parity(
     if x.ndim != 2 or x.shape[1] != model.config.context:
         raise ValueError(f"x must be (N, {model.config.context}), got {x.shape}")
     feats_t, forecast_t, loc_t, scale_t = _torch_reference(model, x)
-    backbone, head = _session(backbone_path), _session(head_path)
+    backbone, head = ort_session(backbone_path, None), ort_session(head_path, None)
     sizes = sorted({1, len(x)})
     feat_err, fc_err, fc_scaled = [], [], []
     for size in sizes:

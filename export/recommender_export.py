@@ -28,7 +28,8 @@ import torch
 from torch import nn
 
 from coordinator.models.recommender import SASRec
-from export.onnx_export import EXPORT_BATCH, _export, _session, exporter_of, sha256_file
+from edge_client.runtime import ort_session
+from export.onnx_export import EXPORT_BATCH, _export, exporter_of, sha256_file
 
 ENCODER_FILE = "sequence_encoder.onnx"
 ITEMS_FILE = "items.npy"
@@ -75,7 +76,7 @@ def check_parity(model: SASRec, encoder_path: str | os.PathLike[str], items_path
     model.eval()
     h_t = model.encode(torch.from_numpy(x)).numpy()
     s_t = model.scores(torch.from_numpy(h_t)).numpy()
-    sess = _session(encoder_path)
+    sess = ort_session(encoder_path, None)
     table = np.load(items_path)
     sizes = sorted({1, len(x)})
     errs, serrs = [], []
