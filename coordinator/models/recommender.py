@@ -32,6 +32,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from coordinator.pretrain.central import atomic_torch_save  # a killed run never leaves half a checkpoint
 from edge_client.recsys_data import PAD, ContinualSplit, prefix_batch, training_windows
 
 CHECKPOINT_FORMAT = "fedge.sasrec.checkpoint/1"
@@ -204,11 +205,8 @@ def encode_prefixes(model: SASRec, items: np.ndarray, positions: np.ndarray, bat
 
 def save_checkpoint(model: SASRec, path: str | os.PathLike[str], meta: dict[str, Any] | None = None) -> Path:
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    torch.save({"format": CHECKPOINT_FORMAT, "config": model.config.to_dict(), "state": model.state_dict(),
-                "meta": meta or {}}, tmp)
-    os.replace(tmp, path)  # atomic: a killed run never leaves a half-written checkpoint
+    atomic_torch_save({"format": CHECKPOINT_FORMAT, "config": model.config.to_dict(), "state": model.state_dict(),
+                       "meta": meta or {}}, path)
     return path
 
 
