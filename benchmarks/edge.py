@@ -29,9 +29,9 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from edge_round import ROOT, TARGETS, default_model, export_default_model
 
+from edge_client.runtime.profile import list_profiles, load_profile
 from hardware.emulation import EmulationUnavailable, host_arch, qemu_python
 from hardware.hil import FORMATS, HilResult, exit_on_sigterm, model_files, run_hil
-from hardware.profiles import list_profiles, load_profile
 
 
 def prepare_formats(model, model_dir: Path, formats: list[str]) -> dict[str, str]:  # type: ignore[no-untyped-def]

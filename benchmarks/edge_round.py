@@ -36,11 +36,11 @@ os.sched_setaffinity(0, {min(os.sched_getaffinity(0))})
 args = json.loads(sys.argv[1])
 t0 = time.perf_counter()
 import numpy as np
-from edge_client.adapters import slice_head
-from edge_client.config import DataSource
-from edge_client.learner import DeviceLearner, SplitConfig
-from edge_client.protocol import Update, encode
-from edge_client.runtime import BackboneRunner
+from edge_client.learning.head import slice_head
+from edge_client.daemon.config import DataSource
+from edge_client.learning.learner import DeviceLearner, SplitConfig
+from edge_client.wire import Update, encode
+from edge_client.runtime.backbone import BackboneRunner
 t_import = time.perf_counter() - t0
 series, season, domain = DataSource(**args["source"]).load()
 t1 = time.perf_counter()

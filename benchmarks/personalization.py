@@ -30,15 +30,16 @@ from pathlib import Path
 
 import numpy as np
 
-from coordinator.fleet.aggregation import ClientUpdate, FedAvg
-from coordinator.fleet.personalized import TaskVectorAggregation
-from edge_client import distortions as DS
-from edge_client import personalize as P
-from edge_client import windows as W
-from edge_client.adapters import Features, param_delta
-from edge_client.datasets import load_series
-from edge_client.rules import RuleGuard
-from edge_client.runtime import BackboneRunner
+from coordinator.fleet.aggregation import ClientUpdate
+from coordinator.fleet.strategies.fedavg import FedAvg
+from coordinator.fleet.strategies.task_vector import TaskVectorAggregation
+from edge_client.data.datasets import load_series
+from edge_client.learning import distortions as DS
+from edge_client.learning import personalize as P
+from edge_client.learning import windows as W
+from edge_client.learning.head import Features, param_delta
+from edge_client.learning.rules import RuleGuard
+from edge_client.runtime.backbone import BackboneRunner
 
 ROOT = Path(__file__).resolve().parent.parent
 STEP_DAYS = {"h": 1 / 24, "D": 1.0, "MS": 30.44}

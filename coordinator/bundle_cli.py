@@ -60,8 +60,8 @@ def publish(
     """Sign an export as bundle VERSION and publish it (retained chunks + signed manifest)."""
     from cryptography.exceptions import UnsupportedAlgorithm
 
-    from edge_client import mqtt as M
-    from edge_client.protocol import ProtocolError, Topics
+    from edge_client.wire import ProtocolError, Topics
+    from edge_client.wire import mqtt as M
     from export.bundle import DEFAULT_PROFILES, build_bundle, load_private_key, publish_bundle
 
     try:

@@ -36,7 +36,7 @@ def _logging(verbose: bool) -> None:
 
 def parse_personalize(text: str) -> tuple[tuple[str, float], ...]:
     """'self_distill=0.5,feature_distance=0.1,rank=4' -> pairs for FleetConfig.personalize."""
-    from edge_client.client import FLEET_PERSONAL_OPTIONS as known
+    from edge_client.daemon.client import FLEET_PERSONAL_OPTIONS as known
 
     pairs = []
     for item in filter(None, (p.strip() for p in text.split(","))):
@@ -78,12 +78,12 @@ def demo(
 ) -> None:
     """Run broker, coordinator and simulated edge devices end to end on real data."""
     from coordinator.demo import DemoConfig, run_demo
-    from coordinator.fleet.aggregation import make_strategy
-    from edge_client.datasets import DatasetNotFound, resolve_data_dir
+    from coordinator.fleet.strategies import fleet_strategy
+    from edge_client.data.datasets import DatasetNotFound, resolve_data_dir
 
     _logging(verbose)
     try:
-        make_strategy(strategy)
+        fleet_strategy(strategy)
         if pretrain_strategy != "auto":  # checked before any work; importing torch only when it is needed
             from coordinator.pretrain.backbone import check_requested
 
@@ -211,16 +211,16 @@ def serve(
     resumes the open round and keeps every update it already had."""
     import numpy as np
 
-    from coordinator.fleet.aggregation import make_strategy
     from coordinator.fleet.server import FleetConfig, FleetCoordinator
     from coordinator.fleet.state import FleetState
-    from edge_client.adapters import HEAD_KEYS, slice_head
-    from edge_client.mqtt import BrokerAddress
+    from coordinator.fleet.strategies import fleet_strategy
+    from edge_client.learning.head import HEAD_KEYS, slice_head
+    from edge_client.wire.mqtt import BrokerAddress
 
     _logging(verbose)
     try:
         address = BrokerAddress.parse(broker)
-        make_strategy(strategy)
+        fleet_strategy(strategy)
         cfg = FleetConfig(fleet=fleet, min_devices=min_devices, fraction=fraction, deadline_s=deadline,
                           local_epochs=local_epochs, lr=lr, strategy=strategy, clip_norm=clip_norm,
                           personalize=parse_personalize(personalize))

@@ -24,8 +24,8 @@ from coordinator.fleet.broker import RunningBroker, start_broker
 from coordinator.fleet.server import FleetConfig, FleetCoordinator, RoundResult
 from coordinator.fleet.simulation import carve_devices, start_devices
 from coordinator.fleet.state import FleetState
-from edge_client.adapters import slice_head
-from edge_client.mqtt import BrokerAddress
+from edge_client.learning.head import slice_head
+from edge_client.wire.mqtt import BrokerAddress
 
 if TYPE_CHECKING:
     from coordinator.models.tsfm import TSFM
@@ -52,7 +52,7 @@ class DemoConfig:
     deadline_s: float = 300.0
     seed: int = 0
     quick: bool = False  # a smaller backbone and budget: a smoke run in well under a minute
-    personalize: tuple[tuple[str, float], ...] = ()  # device-side methods (edge_client.personalize)
+    personalize: tuple[tuple[str, float], ...] = ()  # device-side methods (edge_client.learning.personalize)
     # "auto": the strategy benchmarks/pretrain.py ranked best (coordinator.pretrain.backbone); or
     # "etth1" (central, ETTh1 only) or one of the silo strategies
     pretrain_strategy: str = "auto"

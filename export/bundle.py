@@ -3,7 +3,7 @@
 :func:`build_bundle` turns an export directory (``export_model`` output, optionally with the int8
 backbone of :mod:`export.quantize`) into a bundle directory::
 
-    out_dir/manifest.json   canonical JSON (edge_client.bundle.canonical_json): the signed bytes
+    out_dir/manifest.json   canonical JSON (edge_client.bundles.manifest.canonical_json): the signed bytes
     out_dir/manifest.sig    raw 64-byte ed25519 signature over manifest.json
     out_dir/files/<name>    the files the manifest lists
 
@@ -28,13 +28,20 @@ from typing import Any
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
-from edge_client import mqtt as M
-from edge_client.bundle import BUNDLE_FORMAT, Manifest, canonical_json, key_id, load_public_key, verify_manifest
-from edge_client.protocol import BundleChunk, BundleManifest, Topics, encode
-from edge_client.runtime import sha256_file
+from edge_client.bundles.manifest import (
+    BUNDLE_FORMAT,
+    Manifest,
+    canonical_json,
+    key_id,
+    load_public_key,
+    verify_manifest,
+)
+from edge_client.runtime.backbone import sha256_file
+from edge_client.runtime.profile import load_profile
+from edge_client.wire import BundleChunk, BundleManifest, Topics, encode
+from edge_client.wire import mqtt as M
 from export.quantize import INT8_NAME
 from export.tflite_export import TFLITE_INT8_NAME, TFLITE_NAME
-from hardware.profiles import load_profile
 
 __all__ = ["Bundle", "build_bundle", "generate_key", "iter_chunks", "load_bundle", "load_private_key",
            "load_public_key", "publish_bundle", "save_keypair"]
@@ -44,7 +51,7 @@ DEFAULT_PROFILES = ("pi4", "pi5", "jetson-orin-nano")
 # file name -> role; only these leave the coordinator (no stray files from the export directory)
 BUNDLE_FILES = {"backbone.onnx": "backbone", INT8_NAME: "backbone", TFLITE_NAME: "backbone",
                 TFLITE_INT8_NAME: "backbone", "head.onnx": "head", "head.npz": "head", "spec.json": "spec"}
-# manifest "backbones" key -> file (edge_client.bundle.backbone_key names the keys a device looks for)
+# manifest "backbones" key -> file (edge_client.bundles.store.backbone_key names the keys a device looks for)
 BACKBONE_KEYS = {"fp32": "backbone.onnx", "int8": INT8_NAME, "tflite-fp32": TFLITE_NAME,
                  "tflite-int8": TFLITE_INT8_NAME}
 SPEC_KEYS = ("context", "horizon", "feature_dim", "quantiles", "patch_len", "stride", "n_params", "model_id",
@@ -119,8 +126,9 @@ def _manifest_dict(export_dir: Path, names: list[str], version: int, task: str, 
 def build_bundle(export_dir: str | os.PathLike[str], out_dir: str | os.PathLike[str], version: int,
                  key: Ed25519PrivateKey, profiles: Sequence[str] = DEFAULT_PROFILES, *, task: str = "tsfm",
                  chunk_size: int = DEFAULT_CHUNK_SIZE) -> Bundle:
-    """Copy the export's files into `out_dir`, write the canonical manifest and sign it. Profiles
-    are checked against hardware/profiles so a typo cannot make every device refuse the bundle."""
+    """Copy the export's files into `out_dir`, write the canonical manifest and sign it. Profiles are checked
+    against the shipped device profiles (edge_client/runtime/profiles) so a typo cannot make every device
+    refuse the bundle."""
     src = Path(export_dir)
     if not (src / "backbone.onnx").is_file() or not (src / "spec.json").is_file():
         raise FileNotFoundError(f"{src} is not an export directory (needs backbone.onnx and spec.json)")

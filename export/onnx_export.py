@@ -33,8 +33,8 @@ import torch
 from torch import nn
 
 from coordinator.models.tsfm import TSFM
-from edge_client.adapters import head_outputs
-from edge_client.runtime import ort_session, sha256_file  # sha256_file re-exported: recommender_export, tests
+from edge_client.learning.head import head_outputs
+from edge_client.runtime.backbone import ort_session, sha256_file  # sha256_file re-exported: recommender_export, tests
 
 log = logging.getLogger(__name__)
 

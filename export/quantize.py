@@ -7,7 +7,7 @@ file for every export without holding any device's data, and it shrinks the MatM
 quantiles from the file it runs, whatever its format.
 
 :func:`formats_report` measures what each format costs, on real windows and through the device's own
-runtime (ONNX Runtime or LiteRT, :class:`edge_client.runtime.BackboneRunner`): file size, how far the
+runtime (ONNX Runtime or LiteRT, :class:`edge_client.runtime.backbone.BackboneRunner`): file size, how far the
 features and forecasts move from torch (max/mean absolute error), the forecast MSE against the truth
 with its change against ONNX fp32 (the number that says whether a format is safe to deploy), and the
 backbone's time per window on one thread.
@@ -28,7 +28,7 @@ from typing import Any
 import numpy as np
 import onnx
 
-from edge_client.runtime import BackboneRunner
+from edge_client.runtime.backbone import BackboneRunner
 from export.onnx_export import SPEC_KEY, _set_metadata, numpy_head, read_spec
 
 log = logging.getLogger(__name__)

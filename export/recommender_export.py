@@ -28,7 +28,7 @@ import torch
 from torch import nn
 
 from coordinator.models.recommender import SASRec
-from edge_client.runtime import ort_session
+from edge_client.runtime.backbone import ort_session
 from export.onnx_export import EXPORT_BATCH, _export, exporter_of, sha256_file
 
 ENCODER_FILE = "sequence_encoder.onnx"

@@ -35,7 +35,7 @@ import torch
 from torch import nn
 
 from coordinator.models.tsfm import TSFM
-from edge_client.runtime import sha256_file
+from edge_client.runtime.backbone import sha256_file
 from export.onnx_export import (
     ParityReport,
     _denormalised,

@@ -36,9 +36,9 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from edge_client.runtime.profile import DeviceProfile, load_profile
 from hardware.emulation import PythonTarget, resolve
 from hardware.limits import MemoryLimit, allowed_cpus
-from hardware.profiles import DeviceProfile, load_profile
 
 log = logging.getLogger("fedge.hil")
 ROOT = Path(__file__).resolve().parent.parent
@@ -54,7 +54,7 @@ DEVICE_LAUNCHER = r"""
 import json, platform, sys
 from hardware.device_guard import block_imports
 block_imports()
-from edge_client.daemon import app
+from edge_client.daemon.cli import app
 code = 0
 try:
     app(sys.argv[1:])
@@ -365,7 +365,7 @@ def exit_on_sigterm() -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from hardware.profiles import list_profiles
+    from edge_client.runtime.profile import list_profiles
 
     ap = argparse.ArgumentParser(prog="python -m hardware.hil", description=__doc__.split("\n\n")[0])
     ap.add_argument("--profile", required=True, help=f"{' | '.join(list_profiles())} or a profile TOML path")

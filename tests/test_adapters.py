@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from edge_client.adapters import (
+from edge_client.learning.head import (
     Features,
     LossConfig,
     apply_delta,

@@ -5,15 +5,11 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from coordinator.fleet.aggregation import (
-    ClientUpdate,
-    FedAvg,
-    TrimmedMean,
-    clip_by_norm,
-    global_norm,
-    make_strategy,
-)
+from coordinator.fleet.aggregation import ClientUpdate, clip_by_norm, global_norm
 from coordinator.fleet.state import FleetState
+from coordinator.fleet.strategies import fleet_strategy
+from coordinator.fleet.strategies.fedavg import FedAvg
+from coordinator.fleet.strategies.trimmed_mean import TrimmedMean
 
 
 def _upd(name: str, n: int, value: float) -> ClientUpdate:
@@ -43,10 +39,10 @@ def test_trimmed_mean_ignores_extremes() -> None:
     np.testing.assert_allclose(new["w"], 0.2, rtol=1e-3)
 
 
-def test_make_strategy_rejects_unknown_names() -> None:
-    assert make_strategy("fedprox").name == "fedprox"
+def test_fleet_strategy_rejects_unknown_names() -> None:
+    assert fleet_strategy("fedprox").name == "fedprox"
     with pytest.raises(ValueError, match="unknown aggregation strategy"):
-        make_strategy("magic")
+        fleet_strategy("magic")
 
 
 def test_round_state_survives_reopen_and_closes_once(tmp_path) -> None:

@@ -9,7 +9,7 @@ import time
 import pytest
 
 from coordinator.fleet.broker import start_embedded, start_mosquitto
-from edge_client.mqtt import BrokerAddress, connect, make_client, publish
+from edge_client.wire.mqtt import BrokerAddress, connect, make_client, publish
 
 
 def _echo_through(address: BrokerAddress, payload: bytes) -> bytes:

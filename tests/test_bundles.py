@@ -12,15 +12,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from edge_client import mqtt as M
-from edge_client.bundle import (
-    BadSignature,
-    BundleDownloader,
-    BundleStore,
-    UnsignedBundle,
-    verify_manifest,
-)
-from edge_client.protocol import BundleChunk, Topics, decode, encode
+from edge_client.bundles.download import BundleDownloader
+from edge_client.bundles.manifest import BadSignature, UnsignedBundle, verify_manifest
+from edge_client.bundles.store import BundleStore
+from edge_client.runtime.profile import list_profiles, load_profile
+from edge_client.wire import BundleChunk, Topics, decode, encode
+from edge_client.wire import mqtt as M
 from export.bundle import (
     build_bundle,
     generate_key,
@@ -34,7 +31,6 @@ from export.bundle import (
 )
 from export.onnx_export import read_spec
 from export.quantize import format_report, quantize_backbone
-from hardware.profiles import list_profiles, load_profile
 
 FLEET = "bundles"
 INT8_MAX_ABS_TOL = 0.1  # de-normalised (scaled ETTh1 units) point forecast vs torch

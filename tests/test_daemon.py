@@ -23,12 +23,12 @@ from typer.testing import CliRunner
 from coordinator.fleet.broker import free_port, start_mosquitto
 from coordinator.fleet.server import FleetConfig, FleetCoordinator
 from coordinator.fleet.state import FleetState
-from edge_client import protocol as P
-from edge_client.adapters import slice_head
-from edge_client.daemon import app
-from edge_client.mqtt import BrokerAddress, connect, make_client
-from edge_client.service import lock_state_dir
-from edge_client.store import DB_NAME, DeviceStore
+from edge_client import wire as P
+from edge_client.daemon.cli import app
+from edge_client.daemon.service import lock_state_dir
+from edge_client.daemon.store import DB_NAME, DeviceStore
+from edge_client.learning.head import slice_head
+from edge_client.wire.mqtt import BrokerAddress, connect, make_client
 from tests.waiting import db_rows, wait_for
 
 pytestmark = pytest.mark.broker
@@ -63,7 +63,7 @@ poll_s = 0.2
 
 
 def _start(cfg: Path, **env: str) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-c", "from edge_client.daemon import app; app()", "run", "--config",
+    return subprocess.Popen([sys.executable, "-c", "from edge_client.daemon.cli import app; app()", "run", "--config",
                              str(cfg), "--log-level", "info"], cwd=ROOT, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True, env={**os.environ, **env})
 
@@ -351,8 +351,8 @@ def test_forget_me_reaches_the_coordinator_which_deletes_the_devices_records(mos
 def test_personal_model_survives_a_daemon_restart_on_the_same_backbone_only(mosquitto, tiny_export, tmp_path):
     """The personal model (next round's self-distillation teacher) and head are stored after a personalised
     round and come back after a restart; on another backbone they are not reused."""
-    from edge_client.config import DeviceConfig
-    from edge_client.service import PERSONAL_HEAD, PERSONAL_MODEL, DeviceService
+    from edge_client.daemon.config import DeviceConfig
+    from edge_client.daemon.service import PERSONAL_HEAD, PERSONAL_MODEL, DeviceService
 
     fleet = "personal"
     cfg = _device(tmp_path, mosquitto.address, fleet, tiny_export["backbone"])

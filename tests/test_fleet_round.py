@@ -14,9 +14,10 @@ import pytest
 from coordinator.fleet.server import FleetConfig, FleetCoordinator
 from coordinator.fleet.simulation import carve_devices, start_devices
 from coordinator.fleet.state import FleetState
-from edge_client import protocol as P
-from edge_client.adapters import slice_head
-from edge_client.mqtt import connect, make_client
+from edge_client import wire as P
+from edge_client.learning.head import slice_head
+from edge_client.wire import codec
+from edge_client.wire.mqtt import connect, make_client
 from tests.waiting import wait_for
 
 pytestmark = pytest.mark.broker
@@ -96,7 +97,7 @@ def test_bad_updates_are_refused_counted_and_the_round_still_completes(fleet, mo
     t = topics.update(rec.round_id, victim)
     attacks = [
         (t, b"\xc1not msgpack"),
-        (t, msgpack.packb(raw, default=P._pack_ext, use_bin_type=True)),  # NaN
+        (t, msgpack.packb(raw, default=codec.pack_ext, use_bin_type=True)),  # NaN
         (t, P.encode(update(delta={**good, "point_bias": np.zeros(3, np.float16)}))),  # wrong shape
         (t, P.encode(update(round_id=rec.round_id + 7))),  # stale round
         (t, P.encode(update(base_version=rec.base_version + 5))),  # stale base model
@@ -177,7 +178,7 @@ def test_broker_publish_with_paho_v5_reaches_device_queue_when_offline(mosquitto
 
 
 def test_task_vector_strategy_sends_each_device_its_own_aggregate(mosquitto, tiny_export, tmp_path) -> None:
-    from coordinator.fleet.personalized import personalized_aggregates
+    from coordinator.fleet.strategies.task_vector import personalized_aggregates
 
     coord = FleetCoordinator(FleetConfig(fleet="tv", deadline_s=60, local_epochs=1, lr=3e-3, min_devices=3,
                                          strategy="task_vector"),
@@ -213,7 +214,7 @@ def test_task_vector_strategy_sends_each_device_its_own_aggregate(mosquitto, tin
 def _personal_after_round(coord, round_id: int, device_id: str):
     """Round 1 had no personal heads yet: every device started from global v0 + its delta of round 1,
     and the coordinator then stored pre + mixed task vectors; recompute that start from round 1."""
-    from coordinator.fleet.personalized import personalized_aggregates
+    from coordinator.fleet.strategies.task_vector import personalized_aggregates
 
     pre = coord.state.model(0)
     taus = {}

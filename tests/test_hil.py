@@ -11,10 +11,10 @@ from pathlib import Path
 
 import pytest
 
+from edge_client.runtime.profile import load_profile
 from hardware.emulation import EmulationUnavailable, qemu_python, resolve
 from hardware.hil import main, parse_cpu_list, run_hil
 from hardware.limits import MemoryLimit, allowed_cpus
-from hardware.profiles import load_profile
 
 ROOT = Path(__file__).resolve().parent.parent
 LAST_CPU = max(os.sched_getaffinity(0))  # a strict subset of the host's CPUs whenever it has more than one

@@ -7,16 +7,16 @@ import numpy as np
 import pytest
 
 from coordinator.fleet.aggregation import ClientUpdate
-from coordinator.fleet.personalized import (
+from coordinator.fleet.strategies.task_vector import (
     TaskVectorAggregation,
     cosine_matrix,
     personalized_aggregates,
     personalized_weights,
 )
-from edge_client import distortions as D
-from edge_client import personalize as P
-from edge_client.adapters import Features, head_shapes
-from edge_client.rules import RuleGuard
+from edge_client.learning import distortions as D
+from edge_client.learning import personalize as P
+from edge_client.learning.head import Features, head_shapes
+from edge_client.learning.rules import RuleGuard
 
 N, DIM, H, Q = 7, 5, 3, 3
 
@@ -183,7 +183,7 @@ def test_fill_missing_handles_any_nan_pattern():
 
 
 def test_nan_device_data_never_crashes_with_a_real_backbone(tiny_export):
-    from edge_client.runtime import BackboneRunner
+    from edge_client.runtime.backbone import BackboneRunner
 
     runner = BackboneRunner(tiny_export["backbone"])
     rng = np.random.default_rng(0)

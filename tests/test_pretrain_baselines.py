@@ -7,7 +7,7 @@ from __future__ import annotations
 import numpy as np
 
 from coordinator.pretrain.evaluate import autoets_forecast
-from edge_client.windows import mse
+from edge_client.learning.windows import mse
 
 
 def test_autoets_keeps_the_daily_cycle_of_a_persistent_hourly_series() -> None:

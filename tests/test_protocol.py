@@ -8,7 +8,8 @@ import msgpack
 import numpy as np
 import pytest
 
-from edge_client import protocol as P
+from edge_client import wire as P
+from edge_client.wire import codec
 
 
 def _update(**overrides):
@@ -24,7 +25,7 @@ def _raw(msg: P.Message) -> dict:
 
 
 def _pack(raw: dict) -> bytes:
-    return msgpack.packb(raw, default=P._pack_ext, use_bin_type=True)
+    return msgpack.packb(raw, default=codec.pack_ext, use_bin_type=True)
 
 
 def test_update_round_trip_keeps_arrays_bit_exact() -> None:
@@ -39,7 +40,7 @@ def test_update_round_trip_keeps_arrays_bit_exact() -> None:
 
 def test_array_wire_format_is_dtype_shape_little_endian_bytes() -> None:
     arr = np.array([1.0, -2.0], dtype=">f4")  # big-endian in memory: must still travel little-endian
-    ext = P._pack_ext(arr)
+    ext = codec.pack_ext(arr)
     assert ext.code == P.ARRAY_EXT_CODE
     dtype, shape, raw = msgpack.unpackb(ext.data)
     assert (dtype, shape) == ("float32", [2])

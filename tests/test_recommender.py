@@ -15,16 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from edge_client.recsys import (
-    RecAdapterConfig,
-    RecDevice,
-    Teacher,
-    init_adapter,
-    load_bundle,
-    loss_and_grad,
-    represent,
-)
-from edge_client.recsys_data import (
+from edge_client.recsys.data import (
     PAD,
     continual_split,
     hit_ndcg,
@@ -32,6 +23,15 @@ from edge_client.recsys_data import (
     prefix_batch,
     ranks,
     training_windows,
+)
+from edge_client.recsys.device import (
+    RecAdapterConfig,
+    RecDevice,
+    Teacher,
+    init_adapter,
+    load_bundle,
+    loss_and_grad,
+    represent,
 )
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -116,8 +116,8 @@ def test_prefix_batch_and_training_windows():
 
 
 def test_real_movielens_loads_when_present():
-    from edge_client.datasets import DatasetNotFound
-    from edge_client.recsys_data import load_ml100k
+    from edge_client.data.datasets import DatasetNotFound
+    from edge_client.recsys.data import load_ml100k
 
     try:
         data = load_ml100k()
@@ -196,7 +196,7 @@ import sys
 from hardware.device_guard import block_imports
 block_imports()
 import numpy as np
-from edge_client.recsys import RecDevice, RecAdapterConfig, load_bundle
+from edge_client.recsys.device import RecDevice, RecAdapterConfig, load_bundle
 encoder, items = load_bundle(sys.argv[1])
 dev = RecDevice('me', encoder, items, RecAdapterConfig(rank=4, steps=5), shared_keys=('U', 'V'), seed=0)
 dev.receive(np.arange(1, 21), np.arange(20) * 3600)

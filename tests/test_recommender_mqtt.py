@@ -18,10 +18,11 @@ import pytest
 
 from coordinator.recsys.fleet import run_federated_mqtt
 from coordinator.recsys.simulation import RecSimConfig, build_test_sets, run_federated
-from edge_client.protocol import GlobalModel, RoundTask, Topics, Update, _pack_ext, decode, encode
-from edge_client.recsys import METHODS, RecAdapterConfig, RecDevice, init_adapter, load_bundle
-from edge_client.recsys_client import RecEdgeClient, RecLearner
-from edge_client.recsys_data import continual_split, interactions_from_array
+from edge_client.recsys.client import RecEdgeClient, RecLearner
+from edge_client.recsys.data import continual_split, interactions_from_array
+from edge_client.recsys.device import METHODS, RecAdapterConfig, RecDevice, init_adapter, load_bundle
+from edge_client.wire import GlobalModel, RoundTask, Topics, Update, decode, encode
+from edge_client.wire.codec import pack_ext
 from tests.test_recommender import bundle, synthetic_log  # noqa: F401  (bundle is a fixture)
 
 CFG = RecSimConfig(adapter=RecAdapterConfig(rank=4, steps=5), top_m=3, seed=1)
@@ -88,7 +89,7 @@ def _raw_task(task: RoundTask, prototype) -> bytes:
     """A task whose prototype skipped pydantic on the sending side (what a broken coordinator sends)."""
     raw = _fresh(task).model_dump(mode="python")
     raw["prototype"] = prototype
-    return msgpack.packb(raw, default=_pack_ext, use_bin_type=True)
+    return msgpack.packb(raw, default=pack_ext, use_bin_type=True)
 
 
 def _wait(cond, timeout_s: float = 10.0) -> bool:
@@ -152,8 +153,8 @@ def test_coordinator_refuses_malformed_prototype_updates(tmp_path):
     from coordinator.fleet.server import FleetConfig
     from coordinator.fleet.state import FleetState
     from coordinator.recsys.fleet import RecFleetCoordinator
-    from edge_client.mqtt import BrokerAddress
-    from edge_client.protocol import InvalidMessage, WrongShape
+    from edge_client.wire import InvalidMessage, WrongShape
+    from edge_client.wire.mqtt import BrokerAddress
 
     state = FleetState(tmp_path / "fleet.sqlite")
     coord = RecFleetCoordinator(FleetConfig(fleet="rec-c", task="rec"), BrokerAddress(), state, method="fcucr",
@@ -186,7 +187,7 @@ def test_a_restarted_coordinator_rebuilds_the_prototype_server_and_p_tilde(split
     from coordinator.fleet.server import FleetConfig
     from coordinator.fleet.state import FleetState
     from coordinator.recsys.fleet import RecFleetCoordinator, start_rec_devices
-    from edge_client.recsys_client import TASK
+    from edge_client.recsys.client import TASK
 
     encoder, items = load_bundle(bundle["dir"])
     dim, fleet = items.shape[1], "rec-restart"

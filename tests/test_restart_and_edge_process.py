@@ -16,8 +16,8 @@ import pytest
 from coordinator.fleet.server import FleetConfig, FleetCoordinator
 from coordinator.fleet.simulation import carve_devices, start_devices
 from coordinator.fleet.state import FleetState, params_from_blob
-from edge_client import protocol as P
-from edge_client.adapters import slice_head
+from edge_client import wire as P
+from edge_client.learning.head import slice_head
 from tests.waiting import db_rows, wait_for
 
 pytestmark = pytest.mark.broker
@@ -78,7 +78,7 @@ BLOCK_TORCH = """
 import sys
 from hardware.device_guard import block_imports
 block_imports()
-from edge_client.daemon import app
+from edge_client.daemon.cli import app
 try:
     app(sys.argv[1:])
 except SystemExit as exc:
@@ -125,7 +125,7 @@ stop = 13140
 
 
 def test_edge_client_source_never_imports_coordinator_export_or_torch():
-    """The import direction of the design: coordinator -> export -> edge_client.protocol, never back."""
+    """The import direction of the design: coordinator -> export -> edge_client.wire, never back."""
     for path in (ROOT / "edge_client").glob("*.py"):
         tree = ast.parse(path.read_text())
         for node in ast.walk(tree):
@@ -138,13 +138,13 @@ def test_edge_client_source_never_imports_coordinator_export_or_torch():
 def test_daemon_reports_bad_config_clearly(tmp_path):
     bad = tmp_path / "bad.toml"
     bad.write_text('device_id = "a/b"\nbackbone = "x.onnx"\n')
-    proc = subprocess.run([sys.executable, "-c", "from edge_client.daemon import app; app()", "info", "--config",
+    proc = subprocess.run([sys.executable, "-c", "from edge_client.daemon.cli import app; app()", "info", "--config",
                            str(bad)], cwd=ROOT, capture_output=True, text=True, timeout=60)
     assert proc.returncode == 2 and "device_id" in proc.stderr
     corrupt = tmp_path / "corrupt.onnx"
     corrupt.write_bytes(b"not a model")
     good = tmp_path / "good.toml"
     good.write_text(f'device_id = "a"\nbackbone = "{corrupt}"\n')
-    proc = subprocess.run([sys.executable, "-c", "from edge_client.daemon import app; app()", "info", "--config",
+    proc = subprocess.run([sys.executable, "-c", "from edge_client.daemon.cli import app; app()", "info", "--config",
                            str(good)], cwd=ROOT, capture_output=True, text=True, timeout=60)
     assert proc.returncode == 2 and "cannot load" in proc.stderr and "backbone" in proc.stderr

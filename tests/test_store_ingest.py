@@ -13,10 +13,10 @@ import time
 import numpy as np
 import pytest
 
-from edge_client import ingest as I
-from edge_client import resources as R
-from edge_client.config import DeviceConfig
-from edge_client.store import DeviceStore
+from edge_client.daemon import ingest as I
+from edge_client.daemon import resources as R
+from edge_client.daemon.config import DeviceConfig
+from edge_client.daemon.store import DeviceStore
 
 
 def _wait(cond, timeout: float = 10.0) -> None:
@@ -226,9 +226,9 @@ def test_old_configs_stay_valid_and_new_tables_are_checked(tmp_path):
 def test_a_stored_update_answers_only_the_round_it_was_computed_for():
     """A resumed round (same opening time) gets the stored update again; a reset coordinator's round with the
     same number, base version and kind but another opening time does not."""
-    from edge_client.client import EdgeClient
-    from edge_client.protocol import RoundTask, Update, encode
-    from edge_client.store import OutboxEntry
+    from edge_client.daemon.client import EdgeClient
+    from edge_client.daemon.store import OutboxEntry
+    from edge_client.wire import RoundTask, Update, encode
 
     sent = Update(fleet="f", device_id="d", round_id=3, base_version=2, n_samples=5, round_opened=1_700_000_000.5)
     entry = OutboxEntry(3, sent.msg_id, "t", encode(sent), "acked", 1)

@@ -18,12 +18,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from edge_client import litert
-from edge_client.bundle import BundleStore, backbone_key
-from edge_client.runtime import LITERT, ONNXRUNTIME, BackboneRunner, ModelLoadError, runtime_for
+from edge_client.bundles.store import BundleStore, backbone_key
+from edge_client.runtime import litert
+from edge_client.runtime.backbone import LITERT, ONNXRUNTIME, BackboneRunner, ModelLoadError, runtime_for
+from edge_client.runtime.profile import DeviceProfile
 from export.bundle import build_bundle, generate_key, iter_chunks
 from export.tflite_export import CONVERT_PINS, TFLITE_INT8_NAME, TFLITE_NAME, env_python
-from hardware.profiles import DeviceProfile
 
 FIXTURE = Path(__file__).parent / "data" / "tflite"
 ROOT = Path(__file__).resolve().parent.parent
@@ -189,8 +189,8 @@ def test_falls_back_to_tflite_runtime(monkeypatch, ref):
 
 def test_edge_client_imports_and_runs_onnx_without_litert():
     code = ("import sys; sys.modules['ai_edge_litert'] = None; sys.modules['tflite_runtime'] = None\n"
-            "import numpy as np, edge_client.bundle, edge_client.runtime as rt\n"
-            "from edge_client.litert import litert_available\n"
+            "import numpy as np, edge_client.bundles.store, edge_client.runtime.backbone as rt\n"
+            "from edge_client.runtime.litert import litert_available\n"
             f"r = rt.BackboneRunner({str(FIXTURE / 'backbone.onnx')!r})\n"
             "print(r.runtime, r.features(np.ones((2, r.spec.context), np.float32)).feats.shape, litert_available())\n"
             "assert 'torch' not in sys.modules\n")
@@ -237,7 +237,7 @@ def test_profile_runtime_and_format_pick_the_backbone(bundle, key, tmp_path, run
 
 
 def test_litert_profile_without_interpreter_falls_back_to_onnx(bundle, key, tmp_path, monkeypatch, caplog):
-    import edge_client.bundle as B
+    import edge_client.bundles.store as B
 
     monkeypatch.setattr(B, "litert_available", lambda: False)
     store = BundleStore(tmp_path / "device", key.public_key(), runtime=LITERT)
@@ -342,7 +342,7 @@ def test_formats_report_covers_onnx_and_litert_against_torch():
 def test_a_fleet_mixes_formats_of_one_export_but_refuses_another_backbone():
     """Heads are pinned to the export's model id, which ONNX and TFLite files of one model share,
     so a LiteRT device accepts a head the coordinator pinned with the ONNX file's hash."""
-    from edge_client.runtime import backbone_mismatch
+    from edge_client.runtime.backbone import backbone_mismatch
 
     onnx, tflite = BackboneRunner(FIXTURE / "backbone.onnx"), BackboneRunner(FIXTURE / "backbone.tflite")
     assert onnx.spec.model_id and onnx.spec.model_id == tflite.spec.model_id and onnx.sha256 != tflite.sha256
@@ -357,7 +357,7 @@ def test_a_fleet_mixes_formats_of_one_export_but_refuses_another_backbone():
 def test_a_device_runs_the_bundle_backbone_its_profile_names():
     """Unset [bundle] runtime/format come from the device's profile (pi4: LiteRT int8); a profile fedge does
     not ship gets ONNX Runtime fp32."""
-    from edge_client.service import profile_choice
+    from edge_client.daemon.service import profile_choice
 
     assert profile_choice("pi4") == ("litert", "int8")
     assert profile_choice("jetson-orin-nano") == ("onnxruntime", "fp32")

@@ -22,8 +22,8 @@ from coordinator.pretrain.central import (
     save_checkpoint,
     train_tsfm,
 )
-from edge_client.datasets import load_series
-from edge_client.windows import ETT_VAL_END
+from edge_client.data.datasets import load_series
+from edge_client.learning.windows import ETT_VAL_END
 from export.onnx_export import SPEC_KEY, check_parity, export_model, numpy_head, sha256_file
 
 TINY = TSFMConfig(

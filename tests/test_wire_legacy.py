@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from edge_client import protocol as P
+from edge_client import wire as P
 
 VECTORS = Path(__file__).parent / "data" / "wire_v1"
 EXPECTED = json.loads((VECTORS / "expected.json").read_text())

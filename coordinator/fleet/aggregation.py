@@ -1,7 +1,7 @@
-"""Server-side aggregation rules over parameter deltas: plain functions on dicts of arrays.
+"""Server-side aggregation arithmetic over parameter deltas: plain functions on dicts of arrays.
 
-These are shared by the MQTT fleet rounds and by in-process federated pretraining, so a rule
-behaves the same whether updates arrive over a broker or from a simulated silo. They stream
+These are shared by the fleet's strategies (:mod:`coordinator.fleet.strategies`) and by in-process federated
+pretraining, so a rule behaves the same whether updates arrive over a broker or from a simulated silo. They stream
 over updates (one running sum), so aggregating 10,000 device updates needs the memory of one.
 """
 
@@ -65,42 +65,3 @@ def trimmed_mean(deltas: Sequence[Mapping[str, np.ndarray]], trim: float) -> Par
 
 def apply(global_params: Mapping[str, np.ndarray], step: Mapping[str, np.ndarray], lr: float = 1.0) -> Params:
     return {k: (np.asarray(v, np.float64) + lr * step[k]).astype(np.float32) for k, v in global_params.items()}
-
-
-@dataclass(frozen=True)
-class FedAvg:
-    """Sample-weighted FedAvg of deltas (McMahan et al., 2017), with optional norm clipping.
-    FedProx differs only on the device (the proximal term), so it aggregates the same way."""
-
-    clip_norm: float | None = None
-    server_lr: float = 1.0
-    name: str = "fedavg"
-
-    def aggregate(self, global_params: Mapping[str, np.ndarray], updates: Sequence[ClientUpdate]) -> Params:
-        deltas = (clip_by_norm(u.delta, self.clip_norm) if self.clip_norm else u.delta for u in updates)
-        step = weighted_mean(deltas, [float(u.n_samples) for u in updates])
-        return apply(global_params, step, self.server_lr)
-
-
-@dataclass(frozen=True)
-class TrimmedMean:
-    """Coordinate-wise trimmed mean of (optionally clipped) deltas, unweighted."""
-
-    trim: float = 0.1
-    clip_norm: float | None = None
-    server_lr: float = 1.0
-    name: str = "trimmed_mean"
-
-    def aggregate(self, global_params: Mapping[str, np.ndarray], updates: Sequence[ClientUpdate]) -> Params:
-        deltas = [clip_by_norm(u.delta, self.clip_norm) if self.clip_norm else u.delta for u in updates]
-        return apply(global_params, trimmed_mean(deltas, self.trim), self.server_lr)
-
-
-def make_strategy(name: str, *, clip_norm: float | None = None, trim: float = 0.1) -> FedAvg | TrimmedMean:
-    if name in ("fedavg", "fedprox"):
-        return FedAvg(clip_norm=clip_norm, name=name)
-    if name == "trimmed_mean":
-        return TrimmedMean(trim=trim, clip_norm=clip_norm)
-    if name == "task_vector":  # personalised on top of FedAvg: coordinator.fleet.server does the per-device part
-        return FedAvg(clip_norm=clip_norm, name=name)
-    raise ValueError(f"unknown aggregation strategy {name!r}; choose fedavg, fedprox, trimmed_mean or task_vector")

@@ -17,7 +17,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from edge_client.mqtt import BrokerAddress
+from edge_client.wire.mqtt import BrokerAddress
 
 log = logging.getLogger("fedge.broker")
 

@@ -5,7 +5,7 @@ The coordinator keeps a persistent MQTT session under a fixed client id, so upda
 while it is down are queued by the broker and delivered when it returns; every round and every
 update is in SQLite (:mod:`coordinator.fleet.state`), so a restarted coordinator resumes the open
 round where it stopped, re-asks only the devices that have not answered, and counts each update
-once. Everything a device sends is validated (:class:`edge_client.protocol.Receiver` plus the
+once. Everything a device sends is validated (:class:`edge_client.wire.Receiver` plus the
 round-level checks here); a refusal is logged, counted and answered with a ``Reject``.
 """
 
@@ -22,11 +22,10 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from coordinator.fleet.aggregation import ClientUpdate, make_strategy, weighted_mean
-from coordinator.fleet.personalized import personalized_aggregates
+from coordinator.fleet.aggregation import ClientUpdate
 from coordinator.fleet.state import FleetState, RoundRecord
-from edge_client import mqtt as M
-from edge_client.protocol import (
+from coordinator.fleet.strategies import RoundInputs, fleet_strategy
+from edge_client.wire import (
     Forget,
     GlobalModel,
     Hello,
@@ -46,6 +45,7 @@ from edge_client.protocol import (
     decode,
     encode,
 )
+from edge_client.wire import mqtt as M
 
 log = logging.getLogger("fedge.coordinator")
 
@@ -101,8 +101,7 @@ class FleetCoordinator:
         self.broker = broker
         self.state = state
         self.topics = Topics(cfg.fleet)
-        self.personalised = cfg.strategy == "task_vector"
-        self.strategy = make_strategy("fedavg" if self.personalised else cfg.strategy, clip_norm=cfg.clip_norm)
+        self.strategy = fleet_strategy(cfg.strategy, clip_norm=cfg.clip_norm, tv_temperature=cfg.tv_temperature)
         self.receiver = Receiver("coordinator")
         self.traffic = _Traffic()
         self.duplicates = 0
@@ -246,7 +245,7 @@ class FleetCoordinator:
                                                         **({"personalize": True, **c["personalize"]}
                                                            if c.get("personalize") else {}),
                                                         **c.get("options", {})})
-        if self.personalised and rec.kind == "train":
+        if self.strategy.personalised and rec.kind == "train":
             own = self.state.personal(device_id)
             if own is not None:
                 task = task.model_copy(update={"params": {k: np.asarray(v, np.float32) for k, v in own.items()}})
@@ -265,13 +264,10 @@ class FleetCoordinator:
         if rec.kind == "train":
             if len(updates) >= rec.quorum:
                 ups = [ClientUpdate(u.device_id, u.n_samples, u.delta, u.metrics) for u in updates if u.n_samples > 0]
-                personal = None
-                if self.personalised:
-                    new, personal = self._task_vector_aggregate(base, ups)
-                else:
-                    new = self.strategy.aggregate(base, ups)
-                new_version = self.state.close_round(rec.round_id, new, rec.task, meta=self._model_meta(),
-                                                     personal=personal)
+                agg = self.strategy.aggregate_round(RoundInputs(base, ups, initial=lambda: self.state.model(0),
+                                                                personal=self.state.personal))
+                new_version = self.state.close_round(rec.round_id, agg.global_params, rec.task,
+                                                     meta=self._model_meta(), personal=agg.personal)
                 if new_version is not None:
                     self.publish_global(new_version, self.state.model(new_version), rec.round_id)
             else:
@@ -285,24 +281,6 @@ class FleetCoordinator:
         return RoundResult(rec.round_id, rec.kind, rec.base_version, new_version, rec.selected, metrics, n_samples,
                            self.traffic.up[rec.round_id], self.traffic.down[rec.round_id], time.time() - t0,
                            resumed, state)
-
-    def _task_vector_aggregate(self, base: Mapping[str, np.ndarray], ups: list[ClientUpdate]
-                               ) -> tuple[dict[str, np.ndarray], dict[str, dict[str, np.ndarray]]]:
-        """Bi-level personalised aggregation (Yang et al., AAAI 2026): each device's task vector is
-        its trained head minus the *initial* (pretrained) head; device k's next start is the
-        initial head plus a softmax(cos/T)-weighted mix of its most similar peers' task vectors.
-        The global head (for new devices and evaluation) stays the sample-weighted mean."""
-        pre = self.state.model(0)
-        afters, taus = {}, {}
-        for u in ups:
-            start = self.state.personal(u.device_id) or base
-            afters[u.device_id] = {k: np.asarray(start[k], np.float64) + u.delta[k] for k in base}
-            taus[u.device_id] = {k: afters[u.device_id][k] - pre[k] for k in base}
-        personal, _ = personalized_aggregates(pre, taus, temperature=self.cfg.tv_temperature)
-        weights = [float(u.n_samples) for u in ups]
-        mean = weighted_mean([afters[u.device_id] for u in ups], weights)
-        new = {k: np.asarray(v, np.float32) for k, v in mean.items()}
-        return new, {d: {k: np.asarray(v, np.float32) for k, v in p.items()} for d, p in personal.items()}
 
     def _model_meta(self) -> dict[str, str]:
         """The backbone pin of the latest model: carried into each new version and each GlobalModel."""

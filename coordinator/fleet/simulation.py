@@ -16,13 +16,13 @@ import random
 from dataclasses import dataclass
 from pathlib import Path
 
-from edge_client.client import EdgeClient
-from edge_client.config import DataSource
-from edge_client.datasets import available, load_series
-from edge_client.learner import DeviceLearner, SplitConfig
-from edge_client.mqtt import BrokerAddress
-from edge_client.runtime import BackboneRunner
-from edge_client.windows import ETT_TRAIN_END
+from edge_client.daemon.client import EdgeClient
+from edge_client.daemon.config import DataSource
+from edge_client.data.datasets import available, load_series
+from edge_client.learning.learner import DeviceLearner, SplitConfig
+from edge_client.learning.windows import ETT_TRAIN_END
+from edge_client.runtime.backbone import BackboneRunner
+from edge_client.wire.mqtt import BrokerAddress
 
 log = logging.getLogger("fedge.simulation")
 

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
-from edge_client.store import params_from_blob, params_to_blob  # one .npz blob format, shared with devices
+from edge_client.daemon.store import params_from_blob, params_to_blob  # one .npz blob format, shared with devices
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS models (

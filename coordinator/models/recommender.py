@@ -33,7 +33,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from coordinator.pretrain.central import atomic_torch_save  # a killed run never leaves half a checkpoint
-from edge_client.recsys_data import PAD, ContinualSplit, prefix_batch, training_windows
+from edge_client.recsys.data import PAD, ContinualSplit, prefix_batch, training_windows
 
 CHECKPOINT_FORMAT = "fedge.sasrec.checkpoint/1"
 

@@ -27,8 +27,8 @@ import numpy as np
 import torch
 
 from coordinator.models.tsfm import TSFM, TSFMConfig
-from edge_client.datasets import load_series
-from edge_client.windows import (
+from edge_client.data.datasets import load_series
+from edge_client.learning.windows import (
     ETT_TEST_END,
     ETT_TRAIN_END,
     ETT_VAL_END,

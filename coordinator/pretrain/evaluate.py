@@ -27,8 +27,8 @@ from torch import nn
 
 from coordinator.pretrain.central import forecast_loss, predict, torch_threads
 from coordinator.pretrain.silos import DOMAIN_SILOS, split_sample
-from edge_client.datasets import load_series
-from edge_client.windows import crps_from_quantiles, mae, mse, seasonal_naive
+from edge_client.data.datasets import load_series
+from edge_client.learning.windows import crps_from_quantiles, mae, mse, seasonal_naive
 
 Scores = dict[str, dict[str, dict[str, float]]]  # dataset -> "H96" -> metric -> value
 

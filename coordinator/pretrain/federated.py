@@ -32,7 +32,7 @@ from coordinator.models.tsfm import TSFM, TSFMConfig
 from coordinator.pretrain.central import atomic_torch_save, predict, save_checkpoint, torch_threads
 from coordinator.pretrain.silos import DEFAULT_HOLDOUT, DOMAIN_SILOS, Silo, available_domains, build_silos, split_sample
 from coordinator.pretrain.strategies import LocalContext, State, Strategy, Upload, make_strategy, params_of
-from edge_client.windows import mse
+from edge_client.learning.windows import mse
 
 log = logging.getLogger(__name__)
 ROUND_CHECKPOINT_FORMAT = "fedge.pretrain.round/1"

@@ -15,7 +15,7 @@ import numpy as np
 import torch
 
 from coordinator.pretrain.central import WindowPool, scaled_series, split_windows, window_starts
-from edge_client.datasets import DatasetNotFound
+from edge_client.data.datasets import DatasetNotFound
 
 DOMAIN_SILOS: dict[str, tuple[str, ...]] = {
     "energy": ("etth1", "electricity"),

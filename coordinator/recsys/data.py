@@ -1,6 +1,6 @@
 """Coordinator-side view of the recommendation data.
 
-The loader, the continual split and the metrics live in :mod:`edge_client.recsys_data` (numpy only)
+The loader, the continual split and the metrics live in :mod:`edge_client.recsys.data` (numpy only)
 because a device windows its own log and scores itself with the same code; this module re-exports
 them and adds what only the coordinator computes from its own (period-0) data.
 """
@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from edge_client.recsys_data import (
+from edge_client.recsys.data import (
     PAD,
     ContinualSplit,
     Interactions,

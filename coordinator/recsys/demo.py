@@ -1,6 +1,6 @@
 """``fedge demo --task rec``: continual federated recommendation over MQTT with a live table.
 
-Every user is a device (:class:`edge_client.recsys_client.RecEdgeClient`: numpy + ONNX Runtime)
+Every user is a device (:class:`edge_client.recsys.client.RecEdgeClient`: numpy + ONNX Runtime)
 connected to a real broker -- Mosquitto when installed, else the embedded rumqttd -- and the
 coordinator is the fleet's :class:`coordinator.fleet.server.FleetCoordinator` with the recommender's
 prototype exchange (:mod:`coordinator.recsys.fleet`). FedAvg of adapters runs first, then FCUCR,
@@ -66,7 +66,7 @@ def run_rec_demo(
     from coordinator.recsys.data import continual_split, load_ml100k, median_session_gap_days
     from coordinator.recsys.fleet import run_federated_mqtt
     from coordinator.recsys.simulation import RecSimConfig
-    from edge_client.recsys import RecAdapterConfig, load_bundle
+    from edge_client.recsys.device import RecAdapterConfig, load_bundle
     from export.recommender_export import export_recommender
 
     console = console or Console()

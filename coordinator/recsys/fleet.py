@@ -1,7 +1,7 @@
 """Federated continual recommendation over MQTT: the same method as :func:`run_federated`, but every
-user is a :class:`edge_client.recsys_client.RecEdgeClient` behind a real broker and the coordinator
+user is a :class:`edge_client.recsys.client.RecEdgeClient` behind a real broker and the coordinator
 is the fleet's :class:`coordinator.fleet.server.FleetCoordinator` (SQLite round state, deadlines,
-validation, FedAvg of the shared adapter from :mod:`coordinator.fleet.aggregation`).
+validation, FedAvg of the shared adapter from :mod:`coordinator.fleet.strategies.fedavg`).
 
 What the recommender adds to the fleet coordinator (:class:`RecFleetCoordinator`): it chooses the
 devices of a round itself (everyone for an evaluate round, the users with new training targets for
@@ -9,7 +9,7 @@ a train round), it keeps FCUCR's :class:`PrototypeServer` fed with the prototype
 evaluate updates, and it puts each user's p̃ into that user's tasks. A period t is an evaluate round
 (the devices observe period t, score their current models on their own held-out items and send
 their prototypes) followed by a train round; one more evaluate round scores the final models (see
-:mod:`edge_client.recsys_client`). The metrics come from the devices, so the coordinator never sees
+:mod:`edge_client.recsys.client`). The metrics come from the devices, so the coordinator never sees
 an item id -- and yet, for the same seed, the numbers equal the in-process simulation's: the devices
 run the same code on the same data in the same order, and the wire carries float32, as the
 simulation does (``tests/test_recommender_mqtt.py`` checks this).
@@ -28,11 +28,11 @@ from threadpoolctl import threadpool_limits
 from coordinator.fleet.server import FleetConfig, FleetCoordinator, RoundResult
 from coordinator.fleet.state import FleetState, RoundRecord
 from coordinator.recsys.simulation import MethodResult, PrototypeServer, RecSimConfig, StageCallback, StageLog
-from edge_client.mqtt import BrokerAddress
-from edge_client.protocol import InvalidMessage, RoundTask, Update, WrongShape, decode
-from edge_client.recsys import METHODS, RecDevice, SequenceEncoder, init_adapter
-from edge_client.recsys_client import TASK, RecEdgeClient, RecLearner, metric_key
-from edge_client.recsys_data import ContinualSplit
+from edge_client.recsys.client import TASK, RecEdgeClient, RecLearner, metric_key
+from edge_client.recsys.data import ContinualSplit
+from edge_client.recsys.device import METHODS, RecDevice, SequenceEncoder, init_adapter
+from edge_client.wire import InvalidMessage, RoundTask, Update, WrongShape, decode
+from edge_client.wire.mqtt import BrokerAddress
 
 log = logging.getLogger("fedge.coordinator.rec")
 

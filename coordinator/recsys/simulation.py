@@ -1,8 +1,8 @@
 """Federated continual recommendation, simulated in one process: every user is a :class:`RecDevice`
 (numpy + ONNX Runtime, the same code a phone or Pi runs), the coordinator aggregates adapters
-(:class:`coordinator.fleet.aggregation.FedAvg`) and mixes prototypes (:class:`PrototypeServer`).
+(:class:`coordinator.fleet.strategies.fedavg.FedAvg`) and mixes prototypes (:class:`PrototypeServer`).
 
-Protocol (``edge_client.recsys_data`` has the split): period 0 pretrains SASRec centrally; for
+Protocol (``edge_client.recsys.data`` has the split): period 0 pretrains SASRec centrally; for
 each later period t = 1..P every user active in t receives their new interactions on the device,
 (FCUCR) uploads a prototype and gets the neighbours' p̃ back, trains the adapter on their period-t
 targets, uploads the shared-part delta; the coordinator averages and broadcasts. Then every method
@@ -31,10 +31,12 @@ from typing import Any
 
 import numpy as np
 
-from coordinator.fleet.aggregation import ClientUpdate, FedAvg
+from coordinator.fleet.aggregation import ClientUpdate
+from coordinator.fleet.strategies.fedavg import FedAvg
 from coordinator.models.recommender import RecTrainSettings, SASRec, encode_prefixes, train_sasrec, windows_for
 from coordinator.recsys.data import ContinualSplit, hit_ndcg, ranks
-from edge_client.recsys import (
+from edge_client.recsys.data import prefix_batch
+from edge_client.recsys.device import (
     METHODS,
     RecAdapterConfig,
     RecDevice,
@@ -43,7 +45,6 @@ from edge_client.recsys import (
     init_adapter,
     represent,
 )
-from edge_client.recsys_data import prefix_batch
 
 K = 10
 

@@ -30,6 +30,7 @@ from torch import nn
 
 from coordinator.fleet import aggregation
 from coordinator.fleet.aggregation import ClientUpdate, Params
+from coordinator.fleet.strategies.fedavg import FedAvg
 from coordinator.models.tsfm import TSFM, revin_stats
 from coordinator.pretrain.central import forecast_loss
 from coordinator.pretrain.silos import Silo
@@ -133,7 +134,7 @@ class Strategy:
         return Upload(delta_update(model, ctx))
 
     def server_update(self, global_params: Params, uploads: list[Upload], server: State, rnd: int) -> Params:
-        return aggregation.FedAvg().aggregate(global_params, [u.update for u in uploads])
+        return FedAvg().aggregate(global_params, [u.update for u in uploads])
 
     def eval_model(self, model: TSFM, server: State) -> TSFM:
         return model

@@ -1,5 +1,5 @@
 """FedAvg (McMahan et al., 2017): local ERM on the forecasting loss, sample-weighted averaging of
-deltas by the fleet's :class:`coordinator.fleet.aggregation.FedAvg` (the base class behaviour)."""
+deltas by the fleet's :class:`coordinator.fleet.strategies.fedavg.FedAvg` (the base class behaviour)."""
 
 from __future__ import annotations
 

@@ -19,8 +19,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from coordinator.fleet import aggregation
 from coordinator.fleet.aggregation import Params
+from coordinator.fleet.strategies.fedavg import FedAvg
 from coordinator.models.tsfm import TSFM
 from coordinator.pretrain.silos import Silo
 from coordinator.pretrain.strategies import (
@@ -145,7 +145,7 @@ class FeDPM(Strategy):
         memory, _ = kmeans(codes, self.q_s, np.random.default_rng(rnd), init=init, weights=weights,
                            iters=self.kmeans_iters)
         server["memory"] = torch.from_numpy(memory)
-        return aggregation.FedAvg().aggregate(global_params, [u.update for u in uploads])
+        return FedAvg().aggregate(global_params, [u.update for u in uploads])
 
     def eval_model(self, model: TSFM, server: State) -> nn.Module:
         return QuantizedTSFM(model, server["memory"]) if "memory" in server else model

@@ -1,7 +1,7 @@
 """Getting the device's readings into its store: a CSV file that grows, stdin, or a local UNIX socket.
 
 A sensor process writes readings however it likes; the daemon only appends them to
-:class:`edge_client.store.DeviceStore`. Stream sources (stdin, socket) take one reading per line,
+:class:`edge_client.daemon.store.DeviceStore`. Stream sources (stdin, socket) take one reading per line,
 either ``timestamp,value`` or JSON ``{"ts": ..., "value": ...}``; timestamps are epoch seconds or
 ISO 8601 (naive means UTC). A CSV file is tailed by byte offset (kept in the store, so a restart
 does not read it twice); when the file shrinks or its inode changes (truncated, rotated) it is read
@@ -26,7 +26,7 @@ from dataclasses import replace
 from datetime import UTC, datetime
 from pathlib import Path
 
-from edge_client.store import DeviceStore, IngestPosition
+from edge_client.daemon.store import DeviceStore, IngestPosition
 
 log = logging.getLogger("fedge.ingest")
 

@@ -30,7 +30,7 @@ from pathlib import Path
 
 import numpy as np
 
-from edge_client.datasets import DatasetNotFound, resolve_data_dir
+from edge_client.data.datasets import DatasetNotFound, resolve_data_dir
 
 ML100K_PATH = "ml-100k/u.data.gz"
 PAD = 0  # item id 0 is padding; ML-100K item ids are 1..1682

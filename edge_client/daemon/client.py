@@ -1,12 +1,12 @@
 """The device's MQTT side: announces itself, keeps the latest global head, runs round tasks
 on a worker thread and publishes updates.
 
-I/O stays here; the learning is in :mod:`edge_client.learner`. paho's network thread only decodes
+I/O stays here; the learning is in :mod:`edge_client.learning.learner`. paho's network thread only decodes
 and hands work over, so a long local training never stalls keep-alives. An update is computed
 once per round and written to an outbox *before* it is published: if the coordinator asks again
 for the same round (it restarted, or the first copy was lost) the identical message, same id, is
 re-sent, so the coordinator can count it exactly once. With a durable outbox
-(:class:`edge_client.store.DeviceStore`) this also holds across a crash of the device: on every
+(:class:`edge_client.daemon.store.DeviceStore`) this also holds across a crash of the device: on every
 (re)connect, entries without a PUBACK that this process has not handed to paho yet are published
 again; paho itself retransmits the ones it already holds.
 """
@@ -24,11 +24,12 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Protocol
 
-from edge_client import mqtt as M
-from edge_client.adapters import Params, as_float32, head_shapes
-from edge_client.learner import DeviceLearner
-from edge_client.personalize import PersonalConfig
-from edge_client.protocol import (
+from edge_client.daemon.store import OutboxEntry, OutboxState
+from edge_client.learning.head import Params, as_float32, head_shapes
+from edge_client.learning.learner import DeviceLearner
+from edge_client.learning.personalize import PersonalConfig
+from edge_client.runtime.backbone import backbone_mismatch
+from edge_client.wire import (
     GlobalModel,
     Hello,
     InvalidMessage,
@@ -47,8 +48,7 @@ from edge_client.protocol import (
     decode,
     encode,
 )
-from edge_client.runtime import backbone_mismatch
-from edge_client.store import OutboxEntry, OutboxState
+from edge_client.wire import mqtt as M
 
 log = logging.getLogger("fedge.edge")
 
@@ -62,7 +62,7 @@ class EdgeStats:
 
 
 # What a fleet round can switch on over MQTT. The gate, distortion consistency and rule guards
-# live in edge_client.personalize / rules and are evaluated by benchmarks/personalization.py, but
+# live in edge_client.learning.personalize / rules and are evaluated by benchmarks/personalization.py, but
 # the fleet path does not run them yet, so asking for them is refused rather than ignored.
 FLEET_PERSONAL_OPTIONS = frozenset({"rank", "self_distill", "sd_tau_days", "feature_distance", "prox_mu",
                                     "quantile_weight", "epochs", "lr", "batch_size"})
@@ -82,7 +82,7 @@ def personal_config(options: Mapping[str, object]) -> PersonalConfig | None:
 
 
 class Outbox(Protocol):
-    """Where updates wait for their PUBACK; :class:`edge_client.store.DeviceStore` is the durable one."""
+    """Where updates wait for their PUBACK; :class:`edge_client.daemon.store.DeviceStore` is the durable one."""
 
     def outbox_put(self, round_id: int, msg_id: str, topic: str, payload: bytes) -> None: ...
     def outbox_mark(self, round_id: int, msg_id: str, state: OutboxState) -> None: ...

@@ -16,15 +16,15 @@ from typing import Literal
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from edge_client.datasets import load_series
-from edge_client.protocol import NAME_RE
-from edge_client.resources import ResourceLimits
+from edge_client.daemon.resources import ResourceLimits
+from edge_client.data.datasets import load_series
+from edge_client.wire import NAME_RE
 
 
 class DataSource(BaseModel):
     """Where the device's history comes from: a named dataset slice (simulated devices), a CSV
     file the device appends to (a real meter or sensor; the daemon tails it), stdin, or a local
-    UNIX socket (one ``timestamp,value`` or JSON reading per line; see edge_client.ingest)."""
+    UNIX socket (one ``timestamp,value`` or JSON reading per line; see edge_client.daemon.ingest)."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
@@ -77,7 +77,7 @@ def read_csv_column(path: Path, column: str) -> np.ndarray:
 
 
 class BundleConfig(BaseModel):
-    """Signed model bundles over MQTT (edge_client.bundle): where versions are kept on disk and the
+    """Signed model bundles over MQTT (edge_client.bundles): where versions are kept on disk and the
     coordinator key that must have signed them."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
@@ -85,7 +85,7 @@ class BundleConfig(BaseModel):
     dir: str
     public_key: str  # PEM file with the coordinator's ed25519 public key
     # Which of the bundle's backbones this device runs. Unset: what the device's profile says
-    # (hardware/profiles/<profile>.toml; onnxruntime + fp32 for a profile fedge does not ship). LiteRT
+    # (edge_client/runtime/profiles/<profile>.toml; onnxruntime + fp32 for a profile fedge does not ship). LiteRT
     # picks the .tflite file when the bundle ships one and ai-edge-litert (or tflite-runtime) is
     # installed; otherwise the device falls back to ONNX Runtime.
     preferred_format: Literal["fp32", "int8"] | None = None

@@ -7,7 +7,7 @@ plus the methods from the research this project builds on, each switched on in
 
 * low-rank residual feature adapter  h' = h + (h A) B  (B starts at 0, so a fresh adapter is the
   identity and the pretrained head's forecasts are unchanged), then the linear point + quantile head
-  on h' (same head layout as :mod:`edge_client.adapters`, so global heads drop in);
+  on h' (same head layout as :mod:`edge_client.learning.head`, so global heads drop in);
 * task loss: MSE + pinball (as the coordinator's pretraining), optional FedProx;
 * time-aware self-distillation (FCUCR, ALGORITHMS.md §4): match the previous personal model's
   forecasts on the new data with weight λ_sd·exp(−Δt/τ), so old patterns are not erased by new data
@@ -30,7 +30,7 @@ from dataclasses import dataclass, field, replace
 
 import numpy as np
 
-from edge_client.adapters import (
+from edge_client.learning.head import (
     HEAD_KEYS,
     Adam,
     Features,
@@ -40,7 +40,7 @@ from edge_client.adapters import (
     head_outputs,
     output_grads,
 )
-from edge_client.adapters import predict as head_predict
+from edge_client.learning.head import predict as head_predict
 
 ADAPTER_KEYS = ("adapter_A", "adapter_B")
 GATE_KEYS = ("gate_w", "gate_b")
@@ -143,7 +143,7 @@ class Batch:
 def task_output_grads(
     point: np.ndarray, quant: np.ndarray, y: np.ndarray, scale: np.ndarray, cfg: PersonalConfig, weight: float = 1.0
 ) -> tuple[float, np.ndarray, np.ndarray]:
-    """The shared task loss (edge_client.adapters.output_grads) with this config's quantile settings."""
+    """The shared task loss (edge_client.learning.head.output_grads) with this config's quantile settings."""
     return output_grads(point, quant, y, scale, cfg.quantiles, cfg.quantile_weight, weight)
 
 

@@ -38,9 +38,9 @@ from typing import Any
 
 import numpy as np
 
-from edge_client.adapters import Adam, Params
-from edge_client.recsys_data import PAD, prefix_batch
-from edge_client.runtime import ModelLoadError, ort_session, sha256_file
+from edge_client.learning.head import Adam, Params
+from edge_client.recsys.data import PAD, prefix_batch
+from edge_client.runtime.backbone import ModelLoadError, ort_session, sha256_file
 
 ADAPTER_KEYS = ("U", "V", "u")
 GATE_KEYS = ("Wg", "bg")

@@ -24,7 +24,7 @@ from pathlib import Path
 
 import numpy as np
 
-PACKAGED_DATA = Path(__file__).with_name("data")
+PACKAGED_DATA = Path(__file__).parent
 DATA_DIR_ENV = "FEDGE_DATA_DIR"
 
 

@@ -2,11 +2,11 @@
 how many threads the backbone may take and which model format it prefers.
 
 ``runtime`` x ``preferred_format`` names the backbone a device runs from a bundle: onnxruntime + int8
--> ``backbone.int8.onnx``, litert + fp32 -> ``backbone.tflite`` (see ``edge_client.bundle.backbone_key``).
+-> ``backbone.int8.onnx``, litert + fp32 -> ``backbone.tflite`` (see ``edge_client.bundles.store.backbone_key``).
 
-Profiles are TOML files shipped as package data (``hardware/profiles/*.toml``) so a device
-install can read its own without the coordinator; bundles list the profiles they are compatible
-with, and a device refuses a bundle that does not list its profile.
+Profiles are TOML files shipped with the device package (``edge_client/runtime/profiles/*.toml``, not under
+``hardware/``: a device reads its own profile, and edge_client imports nothing from hardware); bundles list the
+profiles they are compatible with, and a device refuses a bundle that does not list its profile.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Any, Literal
 
-from edge_client.runtime import RUNTIMES as _RUNTIMES
+from edge_client.runtime.backbone import RUNTIMES as _RUNTIMES
 
 RUNTIMES = frozenset(_RUNTIMES)  # "onnxruntime", "litert": the runtime picks the bundle's .onnx or .tflite backbone
 FORMATS = frozenset({"fp32", "int8"})
@@ -58,7 +58,7 @@ class DeviceProfile:
 
 
 def _profile_dir() -> Path:
-    return Path(str(resources.files("hardware") / "profiles"))
+    return Path(str(resources.files("edge_client.runtime") / "profiles"))
 
 
 def list_profiles() -> list[str]:

@@ -1,4 +1,4 @@
-"""Signed model bundles on the device: verify, assemble from chunks, smoke-check, activate, roll back.
+"""The on-disk bundle store of a device: assemble from chunks, verify, smoke-check, activate, roll back.
 
 A bundle is a manifest (model id, version, files with sha256 and size, input/output spec, compatible
 profiles) signed by the coordinator's ed25519 key, plus its files, which travel over MQTT in
@@ -27,182 +27,36 @@ A bundle may ship ONNX and TFLite backbones side by side (manifest ``backbones``
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
 import os
 import shutil
 import threading
 from collections import Counter
-from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, ClassVar
 
 import numpy as np
-from cryptography.exceptions import InvalidSignature
-from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
-from edge_client.litert import litert_available
-from edge_client.protocol import NAME_RE, BundleChunk, BundleManifest, ProtocolError, Topics, decode
-from edge_client.runtime import LITERT, ONNXRUNTIME, BackboneRunner, ModelLoadError, runtime_for, sha256_file
+from edge_client.bundles.manifest import (
+    BadChunk,
+    BundleError,
+    CorruptModel,
+    FileEntry,
+    IncompatibleBundle,
+    IncompleteBundle,
+    InvalidManifest,
+    Manifest,
+    StaleBundle,
+    TamperedFile,
+    TruncatedChunk,
+    verify_manifest,
+)
+from edge_client.runtime.backbone import LITERT, ONNXRUNTIME, BackboneRunner, ModelLoadError, runtime_for, sha256_file
+from edge_client.runtime.litert import litert_available
+from edge_client.wire import BundleChunk
 
 log = logging.getLogger("fedge.bundle")
-
-BUNDLE_FORMAT = "fedge.bundle/1"
-MAX_FILE_BYTES = 256 * 1024 * 1024
-MAX_CHUNK_BYTES = 256 * 1024
-MAX_FILES = 32
-
-
-# --------------------------------------------------------------------------- errors
-
-
-class BundleError(Exception):
-    """A bundle (or a piece of one) was refused; ``reason`` is a stable counter key."""
-
-    reason: ClassVar[str] = "invalid_bundle"
-
-
-class UnsignedBundle(BundleError):
-    reason = "unsigned"
-
-
-class BadSignature(BundleError):
-    reason = "bad_signature"
-
-
-class InvalidManifest(BundleError):
-    reason = "invalid_manifest"
-
-
-class IncompatibleBundle(BundleError):
-    reason = "incompatible_profile"
-
-
-class StaleBundle(BundleError):
-    reason = "stale_version"
-
-
-class BadChunk(BundleError):
-    reason = "bad_chunk"
-
-
-class TruncatedChunk(BadChunk):
-    reason = "truncated_chunk"
-
-
-class IncompleteBundle(BundleError):
-    reason = "incomplete"
-
-
-class TamperedFile(BundleError):
-    reason = "tampered_file"
-
-
-class CorruptModel(BundleError):
-    reason = "corrupt_model"
-
-
-# --------------------------------------------------------------------------- keys and manifests
-
-
-def canonical_json(obj: Any) -> bytes:
-    """The one byte string a manifest is signed as: sorted keys, no whitespace, ASCII only."""
-    return json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=True, allow_nan=False).encode()
-
-
-def load_public_key(source: str | os.PathLike[str] | bytes) -> Ed25519PublicKey:
-    """The coordinator's public key from a PEM file (or PEM bytes)."""
-    pem = source if isinstance(source, bytes) else Path(source).read_bytes()
-    key = serialization.load_pem_public_key(pem)
-    if not isinstance(key, Ed25519PublicKey):
-        raise ValueError(f"expected an ed25519 public key, got {type(key).__name__}")
-    return key
-
-
-def key_id(public_key: Ed25519PublicKey) -> str:
-    """Short fingerprint of a public key, written into manifests and log lines."""
-    raw = public_key.public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
-    return hashlib.sha256(raw).hexdigest()[:16]
-
-
-@dataclass(frozen=True)
-class FileEntry:
-    name: str
-    sha256: str
-    size: int
-    role: str = ""
-
-    def n_chunks(self, chunk_size: int) -> int:
-        return max(1, -(-self.size // chunk_size))
-
-    def chunk_len(self, index: int, chunk_size: int) -> int:
-        return min(chunk_size, self.size - index * chunk_size) if self.size else 0
-
-
-@dataclass(frozen=True)
-class Manifest:
-    """A verified manifest. Built only by :meth:`parse`, which checks every field a device uses."""
-
-    raw: bytes
-    data: Mapping[str, Any]
-    task: str
-    model_id: str
-    version: int
-    chunk_size: int
-    files: tuple[FileEntry, ...]
-    backbones: Mapping[str, str]
-    spec: Mapping[str, Any]
-    profiles: tuple[str, ...]
-
-    def file(self, name: str) -> FileEntry | None:
-        return next((f for f in self.files if f.name == name), None)
-
-    @classmethod
-    def parse(cls, raw: bytes) -> Manifest:
-        try:
-            data = json.loads(raw)
-            return cls._from_dict(raw, data)
-        except InvalidManifest:
-            raise
-        except (ValueError, TypeError, KeyError, AttributeError) as exc:
-            raise InvalidManifest(f"manifest is not a valid {BUNDLE_FORMAT} document: {exc}") from None
-
-    @classmethod
-    def _from_dict(cls, raw: bytes, data: dict[str, Any]) -> Manifest:
-        if data.get("format") != BUNDLE_FORMAT:
-            raise InvalidManifest(f"manifest format {data.get('format')!r}, expected {BUNDLE_FORMAT!r}")
-        chunk_size = int(data["chunk_size"])
-        if not 1024 <= chunk_size <= MAX_CHUNK_BYTES:
-            raise InvalidManifest(f"chunk size {chunk_size} outside [1024, {MAX_CHUNK_BYTES}]")
-        if not isinstance(data["files"], list) or not 1 <= len(data["files"]) <= MAX_FILES:
-            raise InvalidManifest(f"a manifest lists 1 to {MAX_FILES} files")
-        files = tuple(FileEntry(str(f["name"]), str(f["sha256"]), int(f["size"]), str(f.get("role", "")))
-                      for f in data["files"])
-        for f in files:
-            if not NAME_RE.match(f.name) or len(f.sha256) != 64 or not 0 <= f.size <= MAX_FILE_BYTES:
-                raise InvalidManifest(f"bad file entry {f}")
-        names = {f.name for f in files}
-        backbones = {str(k): str(v) for k, v in data["backbones"].items()}
-        if "fp32" not in backbones or not set(backbones.values()) <= names:
-            raise InvalidManifest(f"backbones {backbones} must name an fp32 backbone among the files {sorted(names)}")
-        version = int(data["version"])
-        if version < 0:
-            raise InvalidManifest(f"negative version {version}")
-        return cls(raw, data, str(data["task"]), str(data["model_id"]), version, chunk_size, files, backbones,
-                   dict(data["spec"]), tuple(str(p) for p in data.get("profiles", [])))
-
-
-def verify_manifest(manifest_bytes: bytes, signature: bytes | None, public_key: Ed25519PublicKey) -> Manifest:
-    """Check the detached ed25519 signature on the exact manifest bytes, then parse them."""
-    if not signature:
-        raise UnsignedBundle("manifest carries no signature")
-    try:
-        public_key.verify(bytes(signature), bytes(manifest_bytes))
-    except InvalidSignature:
-        raise BadSignature(f"manifest signature does not verify with coordinator key {key_id(public_key)}") from None
-    return Manifest.parse(bytes(manifest_bytes))
 
 
 # --------------------------------------------------------------------------- store
@@ -302,7 +156,8 @@ class BundleStore:
 
     # -------------------------------------------------------------- rejections
 
-    def _reject(self, err: BundleError, version: int | None) -> None:
+    def reject(self, err: BundleError, version: int | None) -> None:
+        """Count and log a refusal (the downloader reports its own through here too)."""
         self.rejected[err.reason] += 1
         where = f"v{version}" if version is not None else "bundle"
         log.warning("bundle %s rejected: %s: %s; keeping current v%s", where, err.reason, err, self.current_version)
@@ -314,7 +169,7 @@ class BundleStore:
         try:
             m = verify_manifest(manifest_bytes, signature, self.public_key)
         except BundleError as err:
-            self._reject(err, None)
+            self.reject(err, None)
             return None
         current = self.current_version
         try:
@@ -323,7 +178,7 @@ class BundleStore:
             if self.profile and m.profiles and self.profile not in m.profiles:
                 raise IncompatibleBundle(f"profile {self.profile!r} is not among {list(m.profiles)}")
         except BundleError as err:
-            self._reject(err, m.version)
+            self.reject(err, m.version)
             return None
         if m.version == current or self.is_bad(m.version):
             log.info("bundle v%d is %s; nothing to do", m.version, "installed" if m.version == current else "known bad")
@@ -359,7 +214,7 @@ class BundleStore:
         try:
             return self._add_chunk(chunk)
         except BundleError as err:
-            self._reject(err, chunk.version)
+            self.reject(err, chunk.version)
             return False
 
     def _add_chunk(self, chunk: BundleChunk) -> bool:
@@ -475,7 +330,7 @@ class BundleStore:
                 if isinstance(err, CorruptModel):
                     _atomic_write(self.version_dir(version) / "BAD", f"{err.reason}: {err}\n".encode())
                     log.warning("bundle v%d failed its smoke check; rolled back to v%s", version, self.current_version)
-                self._reject(err, version)
+                self.reject(err, version)
                 return False
             self._activate(version)
             return True
@@ -500,7 +355,7 @@ class BundleStore:
                     runner = self._load(version)
                 except (BundleError, ModelLoadError) as exc:
                     err = exc if isinstance(exc, BundleError) else CorruptModel(str(exc))
-                    self._reject(err, version)
+                    self.reject(err, version)
                     continue
                 if version != self.current_version:
                     log.warning("rolled back from v%s to v%d", self.current_version, version)
@@ -516,63 +371,3 @@ class BundleStore:
         entry = m.file(path.name)
         return BackboneRunner(path, threads=self.threads, expected_sha256=entry.sha256 if entry else None)
 
-
-# --------------------------------------------------------------------------- MQTT glue
-
-
-class BundleDownloader:
-    """Feeds a :class:`BundleStore` from MQTT: subscribes to the signed manifest and, once a newer
-    verified version is announced, to its chunks (published retained, so a device that reconnects
-    or restarts gets every chunk again and keeps only the ones missing on disk)."""
-
-    def __init__(self, client: Any, topics: Topics, store: BundleStore, task: str = "tsfm") -> None:
-        self.client, self.topics, self.store, self.task = client, topics, store, task
-        self.installed = threading.Event()
-        self._wanted: int | None = None
-        client.on_connect = self._on_connect
-        client.on_message = self._on_message
-
-    def _on_connect(self, client, userdata, flags, reason_code, properties) -> None:  # type: ignore[no-untyped-def]
-        if not reason_code.is_failure:
-            client.subscribe(self.topics.bundle(self.task), qos=1)
-
-    def _on_message(self, client, userdata, message) -> None:  # type: ignore[no-untyped-def]
-        try:
-            msg = decode(message.payload)
-            if msg.fleet != self.topics.fleet or getattr(msg, "task", None) != self.task:
-                raise BadChunk(f"{msg.type} for {msg.fleet}/{getattr(msg, 'task', None)} on {message.topic}")
-            if isinstance(msg, BundleManifest):
-                self._on_manifest(msg)
-            elif isinstance(msg, BundleChunk):
-                self._on_chunk(msg)
-        except ProtocolError as err:
-            self.store.rejected[err.reason] += 1
-            log.warning("bundle message on %s rejected: %s: %s", message.topic, err.reason, err)
-        except BundleError as err:
-            self.store._reject(err, None)
-        except Exception:  # a bug must not kill paho's network thread
-            log.exception("error handling bundle message on %s", message.topic)
-
-    def _on_manifest(self, msg: BundleManifest) -> None:
-        m = self.store.offer_manifest(msg.manifest, msg.sig)
-        if m is None:
-            return
-        if m.version != msg.version:
-            raise InvalidManifest(f"envelope says v{msg.version}, signed manifest says v{m.version}")
-        self._wanted = m.version
-        if self.store.missing(m.version):
-            self.client.subscribe(self.topics.all_chunks(self.task), qos=1)
-        else:
-            self._install(m.version)
-
-    def _on_chunk(self, msg: BundleChunk) -> None:
-        if msg.version != self._wanted:
-            return
-        if self.store.add_chunk(msg):
-            self._install(msg.version)
-
-    def _install(self, version: int) -> None:
-        self.client.unsubscribe(self.topics.all_chunks(self.task))
-        self._wanted = None
-        if self.store.install(version):
-            self.installed.set()

@@ -6,7 +6,7 @@
     fedge-edge forget-me --config device.toml  delete the personal state (and, with --samples, the data)
 
 Runs with numpy + onnxruntime + paho-mqtt + msgpack + pydantic only: no torch anywhere on this path.
-The long-running part is :class:`edge_client.service.DeviceService`; this module is the command line.
+The long-running part is :class:`edge_client.daemon.service.DeviceService`; this module is the command line.
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ from typing import Annotated
 
 import typer
 
-from edge_client.config import DeviceConfig
+from edge_client.daemon.config import DeviceConfig
 
 app = typer.Typer(help="fedge edge device daemon.", no_args_is_help=True, add_completion=False,
                   pretty_exceptions_enable=False)
@@ -46,16 +46,16 @@ def _config(config: Path, level: str) -> DeviceConfig:
 
 def _setup(config: Path, level: str):  # type: ignore[no-untyped-def]
     """Config, a learner on the device's history and its domain, for `info`."""
-    from edge_client.learner import DeviceLearner, SplitConfig
-    from edge_client.runtime import BackboneRunner, ModelLoadError
-    from edge_client.store import DB_NAME, DeviceStore
+    from edge_client.daemon.store import DB_NAME, DeviceStore
+    from edge_client.learning.learner import DeviceLearner, SplitConfig
+    from edge_client.runtime.backbone import BackboneRunner, ModelLoadError
 
     cfg = _config(config, level)
     try:
         if cfg.backbone:
             runner = BackboneRunner(cfg.backbone, threads=cfg.threads)
         else:
-            from edge_client.service import bundle_store
+            from edge_client.daemon.service import bundle_store
 
             runner = bundle_store(cfg).load_current()
         if cfg.data.kind in ("dataset", "csv"):
@@ -95,9 +95,9 @@ def run(
     """Join the fleet and answer round tasks until SIGTERM/SIGINT (or --max-rounds updates).
 
     A broker that is down is retried with backoff; updates wait in the store's outbox."""
-    from edge_client.mqtt import BrokerAddress
-    from edge_client.runtime import ModelLoadError
-    from edge_client.service import DeviceService, StateDirBusy
+    from edge_client.daemon.service import DeviceService, StateDirBusy
+    from edge_client.runtime.backbone import ModelLoadError
+    from edge_client.wire.mqtt import BrokerAddress
 
     cfg = _config(config, log_level)
     try:
@@ -130,8 +130,8 @@ def status(config: ConfigOpt) -> None:
     from rich.console import Console
     from rich.table import Table
 
-    from edge_client.device_state import status_rows
-    from edge_client.service import state_dir_busy
+    from edge_client.daemon.service import state_dir_busy
+    from edge_client.daemon.status import status_rows
 
     cfg = _config(config, "warning")
     state = cfg.state_path()
@@ -156,9 +156,9 @@ def forget_me(
     """Delete this device's personal state: personal head, stored updates (outbox), round history,
     and with --samples the readings too; then ask the coordinator (over the broker) to delete the
     updates, prototypes and registration it stored from this device. The daemon must be stopped first."""
-    from edge_client.device_state import forget, tell_coordinator
-    from edge_client.service import state_dir_busy
-    from edge_client.store import DB_NAME
+    from edge_client.daemon.service import state_dir_busy
+    from edge_client.daemon.status import forget, tell_coordinator
+    from edge_client.daemon.store import DB_NAME
 
     cfg = _config(config, "warning")
     state = cfg.state_path()

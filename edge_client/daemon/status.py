@@ -10,8 +10,8 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
-from edge_client.config import DeviceConfig
-from edge_client.store import DB_NAME, DeviceStore
+from edge_client.daemon.config import DeviceConfig
+from edge_client.daemon.store import DB_NAME, DeviceStore
 
 # meta keys that describe this person's rounds (deleted by forget-me); 'device' and model facts stay
 PERSONAL_META = ("last_round", "last_global_version", "rounds_trained", "last_deferred", "personal_backbone",
@@ -88,8 +88,8 @@ def tell_coordinator(cfg: DeviceConfig, timeout_s: float = 10.0) -> str:
     device's retained hello and status on the broker, so a restarted coordinator does not register it
     again. Done once the broker acknowledges: the coordinator's persistent session receives the request
     even if it is down now. Raises ConnectionError when the broker cannot be reached."""
-    from edge_client import mqtt as M
-    from edge_client.protocol import Forget, Topics, encode
+    from edge_client.wire import Forget, Topics, encode
+    from edge_client.wire import mqtt as M
 
     topics = Topics(cfg.fleet)
     client = M.make_client(f"fedge-{cfg.fleet}-forget-{cfg.device_id}")

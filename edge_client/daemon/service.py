@@ -1,8 +1,8 @@
 """The long-running device: store, ingestion, learner, MQTT client and (optionally) model bundles
 put together for ``fedge-edge run``.
 
-What it adds to :class:`edge_client.client.EdgeClient`: the device's readings come from its SQLite
-store (fed by edge_client.ingest), so training uses everything ingested so far, and windows are
+What it adds to :class:`edge_client.daemon.client.EdgeClient`: the device's readings come from its SQLite
+store (fed by edge_client.daemon.ingest), so training uses everything ingested so far, and windows are
 rebuilt between rounds once enough new readings arrived; updates go through the durable outbox; the
 personal head survives restarts; a resource gate defers rounds; a heartbeat refreshes the retained
 status; signed bundles are downloaded in the background on the same MQTT connection and a newly
@@ -22,16 +22,16 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import IO, Any
 
-from edge_client import ingest
-from edge_client import mqtt as M
-from edge_client import personalize as PZ
-from edge_client import resources as R
-from edge_client.client import EdgeClient
-from edge_client.config import DeviceConfig
-from edge_client.learner import DeviceLearner, SplitConfig
-from edge_client.protocol import RoundTask, Topics, Update
-from edge_client.runtime import BackboneRunner, ModelLoadError
-from edge_client.store import DeviceStore
+from edge_client.daemon import ingest
+from edge_client.daemon import resources as R
+from edge_client.daemon.client import EdgeClient
+from edge_client.daemon.config import DeviceConfig
+from edge_client.daemon.store import DeviceStore
+from edge_client.learning import personalize as PZ
+from edge_client.learning.learner import DeviceLearner, SplitConfig
+from edge_client.runtime.backbone import BackboneRunner, ModelLoadError
+from edge_client.wire import RoundTask, Topics, Update
+from edge_client.wire import mqtt as M
 
 log = logging.getLogger("fedge.service")
 
@@ -69,7 +69,7 @@ def state_dir_busy(state_dir: Path) -> bool:
 
 
 class _SharedConnection:
-    """The device's paho client as :class:`edge_client.bundle.BundleDownloader` sees it: subscribe
+    """The device's paho client as :class:`edge_client.bundles.download.BundleDownloader` sees it: subscribe
     and unsubscribe go through; the callbacks it installs are called by the device client (one
     connection per device, one last will)."""
 
@@ -88,7 +88,7 @@ class _SharedConnection:
 def profile_choice(profile: str) -> tuple[str, str]:
     """(runtime, format) the device's profile prefers for bundled backbones; ONNX Runtime fp32 for a
     profile fedge does not ship (the default "generic")."""
-    from hardware.profiles import load_profile
+    from edge_client.runtime.profile import load_profile
 
     try:
         p = load_profile(profile)
@@ -101,7 +101,8 @@ def bundle_store(cfg: DeviceConfig):  # type: ignore[no-untyped-def]
     """The device's BundleStore, or None without a [bundle] table (imports cryptography lazily)."""
     if cfg.bundle is None:
         return None
-    from edge_client.bundle import BundleStore, load_public_key
+    from edge_client.bundles.manifest import load_public_key
+    from edge_client.bundles.store import BundleStore
 
     b = cfg.bundle
     runtime, fmt = profile_choice(cfg.profile)
@@ -273,7 +274,7 @@ class DeviceService:
 
     def _first_bundle(self, stop: threading.Event) -> bool:
         """No backbone anywhere yet: fetch the first bundle over a short-lived connection."""
-        from edge_client.bundle import BundleDownloader
+        from edge_client.bundles.download import BundleDownloader
 
         assert self.bundles is not None
         client = M.make_client(f"fedge-{self.cfg.fleet}-dev-{self.cfg.device_id}-bootstrap")
@@ -324,7 +325,7 @@ class DeviceService:
     def _attach_bundles(self, client: EdgeClient) -> None:
         if self.bundles is None:
             return
-        from edge_client.bundle import BundleDownloader
+        from edge_client.bundles.download import BundleDownloader
 
         shared = _SharedConnection(client.client)
         BundleDownloader(shared, client.topics, self.bundles, client.task)

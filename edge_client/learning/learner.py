@@ -13,10 +13,10 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from edge_client import personalize as PZ
-from edge_client import windows as W
-from edge_client.adapters import Features, LossConfig, Params, param_delta, predict, train_head
-from edge_client.runtime import BackboneRunner
+from edge_client.learning import personalize as PZ
+from edge_client.learning import windows as W
+from edge_client.learning.head import Features, LossConfig, Params, param_delta, predict, train_head
+from edge_client.runtime.backbone import BackboneRunner
 
 
 @dataclass(frozen=True)
@@ -76,7 +76,7 @@ class DeviceLearner:
         return len(self.y_eval)
 
     def evaluate(self, params: Mapping[str, np.ndarray], prefix: str) -> dict[str, float]:
-        """Scores of a head, or of a personal model with an adapter (edge_client.personalize)."""
+        """Scores of a head, or of a personal model with an adapter (edge_client.learning.personalize)."""
         point, quant = (PZ.predict if "adapter_A" in params else predict)(params, self.f_eval)
         quant = np.sort(quant, axis=1)  # no quantile crossing in reported forecasts
         return {

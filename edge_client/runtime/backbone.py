@@ -4,8 +4,8 @@ The backbone is exported once by the coordinator (``export/``) with its spec in 
 metadata (``fedge.spec``: ONNX metadata, or TFLite model metadata), so the device learns context
 length, feature size and quantile levels from the file it runs, not from a second config that could
 disagree. :class:`BackboneRunner` picks the runtime from the file (``.tflite`` or the TFLite
-identifier -> LiteRT, see :mod:`edge_client.litert`; anything else -> ONNX Runtime); a bundle and a
-device profile choose *which* file (``edge_client.bundle``). Both paths give the same features API,
+identifier -> LiteRT, see :mod:`edge_client.runtime.litert`; anything else -> ONNX Runtime); a bundle and a
+device profile choose *which* file (``edge_client.bundles.store``). Both paths give the same features API,
 spec and batching. Loading failures (missing, truncated or corrupt files, a file whose hash does not
 match the manifest, a LiteRT file on a device without a LiteRT interpreter) raise
 :class:`ModelLoadError` with a message naming the file, never a runtime's own traceback.
@@ -23,10 +23,10 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from edge_client.adapters import Features
+from edge_client.learning.head import Features
 
 if TYPE_CHECKING:
-    from edge_client.litert import LiteRTBackbone
+    from edge_client.runtime.litert import LiteRTBackbone
 
 log = logging.getLogger("fedge.runtime")
 
@@ -72,7 +72,7 @@ RUNTIMES = (ONNXRUNTIME, LITERT)
 
 def runtime_for(path: str | Path) -> str:
     """The runtime a backbone file needs: LiteRT for TFLite flatbuffers, ONNX Runtime otherwise."""
-    from edge_client.litert import is_tflite
+    from edge_client.runtime.litert import is_tflite
 
     return LITERT if Path(path).suffix == ".tflite" or is_tflite(path) else ONNXRUNTIME
 
@@ -91,7 +91,7 @@ def ort_session(path: str | Path, threads: int | None = 1) -> Any:
 
 
 class _OrtBackbone:
-    """ONNX Runtime session with the same small interface as :class:`edge_client.litert.LiteRTBackbone`."""
+    """ONNX Runtime session with the same small interface as :class:`edge_client.runtime.litert.LiteRTBackbone`."""
 
     def __init__(self, path: Path, threads: int) -> None:
         import onnxruntime as ort
@@ -150,7 +150,7 @@ class BackboneRunner:
     def _open(self, threads: int) -> _OrtBackbone | LiteRTBackbone:
         try:
             if self.runtime == LITERT:
-                from edge_client.litert import LiteRTBackbone
+                from edge_client.runtime.litert import LiteRTBackbone
 
                 return LiteRTBackbone(self.path, threads)
             return _OrtBackbone(self.path, threads)

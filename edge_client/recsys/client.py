@@ -6,7 +6,7 @@ Two parts, so the learning can be tested without a broker and the transport is n
 * :class:`RecLearner` -- what the device does with a round task: observe the interactions of the
   period the coordinator's clock says has started, evaluate its current model on its own held-out
   items, report a prototype (FCUCR), train the personal adapter, and build the :class:`Update`.
-* :class:`RecEdgeClient` -- :class:`edge_client.client.EdgeClient` with the recommender's learner:
+* :class:`RecEdgeClient` -- :class:`edge_client.daemon.client.EdgeClient` with the recommender's learner:
   hello/status/last will, the worker thread, the outbox and idempotent re-sends are the TSFM
   device's own code; only the checks of a global model and the task handling differ.
 
@@ -37,10 +37,11 @@ from collections.abc import Mapping
 
 import numpy as np
 
-from edge_client.adapters import Params
-from edge_client.client import EdgeClient
-from edge_client.mqtt import BrokerAddress
-from edge_client.protocol import (
+from edge_client.daemon.client import EdgeClient
+from edge_client.learning.head import Params
+from edge_client.recsys.data import UserLog, hit_ndcg, ranks
+from edge_client.recsys.device import METHODS, RecDevice, full_scores, represent
+from edge_client.wire import (
     InvalidMessage,
     Message,
     ProtocolError,
@@ -49,8 +50,7 @@ from edge_client.protocol import (
     WrongShape,
     check_arrays,
 )
-from edge_client.recsys import METHODS, RecDevice, full_scores, represent
-from edge_client.recsys_data import UserLog, hit_ndcg, ranks
+from edge_client.wire.mqtt import BrokerAddress
 
 log = logging.getLogger("fedge.edge.rec")
 

@@ -10,8 +10,8 @@ where τ_j = a_j^after − a_pre is device j's task vector (its fine-tuned param
 (negative cosine) get little or no weight. Removing the mean task vector first (optional) amplifies
 differences, because all fine-tuned deltas of one foundation model tend to share a common component.
 
-Plain functions on dicts of arrays, like :mod:`coordinator.fleet.aggregation`, plus a small
-strategy object for the fleet. The server stores one aggregate per device (adapter-sized).
+Plain functions on dicts of arrays, like :mod:`coordinator.fleet.aggregation`, plus the fleet strategy
+object. The server stores one aggregate per device (head-sized) and sends it in the device's next task.
 """
 
 from __future__ import annotations
@@ -19,10 +19,12 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from typing import ClassVar
 
 import numpy as np
 
-from coordinator.fleet.aggregation import ClientUpdate, Params
+from coordinator.fleet.aggregation import ClientUpdate, Params, weighted_mean
+from coordinator.fleet.strategies.base import Aggregate, RoundInputs
 
 
 def flatten(delta: Mapping[str, np.ndarray], keys: Sequence[str] | None = None) -> np.ndarray:
@@ -97,13 +99,32 @@ def _unflatten(vec: np.ndarray, like: Mapping[str, np.ndarray], keys: Sequence[s
 
 @dataclass(frozen=True)
 class TaskVectorAggregation:
-    """Strategy object: updates carry τ_k (delta from the pretrained parameters) as `delta`."""
+    """The fleet strategy, and the task-vector mix for callers whose updates already carry τ_k as `delta`."""
 
     temperature: float = 0.1
     top_m: int | None = None  # None: ⌈K/3⌉
     remove_mean: bool = False
     positive_only: bool = False
     name: str = "task_vector"
+    personalised: ClassVar[bool] = True
+
+    def aggregate_round(self, inputs: RoundInputs) -> Aggregate:
+        """Bi-level personalised aggregation (Yang et al., AAAI 2026) of a fleet round: a device trained from its
+        own head (or the global one), so its trained head is that start plus its delta and its task vector is
+        that head minus the *initial* (pretrained) head; its next start is the initial head plus the
+        softmax(cos/T)-weighted mix of its most similar peers' task vectors. The global head (for new devices
+        and evaluation) stays the sample-weighted mean of the trained heads."""
+        pre = inputs.initial()
+        afters, taus = {}, {}
+        for u in inputs.updates:
+            start = inputs.personal(u.device_id) or inputs.base
+            afters[u.device_id] = {k: np.asarray(start[k], np.float64) + u.delta[k] for k in inputs.base}
+            taus[u.device_id] = {k: afters[u.device_id][k] - pre[k] for k in inputs.base}
+        personal = self.aggregate_personal(pre, [ClientUpdate(d, 0, tau) for d, tau in taus.items()])
+        weights = [float(u.n_samples) for u in inputs.updates]
+        mean = weighted_mean([afters[u.device_id] for u in inputs.updates], weights)
+        return Aggregate({k: np.asarray(v, np.float32) for k, v in mean.items()},
+                         {d: {k: np.asarray(v, np.float32) for k, v in p.items()} for d, p in personal.items()})
 
     def aggregate_personal(self, pre: Mapping[str, np.ndarray], updates: Sequence[ClientUpdate]) -> dict[str, Params]:
         taus = {u.device_id: u.delta for u in updates}

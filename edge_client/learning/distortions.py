@@ -10,7 +10,7 @@ Contexts are (N, L) arrays in the device's scaled units; amplitudes are relative
 own standard deviation, so a distortion is equally strong on a flat and on a volatile window.
 ``missing`` writes NaN: the backbone cannot take NaN, so :func:`fill_missing` forward-fills
 (what a sensor gateway reports when a reading is lost: the last value) and returns the missing
-rate, which the gate in :mod:`edge_client.personalize` uses as a reliability cue.
+rate, which the gate in :mod:`edge_client.learning.personalize` uses as a reliability cue.
 """
 
 from __future__ import annotations

@@ -1,0 +1,64 @@
+"""Typed refusals: every kind of bad input is one :class:`ProtocolError` subclass with a stable ``reason``
+(a counter key, and what a :class:`~edge_client.wire.messages.Reject` tells the peer)."""
+
+from __future__ import annotations
+
+from typing import ClassVar
+
+
+class ProtocolError(ValueError):
+    """A message was refused. ``reason`` is a short stable code for counters and rejects."""
+
+    reason: ClassVar[str] = "invalid"
+
+
+class MalformedMessage(ProtocolError):
+    reason = "malformed"
+
+
+class InvalidMessage(ProtocolError):
+    reason = "invalid"
+
+
+class UnsupportedSchema(ProtocolError):
+    reason = "schema_version"
+
+
+class UnknownMessageType(ProtocolError):
+    reason = "unknown_type"
+
+
+class PayloadTooLarge(ProtocolError):
+    reason = "oversized"
+
+
+class NonFiniteValues(ProtocolError):
+    reason = "non_finite"
+
+
+class WrongShape(ProtocolError):
+    reason = "wrong_shape"
+
+
+class WrongDtype(ProtocolError):
+    reason = "wrong_dtype"
+
+
+class ModelMismatch(ProtocolError):
+    reason = "model_mismatch"
+
+
+class StaleRound(ProtocolError):
+    reason = "stale_round"
+
+
+class ReplayedMessage(ProtocolError):
+    reason = "replay"
+
+
+class UnknownDevice(ProtocolError):
+    reason = "unknown_device"
+
+
+class IdentityMismatch(ProtocolError):
+    reason = "identity_mismatch"

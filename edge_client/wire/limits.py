@@ -1,0 +1,28 @@
+"""Hard bounds of the wire: what a payload, an array and a collection may be at most.
+
+They are checked before and during decoding (:mod:`edge_client.wire.codec`), so a hostile payload cannot make a
+receiver allocate much more than the payload itself.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+SCHEMA_VERSION = 1
+ARRAY_EXT_CODE = 42  # the msgpack extension type that carries one numpy array
+ALLOWED_DTYPES = frozenset({"float16", "float32", "float64", "int32", "int64", "uint8"})
+MAX_PROTOTYPE_DIM = 4096
+
+
+@dataclass(frozen=True)
+class Limits:
+    """Hard bounds checked before and during decoding."""
+
+    max_payload_bytes: int = 512 * 1024
+    max_array_elements: int = 1 << 20
+    max_arrays: int = 64
+    max_str_len: int = 4096
+    max_collection_len: int = 4096
+
+
+DEFAULT_LIMITS = Limits()

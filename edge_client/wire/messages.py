@@ -1,0 +1,259 @@
+"""The messages of the wire contract: one pydantic model per message type, with the header every message shares.
+
+Every message is a msgpack map validated by one of these models, with a schema version, a type, a message id,
+the fleet, the device, the round and a timestamp. Fields are checked strictly: unknown keys are refused and
+floats must be finite; array fields accept only the allowed dtypes and finite values.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from typing import Annotated, Any, Literal
+
+import numpy as np
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    PlainSerializer,
+    PlainValidator,
+    TypeAdapter,
+    field_validator,
+)
+from pydantic_core import PydanticCustomError
+
+from edge_client.wire.limits import ALLOWED_DTYPES, DEFAULT_LIMITS, MAX_PROTOTYPE_DIM, SCHEMA_VERSION
+from edge_client.wire.topics import NAME_RE
+
+# --------------------------------------------------------------------------- array fields
+
+
+def _validate_array(value: Any) -> np.ndarray:
+    if not isinstance(value, np.ndarray):
+        raise PydanticCustomError("not_array", "expected a numpy array, got {kind}", {"kind": type(value).__name__})
+    if value.dtype.name not in ALLOWED_DTYPES:
+        raise PydanticCustomError("wrong_dtype", "dtype {dtype} is not allowed", {"dtype": value.dtype.name})
+    if value.dtype.kind == "f" and not np.isfinite(value).all():
+        raise PydanticCustomError("non_finite", "array contains NaN or Inf", {})
+    return value
+
+
+Array = Annotated[
+    Any,
+    PlainValidator(_validate_array),
+    PlainSerializer(lambda a: a, return_type=Any),
+]
+Arrays = dict[str, Array]
+
+
+def _prototype_vector(value: np.ndarray | None) -> np.ndarray | None:
+    """A user prototype is one floating-point vector of at most MAX_PROTOTYPE_DIM numbers: a summary of
+    the user, never a list of items (integer arrays, matrices or anything longer are refused here;
+    the receiver then checks the exact dimension it expects)."""
+    if value is None:
+        return value
+    if value.dtype.kind != "f":
+        raise PydanticCustomError("wrong_dtype", "prototype must be floating point, got {dtype}",
+                                  {"dtype": value.dtype.name})
+    if value.ndim != 1 or not 0 < value.shape[0] <= MAX_PROTOTYPE_DIM:
+        raise PydanticCustomError("wrong_shape", "prototype must be a vector of 1..{n} numbers, got shape {shape}",
+                                  {"n": MAX_PROTOTYPE_DIM, "shape": tuple(value.shape)})
+    return value
+
+
+
+DeviceId = Annotated[str, Field(pattern=NAME_RE.pattern)]
+Metrics = dict[str, float]
+
+
+class Message(BaseModel):
+    """Header shared by every message. Fields are checked strictly: unknown keys are refused
+    (a typo on one side must not silently drop data) and floats must be finite."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False, arbitrary_types_allowed=True)
+
+    v: Literal[1] = SCHEMA_VERSION
+    type: str
+    msg_id: str = Field(default_factory=lambda: uuid.uuid4().hex, min_length=8, max_length=64)
+    fleet: Annotated[str, Field(pattern=NAME_RE.pattern)]
+    device_id: DeviceId | None = None
+    round_id: int | None = Field(default=None, ge=0)
+    ts: float = Field(default_factory=time.time)
+    sig: bytes | None = None
+
+    def arrays(self) -> dict[str, np.ndarray]:
+        """Every array the message carries (for shape checks and byte accounting)."""
+        out: dict[str, np.ndarray] = {}
+        for name in type(self).model_fields:
+            value = getattr(self, name)
+            if isinstance(value, np.ndarray):
+                out[name] = value
+            elif isinstance(value, dict):
+                out.update({f"{name}.{k}": v for k, v in value.items() if isinstance(v, np.ndarray)})
+        return out
+
+
+class Hello(Message):
+    """A device announces itself and what it can do when it (re)connects."""
+
+    type: Literal["hello"] = "hello"
+    device_id: DeviceId
+    runtime: str = Field(max_length=128)
+    profile: str = Field(default="generic", max_length=64)
+    domain: str = Field(default="", max_length=64)
+    n_train: int = Field(ge=0)
+    n_eval: int = Field(ge=0)
+    model_version: int | None = None
+    capabilities: list[Annotated[str, Field(max_length=64)]] = Field(default_factory=list, max_length=32)
+
+
+class Status(Message):
+    """Presence and progress; retained on the device's status topic, and the last will."""
+
+    type: Literal["status"] = "status"
+    device_id: DeviceId
+    state: Literal["online", "offline", "training", "idle"]
+    detail: str = Field(default="", max_length=512)
+
+
+class Forget(Message):
+    """The device's owner ran ``fedge-edge forget-me``: the coordinator deletes what it stored from this
+    device (its updates with their deltas and prototypes, its personal head, its registration). Models
+    that already averaged the device's updates cannot be un-averaged; only the per-device records go."""
+
+    type: Literal["forget"] = "forget"
+    device_id: DeviceId
+
+
+class RoundTask(Message):
+    """The coordinator asks a device to train (or only evaluate) on a given global version."""
+
+    type: Literal["task"] = "task"
+    device_id: DeviceId
+    round_id: int = Field(ge=0)
+    task: str = Field(default="tsfm", pattern=NAME_RE.pattern)
+    kind: Literal["train", "evaluate"] = "train"
+    model_version: int = Field(ge=0)
+    deadline_ts: float
+    local_epochs: int = Field(default=1, ge=1, le=100)
+    lr: float = Field(default=1e-3, gt=0, le=1.0)
+    batch_size: int = Field(default=64, ge=1, le=65536)
+    prox_mu: float = Field(default=0.0, ge=0)
+    # when the coordinator opened this round (kept across its restarts): tells a resumed round from another
+    # fleet database's round with the same number, so a device re-sends a stored update only to the former
+    round_opened: float = Field(default=0.0, ge=0)
+    options: dict[str, float | int | str | bool] = Field(default_factory=dict, max_length=64)
+    # bi-level personalised aggregation: this device's own starting head (empty: the global head)
+    params: Arrays = Field(default_factory=dict)
+    # FCUCR inter-user prototype transfer: the similarity-weighted mean of the prototypes of the users
+    # most similar to this device's user (one vector; None: the coordinator has none for it yet)
+    prototype: Array | None = None
+
+    _prototype = field_validator("prototype")(_prototype_vector)
+
+
+class Update(Message):
+    """What a device sends back: parameter deltas (never data), how many samples produced them,
+    and metrics measured on the device's own held-back window."""
+
+    type: Literal["update"] = "update"
+    device_id: DeviceId
+    round_id: int = Field(ge=0)
+    task: str = Field(default="tsfm", pattern=NAME_RE.pattern)
+    kind: Literal["train", "evaluate"] = "train"
+    base_version: int = Field(ge=0)
+    n_samples: int = Field(ge=0)
+    delta: Arrays = Field(default_factory=dict)
+    metrics: Metrics = Field(default_factory=dict)
+    train_seconds: float = Field(default=0.0, ge=0)
+    round_opened: float = Field(default=0.0, ge=0)  # echoed from the task (see RoundTask.round_opened)
+    # FCUCR: the user's prototype (one vector summarising recent history; no item ids), or None
+    prototype: Array | None = None
+
+    _prototype = field_validator("prototype")(_prototype_vector)
+
+    @field_validator("delta")
+    @classmethod
+    def _bounded(cls, v: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        if len(v) > DEFAULT_LIMITS.max_arrays:
+            raise PydanticCustomError("too_many_arrays", "too many arrays ({n})", {"n": len(v)})
+        return v
+
+
+class GlobalModel(Message):
+    """The current global head (retained), versioned so devices know what a task refers to."""
+
+    type: Literal["global_model"] = "global_model"
+    task: str = Field(default="tsfm", pattern=NAME_RE.pattern)
+    version: int = Field(ge=0)
+    params: Arrays
+    backbone_sha256: str = Field(default="", max_length=64)
+    # The export's model id, shared by all its formats (ONNX, int8, TFLite); devices check it first.
+    backbone_id: str = Field(default="", max_length=128)
+
+
+class ModelFile(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    name: str = Field(pattern=NAME_RE.pattern)
+    sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
+    size: int = Field(ge=0)
+
+
+class ModelManifest(Message):
+    """Which backbone files a device must run for a task (retained)."""
+
+    type: Literal["manifest"] = "manifest"
+    task: str = Field(default="tsfm", pattern=NAME_RE.pattern)
+    model_id: str = Field(max_length=128)
+    version: int = Field(ge=0)
+    files: list[ModelFile] = Field(max_length=32)
+    spec: dict[str, float | int | str | list[float]] = Field(default_factory=dict)
+
+
+class BundleManifest(Message):
+    """A signed model bundle announcement (retained). ``manifest`` is the canonical JSON the
+    coordinator signed, carried byte for byte so the device verifies exactly what was signed;
+    the detached ed25519 signature travels in the header's ``sig``. Parsing the JSON is the
+    bundle layer's job (edge_client/bundles/manifest.py), after the signature checks out."""
+
+    type: Literal["bundle_manifest"] = "bundle_manifest"
+    task: str = Field(default="tsfm", pattern=NAME_RE.pattern)
+    version: int = Field(ge=0)
+    manifest: bytes = Field(max_length=64 * 1024)
+
+
+class BundleChunk(Message):
+    """One fixed-size piece of one bundle file, published (retained) on ``chunks/{seq}``. The chunk
+    hash catches transport damage early; the file hash in the signed manifest is what is trusted."""
+
+    type: Literal["bundle_chunk"] = "bundle_chunk"
+    task: str = Field(default="tsfm", pattern=NAME_RE.pattern)
+    version: int = Field(ge=0)
+    file: str = Field(pattern=NAME_RE.pattern)
+    index: int = Field(ge=0, le=1 << 20)
+    total: int = Field(ge=1, le=1 << 20)
+    sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
+    data: bytes = Field(max_length=256 * 1024)
+
+
+class Reject(Message):
+    """Tells a peer its message was refused and why, so failures are visible on both ends."""
+
+    type: Literal["reject"] = "reject"
+    ref_msg_id: str = Field(max_length=64)
+    reason: str = Field(max_length=64)
+    detail: str = Field(default="", max_length=1024)
+
+
+MESSAGE_TYPES: dict[str, type[Message]] = {
+    cls.model_fields["type"].default: cls
+    for cls in (Hello, Status, Forget, RoundTask, Update, GlobalModel, ModelManifest, BundleManifest, BundleChunk,
+                Reject)
+}
+AnyMessage = Annotated[
+    Hello | Status | Forget | RoundTask | Update | GlobalModel | ModelManifest | BundleManifest | BundleChunk
+    | Reject,
+    Field(discriminator="type"),
+]
+ANY_MESSAGE = TypeAdapter(AnyMessage)
