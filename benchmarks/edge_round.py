@@ -73,7 +73,7 @@ def default_model():  # type: ignore[no-untyped-def]
     """The pretrained tiny TSFM the demo uses (trained once, then cached in ~/.cache/fedge)."""
     from coordinator.demo import DEFAULT_CACHE
     from coordinator.models.tsfm import TSFMConfig
-    from coordinator.pretrain.central import pretrained_tsfm
+    from coordinator.pretrain.training import pretrained_tsfm
 
     return pretrained_tsfm(DEFAULT_CACHE, TSFMConfig.tiny(), progress=True)
 

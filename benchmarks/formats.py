@@ -27,7 +27,8 @@ ROOT = Path(__file__).resolve().parent.parent
 def measure(stride: int, tflite: bool) -> dict:
     from coordinator.demo import DEFAULT_CACHE
     from coordinator.models.tsfm import TSFMConfig
-    from coordinator.pretrain.central import pretrained_tsfm, split_windows
+    from coordinator.pretrain.training import pretrained_tsfm
+    from coordinator.pretrain.windows import split_windows
     from export.onnx_export import export_model
     from export.quantize import formats_report, quantize_backbone, rows_as_dicts
     from export.tflite_export import CONVERT_PINS, env_python, export_tflite

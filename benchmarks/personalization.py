@@ -468,7 +468,7 @@ def print_table(rows: dict[str, dict]) -> None:
 
 def backbone(tmp: Path) -> tuple[BackboneRunner, dict[str, np.ndarray], str]:
     from coordinator.models.tsfm import TSFMConfig
-    from coordinator.pretrain.central import pretrained_tsfm
+    from coordinator.pretrain.training import pretrained_tsfm
     from export.onnx_export import export_model
 
     cfg = TSFMConfig(context=256, horizon=24, patch_len=16, stride=8, d_model=32, n_heads=4, n_layers=2, d_ff=64,

@@ -31,8 +31,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from coordinator.models.checkpoints import save_checkpoint
 from coordinator.models.tsfm import TSFMConfig
-from coordinator.pretrain.central import save_checkpoint
 from coordinator.pretrain.evaluate import (
     EvalSettings,
     autoets_model,
@@ -305,7 +305,7 @@ def write(args: argparse.Namespace, cfg: BenchConfig, mcfg: TSFMConfig, ev: Eval
     plot(rows, args.out / "pretrain.png")
     if final and best and save_best:
         src = next(r for r in runs if r["label"] == best and r["seed"] == cfg.seeds[0])
-        from coordinator.pretrain.central import load_checkpoint
+        from coordinator.models.checkpoints import load_checkpoint
 
         save_checkpoint(load_checkpoint(src["checkpoint"]), args.runs / "best.pt",
                         meta={"strategy": best, "seed": src["seed"], "from": src["checkpoint"]})

@@ -29,9 +29,10 @@ import numpy as np  # noqa: E402
 from rich.console import Console  # noqa: E402
 from rich.table import Table  # noqa: E402
 
-from coordinator.models.recommender import RecTrainSettings, SASRecConfig, pretrained_sasrec  # noqa: E402
+from coordinator.models.recommender import SASRecConfig  # noqa: E402
 from coordinator.recsys.data import continual_split, load_ml100k, median_session_gap_days  # noqa: E402
 from coordinator.recsys.simulation import BASELINES, METHODS, RecSimConfig, run_all  # noqa: E402
+from coordinator.recsys.training import RecTrainSettings, pretrained_sasrec  # noqa: E402
 from edge_client.recsys.device import RecAdapterConfig, load_bundle  # noqa: E402
 from export.recommender_export import export_recommender  # noqa: E402
 

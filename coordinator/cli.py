@@ -132,8 +132,10 @@ def pretrain(
 ) -> None:
     """Pretrain the TSFM: centrally on ETTh1's training split, or across domain silos with a federated
     strategy (checkpointed every round, resumed when the checkpoint exists)."""
+    from coordinator.models.checkpoints import save_checkpoint
     from coordinator.models.tsfm import TSFMConfig
-    from coordinator.pretrain.central import evaluate_ett, save_checkpoint, train_tsfm
+    from coordinator.pretrain.evaluate import evaluate_ett
+    from coordinator.pretrain.training import train_tsfm
 
     if size not in ("tiny", "small"):
         _fail(f"--size must be tiny or small, not {size!r}")
@@ -166,7 +168,7 @@ def export(
     = "onnx",
 ) -> None:
     """Export a checkpoint to ONNX (backbone, head) with a parity check against torch, optionally TFLite too."""
-    from coordinator.pretrain.central import load_checkpoint
+    from coordinator.models.checkpoints import load_checkpoint
     from export.onnx_export import export_model
 
     if fmt not in ("onnx", "tflite"):

@@ -92,7 +92,7 @@ def read_spec(path: str | os.PathLike[str]) -> dict[str, Any]:
 # ------------------------------------------------------------------------------------ export
 
 
-def _export(
+def export_graph(
     module: nn.Module, example: torch.Tensor, path: Path, input_name: str, output_names: list[str],
     spec: dict[str, Any],
 ) -> str:
@@ -106,7 +106,7 @@ def _export(
                     path.name, type(exc).__name__, exc)
         proto = _export_legacy(module, example, input_name, output_names)
         exporter = "torchscript"
-    _set_metadata(proto, {SPEC_KEY: json.dumps({**spec, "exporter": exporter}, sort_keys=True)})
+    set_metadata(proto, {SPEC_KEY: json.dumps({**spec, "exporter": exporter}, sort_keys=True)})
     onnx.checker.check_model(proto)
     path.parent.mkdir(parents=True, exist_ok=True)
     onnx.save(proto, str(path), save_as_external_data=False)  # one self-contained file
@@ -170,7 +170,7 @@ def _no_mha_fastpath() -> Iterator[None]:
         torch.backends.mha.set_fastpath_enabled(enabled)
 
 
-def _set_metadata(proto: onnx.ModelProto, props: dict[str, str]) -> None:
+def set_metadata(proto: onnx.ModelProto, props: dict[str, str]) -> None:
     keep = [p for p in proto.metadata_props if p.key not in props]
     del proto.metadata_props[:]
     proto.metadata_props.extend(keep)
@@ -188,7 +188,7 @@ def export_backbone(model: TSFM, path: str | os.PathLike[str]) -> Path:
     """Write the frozen backbone: "context" (batch, L) float32 -> features, loc, scale."""
     path = Path(path)
     model.eval()
-    _export(_BackboneGraph(model), _example(model, model.config.context), path, "context",
+    export_graph(_BackboneGraph(model), _example(model, model.config.context), path, "context",
             ["features", "loc", "scale"], {**model_spec(model), "graph": "backbone"})
     return path
 
@@ -198,7 +198,7 @@ def export_head(model: TSFM, path: str | os.PathLike[str]) -> Path:
     both in RevIN-normalised space (the device de-normalises with the backbone's loc/scale)."""
     path = Path(path)
     model.eval()
-    _export(_HeadGraph(model), _example(model, model.config.feature_dim), path, "features",
+    export_graph(_HeadGraph(model), _example(model, model.config.feature_dim), path, "features",
             ["point", "quantiles"], {**model_spec(model), "graph": "head"})
     return path
 
@@ -238,15 +238,15 @@ def numpy_head(state: dict[str, np.ndarray], features: np.ndarray) -> tuple[np.n
     return head_outputs(state, features)
 
 
-def _denormalised(point_n: np.ndarray, quantiles_n: np.ndarray, loc: np.ndarray, scale: np.ndarray) -> np.ndarray:
+def denormalised(point_n: np.ndarray, quantiles_n: np.ndarray, loc: np.ndarray, scale: np.ndarray) -> np.ndarray:
     """(N, (1+Q)*H): point then quantiles per row, in the input's units, as the device outputs them."""
     n = len(point_n)
     return np.concatenate([point_n * scale + loc, (quantiles_n.reshape(n, -1) * scale + loc)], axis=1)
 
 
 @torch.no_grad()
-def _torch_reference(model: TSFM, x: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """(features, forecast rows as in :func:`_denormalised`, loc, scale) from torch."""
+def torch_reference(model: TSFM, x: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """(features, forecast rows as in :func:`denormalised`, loc, scale) from torch."""
     model.eval()
     xt = torch.from_numpy(x)
     features, loc, scale = model.features(xt)
@@ -263,7 +263,7 @@ def check_parity(
     x = np.ascontiguousarray(x, dtype=np.float32)
     if x.ndim != 2 or x.shape[1] != model.config.context:
         raise ValueError(f"x must be (N, {model.config.context}), got {x.shape}")
-    feats_t, forecast_t, loc_t, scale_t = _torch_reference(model, x)
+    feats_t, forecast_t, loc_t, scale_t = torch_reference(model, x)
     backbone, head = ort_session(backbone_path, None), ort_session(head_path, None)
     sizes = sorted({1, len(x)})
     feat_err, fc_err, fc_scaled = [], [], []
@@ -271,12 +271,12 @@ def check_parity(
         for i in range(0, len(x), size):
             rows = slice(i, i + size)
             f, loc, scale = backbone.run(None, {"context": x[rows]})
-            forecast = _denormalised(*head.run(None, {"features": f}), loc, scale)
+            forecast = denormalised(*head.run(None, {"features": f}), loc, scale)
             feat_err.append(np.abs(f - feats_t[rows]).ravel())
             err = np.abs(forecast - forecast_t[rows])
             fc_err.append(err.ravel())
             fc_scaled.append((err / scale_t[rows]).ravel())
-    np_forecast = _denormalised(*numpy_head(model.head_state(), feats_t), loc_t, scale_t)
+    np_forecast = denormalised(*numpy_head(model.head_state(), feats_t), loc_t, scale_t)
     np_err = np.abs(np_forecast - forecast_t)
     feat_all, fc_all = np.concatenate(feat_err), np.concatenate(fc_err)
     return ParityReport(

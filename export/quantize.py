@@ -29,7 +29,7 @@ import numpy as np
 import onnx
 
 from edge_client.runtime.backbone import BackboneRunner
-from export.onnx_export import SPEC_KEY, _set_metadata, numpy_head, read_spec
+from export.onnx_export import SPEC_KEY, numpy_head, read_spec, set_metadata
 
 log = logging.getLogger(__name__)
 
@@ -55,7 +55,7 @@ def quantize_backbone(fp32_path: str | os.PathLike[str], int8_path: str | os.Pat
         finally:
             root.setLevel(level)
         proto = onnx.load(str(raw), load_external_data=True)
-    _set_metadata(proto, {SPEC_KEY: _spec_json({**spec, "format": "int8", "quantization": "dynamic-qint8"})})
+    set_metadata(proto, {SPEC_KEY: _spec_json({**spec, "format": "int8", "quantization": "dynamic-qint8"})})
     onnx.checker.check_model(proto)
     onnx.save(proto, str(dst), save_as_external_data=False)
     log.info("quantized %s (%.0f KB) -> %s (%.0f KB)", src.name, src.stat().st_size / 1024, dst.name,
@@ -106,10 +106,10 @@ def formats_report(model: Any, backbones: Mapping[str, str | os.PathLike[str]],
     change is against `baseline` (torch when it is not among the backbones)."""
     import torch
 
-    from coordinator.pretrain.central import predict
+    from coordinator.models.tsfm import forecast
 
     x, y = np.asarray(windows[0], np.float32), np.asarray(windows[1], np.float32)
-    reference = predict(model, x)[0]
+    reference = forecast(model, x)[0]
     with torch.no_grad():
         feats_t = np.concatenate([model.features(torch.from_numpy(x[i : i + 1024]))[0].numpy()
                                   for i in range(0, len(x), 1024)]) if len(x) else np.zeros((0, 0), np.float32)

@@ -29,7 +29,7 @@ from torch import nn
 
 from coordinator.models.recommender import SASRec
 from edge_client.runtime.backbone import ort_session
-from export.onnx_export import EXPORT_BATCH, _export, exporter_of, sha256_file
+from export.onnx_export import EXPORT_BATCH, export_graph, exporter_of, sha256_file
 
 ENCODER_FILE = "sequence_encoder.onnx"
 ITEMS_FILE = "items.npy"
@@ -106,7 +106,7 @@ def export_recommender(model: SASRec, out_dir: str | os.PathLike[str], tol: floa
     spec = {**recommender_spec(model), "graph": "sequence_encoder"}
     example = torch.from_numpy(parity_batch(model, max(EXPORT_BATCH, 2), seed=1))
     encoder = out / ENCODER_FILE
-    _export(_EncoderGraph(model), example, encoder, "items", ["h"], spec)
+    export_graph(_EncoderGraph(model), example, encoder, "items", ["h"], spec)
     items = out / ITEMS_FILE
     np.save(items, model.item_table())
     parity = check_parity(model, encoder, items, parity_batch(model))

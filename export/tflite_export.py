@@ -38,11 +38,11 @@ from coordinator.models.tsfm import TSFM
 from edge_client.runtime.backbone import sha256_file
 from export.onnx_export import (
     ParityReport,
-    _denormalised,
-    _torch_reference,
+    denormalised,
     model_spec,
     numpy_head,
     parity_sample,
+    torch_reference,
 )
 
 log = logging.getLogger(__name__)
@@ -118,14 +118,14 @@ class TFLiteExport:
 def _parity(model: TSFM, x: np.ndarray, results: dict[str, np.ndarray], fmt: str) -> ParityReport:
     """Features of the converted file (per row and as one batch) and the device forecast built from
     them (numpy head + RevIN) against torch, like :func:`export.onnx_export.check_parity`."""
-    feats_t, forecast_t, loc_t, scale_t = _torch_reference(model, x)
+    feats_t, forecast_t, loc_t, scale_t = torch_reference(model, x)
     state = model.head_state()
     feat_err, fc_err, fc_scaled, sizes = [], [], [], []
     for prefix, size in (("b1", 1), ("full", len(x))):
         if f"{fmt}_{prefix}_features" not in results:
             continue
         f, loc, scale = (results[f"{fmt}_{prefix}_{k}"] for k in ("features", "loc", "scale"))
-        forecast = _denormalised(*numpy_head(state, f), loc, scale)
+        forecast = denormalised(*numpy_head(state, f), loc, scale)
         feat_err.append(np.abs(f - feats_t).ravel())
         err = np.abs(forecast - forecast_t)
         fc_err.append(err.ravel())
@@ -133,7 +133,7 @@ def _parity(model: TSFM, x: np.ndarray, results: dict[str, np.ndarray], fmt: str
         sizes.append(size)
     if not sizes:
         raise RuntimeError(f"the conversion worker returned no outputs for {fmt}")
-    np_err = np.abs(_denormalised(*numpy_head(state, feats_t), loc_t, scale_t) - forecast_t)
+    np_err = np.abs(denormalised(*numpy_head(state, feats_t), loc_t, scale_t) - forecast_t)
     feat_all, fc_all = np.concatenate(feat_err), np.concatenate(fc_err)
     return ParityReport(float(feat_all.max()), float(feat_all.mean()), float(fc_all.max()), float(fc_all.mean()),
                         float(np_err.max()), float(np.concatenate(fc_scaled).max()), sorted(set(sizes)))

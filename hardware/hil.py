@@ -200,24 +200,29 @@ def _device_report(log_path: Path) -> dict:
 
 
 def _round_from_db(db: Path, device_id: str) -> dict:
-    """What the coordinator stored: round state and timing, the device's update and the versions."""
+    """What the coordinator stored (read through its public FleetState API): the first round's state and
+    timing, the device's update and the versions."""
     if not db.is_file():
         return {}
-    con = sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=5)
+    from coordinator.fleet.state import FleetState
+
     try:
-        row = con.execute("SELECT state, base_version, new_version, opened, closed FROM rounds "
-                          "ORDER BY round_id LIMIT 1").fetchone()
-        upd = con.execute("SELECT length(payload) FROM updates WHERE device_id=?", (device_id,)).fetchone()
-        runtime = con.execute("SELECT runtime FROM devices WHERE device_id=?", (device_id,)).fetchone()
-    except sqlite3.OperationalError:
+        state = FleetState(db)
+    except sqlite3.Error:
+        return {}
+    try:
+        out = {"runtime": state.devices().get(device_id, {}).get("runtime") or ""}
+        if state.next_round_id() > 1:
+            rec = state.round(1)
+            out.update(round_state=rec.state, base_version=rec.base_version, new_version=rec.new_version,
+                       opened=rec.opened, closed=rec.closed)
+            sizes = [len(payload) for dev, payload in state.updates(rec.round_id) if dev == device_id]
+            if sizes:
+                out["upload_bytes"] = sizes[0]
+    except sqlite3.Error:
         return {}
     finally:
-        con.close()
-    out = {"runtime": runtime[0] if runtime else ""}
-    if row:
-        out.update(round_state=row[0], base_version=row[1], new_version=row[2], opened=row[3], closed=row[4])
-    if upd:
-        out["upload_bytes"] = upd[0]
+        state.close()
     return out
 
 

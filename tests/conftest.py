@@ -26,7 +26,7 @@ def tiny_export(tmp_path_factory) -> dict:
     """A tiny TSFM trained for a few steps on ETTh1 and exported to ONNX, shared by the tests
     that need a real backbone (context 96, horizon 24, so device rounds take milliseconds)."""
     from coordinator.models.tsfm import TSFMConfig
-    from coordinator.pretrain.central import train_tsfm
+    from coordinator.pretrain.training import train_tsfm
     from export.onnx_export import export_model
 
     cfg = TSFMConfig(context=96, horizon=24, patch_len=16, stride=8, d_model=16, n_heads=2, n_layers=1,

@@ -87,7 +87,7 @@ def store_v1(export_dir, key, tmp_path) -> tuple[BundleStore, Path]:
 
 
 def test_int8_export_keeps_spec_and_parity(tiny_export, export_dir) -> None:
-    from coordinator.pretrain.central import split_windows
+    from coordinator.pretrain.windows import split_windows
 
     fp32, int8 = read_spec(export_dir / "backbone.onnx"), read_spec(export_dir / "backbone.int8.onnx")
     assert int8["format"] == "int8"

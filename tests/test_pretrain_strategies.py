@@ -8,12 +8,12 @@ import torch
 
 from coordinator.fleet import aggregation
 from coordinator.models.tsfm import TSFM, TSFMConfig
-from coordinator.pretrain.central import WindowPool, window_starts
 from coordinator.pretrain.federated import FederatedSettings, local_training, run_federated
 from coordinator.pretrain.silos import Silo
 from coordinator.pretrain.strategies import STRATEGIES, make_strategy, params_of
 from coordinator.pretrain.strategies.bilevel import grl
 from coordinator.pretrain.strategies.fedpm import quantize
+from coordinator.pretrain.windows import WindowPool, window_starts
 
 CFG = TSFMConfig(context=32, horizon=8, patch_len=8, stride=8, d_model=16, n_heads=2, n_layers=1, d_ff=32,
                  feature_dim=16, dropout=0.1)

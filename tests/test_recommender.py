@@ -62,7 +62,8 @@ def bundle(split, tmp_path_factory):
     """A tiny SASRec pretrained on period 0 for a few epochs and exported to ONNX."""
     import torch
 
-    from coordinator.models.recommender import RecTrainSettings, SASRec, SASRecConfig, train_sasrec, windows_for
+    from coordinator.models.recommender import SASRec, SASRecConfig
+    from coordinator.recsys.training import RecTrainSettings, train_sasrec, windows_for
     from export.recommender_export import export_recommender
 
     torch.manual_seed(0)

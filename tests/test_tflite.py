@@ -323,7 +323,8 @@ def test_fedge_export_format_tflite_round_trip(tmp_path):
 
 def test_formats_report_covers_onnx_and_litert_against_torch():
     """The parity report of benchmarks/formats.py, on the fixture's own torch model and ETTh1 test windows."""
-    from coordinator.pretrain.central import load_checkpoint, split_windows
+    from coordinator.models.checkpoints import load_checkpoint
+    from coordinator.pretrain.windows import split_windows
     from export.quantize import formats_report, report_table
 
     model = load_checkpoint(FIXTURE / "model.pt")

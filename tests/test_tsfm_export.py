@@ -12,16 +12,11 @@ import onnxruntime as ort
 import pytest
 import torch
 
+from coordinator.models.checkpoints import load_checkpoint, save_checkpoint
 from coordinator.models.tsfm import HEAD_KEYS, TSFM, TSFMConfig
-from coordinator.pretrain import central
-from coordinator.pretrain.central import (
-    TrainResult,
-    evaluate_ett,
-    load_checkpoint,
-    pretrained_tsfm,
-    save_checkpoint,
-    train_tsfm,
-)
+from coordinator.pretrain import training
+from coordinator.pretrain.evaluate import evaluate_ett
+from coordinator.pretrain.training import TrainResult, pretrained_tsfm, train_tsfm
 from edge_client.data.datasets import load_series
 from edge_client.learning.windows import ETT_VAL_END
 from export.onnx_export import SPEC_KEY, check_parity, export_model, numpy_head, sha256_file
@@ -132,14 +127,14 @@ def test_short_training_reduces_loss(trained: TrainResult) -> None:
     losses = [h["train_loss"] for h in trained.history]
     assert len(losses) == 8 and losses[-1] < losses[0]
     # the same training windows scored by the untrained start point (same seed -> same init)
-    pool = central.training_pool(TINY, trained.settings, data_dir=None)
+    pool = training.training_pool(TINY, trained.settings, data_dir=None)
     x, y = pool.batch(np.arange(0, len(pool.starts), 5), TINY.context)
     torch.manual_seed(QUICK["seed"])
     untrained = TSFM(TINY).eval()
     levels = torch.tensor(TINY.quantiles)
     with torch.no_grad():
-        before = float(central.forecast_loss(*untrained(x), y, levels))
-        after = float(central.forecast_loss(*trained.model(x), y, levels))
+        before = float(training.forecast_loss(*untrained(x), y, levels))
+        after = float(training.forecast_loss(*trained.model(x), y, levels))
     assert after < 0.9 * before  # 0.56 -> 0.44 on this data
     assert np.isfinite(trained.val_mse) and trained.best_step in (40, 80)
     assert not trained.model.training
@@ -248,7 +243,7 @@ def test_pretrained_cache_trains_once_then_loads(tmp_path, monkeypatch: pytest.M
     def no_training(*_: object, **__: object) -> TrainResult:
         raise AssertionError("should have loaded from the cache")
 
-    monkeypatch.setattr(central, "train_with_settings", no_training)
+    monkeypatch.setattr(training, "train_with_settings", no_training)
     second = pretrained_tsfm(tmp_path, TINY, threads=2, **args)
     for key in HEAD_KEYS:
         np.testing.assert_array_equal(first.head_state()[key], second.head_state()[key])

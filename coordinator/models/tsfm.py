@@ -245,3 +245,21 @@ class TSFM(nn.Module):
             digest.update(name.encode())
             digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
         return f"tsfm-{digest.hexdigest()[:12]}"
+
+
+@torch.inference_mode()
+def forecast(model: TSFM, x: np.ndarray, batch_size: int = 1024) -> tuple[np.ndarray, np.ndarray]:
+    """Batched inference in eval mode: point (N, H) and quantiles (N, Q, H) as float32 numpy arrays (the torch
+    reference that export's parity checks and the pretraining evaluation compare against)."""
+    was_training = model.training
+    model.eval()
+    points, quants = [], []
+    for i in range(0, len(x), batch_size):
+        p, q = model(torch.from_numpy(np.ascontiguousarray(x[i : i + batch_size], dtype=np.float32)))
+        points.append(p.numpy())
+        quants.append(q.numpy())
+    model.train(was_training)
+    h, nq = model.config.horizon, model.config.n_quantiles
+    if not points:
+        return np.zeros((0, h), np.float32), np.zeros((0, nq, h), np.float32)
+    return np.concatenate(points), np.concatenate(quants)

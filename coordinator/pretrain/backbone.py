@@ -28,10 +28,11 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+from coordinator.models.checkpoints import read_checkpoint, save_checkpoint
 from coordinator.models.tsfm import TSFM, TSFMConfig
-from coordinator.pretrain.central import pretrained_tsfm, read_checkpoint, save_checkpoint
 from coordinator.pretrain.silos import DOMAIN_SILOS, available_domains
 from coordinator.pretrain.strategies import STRATEGIES, make_strategy
+from coordinator.pretrain.training import pretrained_tsfm
 
 log = logging.getLogger(__name__)
 

@@ -1,5 +1,7 @@
 """Evaluation of pretrained TSFMs on the long-horizon protocol, and the classical baselines.
 
+* ETT (:func:`evaluate_ett`): one dataset's whole split with stride 1, what ``fedge pretrain`` reports.
+
 * In-domain: every dataset of the pretraining domains, test split, scaled values, all channels,
   horizons 96/192 scored as the first H steps of one 192-step model; MSE, MAE and CRPS from the
   quantile head (2 x mean pinball over the quantile grid / Σ|y|, GluonTS convention).
@@ -25,10 +27,12 @@ import numpy as np
 import torch
 from torch import nn
 
-from coordinator.pretrain.central import forecast_loss, predict, torch_threads
+from coordinator.models.tsfm import TSFM, forecast
 from coordinator.pretrain.silos import DOMAIN_SILOS, split_sample
+from coordinator.pretrain.training import forecast_loss, torch_threads
+from coordinator.pretrain.windows import scaled_series, split_windows
 from edge_client.data.datasets import load_series
-from edge_client.learning.windows import crps_from_quantiles, mae, mse, seasonal_naive
+from edge_client.learning.windows import crps_from_quantiles, mae, mse, pinball, seasonal_naive
 
 Scores = dict[str, dict[str, dict[str, float]]]  # dataset -> "H96" -> metric -> value
 
@@ -59,12 +63,36 @@ def score(point: np.ndarray, quantiles: np.ndarray, y: np.ndarray, levels: tuple
     return out
 
 
+def evaluate_ett(
+    model: TSFM,
+    split: str = "test",
+    horizon: int | None = None,
+    data_dir: str | os.PathLike[str] | None = None,
+    *,
+    series_name: str = "etth1",
+    threads: int | None = None,
+) -> dict[str, float]:
+    """MSE / MAE / CRPS (:func:`score`) and pinball on the standard protocol: scaled values, all channels,
+    sliding stride 1. A shorter `horizon` than the model's scores the first `horizon` steps (the fleet's
+    24-step task on the 96-step model)."""
+    horizon = horizon or model.config.horizon
+    if horizon > model.config.horizon:
+        raise ValueError(f"horizon {horizon} exceeds the model horizon {model.config.horizon}")
+    x, y = split_windows(series_name, split, model.config.context, horizon, 1, data_dir)
+    with torch_threads(threads):
+        point, quantiles = forecast(model, x)
+    scores = score(point, quantiles, y, model.config.quantiles, (horizon,))[f"H{horizon}"]
+    q = np.transpose(quantiles[:, :, :horizon], (1, 0, 2))
+    return {"mse": scores["mse"], "mae": scores["mae"], "pinball": pinball(q, y, np.asarray(model.config.quantiles)),
+            "crps": scores["crps"], "n_windows": float(len(x)), "horizon": float(horizon)}
+
+
 def model_scores(model: nn.Module, names: list[str], ev: EvalSettings, data_dir: str | None) -> Scores:
     cfg = model.config
     out: Scores = {}
     for name in names:
         x, y = test_set(name, cfg.context, max(ev.horizons), ev.test_windows, data_dir)
-        point, quantiles = predict(model, x)
+        point, quantiles = forecast(model, x)
         out[name] = score(point, quantiles, y, cfg.quantiles, ev.horizons)
     return out
 
@@ -73,7 +101,7 @@ def few_shot(model: nn.Module, name: str, ev: EvalSettings, data_dir: str | None
     """A copy of `model` whose head is fine-tuned on 10 % of `name`'s training windows, backbone
     frozen: features are computed once, so this costs one forward pass plus a linear regression."""
     cfg = model.config
-    _, (train_end, _, _) = _bounds(name, data_dir)
+    _, (train_end, _, _) = scaled_series(name, data_dir)
     n_total = train_end * load_series(name, data_dir).values.shape[1]
     n = min(ev.few_shot_max_windows, max(16, math.ceil(ev.few_shot_fraction * n_total)))
     x, y = split_sample(name, "train", cfg.context, cfg.horizon, n, data_dir)
@@ -91,12 +119,6 @@ def few_shot(model: nn.Module, name: str, ev: EvalSettings, data_dir: str | None
         loss.backward()
         opt.step()
     return tuned.eval()
-
-
-def _bounds(name: str, data_dir: str | None) -> tuple[np.ndarray, tuple[int, int, int]]:
-    from coordinator.pretrain.central import scaled_series
-
-    return scaled_series(name, data_dir)
 
 
 def evaluate_model(model: nn.Module, domains: tuple[str, ...], holdout: tuple[str, ...], ev: EvalSettings,

@@ -28,10 +28,11 @@ import numpy as np
 import torch
 from torch import nn
 
-from coordinator.models.tsfm import TSFM, TSFMConfig
-from coordinator.pretrain.central import atomic_torch_save, predict, save_checkpoint, torch_threads
+from coordinator.models.checkpoints import atomic_torch_save, save_checkpoint
+from coordinator.models.tsfm import TSFM, TSFMConfig, forecast
 from coordinator.pretrain.silos import DEFAULT_HOLDOUT, DOMAIN_SILOS, Silo, available_domains, build_silos, split_sample
 from coordinator.pretrain.strategies import LocalContext, State, Strategy, Upload, make_strategy, params_of
+from coordinator.pretrain.training import torch_threads
 from edge_client.learning.windows import mse
 
 log = logging.getLogger(__name__)
@@ -130,7 +131,7 @@ def validation_sets(config: TSFMConfig, domains: tuple[str, ...], settings: Fede
 
 def validation_score(model: nn.Module, sets: list[tuple[np.ndarray, np.ndarray]]) -> float:
     """Mean over datasets of the validation MSE: every dataset counts the same, whatever its size."""
-    scores = [mse(predict(model, x)[0], y) for x, y in sets if len(x)]
+    scores = [mse(forecast(model, x)[0], y) for x, y in sets if len(x)]
     return float(np.mean(scores)) if scores else math.inf
 
 

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from coordinator.pretrain.central import WindowPool, scaled_series, split_windows, window_starts
+from coordinator.pretrain.windows import WindowPool, scaled_series, split_windows, window_starts
 from edge_client.data.datasets import DatasetNotFound
 
 DOMAIN_SILOS: dict[str, tuple[str, ...]] = {

@@ -62,10 +62,11 @@ def run_rec_demo(
     """Pretrain (or load) SASRec on period 0, export it, start a broker, then run FedAvg and FCUCR
     period by period with one MQTT device per user; writes ``rec.json`` to `out_dir`."""
     from coordinator.demo import start_demo_broker
-    from coordinator.models.recommender import RecTrainSettings, SASRecConfig, pretrained_sasrec
+    from coordinator.models.recommender import SASRecConfig
     from coordinator.recsys.data import continual_split, load_ml100k, median_session_gap_days
     from coordinator.recsys.fleet import run_federated_mqtt
     from coordinator.recsys.simulation import RecSimConfig
+    from coordinator.recsys.training import RecTrainSettings, pretrained_sasrec
     from edge_client.recsys.device import RecAdapterConfig, load_bundle
     from export.recommender_export import export_recommender
 

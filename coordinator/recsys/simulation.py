@@ -33,8 +33,9 @@ import numpy as np
 
 from coordinator.fleet.aggregation import ClientUpdate
 from coordinator.fleet.strategies.fedavg import FedAvg
-from coordinator.models.recommender import RecTrainSettings, SASRec, encode_prefixes, train_sasrec, windows_for
+from coordinator.models.recommender import SASRec, encode_prefixes
 from coordinator.recsys.data import ContinualSplit, hit_ndcg, ranks
+from coordinator.recsys.training import RecTrainSettings, train_sasrec, windows_for
 from edge_client.recsys.data import prefix_batch
 from edge_client.recsys.device import (
     METHODS,

@@ -60,20 +60,20 @@ class _Table:
         self.vt_len = self._u16(vtable)
         self.vtable = vtable
 
-    def _check(self, pos: int, size: int) -> None:
+    def check_span(self, pos: int, size: int) -> None:
         if pos < 0 or pos + size > len(self.buf):
             raise TFLiteFormatError(f"offset {pos}+{size} outside the {len(self.buf)}-byte file")
 
     def _u16(self, pos: int) -> int:
-        self._check(pos, 2)
+        self.check_span(pos, 2)
         return struct.unpack_from("<H", self.buf, pos)[0]
 
     def _u32(self, pos: int) -> int:
-        self._check(pos, 4)
+        self.check_span(pos, 4)
         return struct.unpack_from("<I", self.buf, pos)[0]
 
     def _i32(self, pos: int) -> int:
-        self._check(pos, 4)
+        self.check_span(pos, 4)
         return struct.unpack_from("<i", self.buf, pos)[0]
 
     def field(self, index: int) -> int | None:
@@ -92,7 +92,7 @@ class _Table:
         at = self.field(index)
         if at is None:
             return default
-        self._check(at, struct.calcsize(fmt))
+        self.check_span(at, struct.calcsize(fmt))
         return struct.unpack_from(fmt, self.buf, at)[0]
 
     def bytes_(self, index: int) -> bytes | None:
@@ -101,7 +101,7 @@ class _Table:
         if at is None:
             return None
         n = self._u32(at)
-        self._check(at + 4, n)
+        self.check_span(at + 4, n)
         return self.buf[at + 4 : at + 4 + n]
 
     def tables(self, index: int) -> list[_Table]:
@@ -109,7 +109,7 @@ class _Table:
         if at is None:
             return []
         n = self._u32(at)
-        self._check(at + 4, 4 * n)
+        self.check_span(at + 4, 4 * n)
         return [_Table(self.buf, p + self._u32(p)) for p in (at + 4 + 4 * i for i in range(n))]
 
 
@@ -135,7 +135,7 @@ def read_metadata(data: bytes) -> dict[str, bytes]:
             buf = buffers[index]
             offset, size = buf.scalar(1, "<Q"), buf.scalar(2, "<Q")
             if offset > 1:
-                buf._check(offset, size)
+                buf.check_span(offset, size)
                 out[name] = data[offset : offset + size]
             else:
                 out[name] = buf.bytes_(0) or b""

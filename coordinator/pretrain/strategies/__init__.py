@@ -32,8 +32,8 @@ from coordinator.fleet import aggregation
 from coordinator.fleet.aggregation import ClientUpdate, Params
 from coordinator.fleet.strategies.fedavg import FedAvg
 from coordinator.models.tsfm import TSFM, revin_stats
-from coordinator.pretrain.central import forecast_loss
 from coordinator.pretrain.silos import Silo
+from coordinator.pretrain.training import forecast_loss
 
 State = dict[str, torch.Tensor]
 TokenFn = Callable[[torch.Tensor], torch.Tensor]

@@ -21,8 +21,9 @@ import torch
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parents[2]))
 
+from coordinator.models.checkpoints import save_checkpoint  # noqa: E402
 from coordinator.models.tsfm import TSFMConfig  # noqa: E402
-from coordinator.pretrain.central import save_checkpoint, train_tsfm  # noqa: E402
+from coordinator.pretrain.training import train_tsfm  # noqa: E402
 from export.onnx_export import export_model, parity_sample  # noqa: E402
 from export.tflite_export import export_tflite  # noqa: E402
 

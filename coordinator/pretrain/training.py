@@ -1,10 +1,8 @@
-"""Centralized pretraining of the TSFM: the baseline every federated strategy is measured against,
-and what ``fedge demo`` "trains or loads" before it starts a fleet.
+"""The TSFM training loop: centralized pretraining, the baseline every federated strategy is measured against,
+and the cache of what ``fedge demo`` "trains or loads" before it starts a fleet.
 
-Protocol (ETT long-horizon convention, see ALGORITHMS.md §9): a StandardScaler per channel fit on
-the training rows only, channel-independent univariate windows from all channels, loss and
-metrics on the scaled values. Training windows are sampled by index from the scaled series
-instead of being materialised: ETTh1 at context 512 would otherwise be ~140 MB of copies.
+Windows come from :mod:`coordinator.pretrain.windows`, checkpoints are :mod:`coordinator.models.checkpoints`,
+scores are :mod:`coordinator.pretrain.evaluate`.
 """
 
 from __future__ import annotations
@@ -15,7 +13,6 @@ import json
 import logging
 import math
 import os
-import tempfile
 import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager, nullcontext
@@ -26,24 +23,13 @@ from typing import Any
 import numpy as np
 import torch
 
-from coordinator.models.tsfm import TSFM, TSFMConfig
-from edge_client.data.datasets import load_series
-from edge_client.learning.windows import (
-    ETT_TEST_END,
-    ETT_TRAIN_END,
-    ETT_VAL_END,
-    Scaler,
-    crps_from_quantiles,
-    mae,
-    make_windows,
-    mse,
-    pinball,
-)
+from coordinator.models.checkpoints import CHECKPOINT_FORMAT, load_checkpoint, save_checkpoint
+from coordinator.models.tsfm import TSFM, TSFMConfig, forecast
+from coordinator.pretrain.windows import WindowPool, scaled_series, split_windows, window_starts
+from edge_client.learning.windows import mse
 
 log = logging.getLogger(__name__)
 
-CHECKPOINT_FORMAT = "fedge.tsfm.checkpoint/1"
-ETT_NAMES = ("etth1", "etth2", "ettm1", "ettm2")
 
 
 @dataclass(frozen=True)
@@ -79,46 +65,7 @@ class TrainResult:
     settings: TrainSettings = field(default_factory=TrainSettings)
 
 
-# ----------------------------------------------------------------------------------------- data
-
-
-def split_bounds(name: str, n_rows: int) -> tuple[int, int, int]:
-    """(train_end, val_end, test_end) rows: ETT's fixed 12/4/4 months, else 70/10/20 (the
-    Autoformer convention for the other long-horizon datasets)."""
-    if name in ETT_NAMES:
-        return ETT_TRAIN_END, ETT_VAL_END, ETT_TEST_END
-    return int(n_rows * 0.7), int(n_rows * 0.8), n_rows
-
-
-def scaled_series(name: str, data_dir: str | os.PathLike[str] | None = None) -> tuple[np.ndarray, tuple[int, int, int]]:
-    """The whole series standardised with statistics of its training rows only (no leakage)."""
-    values = load_series(name, data_dir).values
-    bounds = split_bounds(name, len(values))
-    scaler = Scaler.fit(values[: bounds[0]])
-    return scaler.transform(values).astype(np.float32), bounds
-
-
-def window_starts(x: np.ndarray, span: int, stride: int, stop: int) -> np.ndarray:
-    """Start offsets of complete (NaN-free) windows of length `span` inside x[:stop]."""
-    n = min(stop, len(x)) - span + 1
-    if n <= 0:
-        return np.zeros(0, np.int64)
-    bad = np.concatenate([[0], np.cumsum(~np.isfinite(x[:stop]))])
-    starts = np.arange(0, n, stride)
-    return starts[bad[starts + span] - bad[starts] == 0]
-
-
-@dataclass
-class WindowPool:
-    """All channels of all training series laid end to end, plus valid window starts into it."""
-
-    flat: np.ndarray  # (T_total,) float32
-    starts: np.ndarray  # (N,) int64
-    span: int
-
-    def batch(self, idx: np.ndarray, context: int) -> tuple[torch.Tensor, torch.Tensor]:
-        win = self.flat[self.starts[idx, None] + np.arange(self.span)[None, :]]
-        return torch.from_numpy(win[:, :context]), torch.from_numpy(win[:, context:])
+# ----------------------------------------------------------------------------------- training
 
 
 def training_pool(config: TSFMConfig, settings: TrainSettings, data_dir: str | os.PathLike[str] | None) -> WindowPool:
@@ -139,24 +86,6 @@ def training_pool(config: TSFMConfig, settings: TrainSettings, data_dir: str | o
     return pool
 
 
-def split_windows(
-    name: str, split: str, context: int, horizon: int, stride: int = 1,
-    data_dir: str | os.PathLike[str] | None = None,
-) -> tuple[np.ndarray, np.ndarray]:
-    """Channel-independent windows whose targets fall in a split; contexts may reach back
-    `context` rows before the split boundary (the standard ETT protocol)."""
-    if split not in ("train", "val", "test"):
-        raise ValueError(f"split must be train, val or test, not {split!r}")
-    scaled, (train_end, val_end, test_end) = scaled_series(name, data_dir)
-    start, stop = {"train": (0, train_end), "val": (train_end, val_end), "test": (val_end, test_end)}[split]
-    xs, ys = zip(
-        *(make_windows(scaled[:, c], context, horizon, stride, start, stop) for c in range(scaled.shape[1])),
-        strict=True,
-    )
-    return np.concatenate(xs), np.concatenate(ys)
-
-
-# ----------------------------------------------------------------------------------- training
 
 
 def forecast_loss(point: torch.Tensor, quantiles: torch.Tensor, y: torch.Tensor, levels: torch.Tensor) -> torch.Tensor:
@@ -164,23 +93,6 @@ def forecast_loss(point: torch.Tensor, quantiles: torch.Tensor, y: torch.Tensor,
     diff = y.unsqueeze(1) - quantiles
     q = levels.view(1, -1, 1)
     return torch.mean((point - y) ** 2) + torch.mean(torch.maximum(q * diff, (q - 1.0) * diff))
-
-
-@torch.inference_mode()
-def predict(model: TSFM, x: np.ndarray, batch_size: int = 1024) -> tuple[np.ndarray, np.ndarray]:
-    """Batched inference: point (N, H) and quantiles (N, Q, H) as float32 numpy arrays."""
-    was_training = model.training
-    model.eval()
-    points, quants = [], []
-    for i in range(0, len(x), batch_size):
-        p, q = model(torch.from_numpy(np.ascontiguousarray(x[i : i + batch_size], dtype=np.float32)))
-        points.append(p.numpy())
-        quants.append(q.numpy())
-    model.train(was_training)
-    h, nq = model.config.horizon, model.config.n_quantiles
-    if not points:
-        return np.zeros((0, h), np.float32), np.zeros((0, nq, h), np.float32)
-    return np.concatenate(points), np.concatenate(quants)
 
 
 def _lr_lambda(total: int, warmup_frac: float) -> Any:
@@ -221,7 +133,7 @@ def _progress(enabled: bool, total: int) -> Any:
 
 
 def validation_mse(model: TSFM, x: np.ndarray, y: np.ndarray) -> float:
-    return mse(predict(model, x)[0], y) if len(x) else math.inf
+    return mse(forecast(model, x)[0], y) if len(x) else math.inf
 
 
 def train_tsfm(
@@ -357,92 +269,6 @@ def _step(
 
 def _bar_info(entry: dict[str, float], best: float) -> str:
     return f"loss {entry['train_loss']:.4f}  best val mse {best:.4f}"
-
-
-# --------------------------------------------------------------------------------- evaluation
-
-
-def evaluate_ett(
-    model: TSFM,
-    split: str = "test",
-    horizon: int | None = None,
-    data_dir: str | os.PathLike[str] | None = None,
-    *,
-    series_name: str = "etth1",
-    threads: int | None = None,
-) -> dict[str, float]:
-    """MSE / MAE / pinball / CRPS on the standard protocol: scaled values, all channels, sliding
-    stride 1. A shorter `horizon` than the model's scores the first `horizon` steps (the fleet's
-    24-step task on the 96-step model)."""
-    horizon = horizon or model.config.horizon
-    if horizon > model.config.horizon:
-        raise ValueError(f"horizon {horizon} exceeds the model horizon {model.config.horizon}")
-    x, y = split_windows(series_name, split, model.config.context, horizon, 1, data_dir)
-    with torch_threads(threads):
-        point, quantiles = predict(model, x)
-    point, q = point[:, :horizon], np.transpose(quantiles[:, :, :horizon], (1, 0, 2))
-    levels = np.asarray(model.config.quantiles)
-    return {
-        "mse": mse(point, y), "mae": mae(point, y), "pinball": pinball(q, y, levels),
-        "crps": crps_from_quantiles(q, y, levels), "n_windows": float(len(x)), "horizon": float(horizon),
-    }
-
-
-# -------------------------------------------------------------------------------- checkpoints
-
-
-def save_checkpoint(model: TSFM, path: str | os.PathLike[str], meta: dict[str, Any] | None = None) -> Path:
-    """Config + state_dict in one torch file, written atomically so an interrupted save never
-    leaves a half-written file in the pretraining cache."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    payload = {
-        "format": CHECKPOINT_FORMAT,
-        "config": model.config.to_dict(),
-        "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()},
-        "meta": json.loads(json.dumps(meta or {})),  # JSON-safe so weights_only loading accepts it
-    }
-    atomic_torch_save(payload, path)
-    return path
-
-
-def atomic_torch_save(payload: dict[str, Any], path: Path) -> None:
-    """Write to a temporary file and rename: a crash mid-save leaves the previous file intact."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
-    os.close(fd)
-    try:
-        torch.save(payload, tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-
-
-def read_checkpoint(path: str | os.PathLike[str]) -> tuple[TSFM, dict[str, Any]]:
-    """(model, meta). Any unreadable, foreign or mismatching file raises ValueError naming the
-    path, so callers (the cache) can retrain instead of crashing on a torch internals error."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"no checkpoint at {path}")
-    try:
-        payload = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:
-        raise ValueError(f"{path} is not a readable TSFM checkpoint: {exc}") from exc
-    if not isinstance(payload, dict) or payload.get("format") != CHECKPOINT_FORMAT:
-        raise ValueError(f"{path} is not a TSFM checkpoint (expected format {CHECKPOINT_FORMAT!r})")
-    try:
-        model = TSFM(TSFMConfig.from_dict(payload["config"]))
-        model.load_state_dict(payload["state_dict"])
-    except (KeyError, TypeError, ValueError, RuntimeError) as exc:
-        raise ValueError(f"{path} does not match the TSFM it describes: {exc}") from exc
-    model.eval()
-    return model, dict(payload.get("meta") or {})
-
-
-def load_checkpoint(path: str | os.PathLike[str]) -> TSFM:
-    """The model of a checkpoint written by :func:`save_checkpoint`, in eval mode."""
-    return read_checkpoint(path)[0]
 
 
 # ------------------------------------------------------------------------------------- cache
