@@ -242,8 +242,6 @@ def serve(
     try:
         sha = spec.get("files", {}).get("backbone.onnx", {}).get("sha256", "")
         coordinator.ensure_model(initial, {"backbone_sha256": sha, "backbone_id": str(spec.get("model_id", ""))})
-        if spec:
-            coordinator.publish_manifest(spec)
         while state.finished_rounds() < rounds:
             if not coordinator.state.open_rounds(cfg.task):
                 online = coordinator.wait_for_devices(min_devices, wait_devices)

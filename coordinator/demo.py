@@ -248,7 +248,6 @@ def run_demo(cfg: DemoConfig, console: Console | None = None) -> DemoResult:
         initial = slice_head(model.head_state(), cfg.horizon)
         coordinator.ensure_model(initial, {"backbone_sha256": exported.spec["files"]["backbone.onnx"]["sha256"],
                                            "backbone_id": exported.spec["model_id"]})
-        coordinator.publish_manifest(exported.spec)
         sims = carve_devices(cfg.devices, cfg.data_dir, seed=cfg.seed)
         with console.status("starting devices (ONNX Runtime sessions, backbone features of local data)"):
             clients = start_devices(sims, exported.backbone, address, fleet, horizon=cfg.horizon, seed=cfg.seed)

@@ -27,7 +27,6 @@ from pathlib import Path
 
 import numpy as np
 
-SPEC_KEY = "fedge.spec"
 OUTPUTS = ("features", "loc", "scale")
 
 
@@ -100,6 +99,7 @@ def main() -> int:
     ap.add_argument("--result", type=Path, required=True)
     ap.add_argument("--int8-out", type=Path)
     ap.add_argument("--batches", default="1,8,32")
+    ap.add_argument("--spec-key", required=True, help="the metadata key of the spec (edge_client.runtime.spec)")
     args = ap.parse_args()
     spec = json.loads(args.spec.read_text())
     x = np.load(args.sample)["x"].astype(np.float32)
@@ -111,7 +111,7 @@ def main() -> int:
     result = {}
     for fmt, (path, model) in files.items():
         meta = json.dumps({**spec, "format": f"tflite-{fmt}", "signature_batches": batches}, sort_keys=True)
-        path.write_bytes(add_metadata(model, SPEC_KEY, meta.encode()))
+        path.write_bytes(add_metadata(model, args.spec_key, meta.encode()))
         result.update({f"{fmt}_{k}": v for k, v in run(path, x).items()})
     np.savez(args.result, **result)
     print(json.dumps({"files": {fmt: str(p) for fmt, (p, _) in files.items()}}), file=sys.stderr)

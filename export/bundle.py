@@ -38,6 +38,7 @@ from edge_client.bundles.manifest import (
 )
 from edge_client.runtime.backbone import sha256_file
 from edge_client.runtime.profile import load_profile
+from edge_client.runtime.spec import ModelSpec
 from edge_client.wire import BundleChunk, BundleManifest, Topics, encode
 from edge_client.wire import mqtt as M
 from export.quantize import INT8_NAME
@@ -54,8 +55,6 @@ BUNDLE_FILES = {"backbone.onnx": "backbone", INT8_NAME: "backbone", TFLITE_NAME:
 # manifest "backbones" key -> file (edge_client.bundles.store.backbone_key names the keys a device looks for)
 BACKBONE_KEYS = {"fp32": "backbone.onnx", "int8": INT8_NAME, "tflite-fp32": TFLITE_NAME,
                  "tflite-int8": TFLITE_INT8_NAME}
-SPEC_KEYS = ("context", "horizon", "feature_dim", "quantiles", "patch_len", "stride", "n_params", "model_id",
-             "inputs", "outputs")
 
 
 # --------------------------------------------------------------------------- keys
@@ -118,7 +117,7 @@ def _manifest_dict(export_dir: Path, names: list[str], version: int, task: str, 
     return {
         "format": BUNDLE_FORMAT, "task": task, "model_id": str(spec.get("model_id", "")), "version": int(version),
         "created": datetime.now(UTC).isoformat(timespec="seconds"), "chunk_size": chunk_size, "files": files,
-        "backbones": backbones, "spec": {k: spec[k] for k in SPEC_KEYS if k in spec},
+        "backbones": backbones, "spec": ModelSpec.from_dict(spec).to_dict(),
         "profiles": list(profiles), "signer": key_id(public_key),
     }
 

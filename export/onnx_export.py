@@ -35,10 +35,10 @@ from torch import nn
 from coordinator.models.tsfm import TSFM
 from edge_client.learning.head import head_outputs
 from edge_client.runtime.backbone import ort_session, sha256_file  # sha256_file re-exported: recommender_export, tests
+from edge_client.runtime.spec import SPEC_KEY, ModelSpec
 
 log = logging.getLogger(__name__)
 
-SPEC_KEY = "fedge.spec"
 OPSET = 18
 _NOISY_LOGGERS = ("torch.onnx", "onnxscript", "onnx_ir")
 EXPORT_BATCH = 4  # example batch: ≥2, or torch.export specialises the batch dimension to 1
@@ -64,21 +64,18 @@ class _HeadGraph(nn.Module):
         return self.head(features)
 
 
-def model_spec(model: TSFM) -> dict[str, Any]:
-    """What a device must know to use the exported files (stored in the ONNX metadata)."""
+def model_spec(model: TSFM) -> ModelSpec:
+    """What a device must know to use the exported files (:class:`~edge_client.runtime.spec.ModelSpec`)."""
     c = model.config
-    return {
-        "kind": "tsfm",
-        "context": c.context,
-        "horizon": c.horizon,
-        "feature_dim": c.feature_dim,
-        "quantiles": list(c.quantiles),
-        "patch_len": c.patch_len,
-        "stride": c.stride,
-        "n_params": model.n_params(),
-        "model_id": model.model_id(),
-        "config": c.to_dict(),
-    }
+    return ModelSpec(context=c.context, feature_dim=c.feature_dim, horizon=c.horizon, quantiles=tuple(c.quantiles),
+                     model_id=model.model_id(), kind="tsfm", patch_len=c.patch_len, stride=c.stride,
+                     n_params=model.n_params())
+
+
+def file_spec(model: TSFM, **file_facts: Any) -> dict[str, Any]:
+    """The spec a TSFM file carries in its metadata: the model spec, the full torch config and facts about the
+    file (which graph, which exporter or format)."""
+    return {**model_spec(model).to_dict(), "config": model.config.to_dict(), **file_facts}
 
 
 def read_spec(path: str | os.PathLike[str]) -> dict[str, Any]:
@@ -189,7 +186,7 @@ def export_backbone(model: TSFM, path: str | os.PathLike[str]) -> Path:
     path = Path(path)
     model.eval()
     export_graph(_BackboneGraph(model), _example(model, model.config.context), path, "context",
-            ["features", "loc", "scale"], {**model_spec(model), "graph": "backbone"})
+            ["features", "loc", "scale"], file_spec(model, graph="backbone"))
     return path
 
 
@@ -199,7 +196,7 @@ def export_head(model: TSFM, path: str | os.PathLike[str]) -> Path:
     path = Path(path)
     model.eval()
     export_graph(_HeadGraph(model), _example(model, model.config.feature_dim), path, "features",
-            ["point", "quantiles"], {**model_spec(model), "graph": "head"})
+            ["point", "quantiles"], file_spec(model, graph="head"))
     return path
 
 
@@ -336,9 +333,9 @@ def export_model(
     if not parity.ok(tol):
         raise RuntimeError(f"ONNX parity check failed (tol {tol}): {parity}")
     spec = {
-        **model_spec(model),
+        **file_spec(model),
         "exporter": {"backbone": exporter_of(backbone), "head": exporter_of(head)},
-        "files": {p.name: {"sha256": sha256_file(p), "bytes": p.stat().st_size} for p in (backbone, head, head_npz)},
+        "files": {p.name: {"sha256": sha256_file(p), "size": p.stat().st_size} for p in (backbone, head, head_npz)},
         "inputs": {"backbone": ["context"], "head": ["features"]},
         "outputs": {"backbone": ["features", "loc", "scale"], "head": ["point", "quantiles"]},
         "parity": asdict(parity),

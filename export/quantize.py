@@ -29,7 +29,8 @@ import numpy as np
 import onnx
 
 from edge_client.runtime.backbone import BackboneRunner
-from export.onnx_export import SPEC_KEY, numpy_head, read_spec, set_metadata
+from edge_client.runtime.spec import SPEC_KEY
+from export.onnx_export import numpy_head, read_spec, set_metadata
 
 log = logging.getLogger(__name__)
 

@@ -113,7 +113,7 @@ def export_recommender(model: SASRec, out_dir: str | os.PathLike[str], tol: floa
     if not parity.ok(tol):
         raise RuntimeError(f"recommender ONNX parity failed (tol {tol}): {parity}")
     full = {**spec, "exporter": exporter_of(encoder),
-            "files": {p.name: {"sha256": sha256_file(p), "bytes": p.stat().st_size} for p in (encoder, items)},
+            "files": {p.name: {"sha256": sha256_file(p), "size": p.stat().st_size} for p in (encoder, items)},
             "inputs": ["items"], "outputs": ["h"], "parity": asdict(parity)}
     spec_path = out / "spec.json"
     spec_path.write_text(json.dumps(full, indent=2, sort_keys=True) + "\n")

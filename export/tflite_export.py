@@ -36,10 +36,11 @@ from torch import nn
 
 from coordinator.models.tsfm import TSFM
 from edge_client.runtime.backbone import sha256_file
+from edge_client.runtime.spec import SPEC_KEY
 from export.onnx_export import (
     ParityReport,
     denormalised,
-    model_spec,
+    file_spec,
     numpy_head,
     parity_sample,
     torch_reference,
@@ -156,8 +157,8 @@ def export_tflite(
     out.mkdir(parents=True, exist_ok=True)
     model.eval()
     x = np.ascontiguousarray(parity_sample(model) if sample is None else sample, dtype=np.float32)
-    spec = {**model_spec(model), "graph": "backbone", "exporter": "litert-torch", "inputs": ["context"],
-            "outputs": ["features", "loc", "scale"]}
+    spec = file_spec(model, graph="backbone", exporter="litert-torch", inputs=["context"],
+                     outputs=["features", "loc", "scale"])
     paths = {"fp32": out / TFLITE_NAME, **({"int8": out / TFLITE_INT8_NAME} if int8 else {})}
     with tempfile.TemporaryDirectory() as tmp:
         t = Path(tmp)
@@ -169,7 +170,8 @@ def export_tflite(
         (t / "spec.json").write_text(json.dumps(spec))
         np.savez(t / "sample.npz", x=x)
         cmd = [str(py), str(WORKER), "--program", str(t / "backbone.pt2"), "--spec", str(t / "spec.json"),
-               "--sample", str(t / "sample.npz"), "--out", str(paths["fp32"]), "--result", str(t / "result.npz"),
+               "--sample", str(t / "sample.npz"), "--spec-key", SPEC_KEY, "--out", str(paths["fp32"]),
+               "--result", str(t / "result.npz"),
                "--batches", ",".join(str(b) for b in SIGNATURE_BATCHES)]
         if int8:
             cmd += ["--int8-out", str(paths["int8"])]
@@ -196,7 +198,7 @@ def _update_spec_json(spec_path: Path, paths: dict[str, Path], parity: dict[str,
         return
     spec = json.loads(spec_path.read_text())
     spec.setdefault("files", {}).update(
-        {p.name: {"sha256": sha256_file(p), "bytes": p.stat().st_size} for p in paths.values()})
+        {p.name: {"sha256": sha256_file(p), "size": p.stat().st_size} for p in paths.values()})
     spec["parity_tflite"] = {fmt: asdict(r) for fmt, r in parity.items()}
     spec_path.write_text(json.dumps(spec, indent=2, sort_keys=True) + "\n")
 

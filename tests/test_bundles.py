@@ -16,6 +16,7 @@ from edge_client.bundles.download import BundleDownloader
 from edge_client.bundles.manifest import BadSignature, UnsignedBundle, verify_manifest
 from edge_client.bundles.store import BundleStore
 from edge_client.runtime.profile import list_profiles, load_profile
+from edge_client.runtime.spec import SPEC_KEY, ModelSpec
 from edge_client.wire import BundleChunk, Topics, decode, encode
 from edge_client.wire import mqtt as M
 from export.bundle import (
@@ -114,7 +115,7 @@ def test_sign_verify_and_key_files(export_dir, key, tmp_path) -> None:
     m = verify_manifest(bundle.manifest_bytes, bundle.signature, pub)
     assert (m.version, m.profiles, set(m.backbones)) == (3, ("pi4",), {"fp32", "int8"})
     assert {f.name for f in m.files} == {"backbone.onnx", "backbone.int8.onnx", "head.onnx", "head.npz", "spec.json"}
-    assert m.spec["inputs"] == {"backbone": ["context"], "head": ["features"]}
+    assert m.spec == ModelSpec.from_metadata({SPEC_KEY: (export_dir / "spec.json").read_text()})
     assert load_bundle(tmp_path / "b", pub).manifest.raw == bundle.manifest_bytes
     with pytest.raises(BadSignature):
         verify_manifest(bundle.manifest_bytes.replace(b'"version":3', b'"version":4'), bundle.signature, pub)

@@ -53,8 +53,7 @@ def test_array_wire_format_is_dtype_shape_little_endian_bytes() -> None:
     lambda: P.Forget(fleet="f", device_id="d"),
     lambda: P.RoundTask(fleet="f", device_id="d", round_id=1, model_version=0, deadline_ts=1e9),
     lambda: P.GlobalModel(fleet="f", version=4, params={"w": np.zeros((2, 2), np.float32)}),
-    lambda: P.ModelManifest(fleet="f", model_id="tsfm-tiny", version=1,
-                            files=[P.ModelFile(name="backbone.onnx", sha256="a" * 64, size=10)]),
+    lambda: P.BundleManifest(fleet="f", version=1, manifest=b"{}", sig=b"s" * 64),
     lambda: P.Reject(fleet="f", device_id="d", ref_msg_id="abc", reason="oversized"),
 ])
 def test_every_message_type_round_trips(factory) -> None:
@@ -165,7 +164,7 @@ def test_topics_are_namespaced_and_parse_back() -> None:
     assert t.update(12, "meter.3") == "fedge/v1/plant-7/rounds/12/updates/meter.3"
     assert t.status("meter.3") == "fedge/v1/plant-7/devices/meter.3/status"
     assert t.global_model("tsfm") == "fedge/v1/plant-7/models/tsfm/global"
-    assert t.manifest("tsfm") == "fedge/v1/plant-7/models/tsfm/manifest"
+    assert t.bundle("tsfm") == "fedge/v1/plant-7/models/tsfm/bundle"
     assert t.device_of(t.update(1, "x")) == "x" and t.device_of(t.task("y")) == "y"
     assert t.device_of("fedge/v1/other/devices/x/status") is None
     for bad in ("", "a/b", "+", "#", "x" * 65):

@@ -19,7 +19,8 @@ from coordinator.pretrain.evaluate import evaluate_ett
 from coordinator.pretrain.training import TrainResult, pretrained_tsfm, train_tsfm
 from edge_client.data.datasets import load_series
 from edge_client.learning.windows import ETT_VAL_END
-from export.onnx_export import SPEC_KEY, check_parity, export_model, numpy_head, sha256_file
+from edge_client.runtime.spec import SPEC_KEY
+from export.onnx_export import check_parity, export_model, numpy_head, sha256_file
 
 TINY = TSFMConfig(
     context=64, horizon=16, patch_len=8, stride=4, d_model=16, n_heads=2, n_layers=1, d_ff=32, feature_dim=16

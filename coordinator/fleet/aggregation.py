@@ -9,10 +9,23 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import Protocol
 
 import numpy as np
 
 Params = dict[str, np.ndarray]
+
+
+class Contribution(Protocol):
+    """What aggregation reads of one device's update: an :class:`edge_client.wire.Update` as it arrived in a
+    fleet round, or a :class:`ClientUpdate` from in-process pretraining and simulations."""
+
+    @property
+    def device_id(self) -> str | None: ...
+    @property
+    def n_samples(self) -> int: ...
+    @property
+    def delta(self) -> Mapping[str, np.ndarray]: ...
 
 
 @dataclass(frozen=True)

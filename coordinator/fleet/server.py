@@ -22,7 +22,6 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from coordinator.fleet.aggregation import ClientUpdate
 from coordinator.fleet.state import FleetState, RoundRecord
 from coordinator.fleet.strategies import RoundInputs, fleet_strategy
 from edge_client.wire import (
@@ -30,8 +29,6 @@ from edge_client.wire import (
     GlobalModel,
     Hello,
     InvalidMessage,
-    ModelFile,
-    ModelManifest,
     ProtocolError,
     Receiver,
     Reject,
@@ -108,6 +105,14 @@ class FleetCoordinator:
         self._changed = threading.Condition()
         self._open: RoundRecord | None = None
         self._expected_shapes: dict[str, tuple[int, ...]] = {}
+        # What the rounds use, decoded once and held here (SQLite stays the durable copy): global heads by version
+        # (the initial one, the current one and a round's base), the backbone pin, each device's personal head,
+        # and the updates of the open round as they arrived.
+        self._models: dict[int, dict[str, np.ndarray]] = {}
+        self._current: int | None = None
+        self._pin: dict[str, str] | None = None
+        self._personal: dict[str, dict[str, np.ndarray] | None] = {}
+        self._received: dict[int, dict[str, Update]] = {}
         self.client = M.make_client(client_id or f"fedge-{cfg.fleet}-coordinator")
         self.client.on_connect = self._on_connect
         self.client.on_message = self._on_message
@@ -138,16 +143,42 @@ class FleetCoordinator:
 
     def ensure_model(self, initial: Mapping[str, np.ndarray], meta: dict | None = None) -> int:
         """Register the initial global head unless a model already exists (a restart keeps its own)."""
-        latest = self.state.latest_model(self.cfg.task)
-        if latest is not None:
-            return latest[0]
-        return self.state.save_model(self.cfg.task, initial, meta)
+        if self._load_current() is None:
+            self.state.save_model(self.cfg.task, initial, meta)
+        version = self._load_current()
+        assert version is not None
+        return version
 
     def current_model(self) -> tuple[int, dict[str, np.ndarray]]:
+        version = self._current if self._current is not None else self._load_current()
+        if version is None:
+            raise RuntimeError("no global model registered; call ensure_model first")
+        return version, self._model(version)
+
+    def _load_current(self) -> int | None:
+        """Read the latest model and its backbone pin from SQLite once (at start, or after ensure_model)."""
         latest = self.state.latest_model(self.cfg.task)
         if latest is None:
-            raise RuntimeError("no global model registered; call ensure_model first")
-        return latest[0], latest[1]
+            return None
+        version, params, meta = latest
+        self._models[version] = params
+        self._current = version
+        self._pin = {k: str(meta.get(k, "")) for k in ("backbone_sha256", "backbone_id")}
+        return version
+
+    def _model(self, version: int) -> dict[str, np.ndarray]:
+        """A global head by version, decoded from SQLite the first time only; old versions are dropped, keeping
+        the initial head (task vectors are measured from it) and the current one."""
+        if version not in self._models:
+            self._models[version] = self.state.model(version)
+        for old in [v for v in self._models if v not in (0, version, self._current)]:
+            del self._models[old]
+        return self._models[version]
+
+    def _personal_head(self, device_id: str) -> dict[str, np.ndarray] | None:
+        if device_id not in self._personal:
+            self._personal[device_id] = self.state.personal(device_id)
+        return self._personal[device_id]
 
     def publish_global(self, version: int, params: Mapping[str, np.ndarray], round_id: int | None = None) -> int:
         msg = GlobalModel(fleet=self.cfg.fleet, task=self.cfg.task, version=version, round_id=round_id,
@@ -155,16 +186,6 @@ class FleetCoordinator:
         payload = encode(msg)
         M.publish(self.client, self.topics.global_model(self.cfg.task), payload, retain=True)
         return len(payload)
-
-    def publish_manifest(self, spec: Mapping, version: int = 1) -> None:
-        """Announce (retained) which backbone files the fleet runs, from export's spec.json, so a
-        device can tell before training that its backbone is the right one."""
-        files = [ModelFile(name=name, sha256=info["sha256"], size=info["bytes"])
-                 for name, info in spec.get("files", {}).items()]
-        keep = {k: spec[k] for k in ("context", "horizon", "feature_dim", "quantiles", "model_id") if k in spec}
-        msg = ModelManifest(fleet=self.cfg.fleet, task=self.cfg.task, model_id=str(spec.get("model_id", "")),
-                            version=version, files=files, spec=keep)
-        M.publish(self.client, self.topics.manifest(self.cfg.task), encode(msg), retain=True)
 
     # ------------------------------------------------------------------ devices
 
@@ -203,7 +224,7 @@ class FleetCoordinator:
             log.info("resuming round %d (%d/%d updates already stored)", rec.round_id,
                      len(self.state.reported(rec.round_id)), len(rec.selected))
         else:
-            version, _ = self.current_model()
+            version = self.current_model()[0]
             selected = sorted(devices) if devices is not None else self._select(self.state.next_round_id())
             if not selected:
                 raise ValueError("a round needs at least one device")
@@ -211,7 +232,7 @@ class FleetCoordinator:
             rec = self.state.open_round(self.cfg.task, kind, version, selected, quorum, t0 + self.cfg.deadline_s,
                                         {**self._round_config(), "options": dict(options or {})})
         self._set_open(rec)
-        base = self.state.model(rec.base_version)
+        base = self._model(rec.base_version)
         global_bytes = self.publish_global(rec.base_version, base, rec.round_id)
         pending = [d for d in rec.selected if d not in self.state.reported(rec.round_id)]
         self.traffic.down[rec.round_id] += global_bytes * len(pending)
@@ -246,7 +267,7 @@ class FleetCoordinator:
                                                            if c.get("personalize") else {}),
                                                         **c.get("options", {})})
         if self.strategy.personalised and rec.kind == "train":
-            own = self.state.personal(device_id)
+            own = self._personal_head(device_id)
             if own is not None:
                 task = task.model_copy(update={"params": {k: np.asarray(v, np.float32) for k, v in own.items()}})
         return task
@@ -257,19 +278,20 @@ class FleetCoordinator:
         M.publish(self.client, self.topics.task(device_id), payload, expiry_s=max(1, int(rec.deadline - time.time())))
 
     def _close(self, rec: RoundRecord, base: dict[str, np.ndarray], t0: float, resumed: bool) -> RoundResult:
-        updates = [decode(p) for _, p in self.state.updates(rec.round_id)]
+        updates = self._round_updates(rec.round_id)
         metrics = {u.device_id: dict(u.metrics) for u in updates}
         n_samples = {u.device_id: u.n_samples for u in updates}
         new_version, state = None, "closed"
         if rec.kind == "train":
             if len(updates) >= rec.quorum:
-                ups = [ClientUpdate(u.device_id, u.n_samples, u.delta, u.metrics) for u in updates if u.n_samples > 0]
-                agg = self.strategy.aggregate_round(RoundInputs(base, ups, initial=lambda: self.state.model(0),
-                                                                personal=self.state.personal))
+                trained = [u for u in updates if u.n_samples > 0]
+                agg = self.strategy.aggregate_round(RoundInputs(base, trained, initial=lambda: self._model(0),
+                                                                personal=self._personal_head))
                 new_version = self.state.close_round(rec.round_id, agg.global_params, rec.task,
                                                      meta=self._model_meta(), personal=agg.personal)
                 if new_version is not None:
-                    self.publish_global(new_version, self.state.model(new_version), rec.round_id)
+                    self._adopt(new_version, agg.global_params, agg.personal)
+                    self.publish_global(new_version, self._model(new_version), rec.round_id)
             else:
                 log.warning("round %d: %d of %d updates by the deadline, quorum %d not met; global unchanged",
                             rec.round_id, len(updates), len(rec.selected), rec.quorum)
@@ -282,17 +304,36 @@ class FleetCoordinator:
                            self.traffic.up[rec.round_id], self.traffic.down[rec.round_id], time.time() - t0,
                            resumed, state)
 
+    def _adopt(self, version: int, params: Mapping[str, np.ndarray], personal: Mapping[str, dict]) -> None:
+        """Hold a version this process just stored as the current model (the same arrays SQLite now holds)."""
+        if self._current is None or version > self._current:
+            self._models[version] = {k: np.array(v) for k, v in params.items()}
+            self._current = version
+            self._personal.update({d: {k: np.array(v) for k, v in p.items()} for d, p in personal.items()})
+        else:  # the round was already closed: what SQLite holds wins
+            self._personal.clear()
+
+    def _round_updates(self, round_id: int) -> list[Update]:
+        """The round's stored updates (SQLite decides which count), decoded on arrival; only updates stored
+        before a restart are decoded here."""
+        with self._changed:
+            held = self._received.pop(round_id, {})
+        return [held[d] if d in held else decode(p) for d, p in self.state.updates(round_id)]
+
     def _model_meta(self) -> dict[str, str]:
-        """The backbone pin of the latest model: carried into each new version and each GlobalModel."""
-        latest = self.state.latest_model(self.cfg.task)
-        meta = latest[2] if latest else {}
-        return {k: str(meta.get(k, "")) for k in ("backbone_sha256", "backbone_id")}
+        """The backbone pin of the model: carried into each new version and each GlobalModel."""
+        if self._pin is None and self._load_current() is None:
+            return {"backbone_sha256": "", "backbone_id": ""}
+        assert self._pin is not None
+        return dict(self._pin)
 
     def _set_open(self, rec: RoundRecord | None) -> None:
         with self._changed:
             self._open = rec
+            for stale in [r for r in self._received if rec is None or r != rec.round_id]:
+                del self._received[stale]  # late arrivals for a round that is closed: SQLite has them
             if rec is not None and rec.kind == "train":
-                shapes = {k: tuple(v.shape) for k, v in self.state.model(rec.base_version).items()}
+                shapes = {k: tuple(v.shape) for k, v in self._model(rec.base_version).items()}
                 self._expected_shapes = shapes
 
     # ------------------------------------------------------------------ incoming
@@ -339,6 +380,9 @@ class FleetCoordinator:
         from it, e.g. the recommender's prototypes)."""
         with self._changed:
             deleted = self.state.forget_device(device_id)
+            self._personal.pop(device_id, None)
+            for held in self._received.values():
+                held.pop(device_id, None)
             self._changed.notify_all()
         log.info("device %s asked to be forgotten: deleted %s", device_id,
                  ", ".join(f"{n} {table}" for table, n in deleted.items()))
@@ -348,6 +392,7 @@ class FleetCoordinator:
         with self._changed:
             if self.state.add_update(msg.round_id, msg.device_id, msg.msg_id, msg.n_samples, bytes(payload)):
                 self.traffic.up[msg.round_id] += len(payload)
+                self._received.setdefault(msg.round_id, {})[msg.device_id] = msg
             else:
                 self.duplicates += 1
                 log.info("round %d: duplicate update from %s ignored", msg.round_id, msg.device_id)

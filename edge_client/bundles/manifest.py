@@ -20,6 +20,7 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
+from edge_client.runtime.spec import ModelSpec, SpecError
 from edge_client.wire import NAME_RE
 
 log = logging.getLogger("fedge.bundle")
@@ -129,7 +130,7 @@ class Manifest:
     chunk_size: int
     files: tuple[FileEntry, ...]
     backbones: Mapping[str, str]
-    spec: Mapping[str, Any]
+    spec: ModelSpec
     profiles: tuple[str, ...]
 
     def file(self, name: str) -> FileEntry | None:
@@ -163,11 +164,15 @@ class Manifest:
         backbones = {str(k): str(v) for k, v in data["backbones"].items()}
         if "fp32" not in backbones or not set(backbones.values()) <= names:
             raise InvalidManifest(f"backbones {backbones} must name an fp32 backbone among the files {sorted(names)}")
+        try:
+            spec = ModelSpec.from_dict(data["spec"])
+        except SpecError as exc:
+            raise InvalidManifest(str(exc)) from None
         version = int(data["version"])
         if version < 0:
             raise InvalidManifest(f"negative version {version}")
         return cls(raw, data, str(data["task"]), str(data["model_id"]), version, chunk_size, files, backbones,
-                   dict(data["spec"]), tuple(str(p) for p in data.get("profiles", [])))
+                   spec, tuple(str(p) for p in data.get("profiles", [])))
 
 
 def verify_manifest(manifest_bytes: bytes, signature: bytes | None, public_key: Ed25519PublicKey) -> Manifest:

@@ -306,8 +306,8 @@ class BundleStore:
     @staticmethod
     def _check_features(runner: BackboneRunner, m: Manifest, what: str) -> None:
         for key in ("context", "feature_dim"):
-            if key in m.spec and int(m.spec[key]) != getattr(runner.spec, key):
-                raise CorruptModel(f"{what}: {key} {getattr(runner.spec, key)}, manifest says {m.spec[key]}")
+            if getattr(m.spec, key) != getattr(runner.spec, key):
+                raise CorruptModel(f"{what}: {key} {getattr(runner.spec, key)}, manifest says {getattr(m.spec, key)}")
         try:
             feats = runner.features(synthetic_contexts(runner.spec.context))
         except Exception as exc:  # onnxruntime errors at run time (bad graph) are a corrupt model too

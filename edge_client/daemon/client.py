@@ -34,7 +34,6 @@ from edge_client.wire import (
     Hello,
     InvalidMessage,
     Message,
-    ModelManifest,
     ModelMismatch,
     ProtocolError,
     Receiver,
@@ -170,7 +169,6 @@ class EdgeClient:
         # so they can be checked again after a backbone change
         self.global_models: dict[int, GlobalModel] = {}
         self.personal: Params | None = personal
-        self.manifest: ModelManifest | None = None
         self.outbox: Outbox = outbox if outbox is not None else MemoryOutbox()
         self.gate, self.gate_poll_s = gate, gate_poll_s
         self.before_task, self.after_update = before_task, after_update
@@ -231,8 +229,7 @@ class EdgeClient:
         if reason_code.is_failure:
             log.error("device %s: broker refused connection: %s", self.device_id, reason_code)
             return
-        client.subscribe([(self.topics.task(self.device_id), 1), (self.topics.global_model(self.task), 1),
-                          (self.topics.manifest(self.task), 1)])
+        client.subscribe([(self.topics.task(self.device_id), 1), (self.topics.global_model(self.task), 1)])
         log.info("device %s connected (session present: %s)", self.device_id, flags.session_present)
         self.announce()
         self.publish_status("online")
@@ -323,8 +320,6 @@ class EdgeClient:
             else:
                 log.info("device %s: task for round %d waits for global v%d", self.device_id, msg.round_id,
                          msg.model_version)
-        elif isinstance(msg, ModelManifest):
-            self._on_manifest(msg)
         elif isinstance(msg, Reject):
             log.warning("device %s: coordinator rejected %s: %s (%s)", self.device_id, msg.ref_msg_id, msg.reason,
                         msg.detail)
@@ -334,14 +329,6 @@ class EdgeClient:
         metadata has none (the recommender's encoder), and then the file hash decides."""
         backbone = self.learner.backbone
         return str(getattr(backbone.spec, "model_id", "") or ""), backbone.sha256
-
-    def _on_manifest(self, msg: ModelManifest) -> None:
-        self.manifest = msg
-        why = backbone_mismatch(*self._backbone_identity(), model_id=msg.model_id,
-                                sha256s=[f.sha256 for f in msg.files if f.name.startswith("backbone")])
-        if why:
-            self.receiver.reject(ModelMismatch(f"fleet runs {why} (manifest v{msg.version}); install the new backbone"),
-                                 self.topics.manifest(self.task))
 
     def backbone_changed(self) -> None:
         """The device now runs another backbone: the personal head, trained on the old features, goes,

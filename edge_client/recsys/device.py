@@ -41,6 +41,7 @@ import numpy as np
 from edge_client.learning.head import Adam, Params
 from edge_client.recsys.data import PAD, prefix_batch
 from edge_client.runtime.backbone import ModelLoadError, ort_session, sha256_file
+from edge_client.runtime.spec import SPEC_KEY
 
 ADAPTER_KEYS = ("U", "V", "u")
 GATE_KEYS = ("Wg", "bg")
@@ -94,7 +95,7 @@ class SequenceEncoder:
         self.runtime_version = f"onnxruntime {ort.__version__}"
         self.session = ort_session(self.path, threads)
         meta = self.session.get_modelmeta().custom_metadata_map
-        self.spec: dict[str, Any] = json.loads(meta.get("fedge.spec", "{}"))
+        self.spec: dict[str, Any] = json.loads(meta.get(SPEC_KEY, "{}"))
         self.max_len = int(self.spec.get("max_len", self.session.get_inputs()[0].shape[1]))
         self.d = int(self.spec.get("d", self.session.get_outputs()[0].shape[1]))
 

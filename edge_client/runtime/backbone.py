@@ -1,29 +1,27 @@
 """Runs the frozen backbone on the device with ONNX Runtime or LiteRT (TFLite).
 
-The backbone is exported once by the coordinator (``export/``) with its spec in the file's own
-metadata (``fedge.spec``: ONNX metadata, or TFLite model metadata), so the device learns context
-length, feature size and quantile levels from the file it runs, not from a second config that could
-disagree. :class:`BackboneRunner` picks the runtime from the file (``.tflite`` or the TFLite
-identifier -> LiteRT, see :mod:`edge_client.runtime.litert`; anything else -> ONNX Runtime); a bundle and a
-device profile choose *which* file (``edge_client.bundles.store``). Both paths give the same features API,
-spec and batching. Loading failures (missing, truncated or corrupt files, a file whose hash does not
-match the manifest, a LiteRT file on a device without a LiteRT interpreter) raise
+The backbone is exported once by the coordinator (``export/``) with its spec in the file's own metadata
+(:mod:`edge_client.runtime.spec`), so the device learns context length, feature size and quantile levels from
+the file it runs, not from a second config that could disagree. :class:`BackboneRunner` picks the runtime from
+the file (``.tflite`` or the TFLite identifier -> LiteRT, see :mod:`edge_client.runtime.litert`; anything else ->
+ONNX Runtime); a bundle and a device profile choose *which* file (:mod:`edge_client.bundles.store`). Both paths
+give the same features API, spec and batching. Loading failures (missing, truncated or corrupt files, a file whose
+hash does not match the manifest, a LiteRT file on a device without a LiteRT interpreter) raise
 :class:`ModelLoadError` with a message naming the file, never a runtime's own traceback.
 """
 
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
 from collections.abc import Collection
-from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from edge_client.learning.head import Features
+from edge_client.runtime.spec import ModelSpec, SpecError
 
 if TYPE_CHECKING:
     from edge_client.runtime.litert import LiteRTBackbone
@@ -33,29 +31,6 @@ log = logging.getLogger("fedge.runtime")
 
 class ModelLoadError(RuntimeError):
     """The backbone cannot be used: missing, corrupt, mismatched or of an unexpected shape."""
-
-
-@dataclass(frozen=True)
-class BackboneSpec:
-    context: int
-    feature_dim: int
-    horizon: int
-    quantiles: tuple[float, ...]
-    model_id: str = ""
-
-    @classmethod
-    def from_metadata(cls, meta: dict[str, str]) -> BackboneSpec:
-        try:
-            raw = json.loads(meta["fedge.spec"])
-            return cls(
-                context=int(raw["context"]),
-                feature_dim=int(raw["feature_dim"]),
-                horizon=int(raw["horizon"]),
-                quantiles=tuple(float(q) for q in raw["quantiles"]),
-                model_id=str(raw.get("model_id", "")),
-            )
-        except (KeyError, ValueError, TypeError) as exc:
-            raise ModelLoadError(f"backbone metadata 'fedge.spec' is missing or invalid: {exc}") from None
 
 
 def sha256_file(path: str | Path) -> str:
@@ -143,7 +118,10 @@ class BackboneRunner:
             raise ModelLoadError(f"unknown runtime {self.runtime!r} for {self.path}; known: {', '.join(RUNTIMES)}")
         self._backend = self._open(threads)
         self.runtime_version: str = self._backend.version
-        self.spec = BackboneSpec.from_metadata(self._backend.metadata)
+        try:
+            self.spec = ModelSpec.from_metadata(self._backend.metadata)
+        except SpecError as exc:
+            raise ModelLoadError(f"backbone {self.path}: {exc}") from None
         log.info("loaded backbone %s (%s, context %d, %d features)", self.path.name, self.runtime_version,
                  self.spec.context, self.spec.feature_dim)
 

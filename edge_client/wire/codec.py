@@ -20,13 +20,14 @@ from edge_client.wire.errors import (
     NonFiniteValues,
     PayloadTooLarge,
     ProtocolError,
+    RetiredMessageType,
     UnknownMessageType,
     UnsupportedSchema,
     WrongDtype,
     WrongShape,
 )
 from edge_client.wire.limits import ALLOWED_DTYPES, ARRAY_EXT_CODE, DEFAULT_LIMITS, SCHEMA_VERSION, Limits
-from edge_client.wire.messages import ANY_MESSAGE, MESSAGE_TYPES, Message
+from edge_client.wire.messages import ANY_MESSAGE, MESSAGE_TYPES, RETIRED_TYPES, Message
 
 
 def pack_ext(obj: Any) -> msgpack.ExtType:
@@ -113,6 +114,8 @@ def decode(payload: bytes, limits: Limits = DEFAULT_LIMITS) -> Message:
     if raw.get("v") != SCHEMA_VERSION:
         raise UnsupportedSchema(f"schema version {raw.get('v')!r} is not supported (this side speaks {SCHEMA_VERSION})")
     kind = raw.get("type")
+    if isinstance(kind, str) and kind in RETIRED_TYPES:
+        raise RetiredMessageType(f"{kind}: {RETIRED_TYPES[kind]}")
     if not isinstance(kind, str) or kind not in MESSAGE_TYPES:
         raise UnknownMessageType(f"unknown message type {kind!r}")
     try:

@@ -28,6 +28,12 @@ class UnknownMessageType(ProtocolError):
     reason = "unknown_type"
 
 
+class RetiredMessageType(ProtocolError):
+    """A type this schema version once had (see ``RETIRED_TYPES``): refused, with the reason it went."""
+
+    reason = "retired_type"
+
+
 class PayloadTooLarge(ProtocolError):
     reason = "oversized"
 

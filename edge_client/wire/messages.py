@@ -193,24 +193,6 @@ class GlobalModel(Message):
     backbone_id: str = Field(default="", max_length=128)
 
 
-class ModelFile(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
-    name: str = Field(pattern=NAME_RE.pattern)
-    sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
-    size: int = Field(ge=0)
-
-
-class ModelManifest(Message):
-    """Which backbone files a device must run for a task (retained)."""
-
-    type: Literal["manifest"] = "manifest"
-    task: str = Field(default="tsfm", pattern=NAME_RE.pattern)
-    model_id: str = Field(max_length=128)
-    version: int = Field(ge=0)
-    files: list[ModelFile] = Field(max_length=32)
-    spec: dict[str, float | int | str | list[float]] = Field(default_factory=dict)
-
-
 class BundleManifest(Message):
     """A signed model bundle announcement (retained). ``manifest`` is the canonical JSON the
     coordinator signed, carried byte for byte so the device verifies exactly what was signed;
@@ -248,12 +230,14 @@ class Reject(Message):
 
 MESSAGE_TYPES: dict[str, type[Message]] = {
     cls.model_fields["type"].default: cls
-    for cls in (Hello, Status, Forget, RoundTask, Update, GlobalModel, ModelManifest, BundleManifest, BundleChunk,
-                Reject)
+    for cls in (Hello, Status, Forget, RoundTask, Update, GlobalModel, BundleManifest, BundleChunk, Reject)
 }
 AnyMessage = Annotated[
-    Hello | Status | Forget | RoundTask | Update | GlobalModel | ModelManifest | BundleManifest | BundleChunk
-    | Reject,
+    Hello | Status | Forget | RoundTask | Update | GlobalModel | BundleManifest | BundleChunk | Reject,
     Field(discriminator="type"),
 ]
+# Types this schema version once had and no longer accepts: decoding one is a typed refusal that says why.
+RETIRED_TYPES: dict[str, str] = {
+    "manifest": "the unsigned model manifest is retired; the signed bundle manifest (models/{task}/bundle) replaces it",
+}
 ANY_MESSAGE = TypeAdapter(AnyMessage)

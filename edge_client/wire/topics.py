@@ -44,9 +44,6 @@ class Topics:
     def update(self, round_id: int, device_id: str) -> str:
         return f"{self.root}/rounds/{int(round_id)}/updates/{check_name(device_id, 'device id')}"
 
-    def manifest(self, task: str) -> str:
-        return f"{self.root}/models/{check_name(task, 'task')}/manifest"
-
     def global_model(self, task: str) -> str:
         return f"{self.root}/models/{check_name(task, 'task')}/global"
 
@@ -54,7 +51,7 @@ class Topics:
         return f"{self.root}/models/{check_name(task, 'task')}/chunks/{int(n)}"
 
     def bundle(self, task: str) -> str:
-        """Signed bundle manifest (retained); beside ``manifest``, which keeps the unsigned one."""
+        """The signed bundle manifest (retained): the one announcement of which model files a fleet runs."""
         return f"{self.root}/models/{check_name(task, 'task')}/bundle"
 
     def all_chunks(self, task: str) -> str:

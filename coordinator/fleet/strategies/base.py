@@ -8,7 +8,7 @@ from typing import Protocol
 
 import numpy as np
 
-from coordinator.fleet.aggregation import ClientUpdate, Params
+from coordinator.fleet.aggregation import Contribution, Params
 
 
 @dataclass(frozen=True)
@@ -16,7 +16,7 @@ class RoundInputs:
     """A closed round's training updates and what a strategy may look up beside them."""
 
     base: Mapping[str, np.ndarray]  # the global head the round trained from
-    updates: Sequence[ClientUpdate]  # deltas from `base` (or from the device's own head, for personalised tasks)
+    updates: Sequence[Contribution]  # deltas from `base` (or from the device's own head, for personalised tasks)
     initial: Callable[[], Params]  # the first global head (version 0): the pretrained reference
     personal: Callable[[str], Params | None]  # the head a device last got for itself, if any
 

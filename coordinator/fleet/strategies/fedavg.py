@@ -9,7 +9,7 @@ from typing import ClassVar
 import numpy as np
 
 from coordinator.fleet import aggregation  # through the module, so one spy sees every use of its functions
-from coordinator.fleet.aggregation import ClientUpdate, Params
+from coordinator.fleet.aggregation import Contribution, Params
 from coordinator.fleet.strategies.base import Aggregate, RoundInputs
 
 
@@ -23,7 +23,7 @@ class FedAvg:
     name: str = "fedavg"
     personalised: ClassVar[bool] = False
 
-    def aggregate(self, global_params: Mapping[str, np.ndarray], updates: Sequence[ClientUpdate]) -> Params:
+    def aggregate(self, global_params: Mapping[str, np.ndarray], updates: Sequence[Contribution]) -> Params:
         deltas = (aggregation.clip_by_norm(u.delta, self.clip_norm) if self.clip_norm else u.delta for u in updates)
         step = aggregation.weighted_mean(deltas, [float(u.n_samples) for u in updates])
         return aggregation.apply(global_params, step, self.server_lr)

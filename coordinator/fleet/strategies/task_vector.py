@@ -23,7 +23,7 @@ from typing import ClassVar
 
 import numpy as np
 
-from coordinator.fleet.aggregation import ClientUpdate, Params, weighted_mean
+from coordinator.fleet.aggregation import Contribution, Params, weighted_mean
 from coordinator.fleet.strategies.base import Aggregate, RoundInputs
 
 
@@ -120,20 +120,21 @@ class TaskVectorAggregation:
             start = inputs.personal(u.device_id) or inputs.base
             afters[u.device_id] = {k: np.asarray(start[k], np.float64) + u.delta[k] for k in inputs.base}
             taus[u.device_id] = {k: afters[u.device_id][k] - pre[k] for k in inputs.base}
-        personal = self.aggregate_personal(pre, [ClientUpdate(d, 0, tau) for d, tau in taus.items()])
+        personal, _ = personalized_aggregates(pre, taus, temperature=self.temperature, top_m=self.top_m,
+                                              remove_mean=self.remove_mean, positive_only=self.positive_only)
         weights = [float(u.n_samples) for u in inputs.updates]
         mean = weighted_mean([afters[u.device_id] for u in inputs.updates], weights)
         return Aggregate({k: np.asarray(v, np.float32) for k, v in mean.items()},
                          {d: {k: np.asarray(v, np.float32) for k, v in p.items()} for d, p in personal.items()})
 
-    def aggregate_personal(self, pre: Mapping[str, np.ndarray], updates: Sequence[ClientUpdate]) -> dict[str, Params]:
+    def aggregate_personal(self, pre: Mapping[str, np.ndarray], updates: Sequence[Contribution]) -> dict[str, Params]:
         taus = {u.device_id: u.delta for u in updates}
         out, _ = personalized_aggregates(pre, taus, temperature=self.temperature, top_m=self.top_m,
                                          remove_mean=self.remove_mean, positive_only=self.positive_only)
         return out
 
     def aggregate_for(self, pre: Mapping[str, np.ndarray], own: Mapping[str, np.ndarray],
-                      updates: Sequence[ClientUpdate]) -> Params:
+                      updates: Sequence[Contribution]) -> Params:
         """The aggregate for a device that is not (yet) in the federation, e.g. a new device: its
         first task vector `own` is compared with the fleet's."""
         taus = {"__new__": own, **{u.device_id: u.delta for u in updates}}

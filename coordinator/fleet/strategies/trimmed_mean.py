@@ -9,7 +9,7 @@ from typing import ClassVar
 import numpy as np
 
 from coordinator.fleet import aggregation
-from coordinator.fleet.aggregation import ClientUpdate, Params
+from coordinator.fleet.aggregation import Contribution, Params
 from coordinator.fleet.strategies.base import Aggregate, RoundInputs
 
 
@@ -23,7 +23,7 @@ class TrimmedMean:
     name: str = "trimmed_mean"
     personalised: ClassVar[bool] = False
 
-    def aggregate(self, global_params: Mapping[str, np.ndarray], updates: Sequence[ClientUpdate]) -> Params:
+    def aggregate(self, global_params: Mapping[str, np.ndarray], updates: Sequence[Contribution]) -> Params:
         deltas = [aggregation.clip_by_norm(u.delta, self.clip_norm) if self.clip_norm else u.delta for u in updates]
         return aggregation.apply(global_params, aggregation.trimmed_mean(deltas, self.trim), self.server_lr)
 
