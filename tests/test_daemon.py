@@ -349,10 +349,11 @@ def test_forget_me_reaches_the_coordinator_which_deletes_the_devices_records(mos
 
 
 def test_personal_model_survives_a_daemon_restart_on_the_same_backbone_only(mosquitto, tiny_export, tmp_path):
-    """The personal model (next round's self-distillation teacher) and head are stored after a personalised
-    round and come back after a restart; on another backbone they are not reused."""
+    """The personal model (next round's self-distillation teacher, and the head the device forecasts with) is
+    stored once after a personalised round and comes back after a restart; on another backbone it is not
+    reused."""
     from edge_client.daemon.config import DeviceConfig
-    from edge_client.daemon.service import PERSONAL_HEAD, PERSONAL_MODEL, DeviceService
+    from edge_client.daemon.service import PERSONAL_MODEL, DeviceService
 
     fleet = "personal"
     cfg = _device(tmp_path, mosquitto.address, fleet, tiny_export["backbone"])
@@ -370,7 +371,7 @@ def test_personal_model_survives_a_daemon_restart_on_the_same_backbone_only(mosq
         coord.stop()
     with DeviceStore(tmp_path / "state") as store:
         saved = store.load_personal(PERSONAL_MODEL)
-        assert saved is not None and store.load_personal(PERSONAL_HEAD) is not None
+        assert saved is not None and store.personal_names() == [PERSONAL_MODEL]  # the head is the model's
         assert store.get_meta("personal_day") is not None
 
     device = DeviceConfig.from_toml(cfg)
@@ -381,6 +382,8 @@ def test_personal_model_survives_a_daemon_restart_on_the_same_backbone_only(mosq
         assert teacher is not None and set(teacher.params) == set(saved)
         for k, v in saved.items():
             np.testing.assert_array_equal(teacher.params[k], v)
+        head = service.personal_head_from_store()
+        assert head is not None and all(np.array_equal(head[k], v) for k, v in saved.items())
         service.store.set_meta("personal_backbone", "0" * 64)  # as if it had been trained on another backbone
         assert service.build_learner().personal_model is None
     finally:

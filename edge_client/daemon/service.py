@@ -36,8 +36,11 @@ from edge_client.wire import mqtt as M
 log = logging.getLogger("fedge.service")
 
 LOCK_NAME = "daemon.lock"
-PERSONAL_HEAD = "head"  # the head this device forecasts with
-PERSONAL_MODEL = "model"  # adapter + head of the personal model: next round's self-distillation teacher
+# Personal state is stored once: the personal model (adapter + head: what a personalised device forecasts with,
+# and next round's self-distillation teacher) under "model"; a plain personal head under "head" only when it is
+# not that model's (a round without personalisation after personalised ones).
+PERSONAL_HEAD = "head"
+PERSONAL_MODEL = "model"
 
 
 class StateDirBusy(RuntimeError):
@@ -245,15 +248,25 @@ class DeviceService:
         """Personal state is only reused on the backbone whose features it was trained on."""
         return self.runner is not None and self.store.get_meta("personal_backbone") == self.runner.sha256
 
+    def personal_head_from_store(self) -> dict | None:
+        """What this device forecast with before a restart: its plain personal head, else its personal model."""
+        if not self._personal_fits():
+            return None
+        head = self.store.load_personal(PERSONAL_HEAD)
+        return head if head is not None else self.store.load_personal(PERSONAL_MODEL)
+
     def after_update(self, task: RoundTask, update: Update) -> None:
         assert self.client is not None and self.runner is not None
-        if self.client.personal is not None:
-            self.store.save_personal(PERSONAL_HEAD, self.client.personal)
-            self.store.set_meta("personal_backbone", self.runner.sha256)
         model = self.learner.personal_model if self.learner is not None else None
         if model is not None:  # its config is the next round's; only parameters and data time persist
             self.store.save_personal(PERSONAL_MODEL, model.params)
             self.store.set_meta("personal_day", model.trained_at_day)
+        if self.client.personal is not None:
+            if model is not None and self.client.personal is model.params:
+                self.store.delete_personal(PERSONAL_HEAD)  # the model above is the head: not stored twice
+            else:
+                self.store.save_personal(PERSONAL_HEAD, self.client.personal)
+            self.store.set_meta("personal_backbone", self.runner.sha256)
         self.store.set_meta("last_round", {"round": task.round_id, "kind": task.kind, "ts": time.time(),
                                            "metrics": dict(update.metrics)})
         self.store.set_meta("last_global_version", task.model_version)
@@ -312,7 +325,7 @@ class DeviceService:
                                  domain=self.domain, seed=cfg.seed, outbox=self.store, gate=self.gate,
                                  gate_poll_s=cfg.resources.poll_s, before_task=self.refresh,
                                  after_update=self.after_update,
-                                 personal=self.store.load_personal(PERSONAL_HEAD) if self._personal_fits() else None)
+                                 personal=self.personal_head_from_store())
         self._attach_bundles(self.client)
         unacked = self.store.outbox_unacked()
         if unacked:

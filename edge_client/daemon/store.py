@@ -217,10 +217,11 @@ class DeviceStore:
     def personal_names(self) -> list[str]:
         return [r[0] for r in self._q("SELECT name FROM personal ORDER BY name")]
 
-    def delete_personal(self) -> list[str]:
+    def delete_personal(self, name: str | None = None) -> list[str]:
+        """Delete one named personal entry, or all of them; returns the names deleted."""
         with self._lock:
-            names = self.personal_names()
-            self._db.execute("DELETE FROM personal")
+            names = [n for n in self.personal_names() if name is None or n == name]
+            self._db.executemany("DELETE FROM personal WHERE name=?", [(n,) for n in names])
             return names
 
     def set_meta(self, key: str, value: Any) -> None:
