@@ -17,6 +17,7 @@ from edge_client.daemon import ingest as I
 from edge_client.daemon import resources as R
 from edge_client.daemon.config import DeviceConfig
 from edge_client.daemon.store import DeviceStore
+from edge_client.data.readings import BadReading
 
 
 def _wait(cond, timeout: float = 10.0) -> None:
@@ -97,7 +98,7 @@ def test_parse_line_accepts_readings(line, expected):
 @pytest.mark.parametrize("line", ["garbage", "1,2,3", "x,1", "1,abc", "1,inf", "{not json", "[1, 2]",
                                   '{"value": 1}', '{"ts": 1}', "nan,1", "1," + "9" * 5000])
 def test_parse_line_refuses_garbage(line):
-    with pytest.raises(I.BadLine):
+    with pytest.raises(BadReading):
         I.parse_line(line)
 
 
@@ -132,6 +133,21 @@ def test_csv_tail_with_time_column_survives_truncation_and_rotation(store, tmp_p
     assert tail.poll() == 2
     np.testing.assert_array_equal(store.series(), [10, 20, 30, 40, 50, 60])
     assert store.ingest_counts()[f"csv:{path}"][1] == 0
+
+
+@pytest.mark.parametrize("time_column", [None, "ts"])
+def test_info_reads_a_csv_as_the_daemon_stores_it(store, tmp_path, time_column):
+    """`fedge-edge info` (DataSource.load) and the daemon's tail read one CSV reader: the same rows are refused
+    (wrong field count, garbage, Inf), NA and empty cells are missing, a repeated timestamp counts once."""
+    path = tmp_path / "m.csv"
+    path.write_text("ts,v\n1,1.5\n2,oops\n3,\n4,NA\n5,inf\n5,2.5\n6,3.5,extra\n2,9\n7,4.5\n")
+    I.CsvTail(store, path, "v", time_column=time_column).poll()
+    source = DeviceConfig.model_validate({"device_id": "d", "fleet": "f", "backbone": "b.onnx", "data": {
+        "kind": "csv", "path": str(path), "column": "v", "time_column": time_column}}).data
+    read, _, _ = source.load()
+    np.testing.assert_array_equal(read, store.series())
+    expected = [1.5, np.nan, np.nan, 2.5, 9.0, 4.5] if time_column is None else [1.5, 9.0, np.nan, np.nan, 2.5, 4.5]
+    np.testing.assert_array_equal(read, expected)
 
 
 def test_csv_tail_refuses_a_file_without_the_column(store, tmp_path):

@@ -48,16 +48,15 @@ def _setup(config: Path, level: str):  # type: ignore[no-untyped-def]
     """Config, a learner on the device's history and its domain, for `info`."""
     from edge_client.daemon.store import DB_NAME, DeviceStore
     from edge_client.learning.learner import DeviceLearner, SplitConfig
-    from edge_client.runtime.backbone import BackboneRunner, ModelLoadError
+    from edge_client.runtime.backbone import ModelLoadError
 
     cfg = _config(config, level)
     try:
-        if cfg.backbone:
-            runner = BackboneRunner(cfg.backbone, threads=cfg.threads)
-        else:
-            from edge_client.daemon.service import bundle_store
+        from edge_client.daemon.service import bundle_store, device_backbone
 
-            runner = bundle_store(cfg).load_current()
+        runner, _ = device_backbone(cfg, bundle_store(cfg))
+        if runner is None:
+            raise ModelLoadError(f"no backbone yet: no bundle installed in {cfg.bundle.dir if cfg.bundle else '-'}")
         if cfg.data.kind in ("dataset", "csv"):
             series, season, domain = cfg.data.load()
         elif (cfg.state_path() / DB_NAME).is_file():

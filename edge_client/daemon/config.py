@@ -7,7 +7,6 @@ Configs written before the daemon had a store stay valid: every newer table (``[
 
 from __future__ import annotations
 
-import csv
 import os
 import tomllib
 from pathlib import Path
@@ -18,6 +17,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 
 from edge_client.daemon.resources import ResourceLimits
 from edge_client.data.datasets import load_series
+from edge_client.data.readings import read_column
 from edge_client.wire import NAME_RE
 
 
@@ -53,27 +53,7 @@ class DataSource(BaseModel):
             return values.astype(np.float64), self.season or s.season_length, s.domain
         if self.kind != "csv" or not self.path:
             raise ValueError(f"a {self.kind} source has no history to load; the daemon ingests it into its store")
-        return read_csv_column(Path(self.path), self.column), self.season or 24, "csv"
-
-
-def read_csv_column(path: Path, column: str) -> np.ndarray:
-    """One numeric column of a CSV with a header; unparsable cells become NaN (a sensor that
-    wrote garbage must not stop the device)."""
-    if not path.is_file():
-        raise FileNotFoundError(f"device data file {path} does not exist")
-    with open(path, newline="", encoding="utf-8", errors="replace") as fh:
-        reader = csv.reader(fh)
-        header = next(reader, [])
-        if column not in header:
-            raise KeyError(f"{path} has no column {column!r}; columns: {header}")
-        idx = header.index(column)
-        out = []
-        for row in reader:
-            try:
-                out.append(float(row[idx]))
-            except (ValueError, IndexError):
-                out.append(np.nan)
-    return np.asarray(out, dtype=np.float64)
+        return read_column(Path(self.path), self.column, self.time_column), self.season or 24, "csv"
 
 
 class BundleConfig(BaseModel):

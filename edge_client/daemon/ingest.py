@@ -13,20 +13,17 @@ missing reading (NaN), which the windowing skips.
 from __future__ import annotations
 
 import contextlib
-import csv
-import io
 import json
 import logging
-import math
 import os
 import socket
 import threading
 from collections.abc import Callable, Iterable
 from dataclasses import replace
-from datetime import UTC, datetime
 from pathlib import Path
 
 from edge_client.daemon.store import DeviceStore, IngestPosition
+from edge_client.data.readings import BadReading, Columns, parse_timestamp, parse_value, rows
 
 log = logging.getLogger("fedge.ingest")
 
@@ -34,65 +31,27 @@ MAX_LINE_BYTES = 4096  # a reading is a short line; anything longer is garbage (
 LOG_EVERY_BAD = 100  # log the first bad line of a source and then every 100th, not every one
 
 
-class BadLine(ValueError):
-    """A line that is not a reading."""
-
-
-def parse_timestamp(text: object) -> float:
-    """Epoch seconds from a number or an ISO 8601 string (naive = UTC)."""
-    if isinstance(text, int | float) and not isinstance(text, bool):
-        ts = float(text)
-    else:
-        s = str(text).strip()
-        try:
-            ts = float(s)
-        except ValueError:
-            try:
-                dt = datetime.fromisoformat(s)
-            except ValueError:
-                raise BadLine(f"bad timestamp {s[:40]!r}") from None
-            ts = (dt if dt.tzinfo else dt.replace(tzinfo=UTC)).timestamp()
-    if not math.isfinite(ts):
-        raise BadLine(f"timestamp {text!r} is not finite")
-    return ts
-
-
-def parse_value(text: object) -> float:
-    """A reading; empty/None means missing (NaN); Inf and non-numbers are refused."""
-    if text is None or (isinstance(text, str) and not text.strip()):
-        return math.nan
-    if isinstance(text, bool):
-        raise BadLine(f"bad value {text!r}")
-    try:
-        value = float(text)  # type: ignore[arg-type]
-    except (TypeError, ValueError):
-        raise BadLine(f"bad value {str(text)[:40]!r}") from None
-    if math.isinf(value):
-        raise BadLine(f"value {text!r} is infinite")
-    return value
-
-
 def parse_line(line: str) -> tuple[float, float] | None:
-    """(ts, value) of one stream line; None for a blank line; BadLine for anything else."""
+    """(ts, value) of one stream line; None for a blank line; BadReading for anything else."""
     line = line.strip()
     if not line:
         return None
     if len(line) > MAX_LINE_BYTES:
-        raise BadLine(f"line of {len(line)} characters")
+        raise BadReading(f"line of {len(line)} characters")
     if line.startswith("{"):
         try:
             obj = json.loads(line)
         except json.JSONDecodeError as exc:
-            raise BadLine(f"bad JSON: {exc}") from None
+            raise BadReading(f"bad JSON: {exc}") from None
         if not isinstance(obj, dict):
-            raise BadLine("JSON reading must be an object")
+            raise BadReading("JSON reading must be an object")
         ts = next((obj[k] for k in ("ts", "timestamp", "time") if k in obj), None)
         if ts is None or "value" not in obj:
-            raise BadLine("JSON reading needs 'ts' (or 'timestamp') and 'value'")
+            raise BadReading("JSON reading needs 'ts' (or 'timestamp') and 'value'")
         return parse_timestamp(ts), parse_value(obj["value"])
     parts = line.split(",")
     if len(parts) != 2:
-        raise BadLine(f"expected 'timestamp,value', got {len(parts)} fields")
+        raise BadReading(f"expected 'timestamp,value', got {len(parts)} fields")
     return parse_timestamp(parts[0]), parse_value(parts[1])
 
 
@@ -119,7 +78,7 @@ def ingest_lines(store: DeviceStore, lines: Iterable[str], counter: _Counter) ->
     for line in lines:
         try:
             row = parse_line(line)
-        except BadLine as err:
+        except BadReading as err:
             counter.bad(repr(line[:60]), err)
             continue
         if row is not None:
@@ -142,7 +101,7 @@ class CsvTail:
     def __init__(self, store: DeviceStore, path: str | Path, column: str, time_column: str | None = None) -> None:
         self.store, self.path, self.column, self.time_column = store, Path(path), column, time_column
         self.counter = _Counter(store, f"csv:{self.path}")
-        self._header: list[str] | None = None
+        self._header: Columns | None = None
 
     def poll(self) -> int:
         """Ingest what was appended; returns the number of new samples (0 if the file is absent)."""
@@ -175,40 +134,27 @@ class CsvTail:
         self.counter.save(offset=offset)
         return new
 
-    def _read_header(self, lines: list[str] | None) -> list[str]:
+    def _read_header(self, lines: list[str] | None) -> Columns:
         if lines is None:  # resumed mid-file after a restart: the header is the file's first line
             with open(self.path, encoding="utf-8", errors="replace") as fh:
                 lines = [fh.readline()]
-        header = next(csv.reader(io.StringIO(lines[0] if lines else "")), [])
-        header = [h.strip() for h in header]
-        for col in (self.column, self.time_column):
-            if col and col not in header:
-                raise KeyError(f"{self.path} has no column {col!r}; columns: {header}")
-        return header
+        return Columns.of(next(rows(lines[:1]), []), self.column, self.time_column, str(self.path))
 
     def _ingest_rows(self, lines: list[str]) -> int:
         assert self._header is not None
-        vi = self._header.index(self.column)
-        ti = self._header.index(self.time_column) if self.time_column else None
-        rows, seq, good = [], self.counter.pos.seq, 0
-        for row in csv.reader(lines):
-            if not row:
-                continue
+        readings, seq, good = [], self.counter.pos.seq, 0
+        for row in rows(lines):
             try:
-                if len(row) != len(self._header):
-                    raise BadLine(f"{len(row)} fields, header has {len(self._header)}")
-                value = parse_value(row[vi])
-                if ti is None:
-                    seq += 1
-                    ts = float(seq)
-                else:
-                    ts = parse_timestamp(row[ti])
-            except BadLine as err:
+                ts, value = self._header.reading(row)
+            except BadReading as err:
                 self.counter.bad(repr(",".join(row)[:60]), err)
                 continue
-            rows.append((ts, value))
+            if ts is None:
+                seq += 1
+                ts = float(seq)
+            readings.append((ts, value))
             good += 1
-        new = self.store.add_samples(rows, self.counter.source)
+        new = self.store.add_samples(readings, self.counter.source)
         self.counter.save(seq=seq, good=self.counter.pos.good + good)
         return new
 
@@ -234,7 +180,7 @@ class LineSource:
             if end < 0:
                 if len(buf) > MAX_LINE_BYTES:  # no newline in sight: drop it as one bad line
                     with self._lock:
-                        self.counter.bad(repr(buf[:60]), BadLine(f"line longer than {MAX_LINE_BYTES} bytes"))
+                        self.counter.bad(repr(buf[:60]), BadReading(f"line longer than {MAX_LINE_BYTES} bytes"))
                     buf = b""
                 continue
             new += self._store(buf[: end + 1])

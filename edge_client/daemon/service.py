@@ -113,6 +113,21 @@ def bundle_store(cfg: DeviceConfig):  # type: ignore[no-untyped-def]
                        preferred_format=b.preferred_format or fmt, runtime=b.runtime or runtime, threads=cfg.threads)
 
 
+def device_backbone(cfg: DeviceConfig, bundles) -> tuple[BackboneRunner | None, int | None]:  # type: ignore[no-untyped-def]
+    """The one rule for which backbone a device runs, for the daemon and for `fedge-edge info`: the current
+    bundle's (rolled back by the BundleStore if it fails to load), else the file named in the config; with its
+    bundle version (None for the configured file, or when there is neither yet)."""
+    if bundles is not None and bundles.current_version is not None:
+        try:
+            runner = bundles.load_current()
+            return runner, bundles.current_version
+        except ModelLoadError as exc:
+            log.error("no usable bundle: %s", exc)
+    if cfg.backbone:
+        return BackboneRunner(cfg.backbone, threads=cfg.threads), None
+    return None, None
+
+
 class DeviceService:
     """One device daemon. :meth:`run` blocks until `stop` is set (SIGTERM) or `max_rounds` updates."""
 
@@ -172,19 +187,12 @@ class DeviceService:
     # ------------------------------------------------------------------ model
 
     def load_backbone(self) -> BackboneRunner | None:
-        """The current bundle's backbone (rolled back by BundleStore if it fails), else the file
-        named in the config; None when there is neither yet (wait for the first bundle)."""
-        if self.bundles is not None and self.bundles.current_version is not None:
-            try:
-                runner = self.bundles.load_current()
-                self.bundle_version = self.bundles.current_version
-                self.store.set_meta("bundle_version", self.bundle_version)
-                return runner
-            except ModelLoadError as exc:
-                log.error("no usable bundle: %s", exc)
-        if self.cfg.backbone:
-            return BackboneRunner(self.cfg.backbone, threads=self.cfg.threads)
-        return None
+        """The backbone :func:`device_backbone` picks; None when there is none yet (wait for the first bundle)."""
+        runner, version = device_backbone(self.cfg, self.bundles)
+        if version is not None:
+            self.bundle_version = version
+            self.store.set_meta("bundle_version", version)
+        return runner
 
     def _check_horizon(self, runner: BackboneRunner) -> None:
         if self.cfg.horizon > runner.spec.horizon:

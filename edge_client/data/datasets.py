@@ -13,16 +13,14 @@ has nothing else.
 
 from __future__ import annotations
 
-import csv
-import gzip
-import io
 import os
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 
 import numpy as np
+
+from edge_client.data.readings import open_text, parse_value, rows
 
 PACKAGED_DATA = Path(__file__).parent
 DATA_DIR_ENV = "FEDGE_DATA_DIR"
@@ -121,22 +119,11 @@ def _locate(name: str, data_dir: str | os.PathLike[str] | None) -> Path:
     raise DatasetNotFound(f"dataset {name!r} ({DATASETS[name].path}) not found in {where}")
 
 
-def _rows(path: Path) -> Iterator[list[str]]:
-    with gzip.open(path, "rb") as raw:
-        yield from csv.reader(io.TextIOWrapper(raw, encoding="latin-1", newline=""))
-
-
-def _to_float(cell: str) -> float:
-    cell = cell.strip()
-    if cell in ("", "NA", "NaN", "nan"):
-        return np.nan
-    return float(cell)
-
-
 def _read_table(path: Path, skip_header: bool = True) -> tuple[list[str], list[list[str]]]:
-    rows = _rows(path)
-    header = next(rows) if skip_header else []
-    return header, [r for r in rows if r]
+    with open_text(path, encoding="latin-1") as fh:
+        it = rows(fh)
+        header = next(it) if skip_header else []
+        return header, list(it)
 
 
 def _etth1(path: Path) -> Series:
@@ -163,7 +150,7 @@ def _pollution(path: Path) -> Series:
     header, rows = _read_table(path)
     keep = ["pm2.5", "DEWP", "TEMP", "PRES", "Iws"]
     idx = [header.index(k) for k in keep]
-    values = np.array([[_to_float(r[i]) for i in idx] for r in rows])
+    values = np.array([[parse_value(r[i]) for i in idx] for r in rows])
     return Series(
         "pollution", "air_quality", "h", 24, tuple(keep), values, start="2010-01-01 00:00:00",
         notes=("pm2.5 'NA' cells are NaN (2,067 rows)",),
