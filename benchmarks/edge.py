@@ -31,16 +31,16 @@ from edge_round import ROOT, TARGETS, default_model, export_default_model
 
 from edge_client.runtime.profile import list_profiles, load_profile
 from hardware.emulation import EmulationUnavailable, host_arch, qemu_python
-from hardware.hil import FORMATS, HilResult, exit_on_sigterm, model_files, run_hil
+from hardware.hil import HIL_FORMATS, HilResult, exit_on_sigterm, model_files, run_hil
 
 
 def prepare_formats(model, model_dir: Path, formats: list[str]) -> dict[str, str]:  # type: ignore[no-untyped-def]
     """Make the export directory hold every asked format; returns {format: why it is missing}."""
     missing = {}
-    if any(f.startswith("tflite") for f in formats) and not (model_dir / FORMATS["tflite"]).is_file():
+    if any(f.startswith("tflite") for f in formats) and not (model_dir / HIL_FORMATS["tflite"]).is_file():
         try:
             if model is None:
-                raise RuntimeError(f"{model_dir} has no {FORMATS['tflite']} and no torch model to convert")
+                raise RuntimeError(f"{model_dir} has no {HIL_FORMATS['tflite']} and no torch model to convert")
             from export.tflite_export import export_tflite
 
             export_tflite(model, model_dir, create_env=False)
@@ -140,7 +140,7 @@ def markdown(report: dict) -> str:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--profiles", default=",".join(list_profiles()))
-    ap.add_argument("--formats", default=",".join(FORMATS))
+    ap.add_argument("--formats", default=",".join(HIL_FORMATS))
     ap.add_argument("--emulate", default="native,qemu", help="native, qemu or both (comma-separated)")
     ap.add_argument("--qemu-profiles", default="pi4", help="profiles for emulated rows (each takes minutes: the "
                     "backbone features of every local window are computed under emulation)")
@@ -165,7 +165,7 @@ def main() -> None:
 
     with tempfile.TemporaryDirectory(prefix="fedge-edge-bench-") as tmp:
         model_dir = args.model_dir or Path(tmp)
-        needs_tflite = any(f.startswith("tflite") and not (model_dir / FORMATS[f]).is_file() for f in formats)
+        needs_tflite = any(f.startswith("tflite") and not (model_dir / HIL_FORMATS[f]).is_file() for f in formats)
         model = default_model() if args.model_dir is None or needs_tflite else None
         if args.model_dir is None:
             _, _, model_info = export_default_model(model_dir, model)

@@ -120,7 +120,7 @@ def build_device(runner: BackboneRunner, name: str, domain: str, series: np.ndar
         val = _windows(runner, s, tr_end, va_end, 4, season, h)
         test = _windows(runner, s, va_end, end, 4, season, h)
         hx, hctx, hmiss = _distorted(runner, test, held_out, seed * 1000 + c)
-        views = tuple(_distorted(runner, train, k, seed * 1000 + c)[0] for k in DS.training_pool(held_out)) \
+        views = tuple(_distorted(runner, train, k, seed * 1000 + c)[0] for k in DS.training_distortions(held_out)) \
             if with_views else ()
         dev.chunks.append(Chunk(train, val, test, Split(hx, test.y, hctx, hmiss, test.phase), views,
                                 end * STEP_DAYS.get(freq, 1.0), s[:tr_end]))
@@ -197,8 +197,8 @@ def _forecast(method: Method, st: DeviceState, split: Split, prior: dict[str, np
     """The device's point forecast for a split: personal model, gated mix, then rule guards."""
     point, quant = st.model.predict(split.x)
     if st.gate is not None:
-        glob = P.predict(st.received, split.x)
-        pri = P.predict(prior, split.x)
+        glob = P.personal_forecast(st.received, split.x)
+        pri = P.personal_forecast(prior, split.x)
         stats = P.gate_stats(split.x, point, glob[0], split.miss)
         point, quant = st.gate.mix(stats, (point, quant), glob, pri)
     if st.guard is not None:
@@ -226,7 +226,7 @@ def _personalise(method: Method, st: DeviceState, chunk: Chunk, start: dict[str,
     new = DeviceState(model, start)
     if cfg.gate and len(chunk.val):
         p, q = model.predict(chunk.val.x)
-        glob, pri = P.predict(start, chunk.val.x), P.predict(prior, chunk.val.x)
+        glob, pri = P.personal_forecast(start, chunk.val.x), P.personal_forecast(prior, chunk.val.x)
         stats = P.gate_stats(chunk.val.x, p, glob[0], chunk.val.miss)
         new.gate = P.fit_gate(stats, (p, q), glob, pri, chunk.val.y, len(tr), cfg)
     if method.rules:
@@ -273,7 +273,7 @@ def run_method(method: Method, fed: list[Device], ood: list[Device], pre: dict[s
             starts = [aggs[d.name] for d in fed]
         if method.fed == "fedavg":
             for k, dev in enumerate(fed):
-                glob_mse[k, c] = W.mse(P.predict(glob, dev.chunks[c].test.x)[0], dev.chunks[c].test.y)
+                glob_mse[k, c] = W.mse(P.personal_forecast(glob, dev.chunks[c].test.x)[0], dev.chunks[c].test.y)
         last_updates = updates
     final_earlier = np.array([[W.mse(_forecast(method, st, dev.chunks[c].test, pre), dev.chunks[c].test.y)
                                for c in range(n_chunks - 1)] for st, dev in zip(states, fed, strict=True)])
@@ -299,7 +299,8 @@ def _mean_gate(states: list[DeviceState], fed: list[Device]) -> float | None:
         if st.gate is not None:
             test = dev.chunks[-1].test
             p = st.model.predict(test.x)[0]
-            rs.append(float(st.gate.r(P.gate_stats(test.x, p, P.predict(st.received, test.x)[0], test.miss)).mean()))
+            received = P.personal_forecast(st.received, test.x)[0]
+            rs.append(float(st.gate.r(P.gate_stats(test.x, p, received, test.miss)).mean()))
     return float(np.mean(rs)) if rs else None
 
 
@@ -521,7 +522,7 @@ def main(argv: list[str] | None = None) -> dict:
         "ood_datasets": sorted({d.name.split(":")[0] for d in ood}),
         "devices": [d.name for d in fed], "ood_devices": [d.name for d in ood], "chunks": args.chunks,
         "chunk_len": args.chunk_len, "backbone": desc, "held_out": args.held_out,
-        "train_distortions": list(DS.training_pool(args.held_out)), "naive_mse": naive,
+        "train_distortions": list(DS.training_distortions(args.held_out)), "naive_mse": naive,
         "personal": f"rank-{args.rank} adapter + head, Adam lr 3e-3, {args.epochs} epochs, batch 32",
         "config": asdict(base),
     }

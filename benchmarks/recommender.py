@@ -33,7 +33,7 @@ from coordinator.models.recommender import SASRecConfig  # noqa: E402
 from coordinator.recsys.data import continual_split, load_ml100k, median_session_gap_days  # noqa: E402
 from coordinator.recsys.simulation import BASELINES, METHODS, RecSimConfig, run_all  # noqa: E402
 from coordinator.recsys.training import RecTrainSettings, pretrained_sasrec  # noqa: E402
-from edge_client.recsys.device import RecAdapterConfig, load_bundle  # noqa: E402
+from edge_client.recsys.device import RecAdapterConfig, load_encoder  # noqa: E402
 from export.recommender_export import export_recommender  # noqa: E402
 
 NOTES_MARKER = "<!-- hand-written notes below: kept when the benchmark rewrites the table above -->"
@@ -142,7 +142,7 @@ def pretrained_bundle(split, args: argparse.Namespace, seed: int, console: Conso
     exported = export_recommender(model, Path(args.cache) / f"export-{pmeta['key']}")
     console.print(f"seed {seed}: SASRec {model.n_params():,} params, pretrain CE {pmeta['losses'][-1]:.3f}; ONNX "
                   f"({exported.spec['exporter']}) parity max |Δh| {exported.parity.max_abs_err:.1e}")
-    encoder, items = load_bundle(exported.out_dir)
+    encoder, items = load_encoder(exported.out_dir)
     return model, pmeta, exported, encoder, items
 
 

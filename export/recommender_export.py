@@ -71,7 +71,7 @@ class RecParity:
 
 
 @torch.no_grad()
-def check_parity(model: SASRec, encoder_path: str | os.PathLike[str], items_path: str | os.PathLike[str],
+def check_encoder_parity(model: SASRec, encoder_path: str | os.PathLike[str], items_path: str | os.PathLike[str],
                  x: np.ndarray) -> RecParity:
     model.eval()
     h_t = model.encode(torch.from_numpy(x)).numpy()
@@ -109,7 +109,7 @@ def export_recommender(model: SASRec, out_dir: str | os.PathLike[str], tol: floa
     export_graph(_EncoderGraph(model), example, encoder, "items", ["h"], spec)
     items = out / ITEMS_FILE
     np.save(items, model.item_table())
-    parity = check_parity(model, encoder, items, parity_batch(model))
+    parity = check_encoder_parity(model, encoder, items, parity_batch(model))
     if not parity.ok(tol):
         raise RuntimeError(f"recommender ONNX parity failed (tol {tol}): {parity}")
     full = {**spec, "exporter": exporter_of(encoder),

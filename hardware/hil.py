@@ -37,13 +37,12 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from edge_client.runtime.profile import DeviceProfile, load_profile
-from hardware.emulation import PythonTarget, resolve
+from hardware.emulation import ROOT, PythonTarget, resolve
 from hardware.limits import MemoryLimit, allowed_cpus
 
 log = logging.getLogger("fedge.hil")
-ROOT = Path(__file__).resolve().parent.parent
 # format -> backbone file of an export directory (`fedge export`, export/quantize.py, export/tflite_export.py)
-FORMATS = {"onnx": "backbone.onnx", "int8": "backbone.int8.onnx", "tflite": "backbone.tflite",
+HIL_FORMATS = {"onnx": "backbone.onnx", "int8": "backbone.int8.onnx", "tflite": "backbone.tflite",
            "tflite-int8": "backbone.int8.tflite"}
 FLEET = "hil"
 RESULT_TAG = "HIL_DEVICE_RESULT "
@@ -115,17 +114,17 @@ class HilResult:
 def model_files(model_dir: Path, fmt: str) -> tuple[Path, Path]:
     """(backbone, head.npz) of an export directory (`fedge export`) in the asked format; the int8
     backbone is made on demand (ONNX Runtime dynamic quantisation) when the directory lacks it."""
-    if fmt not in FORMATS:
-        raise ValueError(f"format must be one of {', '.join(FORMATS)}, not {fmt!r}")
+    if fmt not in HIL_FORMATS:
+        raise ValueError(f"format must be one of {', '.join(HIL_FORMATS)}, not {fmt!r}")
     head = model_dir / "head.npz"
-    backbone = model_dir / FORMATS[fmt]
-    if not head.is_file() or not (model_dir / FORMATS["onnx"]).is_file():
+    backbone = model_dir / HIL_FORMATS[fmt]
+    if not head.is_file() or not (model_dir / HIL_FORMATS["onnx"]).is_file():
         raise FileNotFoundError(f"{model_dir} is not an export directory (needs backbone.onnx and head.npz; "
                                 "make one with `fedge export`)")
     if fmt == "int8" and not backbone.is_file():
         from export.quantize import quantize_backbone
 
-        quantize_backbone(model_dir / FORMATS["onnx"], backbone)
+        quantize_backbone(model_dir / HIL_FORMATS["onnx"], backbone)
     if not backbone.is_file():
         raise FileNotFoundError(f"{backbone} does not exist (no {fmt} export in {model_dir})")
     return backbone, head
@@ -374,7 +373,7 @@ def main(argv: list[str] | None = None) -> int:
 
     ap = argparse.ArgumentParser(prog="python -m hardware.hil", description=__doc__.split("\n\n")[0])
     ap.add_argument("--profile", required=True, help=f"{' | '.join(list_profiles())} or a profile TOML path")
-    ap.add_argument("--format", default="onnx", choices=sorted(FORMATS))
+    ap.add_argument("--format", default="onnx", choices=sorted(HIL_FORMATS))
     ap.add_argument("--emulate", default="auto", choices=["auto", "qemu", "native"])
     ap.add_argument("--model-dir", type=Path, default=Path("runs/model"), help="output of `fedge export`")
     ap.add_argument("--memory-mb", type=int, default=None, help="memory limit (default: the profile's memory)")

@@ -9,10 +9,10 @@ from edge_client.learning.head import (
     Features,
     LossConfig,
     apply_delta,
+    head_forecast,
+    head_loss_and_grad,
     head_shapes,
-    loss_and_grad,
     param_delta,
-    predict,
     slice_head,
     train_head,
 )
@@ -34,7 +34,7 @@ def _problem(seed: int = 0, n: int = 32, d: int = 6, h: int = 5, q: int = 3):
 def test_analytic_gradient_matches_central_differences(cfg: LossConfig) -> None:
     feats, params, y = _problem()
     anchor = {k: v + 0.1 for k, v in params.items()}
-    _, grads = loss_and_grad(params, feats, y, cfg, anchor)
+    _, grads = head_loss_and_grad(params, feats, y, cfg, anchor)
     eps = 1e-6
     rng = np.random.default_rng(1)
     for name, value in params.items():
@@ -44,8 +44,9 @@ def test_analytic_gradient_matches_central_differences(cfg: LossConfig) -> None:
             minus = {k: v.copy() for k, v in params.items()}
             plus[name][idx] += eps
             minus[name][idx] -= eps
-            numeric = (loss_and_grad(plus, feats, y, cfg, anchor)[0] - loss_and_grad(minus, feats, y, cfg, anchor)[0])
-            numeric /= 2 * eps
+            up = head_loss_and_grad(plus, feats, y, cfg, anchor)[0]
+            down = head_loss_and_grad(minus, feats, y, cfg, anchor)[0]
+            numeric = (up - down) / (2 * eps)
             assert grads[name][idx] == pytest.approx(numeric, rel=1e-3, abs=1e-5), (name, idx)
 
 
@@ -53,7 +54,7 @@ def test_pinball_gradient_sign_pushes_quantiles_toward_their_level() -> None:
     feats, params, y = _problem(n=200)
     cfg = LossConfig(quantile_weight=1.0)
     result = train_head(params, feats, y, epochs=300, lr=0.02, batch_size=200, cfg=cfg)
-    _, quant = predict(result.params, feats)
+    _, quant = head_forecast(result.params, feats)
     coverage = (y[:, None, :] <= quant).mean(axis=(0, 2))
     assert coverage[0] < coverage[1] < coverage[2]
     assert abs(coverage[0] - 0.1) < 0.12 and abs(coverage[2] - 0.9) < 0.12
@@ -77,8 +78,8 @@ def test_float16_delta_falls_back_to_float32_when_it_would_overflow() -> None:
 
 def test_slicing_a_head_gives_the_first_steps_of_its_forecast() -> None:
     feats, params, _ = _problem(h=10)
-    point_full, quant_full = predict(params, feats)
-    point, quant = predict(slice_head(params, 4), feats)
+    point_full, quant_full = head_forecast(params, feats)
+    point, quant = head_forecast(slice_head(params, 4), feats)
     np.testing.assert_allclose(point, point_full[:, :4])
     np.testing.assert_allclose(quant, quant_full[:, :, :4])
 

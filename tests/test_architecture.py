@@ -114,3 +114,26 @@ def test_the_checker_sees_a_violation() -> None:
     assert _violations("coordinator.fleet", ("edge_client.wire",)) != []
     assert _reaches_private(ast.parse("self.store._reject(err)").body[0].value.func)
     assert not _reaches_private(ast.parse("self._reject(err)").body[0].value.func)
+
+
+# Names that may stand in two modules: the commands of the two CLIs (fedge, fedge-edge) and their consoles, the
+# output names the TFLite conversion worker repeats because it runs in its own virtualenv without fedge, and two
+# different summaries (a demo's and the pretraining benchmark's).
+TWIN_ALLOWED = frozenset({"run", "status", "publish", "console", "OUTPUTS", "summarise", "app", "main", "log"})
+
+
+def test_no_public_name_is_defined_in_two_modules() -> None:
+    """Twin names (three `predict`s, two `HEAD_KEYS`, ...) made a reader guess which one a call meant."""
+    where: dict[str, list[str]] = {}
+    for module, path in ALL.items():
+        for node in ast.parse(path.read_text()).body:
+            if isinstance(node, ast.FunctionDef | ast.ClassDef):
+                names = [node.name]
+            elif isinstance(node, ast.Assign):
+                names = [t.id for t in node.targets if isinstance(t, ast.Name)]
+            else:
+                continue
+            for name in names:
+                if not name.startswith("_") and name not in TWIN_ALLOWED:
+                    where.setdefault(name, []).append(module)
+    assert {name: mods for name, mods in where.items() if len(mods) > 1} == {}

@@ -37,6 +37,7 @@ def test_private_mosquitto_carries_large_payloads() -> None:
         assert _echo_through(broker.address, payload) == payload
 
 
+@pytest.mark.broker
 def test_embedded_broker_speaks_v5_with_large_payloads() -> None:
     pytest.importorskip("iotcore", reason="the embedded broker wheel is part of the coordinator extra")
     with start_embedded() as broker:

@@ -228,6 +228,7 @@ def test_int8_profile_runs_int8_backbone(store_v1) -> None:
 # --------------------------------------------------------------------------- over MQTT
 
 
+@pytest.mark.broker
 def test_chunked_transfer_resumes_after_disconnect(mosquitto, export_dir, key, tmp_path) -> None:
     topics = Topics(FLEET)
     bundle = build_bundle(export_dir, tmp_path / "b1", 1, key, chunk_size=8 * 1024)
@@ -271,6 +272,7 @@ def test_chunked_transfer_resumes_after_disconnect(mosquitto, export_dir, key, t
     assert second.load_current().spec.context == 96
 
 
+@pytest.mark.broker
 def test_downloader_rejects_unsigned_bundle_over_mqtt(mosquitto, export_dir, key, tmp_path, caplog) -> None:
     topics = Topics(FLEET)
     bundle = build_bundle(export_dir, tmp_path / "b1", 1, key)
@@ -312,6 +314,7 @@ def test_profiles_load() -> None:
 # --------------------------------------------------------------------------- command line
 
 
+@pytest.mark.broker
 def test_fedge_bundle_keygen_and_publish_reach_a_device(mosquitto, export_dir, tmp_path) -> None:
     """The operator's path: `fedge bundle keygen`, then `fedge bundle publish`; a device holding only
     the .pub file downloads, verifies and installs it. Bad arguments exit 2 without touching keys."""

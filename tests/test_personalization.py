@@ -49,9 +49,9 @@ def _numeric(f, params: dict[str, np.ndarray], eps: float = 1e-6) -> dict[str, n
 
 def _check_grads(cfg: P.PersonalConfig, batch: P.Batch, params, anchor=None, sd_w: float = 1.0) -> dict[str, float]:
     def f(p):
-        return P.loss_and_grad(p, batch, cfg, anchor=anchor, sd_w=sd_w)[0]
+        return P.personal_loss_and_grad(p, batch, cfg, anchor=anchor, sd_w=sd_w)[0]
 
-    loss, grads, parts = P.loss_and_grad(params, batch, cfg, anchor=anchor, sd_w=sd_w)
+    loss, grads, parts = P.personal_loss_and_grad(params, batch, cfg, anchor=anchor, sd_w=sd_w)
     num = _numeric(f, params)
     for k in params:
         np.testing.assert_allclose(grads[k], num[k], rtol=2e-3, atol=2e-5, err_msg=k)
@@ -169,7 +169,7 @@ def test_distortions_are_seeded_and_shaped(rng):
         np.testing.assert_array_equal(a, b)
         assert not np.array_equal(np.nan_to_num(a), x), kind
     assert np.isnan(D.distort(x, "missing", seed=0)).any()
-    assert D.HELD_OUT_DEFAULT not in D.training_pool()
+    assert D.HELD_OUT_DEFAULT not in D.training_distortions()
     views = D.distorted_views(x, D.DISTORTIONS, seed=1)
     assert all(np.isfinite(v[0]).all() for v in views.values())
     assert views["missing"][1].mean() > 0.05
@@ -200,7 +200,7 @@ def test_nan_device_data_never_crashes_with_a_real_backbone(tiny_export):
     x = runner.features(filled)
     head = dict(np.load(tiny_export["dir"] / "head.npz"))
     cfg = P.PersonalConfig(epochs=3, consistency=0.1)
-    views = tuple(runner.features(v[0]) for v in D.distorted_views(filled, D.training_pool(), seed=0).values())
+    views = tuple(runner.features(v[0]) for v in D.distorted_views(filled, D.training_distortions(), seed=0).values())
     model = P.PersonalModel.from_head(head, cfg).fit(x, np.array(y, np.float32), distorted=views)
     point, _ = model.predict(x)
     assert np.isfinite(point).all() and miss.max() > 0

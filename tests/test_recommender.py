@@ -28,9 +28,9 @@ from edge_client.recsys.device import (
     RecAdapterConfig,
     RecDevice,
     Teacher,
+    adapter_loss_and_grad,
     init_adapter,
-    load_bundle,
-    loss_and_grad,
+    load_encoder,
     represent,
 )
 
@@ -38,41 +38,9 @@ ROOT = Path(__file__).resolve().parent.parent
 N_ITEMS = 60
 
 
-def synthetic_log(n_users: int = 40, seed: int = 0) -> np.ndarray:
-    """Users who walk through item "neighbourhoods" over 100 days: sequential structure to learn."""
-    rng = np.random.default_rng(seed)
-    rows = []
-    for u in range(1, n_users + 1):
-        n = int(rng.integers(15, 40))
-        start = int(rng.integers(1, N_ITEMS))
-        items = (start + np.cumsum(rng.integers(1, 4, n))) % N_ITEMS + 1
-        items = list(dict.fromkeys(items.tolist()))  # each item once per user, as in ML-100K
-        ts = np.sort(rng.integers(0, 100 * 86400, len(items)))
-        rows += [(u, i, 4, t) for i, t in zip(items, ts, strict=True)]
-    return np.array(rows, np.int64)
-
-
 @pytest.fixture(scope="module")
-def split():
-    return continual_split(interactions_from_array(synthetic_log()), n_periods=3, pretrain_frac=0.4)
-
-
-@pytest.fixture(scope="module")
-def bundle(split, tmp_path_factory):
-    """A tiny SASRec pretrained on period 0 for a few epochs and exported to ONNX."""
-    import torch
-
-    from coordinator.models.recommender import SASRec, SASRecConfig
-    from coordinator.recsys.training import RecTrainSettings, train_sasrec, windows_for
-    from export.recommender_export import export_recommender
-
-    torch.manual_seed(0)
-    model = SASRec(SASRecConfig(n_items=split.n_items, d=16, heads=1, blocks=1, max_len=10, dropout=0.0))
-    x, y = windows_for(split, 0, 10)
-    losses = train_sasrec(model, x, y, RecTrainSettings(epochs=5, batch_size=32, lr=5e-3, threads=1))
-    out = tmp_path_factory.mktemp("rec-export")
-    exported = export_recommender(model, out)
-    return {"model": model, "dir": out, "export": exported, "losses": losses}
+def split(rec_log):
+    return continual_split(interactions_from_array(rec_log), n_periods=3, pretrain_frac=0.4)
 
 
 # ------------------------------------------------------------------------------ data + metrics
@@ -131,16 +99,16 @@ def test_real_movielens_loads_when_present():
 
 
 def _fd_check(params, h, targets, items, p_tilde, teacher, eps=1e-6):
-    _, grads = loss_and_grad(params, h, targets, items, p_tilde, teacher, 2.0)
+    _, grads = adapter_loss_and_grad(params, h, targets, items, p_tilde, teacher, 2.0)
     rng = np.random.default_rng(1)
     for key, g in grads.items():
         flat = params[key].reshape(-1)
         for idx in rng.choice(flat.size, min(6, flat.size), replace=False):
             old = flat[idx]
             flat[idx] = old + eps
-            lp, _ = loss_and_grad(params, h, targets, items, p_tilde, teacher, 2.0)
+            lp, _ = adapter_loss_and_grad(params, h, targets, items, p_tilde, teacher, 2.0)
             flat[idx] = old - eps
-            lm, _ = loss_and_grad(params, h, targets, items, p_tilde, teacher, 2.0)
+            lm, _ = adapter_loss_and_grad(params, h, targets, items, p_tilde, teacher, 2.0)
             flat[idx] = old
             num = (lp - lm) / (2 * eps)
             assert abs(num - g.reshape(-1)[idx]) < 1e-6 + 1e-4 * abs(num), (key, idx, num, g.reshape(-1)[idx])
@@ -166,7 +134,7 @@ def test_every_gradient_matches_finite_differences():
 
 
 def test_distillation_keeps_the_new_model_near_the_snapshot(split, bundle):
-    encoder, items = load_bundle(bundle["dir"])
+    encoder, items = load_encoder(bundle["dir"])
     log = max(split.logs.values(), key=lambda lg: len(lg.train_positions(2)) + len(lg.train_positions(1)))
     cfg = RecAdapterConfig(rank=4, steps=40, lr=2e-2, tau_days=1e6, lambda_sd=5.0)
 
@@ -197,8 +165,8 @@ import sys
 from hardware.device_guard import block_imports
 block_imports()
 import numpy as np
-from edge_client.recsys.device import RecDevice, RecAdapterConfig, load_bundle
-encoder, items = load_bundle(sys.argv[1])
+from edge_client.recsys.device import RecDevice, RecAdapterConfig, load_encoder
+encoder, items = load_encoder(sys.argv[1])
 dev = RecDevice('me', encoder, items, RecAdapterConfig(rank=4, steps=5), shared_keys=('U', 'V'), seed=0)
 dev.receive(np.arange(1, 21), np.arange(20) * 3600)
 dev.p_tilde = np.ones(items.shape[1])
@@ -223,7 +191,7 @@ def test_device_trains_and_ranks_without_torch(bundle):
 def test_device_scores_match_the_torch_model(split, bundle):
     import torch
 
-    encoder, items = load_bundle(bundle["dir"])
+    encoder, items = load_encoder(bundle["dir"])
     log = next(iter(split.logs.values()))
     dev = RecDevice("u", encoder, items, RecAdapterConfig(rank=4), shared_keys=(), use_gate=False)
     dev.receive(log.items, log.ts)
@@ -235,7 +203,7 @@ def test_device_scores_match_the_torch_model(split, bundle):
 
 
 def test_upload_contains_no_item_ids_and_fixed_shapes(split, bundle):
-    encoder, items = load_bundle(bundle["dir"])
+    encoder, items = load_encoder(bundle["dir"])
     shapes = []
     for log in list(split.logs.values())[:2]:
         dev = RecDevice("u", encoder, items, RecAdapterConfig(rank=4, steps=3), shared_keys=("U", "V"))
@@ -254,7 +222,7 @@ def test_upload_contains_no_item_ids_and_fixed_shapes(split, bundle):
 
 
 def test_export_import_and_forget_me(split, bundle, tmp_path):
-    encoder, items = load_bundle(bundle["dir"])
+    encoder, items = load_encoder(bundle["dir"])
     log = next(iter(split.logs.values()))
     dev = RecDevice("alice", encoder, items, RecAdapterConfig(rank=4, steps=5), shared_keys=("U", "V"))
     dev.set_shared(init_adapter(16, RecAdapterConfig(rank=4), np.random.default_rng(0)))
@@ -294,7 +262,7 @@ def test_prototype_server_mixes_similar_users_only():
 def test_tiny_continual_run_has_every_method(split, bundle):
     from coordinator.recsys.simulation import RecSimConfig, run_all
 
-    encoder, items = load_bundle(bundle["dir"])
+    encoder, items = load_encoder(bundle["dir"])
     cfg = RecSimConfig(adapter=RecAdapterConfig(rank=4, steps=5), top_m=3)
     cfg = replace(cfg, finetune=replace(cfg.finetune, epochs=1, threads=1))
     results = run_all(split, bundle["model"], encoder, items, cfg)

@@ -1,8 +1,8 @@
 """Recommender rounds over a real Mosquitto: the MQTT path gives the in-process simulation's numbers,
 and devices and coordinator refuse malformed prototypes without changing any state.
 
-A handful of users from the synthetic log of tests/test_recommender.py and its tiny SASRec, so each
-test takes a couple of seconds.
+A handful of users from the synthetic log (tests/conftest.py) and a tiny SASRec, so each test takes a couple of
+seconds.
 """
 
 from __future__ import annotations
@@ -17,28 +17,28 @@ import paho.mqtt.client as mqtt
 import pytest
 
 from coordinator.recsys.fleet import run_federated_mqtt
-from coordinator.recsys.simulation import RecSimConfig, build_test_sets, run_federated
+from coordinator.recsys.simulation import RecSimConfig, build_test_sets, run_federated_rec
 from edge_client.recsys.client import RecEdgeClient, RecLearner
 from edge_client.recsys.data import continual_split, interactions_from_array
-from edge_client.recsys.device import METHODS, RecAdapterConfig, RecDevice, init_adapter, load_bundle
+from edge_client.recsys.device import METHODS, RecAdapterConfig, RecDevice, init_adapter, load_encoder
 from edge_client.wire import GlobalModel, RoundTask, Topics, Update, decode, encode
 from edge_client.wire.codec import pack_ext
-from tests.test_recommender import bundle, synthetic_log  # noqa: F401  (bundle is a fixture)
 
 CFG = RecSimConfig(adapter=RecAdapterConfig(rank=4, steps=5), top_m=3, seed=1)
 
 
 @pytest.fixture(scope="module")
-def split():
+def split(rec_log):
     """Eight users: enough for prototype neighbours, few enough for one process and a few seconds."""
-    return continual_split(interactions_from_array(synthetic_log()), n_periods=3, pretrain_frac=0.4, users=8,
+    return continual_split(interactions_from_array(rec_log), n_periods=3, pretrain_frac=0.4, users=8,
                            seed=0)
 
 
+@pytest.mark.broker
 @pytest.mark.parametrize("method", ["fcucr", "fedavg"])
-def test_mqtt_rounds_match_the_in_process_simulation(method, split, bundle, mosquitto, tmp_path):  # noqa: F811
-    encoder, items = load_bundle(bundle["dir"])
-    local = run_federated(method, split, encoder, items, build_test_sets(split, encoder), CFG)
+def test_mqtt_rounds_match_the_in_process_simulation(method, split, bundle, mosquitto, tmp_path):
+    encoder, items = load_encoder(bundle["dir"])
+    local = run_federated_rec(method, split, encoder, items, build_test_sets(split, encoder), CFG)
     wire = run_federated_mqtt(method, split, encoder, items, CFG, mosquitto.address, tmp_path / "fleet.sqlite",
                               fleet=f"rec-{method}", deadline_s=60)
     assert [st.period for st in wire.stages] == [1, 2, 3]
@@ -101,8 +101,9 @@ def _wait(cond, timeout_s: float = 10.0) -> bool:
     return False
 
 
-def test_device_refuses_malformed_prototypes_and_keeps_working(split, bundle, mosquitto):  # noqa: F811
-    encoder, items = load_bundle(bundle["dir"])
+@pytest.mark.broker
+def test_device_refuses_malformed_prototypes_and_keeps_working(split, bundle, mosquitto):
+    encoder, items = load_encoder(bundle["dir"])
     d = items.shape[1]
     uid, log = next((u, lg) for u, lg in sorted(split.logs.items()) if len(lg.train_positions(1)) > 0)
     dev = RecDevice(str(uid), encoder, items, CFG.adapter, shared_keys=("U", "V"), use_gate=True, seed=0)
@@ -179,7 +180,8 @@ def test_coordinator_refuses_malformed_prototype_updates(tmp_path):
     state.close()
 
 
-def test_a_restarted_coordinator_rebuilds_the_prototype_server_and_p_tilde(split, bundle, mosquitto,  # noqa: F811
+@pytest.mark.broker
+def test_a_restarted_coordinator_rebuilds_the_prototype_server_and_p_tilde(split, bundle, mosquitto,
                                                                           tmp_path):
     """Two FCUCR periods over the broker, then a new coordinator on the same database (what a
     restart mid-run gets): it must hold the same prototypes, in the same order, and send the same
@@ -189,7 +191,7 @@ def test_a_restarted_coordinator_rebuilds_the_prototype_server_and_p_tilde(split
     from coordinator.recsys.fleet import RecFleetCoordinator, start_rec_devices
     from edge_client.recsys.client import TASK
 
-    encoder, items = load_bundle(bundle["dir"])
+    encoder, items = load_encoder(bundle["dir"])
     dim, fleet = items.shape[1], "rec-restart"
     cfg = FleetConfig(fleet=fleet, task=TASK, deadline_s=60, quorum_fraction=1.0, upload_dtype="float32",
                       seed=CFG.seed)

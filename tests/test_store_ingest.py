@@ -1,6 +1,6 @@
 """The device's SQLite store and its data sources: a growing CSV (incl. partial lines, truncation and
 rotation), stdin and a UNIX socket, garbage lines counted and skipped; the outbox state machine;
-the resource gate. No broker, no model: these run in well under a second each."""
+the resource check. No broker, no model: these run in well under a second each."""
 
 from __future__ import annotations
 
@@ -199,7 +199,7 @@ def test_import_series_happens_once(store):
 # --------------------------------------------------------------------------- resources and config
 
 
-def test_resource_gate_reasons(tmp_path):
+def test_resource_check_reasons(tmp_path):
     ok = R.Snapshot(free_mb=2000, load_per_core=0.1, battery_pct=50, on_battery=True)
     assert R.check(R.ResourceLimits(), ok) is None
     assert "free memory" in R.check(R.ResourceLimits(min_free_mb=4000), ok)

@@ -13,11 +13,12 @@ import pytest
 import torch
 
 from coordinator.models.checkpoints import load_checkpoint, save_checkpoint
-from coordinator.models.tsfm import HEAD_KEYS, TSFM, TSFMConfig
+from coordinator.models.tsfm import TSFM, TSFMConfig
 from coordinator.pretrain import training
 from coordinator.pretrain.evaluate import evaluate_ett
 from coordinator.pretrain.training import TrainResult, pretrained_tsfm, train_tsfm
 from edge_client.data.datasets import load_series
+from edge_client.learning.head import HEAD_KEYS
 from edge_client.learning.windows import ETT_VAL_END
 from edge_client.runtime.spec import SPEC_KEY
 from export.onnx_export import check_parity, export_model, numpy_head, sha256_file

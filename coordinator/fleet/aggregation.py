@@ -13,7 +13,7 @@ from typing import Protocol
 
 import numpy as np
 
-Params = dict[str, np.ndarray]
+from edge_client.learning.head import Params
 
 
 class Contribution(Protocol):

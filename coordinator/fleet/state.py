@@ -21,7 +21,7 @@ import numpy as np
 
 from edge_client.daemon.store import params_from_blob, params_to_blob  # one .npz blob format, shared with devices
 
-SCHEMA = """
+FLEET_SCHEMA = """
 CREATE TABLE IF NOT EXISTS models (
     version INTEGER PRIMARY KEY, task TEXT NOT NULL, created REAL NOT NULL,
     round_id INTEGER, params BLOB NOT NULL, meta TEXT NOT NULL DEFAULT '{}');
@@ -66,7 +66,7 @@ class FleetState:
         self._db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None, timeout=30)
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=FULL")
-        self._db.executescript(SCHEMA)
+        self._db.executescript(FLEET_SCHEMA)
         self._lock = threading.RLock()
 
     def close(self) -> None:

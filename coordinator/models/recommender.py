@@ -31,7 +31,7 @@ from torch.nn import functional as F
 from coordinator.models.checkpoints import atomic_torch_save  # a killed run never leaves half a checkpoint
 from edge_client.recsys.data import PAD, prefix_batch
 
-CHECKPOINT_FORMAT = "fedge.sasrec.checkpoint/1"
+SASREC_CHECKPOINT_FORMAT = "fedge.sasrec.checkpoint/1"
 
 
 @dataclass(frozen=True)
@@ -128,14 +128,14 @@ def encode_prefixes(model: SASRec, items: np.ndarray, positions: np.ndarray, bat
 
 def save_sasrec(model: SASRec, path: str | os.PathLike[str], meta: dict[str, Any] | None = None) -> Path:
     path = Path(path)
-    atomic_torch_save({"format": CHECKPOINT_FORMAT, "config": model.config.to_dict(), "state": model.state_dict(),
-                       "meta": meta or {}}, path)
+    atomic_torch_save({"format": SASREC_CHECKPOINT_FORMAT, "config": model.config.to_dict(),
+                       "state": model.state_dict(), "meta": meta or {}}, path)
     return path
 
 
 def load_sasrec(path: str | os.PathLike[str]) -> tuple[SASRec, dict[str, Any]]:
     blob = torch.load(path, map_location="cpu", weights_only=True)
-    if blob.get("format") != CHECKPOINT_FORMAT:
+    if blob.get("format") != SASREC_CHECKPOINT_FORMAT:
         raise ValueError(f"{path} is not a SASRec checkpoint ({blob.get('format')!r})")
     model = SASRec(SASRecConfig(**blob["config"]))
     model.load_state_dict(blob["state"])

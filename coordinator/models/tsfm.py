@@ -26,8 +26,9 @@ import numpy as np
 import torch
 from torch import nn
 
+from edge_client.learning.head import HEAD_KEYS
+
 REVIN_EPS = 1e-5
-HEAD_KEYS = ("point_weight", "point_bias", "quantile_weight", "quantile_bias")
 
 
 @dataclass(frozen=True)

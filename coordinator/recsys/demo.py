@@ -67,7 +67,7 @@ def run_rec_demo(
     from coordinator.recsys.fleet import run_federated_mqtt
     from coordinator.recsys.simulation import RecSimConfig
     from coordinator.recsys.training import RecTrainSettings, pretrained_sasrec
-    from edge_client.recsys.device import RecAdapterConfig, load_bundle
+    from edge_client.recsys.device import RecAdapterConfig, load_encoder
     from export.recommender_export import export_recommender
 
     console = console or Console()
@@ -83,7 +83,7 @@ def run_rec_demo(
                                     progress=True)
     exported = export_recommender(model, Path(cache_dir) / f"export-{meta['key']}")
     console.print(f"sequence_encoder.onnx + items.npy; parity max |Δh| {exported.parity.max_abs_err:.1e}")
-    encoder, items = load_bundle(exported.out_dir)
+    encoder, items = load_encoder(exported.out_dir)
     cfg = RecSimConfig(adapter=RecAdapterConfig(tau_days=median_session_gap_days(split)), seed=seed)
 
     console.rule("[bold]3. broker, coordinator and one device per user: FedAvg of adapters, then FCUCR")

@@ -1,4 +1,4 @@
-"""Federated continual recommendation over MQTT: the same method as :func:`run_federated`, but every
+"""Federated continual recommendation over MQTT: the same method as :func:`run_federated_rec`, but every
 user is a :class:`edge_client.recsys.client.RecEdgeClient` behind a real broker and the coordinator
 is the fleet's :class:`coordinator.fleet.server.FleetCoordinator` (SQLite round state, deadlines,
 validation, FedAvg of the shared adapter from :mod:`coordinator.fleet.strategies.fedavg`).
@@ -133,7 +133,7 @@ def scores_by_period(result: RoundResult, periods: range) -> dict[int, tuple[flo
 
 def start_rec_devices(split: ContinualSplit, encoder: SequenceEncoder, items: np.ndarray, cfg: RecSimConfig,
                       method: str, broker: BrokerAddress, fleet: str) -> list[RecEdgeClient]:
-    """One connected device per user, seeded exactly as :func:`run_federated` seeds its devices. The
+    """One connected device per user, seeded exactly as :func:`run_federated_rec` seeds its devices. The
     devices of this one process share the ONNX session and the item table (read-only)."""
     spec = METHODS[method]
     clients = []

@@ -36,6 +36,7 @@ from coordinator.fleet.strategies.fedavg import FedAvg
 from coordinator.models.recommender import SASRec, encode_prefixes
 from coordinator.recsys.data import ContinualSplit, hit_ndcg, ranks
 from coordinator.recsys.training import RecTrainSettings, train_sasrec, windows_for
+from edge_client.recsys.client import K  # HR/NDCG cut-off: the same K as the devices
 from edge_client.recsys.data import prefix_batch
 from edge_client.recsys.device import (
     METHODS,
@@ -46,9 +47,6 @@ from edge_client.recsys.device import (
     init_adapter,
     represent,
 )
-
-K = 10
-
 
 BASELINES = ("most-popular", "central-sasrec", "central-finetune")
 
@@ -188,7 +186,7 @@ def _nbytes(arrays: dict[str, Any]) -> int:
 # ------------------------------------------------------------------------------ federated methods
 
 
-def run_federated(
+def run_federated_rec(
     name: str,
     split: ContinualSplit,
     encoder: SequenceEncoder,
@@ -349,7 +347,7 @@ def run_all(
         elif name == "central-finetune":
             out[name] = run_central_finetune(split, model, cfg, on_stage)
         elif name in METHODS:
-            out[name] = run_federated(name, split, encoder, items, tests, cfg, on_stage)
+            out[name] = run_federated_rec(name, split, encoder, items, tests, cfg, on_stage)
         else:
             raise ValueError(f"unknown method {name!r}; known: {', '.join((*BASELINES, *METHODS))}")
     return out

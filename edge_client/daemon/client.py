@@ -60,7 +60,7 @@ class EdgeStats:
     last_metrics: dict[str, float] = field(default_factory=dict)
 
 
-# What a fleet round can switch on over MQTT. The gate, distortion consistency and rule guards
+# What a fleet round can switch on over MQTT. The FVG-PT gate, distortion consistency and rule guards
 # live in edge_client.learning.personalize / rules and are evaluated by benchmarks/personalization.py, but
 # the fleet path does not run them yet, so asking for them is refused rather than ignored.
 FLEET_PERSONAL_OPTIONS = frozenset({"rank", "self_distill", "sd_tau_days", "feature_distance", "prox_mu",
@@ -123,16 +123,16 @@ class MemoryOutbox:
 # update is stored in the outbox and before it is published (the window a power cut can hit).
 FAILPOINT_ENV = "FEDGE_FAILPOINT"
 
-# A round task waits while a resource gate says no; this is how often it asks again.
-Gate = Callable[[RoundTask], str | None]
+# A round task waits while the device's resource check gives a reason not to train (low memory, high load).
+ResourceCheck = Callable[[RoundTask], str | None]
 
 
 class EdgeClient:
     """One device on the fleet. `learner` holds the device's data and the frozen backbone.
 
-    Optional hooks, all called on the training worker thread (never paho's): ``gate(task)`` returns
+    Optional hooks, all called on the training worker thread (never paho's): ``resource_check(task)`` returns
     a reason not to train now (low memory, high load, battery) and is asked again every
-    ``gate_poll_s`` until the task's deadline; ``before_task(task)`` may swap ``self.learner`` (new
+    ``resource_poll_s`` until the task's deadline; ``before_task(task)`` may swap ``self.learner`` (new
     data, a new backbone) between rounds; ``after_update(task, update)`` persists what the round left
     (the personal head)."""
 
@@ -148,8 +148,8 @@ class EdgeClient:
         seed: int = 0,
         task: str = "tsfm",
         outbox: Outbox | None = None,
-        gate: Gate | None = None,
-        gate_poll_s: float = 5.0,
+        resource_check: ResourceCheck | None = None,
+        resource_poll_s: float = 5.0,
         before_task: Callable[[RoundTask], None] | None = None,
         after_update: Callable[[RoundTask, Update], None] | None = None,
         personal: Params | None = None,
@@ -170,7 +170,7 @@ class EdgeClient:
         self.global_models: dict[int, GlobalModel] = {}
         self.personal: Params | None = personal
         self.outbox: Outbox = outbox if outbox is not None else MemoryOutbox()
-        self.gate, self.gate_poll_s = gate, gate_poll_s
+        self.resource_check, self.resource_poll_s = resource_check, resource_poll_s
         self.before_task, self.after_update = before_task, after_update
         self.state = "online"  # what heartbeats report: online | training | idle
         self.on_connect_hooks: list[Callable[..., None]] = []  # e.g. a bundle downloader sharing the connection
@@ -419,28 +419,28 @@ class EdgeClient:
                 and sent.round_opened == task.round_opened)
 
     def _wait_for_resources(self, task: RoundTask) -> bool:
-        """Defer training while the gate says no; give up at the deadline or when stopping."""
-        if self.gate is None:
+        """Defer training while the resource check says no; give up at the deadline or when stopping."""
+        if self.resource_check is None:
             return True
         announced = ""
         while not self._stopping.is_set():
-            reason = self.gate(task)
+            reason = self.resource_check(task)
             if reason is None:
                 return True
             if reason != announced:
                 log.info("device %s: round %d deferred: %s", self.device_id, task.round_id, reason)
                 self.publish_status("idle", f"round {task.round_id} deferred: {reason}")
                 announced = reason
-            if time.time() + self.gate_poll_s >= task.deadline_ts:
+            if time.time() + self.resource_poll_s >= task.deadline_ts:
                 log.warning("device %s: round %d skipped, resources never allowed it: %s", self.device_id,
                             task.round_id, reason)
                 return False
-            self._stopping.wait(self.gate_poll_s)
+            self._stopping.wait(self.resource_poll_s)
         return False
 
     def _compute(self, task: RoundTask) -> Update:
         global_params = self.global_models[task.model_version].params
-        if task.params:  # bi-level personalised aggregation: train from this device's own aggregate
+        if task.params:  # task-vector personalised aggregation: train from this device's own aggregate
             spec = self.learner.backbone.spec
             check_arrays(task.params, head_shapes(spec.feature_dim, self.learner.split.horizon, len(spec.quantiles)),
                          what="task.params")

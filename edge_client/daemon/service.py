@@ -4,7 +4,7 @@ put together for ``fedge-edge run``.
 What it adds to :class:`edge_client.daemon.client.EdgeClient`: the device's readings come from its SQLite
 store (fed by edge_client.daemon.ingest), so training uses everything ingested so far, and windows are
 rebuilt between rounds once enough new readings arrived; updates go through the durable outbox; the
-personal head survives restarts; a resource gate defers rounds; a heartbeat refreshes the retained
+personal head survives restarts; a resource check defers rounds; a heartbeat refreshes the retained
 status; signed bundles are downloaded in the background on the same MQTT connection and a newly
 verified backbone is switched to between rounds. Only one daemon may use a state directory at a
 time (an flock on ``daemon.lock``), which is also how ``forget-me`` knows it is safe to delete.
@@ -246,7 +246,7 @@ class DeviceService:
 
     # ------------------------------------------------------------------ hooks for EdgeClient
 
-    def gate(self, task: RoundTask) -> str | None:
+    def resource_check(self, task: RoundTask) -> str | None:
         reason = R.check(self.cfg.resources)
         if reason is not None:
             self.store.set_meta("last_deferred", {"round": task.round_id, "reason": reason, "ts": time.time()})
@@ -330,9 +330,9 @@ class DeviceService:
             return 0
         assert self.learner is not None
         self.client = EdgeClient(cfg.device_id, cfg.fleet, self.learner, self.broker, profile=cfg.profile,
-                                 domain=self.domain, seed=cfg.seed, outbox=self.store, gate=self.gate,
-                                 gate_poll_s=cfg.resources.poll_s, before_task=self.refresh,
-                                 after_update=self.after_update,
+                                 domain=self.domain, seed=cfg.seed, outbox=self.store,
+                                 resource_check=self.resource_check, resource_poll_s=cfg.resources.poll_s,
+                                 before_task=self.refresh, after_update=self.after_update,
                                  personal=self.personal_head_from_store())
         self._attach_bundles(self.client)
         unacked = self.store.outbox_unacked()

@@ -34,7 +34,7 @@ import numpy as np
 DB_NAME = "device.sqlite"
 OutboxState = Literal["pending", "sent", "acked"]
 
-SCHEMA = """
+DEVICE_SCHEMA = """
 CREATE TABLE IF NOT EXISTS samples (
     ts REAL PRIMARY KEY, value REAL, source TEXT NOT NULL DEFAULT '', ingested REAL NOT NULL);
 CREATE TABLE IF NOT EXISTS outbox (
@@ -93,7 +93,7 @@ class DeviceStore:
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=FULL")  # an outbox row must survive a power cut once written
         self._db.execute("PRAGMA secure_delete=ON")  # forget-me overwrites deleted rows instead of freeing them
-        self._db.executescript(SCHEMA)
+        self._db.executescript(DEVICE_SCHEMA)
         self._lock = threading.RLock()
 
     def close(self) -> None:

@@ -106,7 +106,7 @@ def fill_missing(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return filled.astype(np.float32), rate
 
 
-def training_pool(held_out: str | None = HELD_OUT_DEFAULT) -> tuple[str, ...]:
+def training_distortions(held_out: str | None = HELD_OUT_DEFAULT) -> tuple[str, ...]:
     """The distortions a device may train on: all but the held-out one (Meta-FC's unseen fault)."""
     if held_out is not None and held_out not in DISTORTIONS:
         raise ValueError(f"unknown held-out distortion {held_out!r}")

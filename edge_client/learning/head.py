@@ -69,7 +69,7 @@ def head_outputs(params: Mapping[str, np.ndarray], feats: np.ndarray) -> tuple[n
     return point_n, quant_n
 
 
-def predict(params: Mapping[str, np.ndarray], x: Features) -> tuple[np.ndarray, np.ndarray]:
+def head_forecast(params: Mapping[str, np.ndarray], x: Features) -> tuple[np.ndarray, np.ndarray]:
     """Point (N, H) and quantile (N, Q, H) forecasts in the data's (scaled) units."""
     point_n, quant_n = head_outputs(params, x.feats)
     return point_n * x.scale + x.loc, quant_n * x.scale[:, :, None] + x.loc[:, :, None]
@@ -116,7 +116,7 @@ def head_backward(
     return grads, g_point @ params["point_weight"] + np.einsum("nqh,qhd->nd", g_quant, params["quantile_weight"])
 
 
-def loss_and_grad(
+def head_loss_and_grad(
     params: Mapping[str, np.ndarray],
     x: Features,
     y: np.ndarray,
@@ -124,7 +124,7 @@ def loss_and_grad(
     anchor: Mapping[str, np.ndarray] | None = None,
 ) -> tuple[float, Params]:
     """Loss and its exact gradient w.r.t. every head parameter (plus the FedProx term)."""
-    point, quant = predict(params, x)
+    point, quant = head_forecast(params, x)
     loss, g_point, g_quant = output_grads(point, quant, y, x.scale, cfg.quantiles, cfg.quantile_weight)
     grads, _ = head_backward(params, x.feats, g_point, g_quant, input_grad=False)
     if cfg.prox_mu > 0 and anchor is not None:
@@ -162,7 +162,7 @@ class Adam:
 
 
 @dataclass(frozen=True)
-class TrainResult:
+class HeadFit:
     params: Params  # after the last epoch: what federated averaging needs
     losses: list[float]  # mean training loss per epoch
     steps: int
@@ -181,7 +181,7 @@ def train_head(
     cfg: LossConfig = LossConfig(),
     seed: int = 0,
     val: tuple[Features, np.ndarray] | None = None,
-) -> TrainResult:
+) -> HeadFit:
     """Mini-batch Adam on the head, starting from `init` (the global head); the proximal
     anchor, when cfg.prox_mu > 0, is `init` itself.
 
@@ -201,7 +201,7 @@ def train_head(
         nonlocal best
         if val is None:
             return
-        loss = loss_and_grad(params, val[0], val[1], val_cfg)[0]
+        loss = head_loss_and_grad(params, val[0], val[1], val_cfg)[0]
         if not val_losses or loss < min(val_losses):
             best = as_float32(params)
         val_losses.append(loss)
@@ -212,12 +212,12 @@ def train_head(
         total = 0.0
         for start in range(0, len(order), batch_size):
             idx = order[start : start + batch_size]
-            loss, grads = loss_and_grad(params, x.subset(idx), y[idx], cfg, anchor)
+            loss, grads = head_loss_and_grad(params, x.subset(idx), y[idx], cfg, anchor)
             opt.step(params, grads)
             total += loss * len(idx)
         losses.append(total / max(len(y), 1))
         validate()
-    return TrainResult(params, losses, opt.t, best if val is not None else params, val_losses)
+    return HeadFit(params, losses, opt.t, best if val is not None else params, val_losses)
 
 
 def param_delta(new: Mapping[str, np.ndarray], old: Mapping[str, np.ndarray], dtype: str = "float16") -> Params:

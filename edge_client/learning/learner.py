@@ -15,7 +15,7 @@ import numpy as np
 
 from edge_client.learning import personalize as PZ
 from edge_client.learning import windows as W
-from edge_client.learning.head import Features, LossConfig, Params, param_delta, predict, train_head
+from edge_client.learning.head import Features, LossConfig, Params, head_forecast, param_delta, train_head
 from edge_client.runtime.backbone import BackboneRunner
 
 
@@ -77,7 +77,7 @@ class DeviceLearner:
 
     def evaluate(self, params: Mapping[str, np.ndarray], prefix: str) -> dict[str, float]:
         """Scores of a head, or of a personal model with an adapter (edge_client.learning.personalize)."""
-        point, quant = (PZ.predict if "adapter_A" in params else predict)(params, self.f_eval)
+        point, quant = (PZ.personal_forecast if "adapter_A" in params else head_forecast)(params, self.f_eval)
         quant = np.sort(quant, axis=1)  # no quantile crossing in reported forecasts
         return {
             f"{prefix}_mse": W.mse(point, self.y_eval),

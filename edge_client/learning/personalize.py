@@ -37,10 +37,10 @@ from edge_client.learning.head import (
     Params,
     as_float32,
     head_backward,
+    head_forecast,
     head_outputs,
     output_grads,
 )
-from edge_client.learning.head import predict as head_predict
 
 ADAPTER_KEYS = ("adapter_A", "adapter_B")
 GATE_KEYS = ("gate_w", "gate_b")
@@ -102,10 +102,10 @@ def adapt(params: Mapping[str, np.ndarray], feats: np.ndarray) -> tuple[np.ndarr
     return feats + ha @ params["adapter_B"], ha
 
 
-def predict(params: Mapping[str, np.ndarray], x: Features) -> tuple[np.ndarray, np.ndarray]:
+def personal_forecast(params: Mapping[str, np.ndarray], x: Features) -> tuple[np.ndarray, np.ndarray]:
     """Point (N, H) and quantile (N, Q, H) forecasts in data units through adapter + head."""
     h, _ = adapt(params, x.feats)
-    return head_predict(params, Features(h, x.loc, x.scale))
+    return head_forecast(params, Features(h, x.loc, x.scale))
 
 
 # ------------------------------------------------------------------------------------ batches
@@ -176,7 +176,7 @@ def _branch(
     return loss, grads, h
 
 
-def loss_and_grad(
+def personal_loss_and_grad(
     params: Mapping[str, np.ndarray],
     batch: Batch,
     cfg: PersonalConfig,
@@ -246,13 +246,13 @@ def _step_grads(
     distortion), or with cfg.meta the first-order meta-train/meta-test sum over two views."""
     views = len(batch.distorted)
     if views == 0:
-        return loss_and_grad(params, batch, cfg, anchor=anchor, sd_w=sd_w)
+        return personal_loss_and_grad(params, batch, cfg, anchor=anchor, sd_w=sd_w)
     if not cfg.meta or views < 2:
-        return loss_and_grad(params, batch.with_view(int(rng.integers(views))), cfg, anchor=anchor, sd_w=sd_w)
+        return personal_loss_and_grad(params, batch.with_view(int(rng.integers(views))), cfg, anchor=anchor, sd_w=sd_w)
     k_tr, k_te = rng.choice(views, 2, replace=False)
-    loss, g_tr, parts = loss_and_grad(params, batch.with_view(int(k_tr)), cfg, anchor=anchor, sd_w=sd_w)
+    loss, g_tr, parts = personal_loss_and_grad(params, batch.with_view(int(k_tr)), cfg, anchor=anchor, sd_w=sd_w)
     inner = {k: params[k] - cfg.lr * g_tr[k] for k in params}
-    loss_te, g_te, _ = loss_and_grad(inner, batch.with_view(int(k_te)), cfg, anchor=anchor, sd_w=sd_w)
+    loss_te, g_te, _ = personal_loss_and_grad(inner, batch.with_view(int(k_te)), cfg, anchor=anchor, sd_w=sd_w)
     parts["meta_test"] = loss_te
     return loss + loss_te, {k: g_tr[k] + g_te[k] for k in g_tr}, parts
 
@@ -391,7 +391,7 @@ class PersonalModel:
         return cls(init_params(head, cfg.rank, seed), cfg)
 
     def predict(self, x: Features) -> tuple[np.ndarray, np.ndarray]:
-        return predict(self.params, x)
+        return personal_forecast(self.params, x)
 
     def distill_targets(self, x: Features) -> tuple[np.ndarray, np.ndarray]:
         h, _ = adapt(self.params, x.feats)

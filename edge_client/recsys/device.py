@@ -43,8 +43,8 @@ from edge_client.recsys.data import PAD, prefix_batch
 from edge_client.runtime.backbone import ModelLoadError, ort_session, sha256_file
 from edge_client.runtime.spec import SPEC_KEY
 
-ADAPTER_KEYS = ("U", "V", "u")
-GATE_KEYS = ("Wg", "bg")
+REC_ADAPTER_KEYS = ("U", "V", "u")
+REC_GATE_KEYS = ("Wg", "bg")
 STATE_FORMAT = "fedge.recsys.personal-state/1"
 SECONDS_PER_DAY = 86400.0
 
@@ -179,7 +179,7 @@ class Teacher:
     gap_days: float = float("nan")  # Δt
 
 
-def loss_and_grad(
+def adapter_loss_and_grad(
     params: Mapping[str, np.ndarray],
     h: np.ndarray,
     targets: np.ndarray,
@@ -241,7 +241,7 @@ def full_scores(z: np.ndarray, items: np.ndarray) -> np.ndarray:
 
 
 @dataclass
-class Snapshot:
+class DistillSnapshot:
     """The user's model at the end of their last training period: FCUCR's distillation teacher."""
 
     params: Params
@@ -278,14 +278,14 @@ class RecDevice:
     personal: Params = field(default_factory=dict)
     shared: Params = field(default_factory=dict)
     p_tilde: np.ndarray | None = None
-    snapshot: Snapshot | None = None
+    snapshot: DistillSnapshot | None = None
     _h: np.ndarray | None = None  # cached h of prefix j (row j); NaN rows not computed yet
     _upload_base: Params = field(default_factory=dict)
     _n_trained: int = 0
 
     def __post_init__(self) -> None:
         self.rng = np.random.default_rng(self.seed)
-        keys = ADAPTER_KEYS + (GATE_KEYS if self.use_gate else ())
+        keys = REC_ADAPTER_KEYS + (REC_GATE_KEYS if self.use_gate else ())
         init = init_adapter(self.items.shape[1], self.cfg, np.random.default_rng(self.seed))
         self.personal = {k: init[k] for k in keys if k not in self.shared_keys}
 
@@ -355,10 +355,11 @@ class RecDevice:
         opt = Adam(lr=self.cfg.lr, weight_decay=self.cfg.weight_decay)
         losses = []
         for _ in range(self.cfg.steps):
-            loss, grads = loss_and_grad(params, h, targets, self.items, self.p_tilde, teacher, self.cfg.temperature)
+            loss, grads = adapter_loss_and_grad(params, h, targets, self.items, self.p_tilde, teacher,
+                                                self.cfg.temperature)
             losses.append(loss)
             opt.step(params, grads)
-        self.snapshot = Snapshot({k: v.copy() for k, v in params.items()}, self.p_tilde,
+        self.snapshot = DistillSnapshot({k: v.copy() for k, v in params.items()}, self.p_tilde,
                                  int(self.history_ts[positions].max()))
         self.personal = {k: v for k, v in params.items() if k not in self.shared_keys}
         self.shared = {k: v for k, v in params.items() if k in self.shared_keys}
@@ -408,7 +409,7 @@ class RecDevice:
             self.shared = {k.split("/", 1)[1]: z[k].astype(np.float64) for k in z.files if k.startswith("shared/")}
             self.p_tilde = z["p_tilde"] if "p_tilde" in z.files else None
             snap = {k.split("/", 1)[1]: z[k].astype(np.float64) for k in z.files if k.startswith("snapshot/")}
-            self.snapshot = Snapshot(snap, self.p_tilde, int(z["snapshot_ts"])) if snap else None
+            self.snapshot = DistillSnapshot(snap, self.p_tilde, int(z["snapshot_ts"])) if snap else None
         self._h = None
 
     def forget_me(self, exported: str | os.PathLike[str] | None = None) -> dict[str, int]:
@@ -418,7 +419,7 @@ class RecDevice:
                    "snapshot": int(self.snapshot is not None), "file": 0}
         self.history, self.history_ts = np.zeros(0, np.int64), np.zeros(0, np.int64)
         self._h, self.snapshot, self.p_tilde = None, None, None
-        keys = ADAPTER_KEYS + (GATE_KEYS if self.use_gate else ())
+        keys = REC_ADAPTER_KEYS + (REC_GATE_KEYS if self.use_gate else ())
         init = init_adapter(self.items.shape[1], self.cfg, np.random.default_rng(self.seed))
         self.personal = {k: init[k] for k in keys if k not in self.shared_keys}
         self._upload_base, self._n_trained = {}, 0
@@ -428,7 +429,7 @@ class RecDevice:
         return deleted
 
 
-def load_bundle(out_dir: str | os.PathLike[str], threads: int = 1) -> tuple[SequenceEncoder, np.ndarray]:
+def load_encoder(out_dir: str | os.PathLike[str], threads: int = 1) -> tuple[SequenceEncoder, np.ndarray]:
     """The encoder session and item table from an export folder (checked against spec.json)."""
     out = Path(out_dir)
     spec = json.loads((out / "spec.json").read_text())

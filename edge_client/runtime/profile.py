@@ -18,9 +18,8 @@ from importlib import resources
 from pathlib import Path
 from typing import Any, Literal
 
-from edge_client.runtime.backbone import RUNTIMES as _RUNTIMES
+from edge_client.runtime.backbone import RUNTIMES  # onnxruntime | litert: picks the bundle's .onnx or .tflite
 
-RUNTIMES = frozenset(_RUNTIMES)  # "onnxruntime", "litert": the runtime picks the bundle's .onnx or .tflite backbone
 FORMATS = frozenset({"fp32", "int8"})
 
 

@@ -144,7 +144,7 @@ class RoundTask(Message):
     # fleet database's round with the same number, so a device re-sends a stored update only to the former
     round_opened: float = Field(default=0.0, ge=0)
     options: dict[str, float | int | str | bool] = Field(default_factory=dict, max_length=64)
-    # bi-level personalised aggregation: this device's own starting head (empty: the global head)
+    # task-vector personalised aggregation: this device's own starting head (empty: the global head)
     params: Arrays = Field(default_factory=dict)
     # FCUCR inter-user prototype transfer: the similarity-weighted mean of the prototypes of the users
     # most similar to this device's user (one vector; None: the coordinator has none for it yet)

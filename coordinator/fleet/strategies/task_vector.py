@@ -1,4 +1,5 @@
-"""Bi-level personalised aggregation over task vectors (ALGORITHMS.md §5).
+"""Task-vector personalised aggregation (ALGORITHMS.md §5; the server half of Yang et al.'s bi-level
+personalisation -- not the pretraining strategy ``bilevel``, which is about domain heterogeneity).
 
 Why: one FedAvg model is a compromise between devices whose data disagree (an energy meter and an
 exchange rate pull a shared head in different directions). Here each device k gets its own aggregate
@@ -109,7 +110,7 @@ class TaskVectorAggregation:
     personalised: ClassVar[bool] = True
 
     def aggregate_round(self, inputs: RoundInputs) -> Aggregate:
-        """Bi-level personalised aggregation (Yang et al., AAAI 2026) of a fleet round: a device trained from its
+        """Task-vector personalised aggregation (Yang et al., AAAI 2026) of a fleet round: a device trained from its
         own head (or the global one), so its trained head is that start plus its delta and its task vector is
         that head minus the *initial* (pretrained) head; its next start is the initial head plus the
         softmax(cos/T)-weighted mix of its most similar peers' task vectors. The global head (for new devices

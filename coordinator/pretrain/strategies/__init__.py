@@ -64,7 +64,7 @@ def params_of(model: nn.Module) -> dict[str, np.ndarray]:
     return {k: v.detach().cpu().numpy().astype(np.float32).copy() for k, v in model.state_dict().items()}
 
 
-def encode(model: TSFM, x: torch.Tensor, token_fn: TokenFn | None = None) -> tuple[torch.Tensor, ...]:
+def encode_tokens(model: TSFM, x: torch.Tensor, token_fn: TokenFn | None = None) -> tuple[torch.Tensor, ...]:
     """TSFMBackbone.forward step by step, with a hook on the encoder tokens (FedPM quantises them).
     Without a hook it computes exactly what ``model.backbone(x)`` does."""
     b = model.backbone
@@ -76,7 +76,7 @@ def encode(model: TSFM, x: torch.Tensor, token_fn: TokenFn | None = None) -> tup
     return b.activation(b.project(tokens.flatten(1))), loc, scale
 
 
-def head_outputs(
+def torch_head_outputs(
     model: TSFM, features: torch.Tensor, loc: torch.Tensor, scale: torch.Tensor
 ) -> tuple[torch.Tensor, ...]:
     point_n, q_n = model.head(features)
@@ -87,7 +87,7 @@ def task_loss(
     model: TSFM, features: torch.Tensor, loc: torch.Tensor, scale: torch.Tensor, y: torch.Tensor
 ) -> torch.Tensor:
     """The shared forecasting objective (MSE + pinball, scaled values) of central pretraining."""
-    point, quantiles = head_outputs(model, features, loc, scale)
+    point, quantiles = torch_head_outputs(model, features, loc, scale)
     return forecast_loss(point, quantiles, y, torch.tensor(model.config.quantiles, dtype=torch.float32))
 
 
@@ -127,7 +127,7 @@ class Strategy:
 
     def local_loss(self, model: TSFM, x: torch.Tensor, y: torch.Tensor, sub: torch.Tensor,
                    ctx: LocalContext) -> torch.Tensor:
-        features, loc, scale = encode(model, x)
+        features, loc, scale = encode_tokens(model, x)
         return task_loss(model, features, loc, scale, y)
 
     def upload(self, model: TSFM, ctx: LocalContext) -> Upload:

@@ -28,7 +28,7 @@ from coordinator.pretrain.strategies import (
     Strategy,
     Upload,
     delta_update,
-    encode,
+    encode_tokens,
     task_loss,
     weighted_step,
 )
@@ -104,7 +104,7 @@ class BiLevel(Strategy):
 
     def local_loss(self, model: TSFM, x: torch.Tensor, y: torch.Tensor, sub: torch.Tensor,
                    ctx: LocalContext) -> torch.Tensor:
-        features, loc, scale = encode(model, x)
+        features, loc, scale = encode_tokens(model, x)
         loss = task_loss(model, features, loc, scale, y)
         if "dom_weight" in ctx.client:
             logits = F.linear(grl(features, dann_gamma(ctx.progress)), ctx.client["dom_weight"], ctx.client["dom_bias"])

@@ -26,7 +26,7 @@ from coordinator.pretrain.strategies import (
     Strategy,
     Upload,
     delta_update,
-    encode,
+    encode_tokens,
     task_loss,
     weighted_step,
 )
@@ -44,7 +44,7 @@ class FeDaL(Strategy):
 
     def local_loss(self, model: TSFM, x: torch.Tensor, y: torch.Tensor, sub: torch.Tensor,
                    ctx: LocalContext) -> torch.Tensor:
-        features, loc, scale = encode(model, x)
+        features, loc, scale = encode_tokens(model, x)
         # Running mean; detached history, so only the current batch carries gradient (FedDBE).
         prev = ctx.scratch.get("running_mean")
         batch_mean = features.mean(0)

@@ -29,9 +29,9 @@ from coordinator.pretrain.strategies import (
     Strategy,
     Upload,
     delta_update,
-    encode,
-    head_outputs,
+    encode_tokens,
     task_loss,
+    torch_head_outputs,
 )
 from coordinator.pretrain.strategies.bilevel import kmeans, match
 
@@ -60,10 +60,10 @@ class QuantizedTSFM(nn.Module):
         self.register_buffer("memory", memory.clone())
 
     def features(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        return encode(self.model, x, lambda z: quantize(z, self.memory)[0])
+        return encode_tokens(self.model, x, lambda z: quantize(z, self.memory)[0])
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        return head_outputs(self.model, *self.features(x))
+        return torch_head_outputs(self.model, *self.features(x))
 
 
 class FeDPM(Strategy):
@@ -114,7 +114,7 @@ class FeDPM(Strategy):
             ctx.scratch["tokens"] = z.detach().reshape(-1, z.shape[-1])
             return z_q
 
-        features, loc, scale = encode(model, x, token_fn)
+        features, loc, scale = encode_tokens(model, x, token_fn)
         loss = task_loss(model, features, loc, scale, y) + extra[0]
         if self.align > 0 and "memory" in ctx.server:
             loss = loss + self.align * F.mse_loss(cb[: self.q_s], ctx.server["memory"])
