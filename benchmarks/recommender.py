@@ -33,7 +33,8 @@ from coordinator.models.recommender import SASRecConfig  # noqa: E402
 from coordinator.recsys.data import continual_split, load_ml100k, median_session_gap_days  # noqa: E402
 from coordinator.recsys.simulation import BASELINES, METHODS, RecSimConfig, run_all  # noqa: E402
 from coordinator.recsys.training import RecTrainSettings, pretrained_sasrec  # noqa: E402
-from edge_client.recsys.device import RecAdapterConfig, load_encoder  # noqa: E402
+from edge_client.recsys.adapter import RecAdapterConfig  # noqa: E402
+from edge_client.recsys.encoder import load_encoder  # noqa: E402
 from export.recommender_export import export_recommender  # noqa: E402
 
 NOTES_MARKER = "<!-- hand-written notes below: kept when the benchmark rewrites the table above -->"

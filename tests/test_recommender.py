@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from edge_client.recsys.adapter import RecAdapterConfig, Teacher, adapter_loss_and_grad, init_adapter, represent
 from edge_client.recsys.data import (
     PAD,
     continual_split,
@@ -24,15 +25,8 @@ from edge_client.recsys.data import (
     ranks,
     training_windows,
 )
-from edge_client.recsys.device import (
-    RecAdapterConfig,
-    RecDevice,
-    Teacher,
-    adapter_loss_and_grad,
-    init_adapter,
-    load_encoder,
-    represent,
-)
+from edge_client.recsys.device import RecDevice
+from edge_client.recsys.encoder import load_encoder
 
 ROOT = Path(__file__).resolve().parent.parent
 N_ITEMS = 60
@@ -165,7 +159,9 @@ import sys
 from hardware.device_guard import block_imports
 block_imports()
 import numpy as np
-from edge_client.recsys.device import RecDevice, RecAdapterConfig, load_encoder
+from edge_client.recsys.device import RecDevice
+from edge_client.recsys.adapter import RecAdapterConfig
+from edge_client.recsys.encoder import load_encoder
 encoder, items = load_encoder(sys.argv[1])
 dev = RecDevice('me', encoder, items, RecAdapterConfig(rank=4, steps=5), shared_keys=('U', 'V'), seed=0)
 dev.receive(np.arange(1, 21), np.arange(20) * 3600)

@@ -18,9 +18,11 @@ import pytest
 
 from coordinator.recsys.fleet import run_federated_mqtt
 from coordinator.recsys.simulation import RecSimConfig, build_test_sets, run_federated_rec
+from edge_client.recsys.adapter import RecAdapterConfig, init_adapter
 from edge_client.recsys.client import RecEdgeClient, RecLearner
 from edge_client.recsys.data import continual_split, interactions_from_array
-from edge_client.recsys.device import METHODS, RecAdapterConfig, RecDevice, init_adapter, load_encoder
+from edge_client.recsys.device import METHODS, RecDevice
+from edge_client.recsys.encoder import load_encoder
 from edge_client.wire import GlobalModel, RoundTask, Topics, Update, decode, encode
 from edge_client.wire.codec import pack_ext
 

@@ -243,7 +243,7 @@ def test_a_stored_update_answers_only_the_round_it_was_computed_for():
     """A resumed round (same opening time) gets the stored update again; a reset coordinator's round with the
     same number, base version and kind but another opening time does not."""
     from edge_client.daemon.client import EdgeClient
-    from edge_client.daemon.store import OutboxEntry
+    from edge_client.daemon.outbox import OutboxEntry
     from edge_client.wire import RoundTask, Update, encode
 
     sent = Update(fleet="f", device_id="d", round_id=3, base_version=2, n_samples=5, round_opened=1_700_000_000.5)

@@ -67,7 +67,8 @@ def run_rec_demo(
     from coordinator.recsys.fleet import run_federated_mqtt
     from coordinator.recsys.simulation import RecSimConfig
     from coordinator.recsys.training import RecTrainSettings, pretrained_sasrec
-    from edge_client.recsys.device import RecAdapterConfig, load_encoder
+    from edge_client.recsys.adapter import RecAdapterConfig
+    from edge_client.recsys.encoder import load_encoder
     from export.recommender_export import export_recommender
 
     console = console or Console()

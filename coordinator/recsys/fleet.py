@@ -28,9 +28,11 @@ from threadpoolctl import threadpool_limits
 from coordinator.fleet.server import FleetConfig, FleetCoordinator, RoundResult
 from coordinator.fleet.state import FleetState, RoundRecord
 from coordinator.recsys.simulation import MethodResult, PrototypeServer, RecSimConfig, StageCallback, StageLog
+from edge_client.recsys.adapter import init_adapter
 from edge_client.recsys.client import TASK, RecEdgeClient, RecLearner, metric_key
 from edge_client.recsys.data import ContinualSplit
-from edge_client.recsys.device import METHODS, RecDevice, SequenceEncoder, init_adapter
+from edge_client.recsys.device import METHODS, RecDevice
+from edge_client.recsys.encoder import SequenceEncoder
 from edge_client.wire import InvalidMessage, RoundTask, Update, WrongShape, decode
 from edge_client.wire.mqtt import BrokerAddress
 

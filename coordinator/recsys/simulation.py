@@ -36,17 +36,11 @@ from coordinator.fleet.strategies.fedavg import FedAvg
 from coordinator.models.recommender import SASRec, encode_prefixes
 from coordinator.recsys.data import ContinualSplit, hit_ndcg, ranks
 from coordinator.recsys.training import RecTrainSettings, train_sasrec, windows_for
+from edge_client.recsys.adapter import RecAdapterConfig, full_scores, init_adapter, represent
 from edge_client.recsys.client import K  # HR/NDCG cut-off: the same K as the devices
 from edge_client.recsys.data import prefix_batch
-from edge_client.recsys.device import (
-    METHODS,
-    RecAdapterConfig,
-    RecDevice,
-    SequenceEncoder,
-    full_scores,
-    init_adapter,
-    represent,
-)
+from edge_client.recsys.device import METHODS, RecDevice
+from edge_client.recsys.encoder import SequenceEncoder
 
 BASELINES = ("most-popular", "central-sasrec", "central-finetune")
 

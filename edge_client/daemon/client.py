@@ -22,9 +22,8 @@ import time
 from collections.abc import Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Protocol
 
-from edge_client.daemon.store import OutboxEntry, OutboxState
+from edge_client.daemon.outbox import MemoryOutbox, Outbox, OutboxEntry
 from edge_client.learning.head import Params, as_float32, head_shapes
 from edge_client.learning.learner import DeviceLearner
 from edge_client.learning.personalize import PersonalConfig
@@ -78,45 +77,6 @@ def personal_config(options: Mapping[str, object]) -> PersonalConfig | None:
         return PersonalConfig(**{k: type(getattr(PersonalConfig, k))(options[k]) for k in names})
     except (TypeError, ValueError) as exc:
         raise InvalidMessage(f"bad personalisation options: {exc}") from None
-
-
-class Outbox(Protocol):
-    """Where updates wait for their PUBACK; :class:`edge_client.daemon.store.DeviceStore` is the durable one."""
-
-    def outbox_put(self, round_id: int, msg_id: str, topic: str, payload: bytes) -> None: ...
-    def outbox_mark(self, round_id: int, msg_id: str, state: OutboxState) -> None: ...
-    def outbox_for_round(self, round_id: int) -> OutboxEntry | None: ...
-    def outbox_unacked(self) -> list[OutboxEntry]: ...
-
-
-class MemoryOutbox:
-    """The outbox of in-process (simulated) devices: survives reconnects, not restarts."""
-
-    def __init__(self, keep: int = 4) -> None:
-        self.keep = keep
-        self._entries: dict[int, OutboxEntry] = {}
-        self._lock = threading.Lock()
-
-    def outbox_put(self, round_id: int, msg_id: str, topic: str, payload: bytes) -> None:
-        with self._lock:
-            self._entries.setdefault(round_id, OutboxEntry(round_id, msg_id, topic, bytes(payload), "pending", 0))
-            for old in sorted(self._entries)[: -self.keep]:
-                if self._entries[old].state == "acked":
-                    del self._entries[old]
-
-    def outbox_mark(self, round_id: int, msg_id: str, state: OutboxState) -> None:
-        with self._lock:
-            e = self._entries.get(round_id)
-            if e is not None and e.msg_id == msg_id and e.state != "acked":
-                self._entries[round_id] = OutboxEntry(e.round_id, e.msg_id, e.topic, e.payload, state,
-                                                      e.attempts + (state == "sent"))
-
-    def outbox_for_round(self, round_id: int) -> OutboxEntry | None:
-        return self._entries.get(round_id)
-
-    def outbox_unacked(self) -> list[OutboxEntry]:
-        with self._lock:
-            return [e for e in self._entries.values() if e.state != "acked"]
 
 
 # Fault injection for crash tests: FEDGE_FAILPOINT=after_outbox SIGKILLs the process right after an

@@ -27,12 +27,13 @@ import time
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import numpy as np
 
+from edge_client.daemon.outbox import OutboxEntry, OutboxState
+
 DB_NAME = "device.sqlite"
-OutboxState = Literal["pending", "sent", "acked"]
 
 DEVICE_SCHEMA = """
 CREATE TABLE IF NOT EXISTS samples (
@@ -61,16 +62,6 @@ def params_to_blob(params: Mapping[str, np.ndarray]) -> bytes:
 def params_from_blob(blob: bytes) -> dict[str, np.ndarray]:
     with np.load(io.BytesIO(blob), allow_pickle=False) as data:
         return {k: data[k] for k in data.files}
-
-
-@dataclass(frozen=True)
-class OutboxEntry:
-    round_id: int
-    msg_id: str
-    topic: str
-    payload: bytes
-    state: OutboxState
-    attempts: int
 
 
 @dataclass(frozen=True)

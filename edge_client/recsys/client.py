@@ -39,8 +39,9 @@ import numpy as np
 
 from edge_client.daemon.client import EdgeClient
 from edge_client.learning.head import Params
+from edge_client.recsys.adapter import full_scores, represent
 from edge_client.recsys.data import UserLog, hit_ndcg, ranks
-from edge_client.recsys.device import METHODS, RecDevice, full_scores, represent
+from edge_client.recsys.device import METHODS, RecDevice
 from edge_client.wire import (
     InvalidMessage,
     Message,

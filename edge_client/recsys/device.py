@@ -39,12 +39,19 @@ from typing import Any
 import numpy as np
 
 from edge_client.learning.head import Adam, Params
-from edge_client.recsys.data import PAD, prefix_batch
-from edge_client.runtime.backbone import ModelLoadError, ort_session, sha256_file
-from edge_client.runtime.spec import SPEC_KEY
+from edge_client.recsys.adapter import (
+    REC_ADAPTER_KEYS,
+    REC_GATE_KEYS,
+    RecAdapterConfig,
+    Teacher,
+    adapter_loss_and_grad,
+    full_scores,
+    init_adapter,
+    represent,
+)
+from edge_client.recsys.data import prefix_batch
+from edge_client.recsys.encoder import SequenceEncoder
 
-REC_ADAPTER_KEYS = ("U", "V", "u")
-REC_GATE_KEYS = ("Wg", "bg")
 STATE_FORMAT = "fedge.recsys.personal-state/1"
 SECONDS_PER_DAY = 86400.0
 
@@ -74,167 +81,6 @@ METHODS: dict[str, MethodSpec] = {
     "fcucr-no-distill": MethodSpec(shared=("U", "V"), gate=True, distill=False, prototypes=True),
     "fcucr-no-proto": MethodSpec(shared=("U", "V"), gate=False, distill=True, prototypes=False),
 }
-
-
-# ------------------------------------------------------------------------------ encoder
-
-
-class SequenceEncoder:
-    """ONNX Runtime session for ``sequence_encoder.onnx``: items (N, L) int64 -> h (N, d)."""
-
-    def __init__(self, path: str | os.PathLike[str], *, threads: int = 1, expected_sha256: str | None = None) -> None:
-        import onnxruntime as ort
-
-        self.path = Path(path)
-        if not self.path.is_file():
-            raise ModelLoadError(f"encoder file {self.path} does not exist")
-        self.sha256 = sha256_file(self.path)  # what global models and manifests are checked against
-        if expected_sha256 and self.sha256 != expected_sha256:
-            raise ModelLoadError(f"encoder {self.path} does not match the manifest's sha256")
-        self.runtime = "onnxruntime"  # the same names BackboneRunner uses, read by EdgeClient's hello
-        self.runtime_version = f"onnxruntime {ort.__version__}"
-        self.session = ort_session(self.path, threads)
-        meta = self.session.get_modelmeta().custom_metadata_map
-        self.spec: dict[str, Any] = json.loads(meta.get(SPEC_KEY, "{}"))
-        self.max_len = int(self.spec.get("max_len", self.session.get_inputs()[0].shape[1]))
-        self.d = int(self.spec.get("d", self.session.get_outputs()[0].shape[1]))
-
-    def encode(self, ids: np.ndarray, batch_size: int = 512) -> np.ndarray:
-        ids = np.asarray(ids, dtype=np.int64)
-        parts = [self.session.run(None, {"items": ids[i : i + batch_size]})[0] for i in range(0, len(ids), batch_size)]
-        return np.concatenate(parts) if parts else np.zeros((0, self.d), np.float32)
-
-
-# ------------------------------------------------------------------------------ adapter math
-
-
-@dataclass(frozen=True)
-class RecAdapterConfig:
-    rank: int = 8
-    steps: int = 30  # full-batch Adam steps per period on the user's new targets
-    lr: float = 1e-3  # 5e-3 overfit the ~60 targets a user has per period (local-only lost half its HR@10)
-    weight_decay: float = 1e-3  # decoupled (AdamW-style): ~20–200 targets per user and period overfit fast
-    lambda_sd: float = 0.5
-    temperature: float = 2.0
-    tau_days: float = 7.0  # τ of w(Δt); the simulation sets it to the median inter-session gap
-    n_negatives: int = 100
-    recent: int = 20  # history items in the distillation candidates and in the prototype
-    gate_bias: float = -2.0  # σ(−2) ≈ 0.12: a new gate lets a little of p̃ in until it has learned
-    init_scale: float = 0.01
-
-
-def init_adapter(d: int, cfg: RecAdapterConfig, rng: np.random.Generator) -> Params:
-    """U = 0 (so the adapter starts as the identity, LoRA-style), V small random, u = 0, gate closed-ish."""
-    return {
-        "U": np.zeros((d, cfg.rank)),
-        "V": rng.normal(0.0, cfg.init_scale, (cfg.rank, d)),
-        "u": np.zeros(d),
-        "Wg": np.zeros((d, 2 * d)),
-        "bg": np.full(d, cfg.gate_bias),
-    }
-
-
-def _sigmoid(x: np.ndarray) -> np.ndarray:
-    return 0.5 * (1.0 + np.tanh(0.5 * x))
-
-
-def _softmax(x: np.ndarray) -> np.ndarray:
-    e = np.exp(x - x.max(axis=1, keepdims=True))
-    return e / e.sum(axis=1, keepdims=True)
-
-
-def _uses_gate(params: Mapping[str, np.ndarray], p_tilde: np.ndarray | None) -> bool:
-    return p_tilde is not None and "Wg" in params
-
-
-def represent(params: Mapping[str, np.ndarray], h: np.ndarray, p_tilde: np.ndarray | None = None) -> np.ndarray:
-    """z for frozen representations h (N, d); missing keys mean "that part is off"."""
-    return _forward(params, h, p_tilde)[0]
-
-
-def _forward(params: Mapping[str, np.ndarray], h: np.ndarray, p_tilde: np.ndarray | None) -> tuple[np.ndarray, dict]:
-    h = np.asarray(h, dtype=np.float64)
-    cache: dict[str, np.ndarray] = {}
-    z = h
-    if "U" in params:
-        cache["a"] = h @ params["V"].T
-        z = z + cache["a"] @ params["U"].T
-    if "u" in params:
-        z = z + params["u"]
-    if _uses_gate(params, p_tilde):
-        pt = np.broadcast_to(np.asarray(p_tilde, np.float64), z.shape)
-        cache["cat"] = np.concatenate([z, pt], axis=1)
-        cache["g"] = _sigmoid(cache["cat"] @ params["Wg"].T + params["bg"])
-        z = z + cache["g"] * pt
-    return z, cache
-
-
-@dataclass(frozen=True)
-class Teacher:
-    """Frozen previous-period scores on a candidate set, with the time-gap weight already applied."""
-
-    candidates: np.ndarray  # (C,) item ids
-    scores: np.ndarray  # (N, C) s_old
-    weight: float  # λ·exp(−Δt/τ)
-    gap_days: float = float("nan")  # Δt
-
-
-def adapter_loss_and_grad(
-    params: Mapping[str, np.ndarray],
-    h: np.ndarray,
-    targets: np.ndarray,
-    items: np.ndarray,
-    p_tilde: np.ndarray | None = None,
-    teacher: Teacher | None = None,
-    temperature: float = 2.0,
-) -> tuple[float, Params]:
-    """Mean CE over all items (+ weighted KL to the teacher) and its exact gradient.
-
-    Backward pass, z = h' + g⊙p̃ and s = z Eᵀ: ∂L/∂s = softmax(s) − onehot (+ w(p_new − p_old)/T on
-    the candidates), ∂L/∂z = ∂L/∂s · E; through the gate ∂L/∂pre = (∂L/∂z ⊙ p̃) ⊙ g(1−g) and
-    ∂L/∂h' = ∂L/∂z + (∂L/∂pre · W_g)[:, :d]; then ∂U = ∂h'ᵀ(Vh), ∂V = (∂h' U)ᵀh, ∂u = Σ ∂h'.
-    """
-    n = len(h)
-    z, cache = _forward(params, h, p_tilde)
-    emb = np.asarray(items[1:])  # column i = item i+1; PAD is never a candidate
-    if emb.dtype not in (np.float32, np.float64):
-        emb = emb.astype(np.float64)
-    logits = z.astype(emb.dtype) @ emb.T  # the two big products run in the table's dtype (float32 on devices)
-    prob = _softmax(logits)
-    rows = np.arange(n)
-    t = np.asarray(targets, np.int64) - 1
-    loss = float(-np.mean(np.log(prob[rows, t] + 1e-300)))
-    d_logits = prob
-    d_logits[rows, t] -= 1.0
-    d_logits /= n
-    if teacher is not None and teacher.weight > 0:
-        cols = np.asarray(teacher.candidates, np.int64) - 1
-        p_new = _softmax(logits[:, cols] / temperature)
-        p_old = _softmax(np.asarray(teacher.scores, np.float64) / temperature)
-        kl = np.sum(p_old * (np.log(p_old + 1e-300) - np.log(p_new + 1e-300)), axis=1)
-        loss += teacher.weight * float(kl.mean())
-        np.add.at(d_logits, (rows[:, None], cols[None, :]), teacher.weight * (p_new - p_old) / (temperature * n))
-    dz = (d_logits @ emb).astype(np.float64)
-    grads: Params = {}
-    dh = dz
-    if _uses_gate(params, p_tilde):
-        d_pre = dz * np.asarray(p_tilde, np.float64) * cache["g"] * (1.0 - cache["g"])
-        grads["Wg"] = d_pre.T @ cache["cat"]
-        grads["bg"] = d_pre.sum(axis=0)
-        dh = dz + (d_pre @ params["Wg"])[:, : z.shape[1]]
-    if "u" in params:
-        grads["u"] = dh.sum(axis=0)
-    if "U" in params:
-        grads["U"] = dh.T @ cache["a"]
-        grads["V"] = (dh @ params["U"]).T @ np.asarray(h, np.float64)
-    return loss, grads
-
-
-def full_scores(z: np.ndarray, items: np.ndarray) -> np.ndarray:
-    """(N, n_items + 1) scores of every item; column PAD is −inf."""
-    s = np.asarray(z, np.float64) @ np.asarray(items, np.float64).T
-    s[:, PAD] = -np.inf
-    return s
 
 
 # ------------------------------------------------------------------------------ device
@@ -429,15 +275,3 @@ class RecDevice:
         return deleted
 
 
-def load_encoder(out_dir: str | os.PathLike[str], threads: int = 1) -> tuple[SequenceEncoder, np.ndarray]:
-    """The encoder session and item table from an export folder (checked against spec.json)."""
-    out = Path(out_dir)
-    spec = json.loads((out / "spec.json").read_text())
-    files = spec.get("files", {})
-    encoder = SequenceEncoder(out / "sequence_encoder.onnx", threads=threads,
-                              expected_sha256=files.get("sequence_encoder.onnx", {}).get("sha256"))
-    items_path = out / "items.npy"
-    want = files.get("items.npy", {}).get("sha256")
-    if want and sha256_file(items_path) != want:
-        raise ModelLoadError(f"{items_path} does not match the manifest's sha256")
-    return encoder, np.load(items_path).astype(np.float32)
