@@ -56,6 +56,8 @@ def publish(
     out: Annotated[Path | None, typer.Option(help="where the signed bundle is kept (default EXPORT/bundles/vN)")]
     = None,
     timeout: Annotated[float, typer.Option(min=1.0, help="seconds to wait for the broker's acknowledgements")] = 120.0,
+    valid_days: Annotated[float, typer.Option(min=0.0, help="devices refuse the bundle after this many days (0: "
+                                              "never); publish a newer version before")] = 365.0,
 ) -> None:
     """Sign an export as bundle VERSION and publish it (retained chunks + signed manifest)."""
     from cryptography.exceptions import UnsupportedAlgorithm
@@ -69,7 +71,7 @@ def publish(
         topics = Topics(fleet)
         signing_key = load_private_key(key)
         bundle = build_bundle(export_dir, out or export_dir / "bundles" / f"v{version}", version, signing_key,
-                              profile or DEFAULT_PROFILES, task=task)
+                              profile or DEFAULT_PROFILES, task=task, fleet=fleet, valid_days=valid_days or None)
     except (ValueError, OSError, ProtocolError, UnsupportedAlgorithm) as exc:
         _fail(str(exc))
     sizes = sum(e.size for e in bundle.manifest.files)

@@ -6,6 +6,8 @@
     fedge serve      run federated rounds for real devices over an MQTT broker (resumable)
     fedge status     rounds, models and devices recorded in a fleet database
     fedge bundle     keygen / publish: signed model bundles that devices fetch, verify and switch to
+    fedge fleet      init / enroll / revoke: the fleet CA and device identities
+    fedge broker     config: a production Mosquitto configuration (TLS, certificates, ACL)
 """
 
 from __future__ import annotations
@@ -22,11 +24,14 @@ from rich.logging import RichHandler
 from rich.table import Table
 
 from coordinator.bundle_cli import bundle_app
+from coordinator.fleet_cli import broker_app, fleet_app
 
 app = typer.Typer(help="fedge coordinator: federated learning for foundation models on edge devices.",
                   no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False)
 console = Console(width=None if sys.stdout.isatty() else 120)  # logs and CI output keep whole tables
 app.add_typer(bundle_app, name="bundle")
+app.add_typer(fleet_app, name="fleet")
+app.add_typer(broker_app, name="broker")
 
 
 def _logging(verbose: bool) -> None:
@@ -62,7 +67,8 @@ def demo(
     horizon: Annotated[int, typer.Option(min=1, max=96, help="forecast horizon of the fleet head")] = 24,
     local_epochs: Annotated[int, typer.Option(min=1, max=50)] = 2,
     lr: Annotated[float, typer.Option(min=1e-6, max=1.0)] = 3e-3,
-    strategy: Annotated[str, typer.Option(help="fedavg | fedprox | trimmed_mean | task_vector")] = "fedavg",
+    strategy: Annotated[str, typer.Option(help="fedavg | fedprox | trimmed_mean | median | krum | task_vector")
+                        ] = "fedavg",
     prox_mu: Annotated[float, typer.Option(min=0.0, help="FedProx proximal weight on the device")] = 0.0,
     personalize: Annotated[str, typer.Option(help="device methods, e.g. 'rank=4,self_distill=0.5,feature_distance=0.1'"
                                              )] = "",
@@ -70,6 +76,8 @@ def demo(
     out: Annotated[Path, typer.Option(help="where results, plot, model and fleet DB go")] = Path("runs/demo"),
     broker: Annotated[str, typer.Option(help="auto | mosquitto | embedded | host:port")] = "auto",
     quick: Annotated[bool, typer.Option(help="smaller backbone and budget: a fast smoke run")] = False,
+    secure: Annotated[bool, typer.Option(help="TLS, a certificate per device, broker ACLs and signed messages "
+                                         "(Mosquitto needed); default: anonymous on loopback")] = False,
     pretrain_strategy: Annotated[str, typer.Option(
         help="backbone: auto (best in docs/results/pretrain.json) | etth1 | centralized | fedavg | fedprox | "
              "bilevel | fedal")] = "auto",
@@ -110,7 +118,7 @@ def demo(
     try:
         run_demo(DemoConfig(devices=devices, rounds=rounds, horizon=horizon, local_epochs=local_epochs, lr=lr,
                             strategy=strategy, prox_mu=prox_mu, data_dir=data_dir, out_dir=out, broker=broker,
-                            quick=quick, seed=seed, personalize=personal_pairs,
+                            quick=quick, seed=seed, personalize=personal_pairs, secure=secure,
                             pretrain_strategy=pretrain_strategy), console)
     except (ConnectionError, RuntimeError, ValueError) as exc:
         _fail(str(exc))
@@ -194,8 +202,11 @@ def export(
 def serve(
     init_head: Annotated[Path, typer.Option(help="head.npz from `fedge export` (the initial global head)")],
     db: Annotated[Path, typer.Option(help="fleet state (SQLite); reuse it to resume")] = Path("runs/fleet.sqlite"),
-    broker: Annotated[str, typer.Option(help="host:port of the MQTT broker")] = "127.0.0.1:1883",
-    fleet: Annotated[str, typer.Option()] = "default",
+    broker: Annotated[str, typer.Option(help="host:port, mqtt://… or mqtts://host:8883 (TLS)")] = "127.0.0.1:1883",
+    fleet: Annotated[str, typer.Option(help="the fleet (default: the fleet folder's, else 'default')")] = "",
+    fleet_dir: Annotated[Path | None, typer.Option(help="fleet folder from `fedge fleet init`: TLS with the "
+                                                   "coordinator's certificate, enrolled devices only, signed "
+                                                   "messages")] = None,
     rounds: Annotated[int, typer.Option(min=1, help="run until this many rounds are closed in the DB")] = 10,
     min_devices: Annotated[int, typer.Option(min=1)] = 2,
     fraction: Annotated[float, typer.Option(min=0.01, max=1.0)] = 1.0,
@@ -203,9 +214,17 @@ def serve(
     horizon: Annotated[int, typer.Option(min=1)] = 24,
     local_epochs: Annotated[int, typer.Option(min=1)] = 2,
     lr: Annotated[float, typer.Option(min=1e-6, max=1.0)] = 3e-3,
-    strategy: Annotated[str, typer.Option(help="fedavg | fedprox | trimmed_mean | task_vector")] = "fedavg",
+    strategy: Annotated[str, typer.Option(help="fedavg | fedprox | trimmed_mean | median | krum | task_vector")
+                        ] = "fedavg",
     personalize: Annotated[str, typer.Option(help="device methods, e.g. 'rank=4,self_distill=0.5'")] = "",
-    clip_norm: Annotated[float | None, typer.Option(min=0.0)] = None,
+    clip_norm: Annotated[float | None, typer.Option(min=0.0, help="absolute norm bound on top of the adaptive one")
+                         ] = None,
+    norm_multiple: Annotated[float, typer.Option(min=0.0, help="clip each update to this multiple of the round's "
+                                                 "median norm (0: off)")] = 2.0,
+    weight_multiple: Annotated[float, typer.Option(min=0.0, help="an update counts at most this multiple of the "
+                                                   "round's median sample count (0: off)")] = 2.0,
+    max_samples: Annotated[int, typer.Option(min=1, help="the fleet's ceiling on one update's sample count")
+                           ] = 1_000_000,
     wait_devices: Annotated[float, typer.Option(help="seconds to wait for min-devices to say hello")] = 60.0,
     verbose: Annotated[bool, typer.Option("--verbose", "-v")] = True,
 ) -> None:
@@ -213,6 +232,8 @@ def serve(
     resumes the open round and keeps every update it already had."""
     import numpy as np
 
+    from coordinator.fleet.aggregation import Bounds
+    from coordinator.fleet.registry import DeviceRegistry
     from coordinator.fleet.server import FleetConfig, FleetCoordinator
     from coordinator.fleet.state import FleetState
     from coordinator.fleet.strategies import fleet_strategy
@@ -222,10 +243,17 @@ def serve(
     _logging(verbose)
     try:
         address = BrokerAddress.parse(broker)
+        registry = DeviceRegistry(fleet_dir) if fleet_dir is not None else None
+        if registry is not None:
+            fleet = fleet or registry.fleet
+            address = address.with_identity(fleet_dir / "ca.crt", fleet_dir / "coordinator.crt",
+                                            fleet_dir / "coordinator.key")
+        fleet = fleet or "default"
         fleet_strategy(strategy)
         cfg = FleetConfig(fleet=fleet, min_devices=min_devices, fraction=fraction, deadline_s=deadline,
                           local_epochs=local_epochs, lr=lr, strategy=strategy, clip_norm=clip_norm,
-                          personalize=parse_personalize(personalize))
+                          personalize=parse_personalize(personalize),
+                          bounds=Bounds(norm_multiple or None, weight_multiple or None, max_samples))
         with np.load(init_head, allow_pickle=False) as data:
             head = {k: data[k] for k in HEAD_KEYS}
         initial = slice_head(head, horizon)
@@ -234,7 +262,7 @@ def serve(
     except (ValueError, KeyError, OSError) as exc:
         _fail(f"cannot start: {exc}")
     state = FleetState(db)
-    coordinator = FleetCoordinator(cfg, address, state)
+    coordinator = FleetCoordinator(cfg, address, state, registry=registry)
     try:
         coordinator.start()
     except ConnectionError as exc:

@@ -52,6 +52,9 @@ class DemoConfig:
     deadline_s: float = 300.0
     seed: int = 0
     quick: bool = False  # a smaller backbone and budget: a smoke run in well under a minute
+    # a fleet CA, one certificate per device, Mosquitto with TLS, client certificates and the ACL of
+    # `fedge broker config`, and signed control messages (docs/security.md); default: anonymous on loopback
+    secure: bool = False
     personalize: tuple[tuple[str, float], ...] = ()  # device-side methods (edge_client.learning.personalize)
     # "auto": the strategy benchmarks/pretrain.py ranked best (coordinator.pretrain.backbone); or
     # "etth1" (central, ETTh1 only) or one of the silo strategies
@@ -176,6 +179,17 @@ def start_demo_broker(spec: str) -> tuple[RunningBroker | None, BrokerAddress, s
     return None, addr, f"external {addr.host}:{addr.port}"
 
 
+def secure_fleet(folder: Path, fleet: str, device_ids: list[str]):  # type: ignore[no-untyped-def]
+    """`fedge fleet init`, `fedge fleet enroll` for every device and `fedge broker config`, then that broker: the
+    demo's fleet as it would run on a real network. Returns (registry, device identities, running broker)."""
+    from coordinator.fleet.broker import start_fleet_broker
+    from coordinator.fleet.registry import DeviceRegistry
+    from edge_client.identity import Identity
+
+    broker, bundles = start_fleet_broker(folder, fleet, device_ids)
+    return DeviceRegistry(folder), [Identity.load(bundles[d], d) for d in device_ids], broker
+
+
 def demo_backbone(cfg: DemoConfig) -> tuple[TSFM, dict]:
     """The backbone the demo exports (see coordinator.pretrain.backbone for the selection rule) and a
     description of it for the output. --quick keeps its 150-step ETTh1 pretraining unless a strategy
@@ -230,27 +244,33 @@ def run_demo(cfg: DemoConfig, console: Console | None = None) -> DemoResult:
                   f"max |Δ| {p.numpy_head_max_abs_err:.1e}")
 
     console.rule("[bold]3. broker, coordinator and simulated devices")
-    broker, address, kind = start_demo_broker(cfg.broker)
+    fleet = f"demo-{os.getpid()}"
+    sims = carve_devices(cfg.devices, cfg.data_dir, seed=cfg.seed)
+    registry, identities = None, None
+    if cfg.secure:
+        registry, identities, broker = secure_fleet(out / "fleet", fleet, [s.device_id for s in sims])
+        address, kind = broker.address, "mosquitto with TLS, client certificates and ACL"
+    else:
+        broker, address, kind = start_demo_broker(cfg.broker)
     result.broker = kind
-    console.print(f"MQTT broker: {kind} on {address.host}:{address.port}")
+    console.print(f"MQTT broker: {kind} on {address}")
     db = out / "fleet.sqlite"
     for stale in (db, db.with_name(db.name + "-wal"), db.with_name(db.name + "-shm")):
         stale.unlink(missing_ok=True)
-    fleet = f"demo-{os.getpid()}"
     coordinator = FleetCoordinator(
         FleetConfig(fleet=fleet, deadline_s=cfg.deadline_s, local_epochs=cfg.local_epochs, lr=cfg.lr,
                     batch_size=cfg.batch_size, strategy=cfg.strategy, prox_mu=cfg.prox_mu, seed=cfg.seed,
                     min_devices=cfg.devices, personalize=cfg.personalize),
-        address, FleetState(db))
+        address, FleetState(db), registry=registry)
     clients = []
     try:
         coordinator.start()
         initial = slice_head(model.head_state(), cfg.horizon)
         coordinator.ensure_model(initial, {"backbone_sha256": exported.spec["files"]["backbone.onnx"]["sha256"],
                                            "backbone_id": exported.spec["model_id"]})
-        sims = carve_devices(cfg.devices, cfg.data_dir, seed=cfg.seed)
         with console.status("starting devices (ONNX Runtime sessions, backbone features of local data)"):
-            clients = start_devices(sims, exported.backbone, address, fleet, horizon=cfg.horizon, seed=cfg.seed)
+            clients = start_devices(sims, exported.backbone, address, fleet, horizon=cfg.horizon, seed=cfg.seed,
+                                    identities=identities)
         online = coordinator.wait_for_devices(cfg.devices, timeout_s=30)
         dev_table = Table(title=f"{len(online)} devices online", header_style="bold")
         for col in ("device", "domain", "dataset", "column", "rows", "train windows", "eval windows"):

@@ -36,6 +36,7 @@ from edge_client.bundles.manifest import (
     load_public_key,
     verify_manifest,
 )
+from edge_client.identity import load_private_key, write_private_key
 from edge_client.runtime.backbone import sha256_file
 from edge_client.runtime.profile import load_profile
 from edge_client.runtime.spec import ModelSpec
@@ -70,22 +71,10 @@ def save_keypair(key: Ed25519PrivateKey, private_path: str | os.PathLike[str],
     (defaults to ``<private>.pub``); returns the public key's path."""
     priv = Path(private_path)
     pub = Path(public_path) if public_path is not None else priv.with_name(priv.name + ".pub")
-    priv.parent.mkdir(parents=True, exist_ok=True)
-    pem = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-                            serialization.NoEncryption())
-    fd = os.open(priv, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "wb") as fh:
-        fh.write(pem)
+    write_private_key(priv, key)  # encrypted when $FEDGE_KEY_PASSPHRASE is set
     pub.write_bytes(key.public_key().public_bytes(serialization.Encoding.PEM,
                                                   serialization.PublicFormat.SubjectPublicKeyInfo))
     return pub
-
-
-def load_private_key(path: str | os.PathLike[str]) -> Ed25519PrivateKey:
-    key = serialization.load_pem_private_key(Path(path).read_bytes(), password=None)
-    if not isinstance(key, Ed25519PrivateKey):
-        raise ValueError(f"{path}: expected an ed25519 private key, got {type(key).__name__}")
-    return key
 
 
 # --------------------------------------------------------------------------- build
@@ -109,7 +98,8 @@ class Bundle:
 
 
 def _manifest_dict(export_dir: Path, names: list[str], version: int, task: str, chunk_size: int,
-                   profiles: Sequence[str], public_key: Ed25519PublicKey) -> dict[str, Any]:
+                   profiles: Sequence[str], public_key: Ed25519PublicKey, fleet: str | None = None,
+                   expires: float | None = None) -> dict[str, Any]:
     spec = json.loads((export_dir / "spec.json").read_text())
     files = [{"name": n, "sha256": sha256_file(export_dir / n), "size": (export_dir / n).stat().st_size,
               "role": BUNDLE_FILES[n]} for n in names]
@@ -119,12 +109,15 @@ def _manifest_dict(export_dir: Path, names: list[str], version: int, task: str, 
         "created": datetime.now(UTC).isoformat(timespec="seconds"), "chunk_size": chunk_size, "files": files,
         "backbones": backbones, "spec": ModelSpec.from_dict(spec).to_dict(),
         "profiles": list(profiles), "signer": key_id(public_key),
+        # bound to one fleet and valid until a time: an old signed bundle cannot be re-published to freeze devices
+        **({"fleet": fleet} if fleet else {}), **({"expires": int(expires)} if expires else {}),
     }
 
 
 def build_bundle(export_dir: str | os.PathLike[str], out_dir: str | os.PathLike[str], version: int,
                  key: Ed25519PrivateKey, profiles: Sequence[str] = DEFAULT_PROFILES, *, task: str = "tsfm",
-                 chunk_size: int = DEFAULT_CHUNK_SIZE) -> Bundle:
+                 chunk_size: int = DEFAULT_CHUNK_SIZE, fleet: str | None = None,
+                 valid_days: float | None = None) -> Bundle:
     """Copy the export's files into `out_dir`, write the canonical manifest and sign it. Profiles are checked
     against the shipped device profiles (edge_client/runtime/profiles) so a typo cannot make every device
     refuse the bundle."""
@@ -134,7 +127,8 @@ def build_bundle(export_dir: str | os.PathLike[str], out_dir: str | os.PathLike[
     for name in profiles:
         load_profile(name)  # ValueError on an unknown profile
     names = [n for n in BUNDLE_FILES if (src / n).is_file()]
-    manifest = _manifest_dict(src, names, version, task, chunk_size, profiles, key.public_key())
+    expires = datetime.now(UTC).timestamp() + valid_days * 86400 if valid_days else None
+    manifest = _manifest_dict(src, names, version, task, chunk_size, profiles, key.public_key(), fleet, expires)
     raw = canonical_json(manifest)
     out = Path(out_dir)
     (out / "files").mkdir(parents=True, exist_ok=True)

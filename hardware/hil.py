@@ -84,6 +84,7 @@ class HilResult:
     cpus: list[int] = field(default_factory=list)
     threads: int = 1
     memory_limit_mb: int = 0
+    secure: bool = False  # TLS with client certificates, the fleet broker's ACL, signed messages (docs/security.md)
     memory_mode: str = "none"
     memory_note: str = ""
     model_bytes: int = 0
@@ -131,12 +132,13 @@ def model_files(model_dir: Path, fmt: str) -> tuple[Path, Path]:
 
 
 def device_toml(path: Path, *, device_id: str, broker: str, backbone: Path, profile: DeviceProfile,
-                horizon: int, data: dict) -> Path:
+                horizon: int, data: dict, identity: Path | None = None) -> Path:
     """The daemon's config: the profile name and its ORT thread count travel in the TOML; the device's
     SQLite store lives in the run's directory, so runs never share an outbox."""
     lines = [f'device_id = "{device_id}"', f'fleet = "{FLEET}"', f'broker = "{broker}"', f'backbone = "{backbone}"',
              f'profile = "{profile.name}"', f"threads = {profile.threads}", f"horizon = {horizon}",
-             f'state_dir = "{path.parent / "device-state"}"', "", "[data]"]
+             f'state_dir = "{path.parent / "device-state"}"',
+             *([f'identity = "{identity}"'] if identity is not None else []), "", "[data]"]
     lines += [f"{k} = {json.dumps(v)}" for k, v in data.items()]
     path.write_text("\n".join(lines) + "\n")
     return path
@@ -241,10 +243,10 @@ def _stop(proc: subprocess.Popen | None) -> int | None:
 def run_hil(profile: str | DeviceProfile, model_dir: Path, *, fmt: str = "onnx", emulate: str = "auto",
             memory_mb: int | None = None, cpus: list[int] | None = None, memory_mode: str = "auto",
             horizon: int = 24, local_epochs: int = 1, data: dict | None = None, timeout_s: float | None = None,
-            workdir: Path | None = None) -> HilResult:
+            workdir: Path | None = None, secure: bool = False) -> HilResult:
     """Run one round as described in the module docstring and return its record (never raises for
     a failed round; raises ValueError/FileNotFoundError for bad arguments before anything starts)."""
-    from coordinator.fleet.broker import start_mosquitto
+    from coordinator.fleet.broker import start_fleet_broker, start_mosquitto
 
     prof = profile if isinstance(profile, DeviceProfile) else load_profile(profile)
     backbone, head = model_files(Path(model_dir), fmt)
@@ -257,7 +259,7 @@ def run_hil(profile: str | DeviceProfile, model_dir: Path, *, fmt: str = "onnx",
     device_id = f"hil-{prof.name}"
     res = HilResult(profile=prof.name, format=fmt, ok=False, arch=target.arch, emulated=target.emulated,
                     emulation_note=target.note, cpus=cpu_list, threads=prof.threads, memory_limit_mb=limit_mb,
-                    model_bytes=backbone.stat().st_size)
+                    model_bytes=backbone.stat().st_size, secure=secure)
 
     tmp = None if workdir else tempfile.TemporaryDirectory(prefix="fedge-hil-")
     work = Path(workdir or tmp.name)  # type: ignore[union-attr]
@@ -270,17 +272,24 @@ def run_hil(profile: str | DeviceProfile, model_dir: Path, *, fmt: str = "onnx",
     t0 = t_daemon = time.time()
     first_exit = ""  # which process failed first (the other one is then stopped by us)
     try:
-        broker = start_mosquitto()
-        address = f"{broker.address.host}:{broker.address.port}"
+        identity, fleet_args = None, []
+        if secure:  # `fedge fleet init`, `fedge fleet enroll`, `fedge broker config`: the production setup
+            broker, bundles = start_fleet_broker(work / "fleet", FLEET, [device_id])
+            identity = bundles[device_id]
+            address = f"mqtts://{broker.address.host}:{broker.address.port}"
+            fleet_args = ["--fleet-dir", str(work / "fleet")]
+        else:
+            broker = start_mosquitto()
+            address = f"{broker.address.host}:{broker.address.port}"
         cfg = device_toml(work / "device.toml", device_id=device_id, broker=address, backbone=backbone,
-                          profile=prof, horizon=horizon, data=data)
+                          profile=prof, horizon=horizon, data=data, identity=identity)
         with open(clog, "w") as out:
             coord = subprocess.Popen(
                 [sys.executable, "-c", "from coordinator.cli import app; app()", "serve", "--init-head",
                  str(head),
                  "--db", str(db), "--broker", address, "--fleet", FLEET, "--rounds", "1", "--min-devices", "1",
                  "--deadline", str(int(timeout_s)), "--horizon", str(horizon), "--local-epochs", str(local_epochs),
-                 "--wait-devices", str(int(timeout_s))],
+                 "--wait-devices", str(int(timeout_s)), *fleet_args],
                 cwd=ROOT, stdout=out, stderr=subprocess.STDOUT)
         device_cmd = [*target.argv, "-c", DEVICE_LAUNCHER, "run", "--config", str(cfg), "--max-rounds", "1"]
         env = {**os.environ, "PYTHONPATH": str(ROOT), **target.env}

@@ -342,3 +342,44 @@ def test_fedge_bundle_keygen_and_publish_reach_a_device(mosquitto, export_dir, t
                         profile="pi4")
     assert _download(mosquitto.address, Topics(FLEET), store, "device-cli"), f"rejected: {store.rejected}"
     assert store.current_version == 3 and not store.rejected
+
+
+# --------------------------------------------------------------------------- issue #11
+
+
+def test_expired_or_other_fleets_bundles_are_refused(export_dir, key, tmp_path) -> None:
+    store = BundleStore(tmp_path / "device", key.public_key(), fleet="plant-7")
+    unbound = build_bundle(export_dir, tmp_path / "b1", 1, key)
+    assert store.offer_manifest(unbound.manifest_bytes, unbound.signature) is None
+    other = build_bundle(export_dir, tmp_path / "b2", 2, key, fleet="plant-8")
+    assert store.offer_manifest(other.manifest_bytes, other.signature) is None
+    expired = build_bundle(export_dir, tmp_path / "b3", 3, key, fleet="plant-7", valid_days=-1)
+    assert store.offer_manifest(expired.manifest_bytes, expired.signature) is None
+    assert store.rejected == {"incompatible_profile": 2, "stale_version": 1}
+    good = build_bundle(export_dir, tmp_path / "b4", 4, key, fleet="plant-7", valid_days=30)
+    assert _feed(store, good) and store.current_version == 4
+
+
+def test_old_versions_are_pruned_and_bookkeeping_is_linear(store_v1, export_dir, key, monkeypatch) -> None:
+    store, tmp = store_v1
+    for v in (2, 3):
+        assert _feed(store, build_bundle(export_dir, tmp / f"b{v}", v, key, chunk_size=16 * 1024))
+    on_disk = sorted(int(d.name) for d in (store.root / "versions").iterdir())
+    assert on_disk == [2, 3] and (store.current_version, store.previous_version) == (3, 2)
+    calls = []
+    original = store._file_ok
+    monkeypatch.setattr(store, "_file_ok", lambda v, e: calls.append(e) or original(v, e))
+    bundle = build_bundle(export_dir, tmp / "b4", 4, key, chunk_size=1024)
+    n_chunks = sum(e.n_chunks(1024) for e in bundle.manifest.files)
+    assert _feed(store, bundle) and n_chunks > 100
+    assert len(calls) < 4 * len(bundle.manifest.files)  # not once per chunk
+
+
+def test_a_download_that_would_not_fit_is_refused(store_v1, export_dir, key, monkeypatch) -> None:
+    import collections
+
+    store, tmp = store_v1
+    usage = collections.namedtuple("usage", "total used free")
+    monkeypatch.setattr("edge_client.bundles.store.shutil.disk_usage", lambda p: usage(10**9, 10**9, 10**6))
+    bundle = build_bundle(export_dir, tmp / "b2", 2, key)
+    assert store.offer_manifest(bundle.manifest_bytes, bundle.signature) is None and store.rejected["no_space"] == 1

@@ -11,6 +11,7 @@ import numpy as np
 import paho.mqtt.client as paho
 import pytest
 
+from coordinator.fleet.aggregation import ClientUpdate, bound_updates
 from coordinator.fleet.server import FleetConfig, FleetCoordinator
 from coordinator.fleet.simulation import carve_devices, start_devices
 from coordinator.fleet.state import FleetState
@@ -47,10 +48,13 @@ def test_one_round_with_three_devices_aggregates_exact_fedavg(fleet) -> None:
     assert sorted(result.metrics) == sorted(c.device_id for c in clients)
     stored = [P.decode(p) for _, p in coord.state.updates(result.round_id)]
     assert len(stored) == 3
-    n = np.array([u.n_samples for u in stored], np.float64)
+    # FedAvg of what the devices sent, after the default bounds (adaptive norm clip, capped weights)
+    bounded = bound_updates([ClientUpdate(u.device_id, u.n_samples, u.delta) for u in stored], coord.cfg.bounds)
+    n = np.array([u.n_samples for u in bounded.updates], np.float64)
     _, new = coord.current_model()
     for k in base:
-        expected = base[k] + sum(w * u.delta[k].astype(np.float64) for w, u in zip(n / n.sum(), stored, strict=True))
+        expected = base[k] + sum(w * np.asarray(u.delta[k], np.float64)
+                                 for w, u in zip(n / n.sum(), bounded.updates, strict=True))
         np.testing.assert_allclose(new[k], expected, rtol=1e-5, atol=1e-6)
     for u in stored:  # what left each device: deltas and metrics, float16, under the 32 KB budget
         assert set(u.delta) == set(base) and all(v.dtype == np.float16 for v in u.delta.values())

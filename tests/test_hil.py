@@ -42,6 +42,16 @@ def test_round_under_pi4_limits_completes_and_respects_them(tiny_export):
 
 
 @pytest.mark.broker
+def test_a_secure_round_runs_the_real_daemon_and_serve_over_tls_with_signed_messages(tiny_export):
+    """`fedge fleet init/enroll`, the broker `fedge broker config` writes, `fedge serve --fleet-dir` and the daemon
+    with its identity folder: the production set-up, one round, under the pi4 profile's limits."""
+    res = run_hil("pi4", tiny_export["dir"], emulate="native", memory_mb=300, cpus=[LAST_CPU], secure=True)
+    assert res.ok, f"{res.error}\n{res.daemon_log_tail}\n{res.coordinator_log_tail}"
+    assert res.secure and res.round_state == "closed" and (res.base_version, res.new_version) == (0, 1)
+    assert res.torch_loaded is False
+
+
+@pytest.mark.broker
 def test_tflite_backbone_round_under_profile_limits():
     """The LiteRT path of the daemon through the same harness (the committed tiny TFLite export)."""
     res = run_hil("pi5", ROOT / "tests/data/tflite", fmt="tflite", emulate="native", memory_mb=300, cpus=[LAST_CPU])

@@ -146,8 +146,11 @@ def test_receiver_counts_logs_and_refuses_replays_and_impersonation(caplog) -> N
     payload = P.encode(msg)
     topic = topics.update(3, "dev-1")
     assert rx.accept(topic, payload, topics).msg_id == msg.msg_id
+    assert rx.accept(topic, payload, topics).msg_id == msg.msg_id  # updates are idempotent: the store dedupes
+    forget = P.encode(P.Forget(fleet="f1", device_id="dev-1"))
+    rx.accept(topics.forget("dev-1"), forget, topics)
     with caplog.at_level(logging.WARNING, logger="fedge.protocol"), pytest.raises(P.ReplayedMessage):
-        rx.accept(topic, payload, topics)
+        rx.accept(topics.forget("dev-1"), forget, topics)  # a forget acts once
     assert "replay" in caplog.text
     with pytest.raises(P.IdentityMismatch):
         rx.accept(topics.update(3, "dev-2"), P.encode(_update()), topics)  # dev-1 posing on dev-2's topic
@@ -156,7 +159,52 @@ def test_receiver_counts_logs_and_refuses_replays_and_impersonation(caplog) -> N
     with pytest.raises(P.MalformedMessage):
         rx.accept(topic, b"garbage", topics)
     assert rx.rejected == {"replay": 1, "identity_mismatch": 1, "unknown_device": 1, "malformed": 1}
-    assert rx.accepted == {"update": 1}
+    assert rx.accepted == {"update": 2, "forget": 1}
+
+
+def test_replay_memory_survives_a_restart_and_tasks_and_models_never_go_back(tmp_path) -> None:
+    from edge_client.wire.memory import SqliteReplay
+
+    topics = P.Topics("f1")
+    forget = P.encode(P.Forget(fleet="f1", device_id="dev-1"))
+    P.Receiver("before", memory=SqliteReplay(tmp_path / "m.sqlite")).accept(topics.forget("dev-1"), forget, topics)
+    rx = P.Receiver("after a restart", memory=SqliteReplay(tmp_path / "m.sqlite"))
+    with pytest.raises(P.ReplayedMessage):
+        rx.accept(topics.forget("dev-1"), forget, topics)
+
+    def task(opened: float) -> bytes:
+        return P.encode(P.RoundTask(fleet="f1", device_id="dev-1", round_id=2, model_version=1, deadline_ts=1e10,
+                                    round_opened=opened))
+
+    def model(version: int) -> bytes:
+        return P.encode(P.GlobalModel(fleet="f1", version=version, params={"w": np.zeros(2, np.float32)}))
+
+    rx.accept(topics.task("dev-1"), task(100.0), topics)
+    rx.accept(topics.task("dev-1"), task(100.0), topics)  # the same round asked again (a resumed coordinator)
+    rx.advance(rx.accept(topics.global_model("tsfm"), model(5), topics))
+    rx.accept(topics.global_model("tsfm"), model(5), topics)  # the retained copy again
+    rx = P.Receiver("after another restart", memory=SqliteReplay(tmp_path / "m.sqlite"))
+    for topic, payload in ((topics.task("dev-1"), task(50.0)), (topics.global_model("tsfm"), model(4))):
+        with pytest.raises(P.ReplayedMessage):
+            rx.accept(topic, payload, topics)
+    stale = P.Receiver("window", max_age_s=60)
+    with pytest.raises(P.ReplayedMessage, match="older than the replay window"):
+        stale.accept(topics.forget("dev-1"), P.encode(P.Forget(fleet="f1", device_id="dev-1", ts=1.0)), topics)
+
+
+def test_signatures_bind_every_field_to_the_signers_key() -> None:
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+    key, other = Ed25519PrivateKey.generate(), Ed25519PrivateKey.generate()
+    signed = P.sign(_update(), key)
+    out = P.decode(P.encode(signed))
+    P.verify(out, key.public_key())
+    with pytest.raises(P.SignatureMismatch):
+        P.verify(out, other.public_key())
+    with pytest.raises(P.SignatureMismatch):  # any field changed after signing
+        P.verify(out.model_copy(update={"n_samples": out.n_samples + 1}), key.public_key())
+    with pytest.raises(P.Unsigned):
+        P.verify(_update(), key.public_key())
 
 
 def test_topics_are_namespaced_and_parse_back() -> None:
@@ -170,3 +218,76 @@ def test_topics_are_namespaced_and_parse_back() -> None:
     for bad in ("", "a/b", "+", "#", "x" * 65):
         with pytest.raises(ValueError):
             t.task(bad)
+
+
+# --------------------------------------------------------------------------- issue #11: total decoding
+
+POISON_19 = msgpack.packb({"v": np.zeros(1, np.float16)}, default=codec.pack_ext, use_bin_type=True)
+
+
+@pytest.mark.parametrize("version", [np.zeros(3, np.float32), {"a": 1}, [1], True, 1.0, "1", None])
+def test_a_schema_version_of_any_other_type_is_a_typed_refusal(version) -> None:
+    with pytest.raises(P.UnsupportedSchema):
+        P.decode(_pack({"v": version, "type": "update"}))
+
+
+def test_the_19_byte_message_that_stopped_the_coordinator_is_refused() -> None:
+    assert len(POISON_19) <= 23
+    with pytest.raises(P.UnsupportedSchema):
+        P.decode(POISON_19)
+
+
+@pytest.mark.parametrize("kind", [np.zeros(2, np.float32), 7, {"x": 1}, b"update"])
+def test_a_message_type_of_any_other_type_is_a_typed_refusal(kind) -> None:
+    with pytest.raises(P.UnknownMessageType):
+        P.decode(_pack({"v": 1, "type": kind}))
+
+
+@pytest.mark.parametrize("dtype", ["float64", "int32", "int64", "uint8"])
+def test_only_float16_and_float32_arrays_travel(dtype: str) -> None:
+    raw = _raw(_update())
+    data = b"\x00" * np.dtype(dtype).itemsize
+    raw["delta"] = {"w": msgpack.ExtType(P.ARRAY_EXT_CODE, msgpack.packb([dtype, [1], data]))}
+    with pytest.raises(P.WrongDtype):
+        P.decode(_pack(raw))
+    with pytest.raises(ValueError, match="not allowed"):  # and nobody can build one to send
+        _update(delta={"w": np.full(3, 1e300)})
+
+
+@pytest.mark.parametrize(("field", "value"), [("n_samples", 1 << 63), ("n_samples", (1 << 64) - 1),
+                                              ("n_samples", 1 << 40), ("round_id", 1 << 62),
+                                              ("base_version", (1 << 64) - 1), ("n_samples", -1)])
+def test_integers_are_bounded_by_the_schema(field: str, value: int) -> None:
+    raw = _raw(_update())
+    raw[field] = value
+    with pytest.raises(P.InvalidMessage):
+        P.decode(_pack(raw))
+
+
+def test_a_global_model_version_near_2_64_is_refused() -> None:
+    raw = _raw(P.GlobalModel(fleet="f", version=1, params={"w": np.zeros(2, np.float32)}))
+    raw["version"] = (1 << 64) - 1
+    with pytest.raises(P.InvalidMessage):
+        P.decode(_pack(raw))
+
+
+def test_guarded_callbacks_count_and_swallow_what_they_raise(caplog) -> None:
+    from edge_client.wire.mqtt import guarded
+
+    rx = P.Receiver("test")
+
+    def boom(*_):
+        raise RuntimeError("bug")
+
+    with caplog.at_level(logging.ERROR):
+        guarded(boom, "test on_message", rx.callback_failed)(None, None, None)
+    assert rx.rejected["callback_error"] == 1 and "bug" in caplog.text
+
+
+@pytest.mark.parametrize("name", ["..", ".", ".hidden", "a/b", "+", "#", ""])
+def test_names_that_could_leave_a_folder_or_a_topic_level_are_refused(name: str) -> None:
+    raw = _raw(P.BundleChunk(fleet="f", version=1, file="backbone.onnx", index=0, total=1, sha256="a" * 64,
+                             data=b"x"))
+    raw["file"] = name
+    with pytest.raises(P.InvalidMessage):
+        P.decode(_pack(raw))

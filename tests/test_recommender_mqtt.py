@@ -23,7 +23,7 @@ from edge_client.recsys.client import RecEdgeClient, RecLearner
 from edge_client.recsys.data import continual_split, interactions_from_array
 from edge_client.recsys.device import METHODS, RecDevice
 from edge_client.recsys.encoder import load_encoder
-from edge_client.wire import GlobalModel, RoundTask, Topics, Update, decode, encode
+from edge_client.wire import ALLOWED_DTYPES, ARRAY_EXT_CODE, GlobalModel, RoundTask, Topics, Update, decode, encode
 from edge_client.wire.codec import pack_ext
 
 CFG = RecSimConfig(adapter=RecAdapterConfig(rank=4, steps=5), top_m=3, seed=1)
@@ -90,6 +90,10 @@ def _fresh(task: RoundTask, **update) -> RoundTask:
 def _raw_task(task: RoundTask, prototype) -> bytes:
     """A task whose prototype skipped pydantic on the sending side (what a broken coordinator sends)."""
     raw = _fresh(task).model_dump(mode="python")
+    if isinstance(prototype, np.ndarray) and prototype.dtype.name not in ALLOWED_DTYPES:  # what pack_ext refuses
+        prototype = msgpack.ExtType(ARRAY_EXT_CODE, msgpack.packb([prototype.dtype.name, list(prototype.shape),
+                                                                  prototype.astype(prototype.dtype.newbyteorder("<"))
+                                                                  .tobytes()]))
     raw["prototype"] = prototype
     return msgpack.packb(raw, default=pack_ext, use_bin_type=True)
 

@@ -16,7 +16,7 @@ import pytest
 from edge_client.daemon import ingest as I
 from edge_client.daemon import resources as R
 from edge_client.daemon.config import DeviceConfig
-from edge_client.daemon.store import DeviceStore
+from edge_client.daemon.store import DB_NAME, DeviceStore
 from edge_client.data.readings import BadReading
 
 
@@ -48,22 +48,41 @@ def test_samples_are_deduplicated_by_key_and_survive_reopening(tmp_path):
         assert s.sample_span() == (1.0, 4.0)
 
 
-def test_outbox_moves_forward_only_and_keeps_unacked_entries(store):
+def test_outbox_moves_forward_only_and_keeps_entries_until_the_coordinator_answers(store):
     store.outbox_put(1, "m1", "t/1", b"one")
     store.outbox_put(1, "m1", "t/1", b"other bytes")  # same key: the first write stays
     store.outbox_put(2, "m2", "t/2", b"two")
-    assert [e.payload for e in store.outbox_unacked()] == [b"one", b"two"]
+    assert [e.payload for e in store.outbox_unsettled()] == [b"one", b"two"]
     store.outbox_mark(1, "m1", "sent")
     store.outbox_mark(1, "m1", "acked")
-    store.outbox_mark(1, "m1", "pending")  # an acked entry is never re-sent
+    store.outbox_mark(1, "m1", "pending")  # never backwards
     assert store.outbox_for_round(1).state == "acked" and store.outbox_for_round(1).attempts == 1
-    assert [e.round_id for e in store.outbox_unacked()] == [2]
+    assert [e.round_id for e in store.outbox_unsettled()] == [1, 2]  # the broker's ack is not the coordinator's
+    assert store.outbox_unsettled(older_than_s=3600) == []
+    assert store.outbox_settle("m1", "received").state == "received"
+    store.outbox_mark(1, "m1", "sent")  # a late re-send's bookkeeping does not reopen it
+    assert store.outbox_for_round(1).state == "received" and store.outbox_settle("nope", "received") is None
+    assert [e.round_id for e in store.outbox_unsettled()] == [2]
     for r in range(3, 30):
         store.outbox_put(r, f"m{r}", "t", b"x")
-        store.outbox_mark(r, f"m{r}", "acked")
-    store.outbox_prune(keep_acked=4)
-    assert store.outbox_counts() == {"pending": 1, "sent": 0, "acked": 4}
+        store.outbox_settle(f"m{r}", "rejected" if r % 2 else "received")
+    store.outbox_prune(keep_settled=4)
+    assert store.outbox_counts() == {"pending": 1, "sent": 0, "acked": 0, "received": 2, "rejected": 2}
     assert store.outbox_for_round(2).state == "pending"
+
+
+def test_an_outbox_written_before_receipts_existed_is_migrated(tmp_path):
+    import sqlite3
+
+    con = sqlite3.connect(tmp_path / DB_NAME)
+    con.execute("CREATE TABLE outbox (round_id INTEGER NOT NULL, msg_id TEXT NOT NULL, topic TEXT NOT NULL, payload"
+                " BLOB NOT NULL, state TEXT NOT NULL CHECK (state IN ('pending', 'sent', 'acked')), created REAL NOT"
+                " NULL, updated REAL NOT NULL, attempts INTEGER NOT NULL DEFAULT 0, PRIMARY KEY (round_id, msg_id))")
+    con.execute("INSERT INTO outbox VALUES (7, 'm7', 't', x'00', 'acked', 1, 1, 1)")
+    con.commit()
+    con.close()
+    with DeviceStore(tmp_path) as s:
+        assert s.outbox_settle("m7", "received").state == "received"
 
 
 def test_personal_state_round_trips_and_is_deleted(store):
@@ -254,3 +273,10 @@ def test_a_stored_update_answers_only_the_round_it_was_computed_for():
     assert not EdgeClient._same_task(entry, task.model_copy(update={"round_opened": 1_800_000_000.0}))
     assert not EdgeClient._same_task(entry, task.model_copy(update={"model_version": 1}))
     assert not EdgeClient._same_task(OutboxEntry(3, "x", "t", b"\x00garbage", "acked", 1), task)
+
+
+def test_retention_keeps_the_newest_readings(store):
+    store.add_samples([(float(t), float(t)) for t in range(100)])
+    assert store.prune_samples(30) == 70
+    assert store.n_samples() == 30 and store.sample_span() == (70.0, 99.0)
+    assert store.prune_samples(30) == 0

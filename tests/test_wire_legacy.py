@@ -15,6 +15,8 @@ from edge_client import wire as P
 
 VECTORS = Path(__file__).parent / "data" / "wire_v1"
 EXPECTED = json.loads((VECTORS / "expected.json").read_text())
+ADDED = Path(__file__).parent / "data" / "wire_v1_issue11"  # types and signed forms added by issue #11
+ADDED_EXPECTED = json.loads((ADDED / "expected.json").read_text())
 
 
 def _plain(value):
@@ -31,10 +33,27 @@ def _plain(value):
 
 def test_every_message_type_has_a_vector() -> None:
     assert set(EXPECTED) == {p.stem for p in VECTORS.glob("*.msgpack")}
-    assert set(EXPECTED) == set(P.MESSAGE_TYPES) | set(P.RETIRED_TYPES)
+    assert set(ADDED_EXPECTED) == {p.stem for p in ADDED.glob("*.msgpack")}
+    assert set(EXPECTED) | set(ADDED_EXPECTED) == set(P.MESSAGE_TYPES) | set(P.RETIRED_TYPES)
 
 
-@pytest.mark.parametrize("name", sorted(set(EXPECTED) - set(P.RETIRED_TYPES)))
+@pytest.mark.parametrize("name", sorted(ADDED_EXPECTED))
+def test_vectors_added_by_issue_11_decode_re_encode_and_verify(name: str) -> None:
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+
+    payload = (ADDED / f"{name}.msgpack").read_bytes()
+    msg = P.decode(payload)
+    assert _plain(msg.model_dump(mode="python")) == ADDED_EXPECTED[name]
+    assert P.encode(msg) == payload
+    P.verify(msg, Ed25519PublicKey.from_public_bytes(bytes.fromhex((ADDED / "public_key.hex").read_text())))
+
+
+# Vectors that later rules refuse on purpose, each with the typed reason (issue #11): a float64 array is refused
+# rather than cast (a finite 1e300 becomes inf in float32); coordinators always sent float32 global heads.
+REFUSED = {"global_model": P.WrongDtype}
+
+
+@pytest.mark.parametrize("name", sorted(set(EXPECTED) - set(REFUSED) - set(P.RETIRED_TYPES)))
 def test_legacy_bytes_decode_field_for_field_and_encode_back_identically(name: str) -> None:
     payload = (VECTORS / f"{name}.msgpack").read_bytes()
     msg = P.decode(payload)
@@ -53,3 +72,9 @@ def test_retired_types_are_refused_with_a_typed_reason(name: str) -> None:
     with pytest.raises(P.RetiredMessageType):
         receiver.accept("fedge/v1/plant-7/models/tsfm/manifest", payload, P.Topics("plant-7"))
     assert receiver.rejected == {"retired_type": 1}
+
+
+@pytest.mark.parametrize("name", sorted(REFUSED))
+def test_legacy_bytes_that_newer_rules_refuse_get_a_typed_reason(name: str) -> None:
+    with pytest.raises(REFUSED[name]):
+        P.decode((VECTORS / f"{name}.msgpack").read_bytes())

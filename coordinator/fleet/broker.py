@@ -8,6 +8,7 @@ the size of a global model (rumqttd's default is 20 KB, too small for a head).
 
 from __future__ import annotations
 
+import getpass
 import logging
 import shutil
 import socket
@@ -50,6 +51,11 @@ class RunningBroker:
     _tmp: tempfile.TemporaryDirectory | None = None
     extra_config: list[str] = field(default_factory=list)
 
+    @property
+    def workdir(self) -> Path | None:
+        """The folder with the broker's config, ACL, logs and pid file (a spawned Mosquitto only)."""
+        return Path(self._tmp.name) if self._tmp is not None else None
+
     def stop(self) -> None:
         if self._proc is not None and self._proc.poll() is None:
             self._proc.terminate()
@@ -83,14 +89,53 @@ def mosquitto_config(port: int, extra: list[str] | None = None) -> str:
 
 
 def start_mosquitto(port: int | None = None, extra_config: list[str] | None = None) -> RunningBroker:
-    binary = shutil.which("mosquitto") or ("/usr/sbin/mosquitto" if Path("/usr/sbin/mosquitto").exists() else None)
-    if binary is None:
-        raise FileNotFoundError("mosquitto is not installed")
     port = port or free_port()
     tmp = tempfile.TemporaryDirectory(prefix="fedge-mosquitto-")
     conf = Path(tmp.name) / "mosquitto.conf"
     conf.write_text(mosquitto_config(port, extra_config))
-    log_path = Path(tmp.name) / "mosquitto.log"
+    return _run_mosquitto(conf, port, tmp, BrokerAddress("127.0.0.1", port), extra_config)
+
+
+def start_secure_mosquitto(fleet_dir: Path, devices: int = 64) -> RunningBroker:
+    """Mosquitto on a free loopback port with the production configuration `fedge broker config` writes for the
+    fleet in `fleet_dir` (TLS, client certificates, ACL, persistence); the address carries the fleet CA and the
+    coordinator's certificate. Its config, ACL and pid file are in ``broker.workdir`` (``fedge fleet revoke
+    --broker-pid``)."""
+    from coordinator.fleet.broker_config import BrokerConfig, write_broker_config
+
+    port = free_port()
+    tmp = tempfile.TemporaryDirectory(prefix="fedge-mosquitto-tls-")
+    work = Path(tmp.name)
+    me = getpass.getuser()  # a private broker runs as whoever starts it (it must read the fleet's keys)
+    conf = write_broker_config(fleet_dir, work, BrokerConfig(port=port, bind="127.0.0.1", devices=devices, run_as=me),
+                               log_dest=f"file {work / 'mosquitto.log'}")
+    address = BrokerAddress("127.0.0.1", port).with_identity(fleet_dir / "ca.crt", fleet_dir / "coordinator.crt",
+                                                             fleet_dir / "coordinator.key")
+    return _run_mosquitto(conf, port, tmp, address, [])
+
+
+def start_fleet_broker(folder: Path, fleet: str, device_ids: list[str]) -> tuple[RunningBroker, dict[str, Path]]:
+    """A fleet as it runs on a real network, made from scratch in `folder`: ``fedge fleet init``, ``fedge fleet
+    enroll`` for every device, and the broker ``fedge broker config`` writes. Returns the running broker and each
+    device's enrollment folder (its ``identity``). The demo's ``--secure`` and the hardware-in-loop harness use it."""
+    import shutil as _shutil
+
+    from coordinator.fleet.pki import FleetPKI
+
+    _shutil.rmtree(folder, ignore_errors=True)
+    pki = FleetPKI(folder)
+    pki.init(fleet)
+    bundles = {d: pki.enroll(d) for d in device_ids}
+    return start_secure_mosquitto(folder, devices=len(device_ids) + 4), bundles
+
+
+def _run_mosquitto(conf: Path, port: int, tmp: tempfile.TemporaryDirectory, address: BrokerAddress,
+                   extra_config: list[str] | None) -> RunningBroker:
+    binary = shutil.which("mosquitto") or ("/usr/sbin/mosquitto" if Path("/usr/sbin/mosquitto").exists() else None)
+    if binary is None:
+        tmp.cleanup()
+        raise FileNotFoundError("mosquitto is not installed")
+    log_path = Path(tmp.name) / "mosquitto.stderr"
     with open(log_path, "wb") as log_file:  # a file, not a pipe: nobody reads a pipe, and a full one (a few
         # hundred connects and disconnects of log lines) blocks mosquitto's writes and so the whole broker
         proc = subprocess.Popen([binary, "-c", str(conf)], stdout=subprocess.DEVNULL, stderr=log_file)
@@ -102,8 +147,8 @@ def start_mosquitto(port: int | None = None, extra_config: list[str] | None = No
         err = log_path.read_text(errors="replace")
         tmp.cleanup()
         raise RuntimeError(f"mosquitto failed to start on port {port}: {err.strip()}") from None
-    log.info("mosquitto listening on 127.0.0.1:%d", port)
-    return RunningBroker("mosquitto", BrokerAddress("127.0.0.1", port), _proc=proc, _tmp=tmp,
+    log.info("mosquitto listening on %s", address)
+    return RunningBroker("mosquitto+tls" if address.tls else "mosquitto", address, _proc=proc, _tmp=tmp,
                          extra_config=list(extra_config or []))
 
 

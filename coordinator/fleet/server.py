@@ -22,16 +22,25 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from coordinator.fleet.aggregation import Bounds, NonFiniteModel, bound_updates
+from coordinator.fleet.pki import coordinator_name
+from coordinator.fleet.registry import DeviceRegistry
 from coordinator.fleet.state import FleetState, RoundRecord
 from coordinator.fleet.strategies import RoundInputs, fleet_strategy
 from edge_client.wire import (
+    DuplicateUpdate,
     Forget,
     GlobalModel,
     Hello,
+    IdentityMismatch,
+    InternalError,
     InvalidMessage,
+    Message,
     ProtocolError,
+    Receipt,
     Receiver,
     Reject,
+    RoundClosed,
     RoundTask,
     StaleRound,
     Status,
@@ -41,10 +50,16 @@ from edge_client.wire import (
     check_arrays,
     decode,
     encode,
+    sign,
+    verify,
 )
 from edge_client.wire import mqtt as M
+from edge_client.wire.memory import SqliteReplay
+from edge_client.wire.signing import SIGNED_BY_DEVICE
 
 log = logging.getLogger("fedge.coordinator")
+
+REPLAY_WINDOW_S = 30 * 86400.0  # act-once messages older than this are refused; their ids are kept that long
 
 
 @dataclass(frozen=True)
@@ -60,9 +75,13 @@ class FleetConfig:
     lr: float = 1e-3
     batch_size: int = 64
     prox_mu: float = 0.0
-    strategy: str = "fedavg"  # fedavg | fedprox | trimmed_mean | task_vector (personalised per device)
+    strategy: str = "fedavg"  # fedavg | fedprox | trimmed_mean | median | krum | task_vector (personalised)
     tv_temperature: float = 0.1  # task_vector: softmax temperature over cosine similarities
-    clip_norm: float | None = None
+    clip_norm: float | None = None  # an absolute norm bound on top of the adaptive one (fedavg, trimmed_mean)
+    # bounds every update gets before any strategy sees it (coordinator.fleet.aggregation.Bounds): on by default
+    bounds: Bounds = field(default_factory=Bounds)
+    # retention: update payloads (deltas) of the newest this many finished rounds are kept, metrics always
+    keep_rounds: int = 1000
     upload_dtype: str = "float16"
     seed: int = 0
     allowlist: frozenset[str] | None = None  # None: any device that says hello may join
@@ -93,13 +112,22 @@ class _Traffic:
 
 class FleetCoordinator:
     def __init__(self, cfg: FleetConfig, broker: M.BrokerAddress, state: FleetState,
-                 client_id: str | None = None) -> None:
+                 client_id: str | None = None, registry: DeviceRegistry | None = None) -> None:
+        """`registry` (a fleet folder from `fedge fleet init`): only enrolled devices take part, every message they
+        send must carry their signature, and everything this coordinator sends carries its own. Without one (the
+        loopback demo) devices are known by their hello and nothing is signed."""
         self.cfg = cfg
         self.broker = broker
         self.state = state
+        self.registry = registry
+        self.signing_key = registry.coordinator_key() if registry is not None else None
+        if registry is not None and registry.fleet != cfg.fleet:
+            raise ValueError(f"the fleet folder is for fleet {registry.fleet!r}, not {cfg.fleet!r}")
         self.topics = Topics(cfg.fleet)
         self.strategy = fleet_strategy(cfg.strategy, clip_norm=cfg.clip_norm, tv_temperature=cfg.tv_temperature)
-        self.receiver = Receiver("coordinator")
+        # replay memory in the fleet database: a Forget replayed after a restart is still a replay
+        self.receiver = Receiver("coordinator", memory=SqliteReplay(state.path), authenticate=self._authenticate,
+                                 max_age_s=REPLAY_WINDOW_S)
         self.traffic = _Traffic()
         self.duplicates = 0
         self._changed = threading.Condition()
@@ -113,9 +141,11 @@ class FleetCoordinator:
         self._pin: dict[str, str] | None = None
         self._personal: dict[str, dict[str, np.ndarray] | None] = {}
         self._received: dict[int, dict[str, Update]] = {}
-        self.client = M.make_client(client_id or f"fedge-{cfg.fleet}-coordinator")
-        self.client.on_connect = self._on_connect
-        self.client.on_message = self._on_message
+        self._closing: set[int] = set()  # rounds whose updates are being aggregated: later ones get a Reject
+        self._early_status: dict[str, str] = {}  # statuses of devices not registered (yet): a status registers nobody
+        self.client = M.make_client(client_id or coordinator_name(cfg.fleet))
+        self.client.on_connect = M.guarded(self._on_connect, "coordinator on_connect", self.receiver.callback_failed)
+        self.client.on_message = M.guarded(self._on_message, "coordinator on_message", self.receiver.callback_failed)
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -183,9 +213,7 @@ class FleetCoordinator:
     def publish_global(self, version: int, params: Mapping[str, np.ndarray], round_id: int | None = None) -> int:
         msg = GlobalModel(fleet=self.cfg.fleet, task=self.cfg.task, version=version, round_id=round_id,
                           params={k: np.asarray(v, np.float32) for k, v in params.items()}, **self._model_meta())
-        payload = encode(msg)
-        M.publish(self.client, self.topics.global_model(self.cfg.task), payload, retain=True)
-        return len(payload)
+        return self._send(self.topics.global_model(self.cfg.task), msg, retain=True)
 
     # ------------------------------------------------------------------ devices
 
@@ -273,22 +301,42 @@ class FleetCoordinator:
         return task
 
     def _send_task(self, rec: RoundRecord, device_id: str) -> None:
-        payload = encode(self.build_task(rec, device_id))
-        self.traffic.down[rec.round_id] += len(payload)
-        M.publish(self.client, self.topics.task(device_id), payload, expiry_s=max(1, int(rec.deadline - time.time())))
+        size = self._send(self.topics.task(device_id), self.build_task(rec, device_id),
+                          expiry_s=max(1, int(rec.deadline - time.time())))
+        self.traffic.down[rec.round_id] += size
 
     def _close(self, rec: RoundRecord, base: dict[str, np.ndarray], t0: float, resumed: bool) -> RoundResult:
+        with self._changed:  # from here on an update for this round is refused, never stored and left out
+            self._closing.add(rec.round_id)
+        try:
+            return self._aggregate_and_close(rec, base, t0, resumed)
+        finally:
+            with self._changed:
+                self._closing.discard(rec.round_id)
+
+    def _aggregate_and_close(self, rec: RoundRecord, base: dict[str, np.ndarray], t0: float,
+                             resumed: bool) -> RoundResult:
         updates = self._round_updates(rec.round_id)
         metrics = {u.device_id: dict(u.metrics) for u in updates}
         n_samples = {u.device_id: u.n_samples for u in updates}
         new_version, state = None, "closed"
         if rec.kind == "train":
             if len(updates) >= rec.quorum:
-                trained = [u for u in updates if u.n_samples > 0]
-                agg = self.strategy.aggregate_round(RoundInputs(base, trained, initial=lambda: self._model(0),
-                                                                personal=self._personal_head))
-                new_version = self.state.close_round(rec.round_id, agg.global_params, rec.task,
-                                                     meta=self._model_meta(), personal=agg.personal)
+                bounded = bound_updates([u for u in updates if u.n_samples > 0], self.cfg.bounds, self.sample_cap)
+                if bounded.clipped or bounded.capped:
+                    log.info("round %d: norm bound %.3g clipped %s; sample counts capped for %s", rec.round_id,
+                             bounded.norm_bound or 0.0, list(bounded.clipped) or "none", list(bounded.capped) or "none")
+                try:
+                    agg = self.strategy.aggregate_round(RoundInputs(base, bounded.updates,
+                                                                    initial=lambda: self._model(0),
+                                                                    personal=self._personal_head))
+                    new_version = self.state.close_round(rec.round_id, agg.global_params, rec.task,
+                                                         meta=self._model_meta(), personal=agg.personal)
+                except NonFiniteModel as exc:
+                    log.error("round %d: aggregate refused, global unchanged: %s", rec.round_id, exc)
+                    self.receiver.rejected["non_finite_aggregate"] += 1
+                    self.state.fail_round(rec.round_id)
+                    state = "failed"
                 if new_version is not None:
                     self._adopt(new_version, agg.global_params, agg.personal)
                     self.publish_global(new_version, self._model(new_version), rec.round_id)
@@ -300,6 +348,10 @@ class FleetCoordinator:
         else:
             self.state.close_round(rec.round_id, None, rec.task)
         self._set_open(None)
+        pruned = self.state.prune(self.cfg.keep_rounds)
+        if any(pruned.values()):
+            log.info("retention: dropped %d old update payloads (metrics kept) and %d old model versions",
+                     pruned["update_payloads"], pruned["models"])
         return RoundResult(rec.round_id, rec.kind, rec.base_version, new_version, rec.selected, metrics, n_samples,
                            self.traffic.up[rec.round_id], self.traffic.down[rec.round_id], time.time() - t0,
                            resumed, state)
@@ -315,10 +367,47 @@ class FleetCoordinator:
 
     def _round_updates(self, round_id: int) -> list[Update]:
         """The round's stored updates (SQLite decides which count), decoded on arrival; only updates stored
-        before a restart are decoded here."""
+        before a restart are decoded here, and one that no longer decodes (stored under older rules) is logged,
+        counted and left out rather than stopping the round."""
         with self._changed:
             held = self._received.pop(round_id, {})
-        return [held[d] if d in held else decode(p) for d, p in self.state.updates(round_id)]
+        return self.stored_updates(round_id, held)
+
+    def stored_updates(self, round_id: int, held: Mapping[str, Update] | None = None) -> list[Update]:
+        """The updates SQLite holds for a round, in device order (`held`: ones already decoded)."""
+        out = []
+        for device_id, payload in self.state.updates(round_id):
+            if held and device_id in held:
+                out.append(held[device_id])
+                continue
+            try:
+                msg = decode(payload)
+            except ProtocolError as err:
+                self.receiver.reject(err, f"stored update of {device_id} in round {round_id}", len(payload))
+                continue
+            if isinstance(msg, Update):
+                out.append(msg)
+        return out
+
+    def sample_cap(self, device_id: str) -> int | None:
+        """The most samples a device's update may count for (what it declared when it was enrolled), None: no own
+        cap (the fleet's bounds still apply)."""
+        if self.registry is None:
+            return None
+        try:
+            return self.registry.device(device_id).max_samples
+        except ProtocolError:
+            return 0  # revoked since it sent the update: it counts for nothing
+
+    def _authenticate(self, msg: Message) -> None:
+        """Only what devices send is accepted here, and with a registry only from enrolled, unrevoked devices whose
+        signature checks out; without one, the allowlist (if any) applies to every message, not only hellos."""
+        if msg.type not in SIGNED_BY_DEVICE or not msg.device_id:
+            raise IdentityMismatch(f"a device does not send {msg.type} messages")
+        if self.registry is not None:
+            verify(msg, self.registry.device(msg.device_id).public_key, f"device {msg.device_id}'s")
+        elif self.cfg.allowlist is not None and msg.device_id not in self.cfg.allowlist:
+            raise UnknownDevice(f"device {msg.device_id!r} is not on the fleet allowlist")
 
     def _model_meta(self) -> dict[str, str]:
         """The backbone pin of the model: carried into each new version and each GlobalModel."""
@@ -355,22 +444,30 @@ class FleetCoordinator:
             elif isinstance(msg, Forget):
                 self._on_forget(msg.device_id)
             elif isinstance(msg, Status):
-                self.state.set_device_state(msg.device_id, msg.state)
+                if not self.state.set_device_state(msg.device_id, msg.state):
+                    # a retained status can arrive before the device's retained hello: applied by that hello
+                    self._early_status[msg.device_id] = msg.state
+                    while len(self._early_status) > 10_000:
+                        self._early_status.pop(next(iter(self._early_status)))
                 with self._changed:
                     self._changed.notify_all()
         except ProtocolError as err:
             self.receiver.reject(err, message.topic, len(message.payload))
-            self._send_reject(device, err, msg.msg_id)
-        except Exception:  # never let a bug kill paho's network thread
-            log.exception("coordinator: error handling message on %s", message.topic)
+            self._send_reject(device, err, msg.msg_id, msg.round_id)
+        except Exception as exc:  # a bug, or input no check foresaw: answered and counted, never silent or fatal
+            log.exception("coordinator: error handling %s on %s", msg.type, message.topic)
+            self.receiver.callback_failed(exc)
+            self._send_reject(device, InternalError(f"{type(exc).__name__} while handling {msg.type}"), msg.msg_id,
+                              msg.round_id)
 
     def _on_hello(self, msg: Hello, retained: bool) -> None:
         """Hellos are retained, so a coordinator that starts after its devices still learns of
         them; only a live hello proves the device is connected now."""
         if self.cfg.allowlist is not None and msg.device_id not in self.cfg.allowlist:
             raise UnknownDevice(f"device {msg.device_id!r} is not on the fleet allowlist")
+        early = self._early_status.pop(msg.device_id, None)
         self.state.upsert_device(msg.device_id, domain=msg.domain, profile=msg.profile, runtime=msg.runtime,
-                                 n_train=msg.n_train, state=None if retained else "online")
+                                 n_train=msg.n_train, state=early if retained else "online")
         log.info("device %s joined (%s, %s, %d windows)", msg.device_id, msg.domain, msg.runtime, msg.n_train)
         with self._changed:
             self._changed.notify_all()
@@ -388,20 +485,30 @@ class FleetCoordinator:
                  ", ".join(f"{n} {table}" for table, n in deleted.items()))
 
     def _on_update(self, msg: Update, payload: bytes) -> None:
-        self._check_update(msg)
+        """Store an update once and answer it: a Receipt when it is stored (or was already, byte for byte: the device
+        re-sends until it has one), a Reject otherwise. Checked and stored under the lock that closing a round takes,
+        so an update is either in the aggregate or refused, never stored and left out."""
         with self._changed:
-            if self.state.add_update(msg.round_id, msg.device_id, msg.msg_id, msg.n_samples, bytes(payload)):
+            if self.state.update_msg_id(msg.round_id, msg.device_id) == msg.msg_id:
+                self.duplicates += 1
+                log.info("round %d: duplicate update from %s; receipt sent again", msg.round_id, msg.device_id)
+            else:
+                self._check_update(msg)
+                if not self.state.add_update(msg.round_id, msg.device_id, msg.msg_id, msg.n_samples, bytes(payload)):
+                    raise DuplicateUpdate(f"device {msg.device_id} already sent another update for round "
+                                          f"{msg.round_id}")
                 self.traffic.up[msg.round_id] += len(payload)
                 self._received.setdefault(msg.round_id, {})[msg.device_id] = msg
-            else:
-                self.duplicates += 1
-                log.info("round %d: duplicate update from %s ignored", msg.round_id, msg.device_id)
             self._changed.notify_all()
+        self._send(self.topics.task(msg.device_id), Receipt(fleet=self.cfg.fleet, device_id=msg.device_id,
+                                                          round_id=msg.round_id, ref_msg_id=msg.msg_id), expiry_s=3600)
 
     def _check_update(self, msg: Update) -> None:
         rec = self._open
         if not self.state.has_device(msg.device_id):
             raise UnknownDevice(f"update from unregistered device {msg.device_id!r}")
+        if msg.round_id in self._closing:
+            raise RoundClosed(f"round {msg.round_id} is closing; its aggregate is being computed without this update")
         if rec is None or msg.round_id != rec.round_id:
             raise StaleRound(f"update for round {msg.round_id}, open round is {rec.round_id if rec else 'none'}")
         if msg.device_id not in rec.selected:
@@ -415,13 +522,20 @@ class FleetCoordinator:
                 raise InvalidMessage("a training update needs n_samples > 0")
             check_arrays(msg.delta, self._expected_shapes, what="delta")
 
-    def _send_reject(self, device_id: str | None, err: ProtocolError, ref_msg_id: str) -> None:
+    def _send_reject(self, device_id: str | None, err: ProtocolError, ref_msg_id: str,
+                     round_id: int | None = None) -> None:
         """Tell the device why; a reject to an id that cannot be a topic level is not sent."""
         if not device_id:
             return
         try:
-            reject = Reject(fleet=self.cfg.fleet, device_id=device_id, ref_msg_id=ref_msg_id, reason=err.reason,
-                            detail=str(err)[:1000])
-            M.publish(self.client, self.topics.task(device_id), encode(reject), expiry_s=3600)
+            reject = Reject(fleet=self.cfg.fleet, device_id=device_id, round_id=round_id, ref_msg_id=ref_msg_id,
+                            reason=err.reason, detail=str(err)[:1000])
+            self._send(self.topics.task(device_id), reject, expiry_s=3600)
         except (ValueError, ProtocolError):
             log.debug("cannot address a reject to %r", device_id)
+
+    def _send(self, topic: str, msg: Message, *, retain: bool = False, expiry_s: int | None = None) -> int:
+        """Publish one control message, signed with the coordinator's key when it has one; returns its size."""
+        payload = encode(sign(msg, self.signing_key) if self.signing_key is not None else msg)
+        M.publish(self.client, topic, payload, retain=retain, expiry_s=expiry_s)
+        return len(payload)

@@ -19,6 +19,7 @@ from pathlib import Path
 from edge_client.daemon.client import EdgeClient
 from edge_client.daemon.config import DataSource
 from edge_client.data.datasets import available, load_series
+from edge_client.identity import Identity
 from edge_client.learning.learner import DeviceLearner, SplitConfig
 from edge_client.learning.windows import ETT_TRAIN_END
 from edge_client.runtime.backbone import BackboneRunner
@@ -90,6 +91,7 @@ def start_devices(
     horizon: int,
     threads: int = 1,
     seed: int = 0,
+    identities: list[Identity] | None = None,
 ) -> list[EdgeClient]:
     """Build each device's learner (its own ONNX Runtime session and feature cache) and connect it."""
     clients = []
@@ -97,6 +99,10 @@ def start_devices(
         series, season, domain = dev.source.load()
         runner = BackboneRunner(backbone, threads=threads)
         learner = DeviceLearner(runner, series, season=season, split=SplitConfig(horizon=horizon))
-        client = EdgeClient(dev.device_id, fleet, learner, broker, domain=domain, seed=seed + i).start()
+        identity = identities[i] if identities is not None else None
+        address = broker if identity is None else broker.with_identity(identity.ca_file, identity.cert_file,
+                                                                       identity.key_file)
+        client = EdgeClient(dev.device_id, fleet, learner, address, domain=domain, seed=seed + i,
+                            identity=identity).start()
         clients.append(client)
     return clients

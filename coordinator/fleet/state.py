@@ -19,6 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
+from coordinator.fleet.aggregation import check_finite
 from edge_client.daemon.store import params_from_blob, params_to_blob  # one .npz blob format, shared with devices
 
 FLEET_SCHEMA = """
@@ -33,6 +34,9 @@ CREATE TABLE IF NOT EXISTS rounds (
 CREATE TABLE IF NOT EXISTS updates (
     round_id INTEGER NOT NULL, device_id TEXT NOT NULL, msg_id TEXT NOT NULL, n_samples INTEGER NOT NULL,
     payload BLOB NOT NULL, received REAL NOT NULL, PRIMARY KEY (round_id, device_id));
+CREATE TABLE IF NOT EXISTS update_metrics (
+    round_id INTEGER NOT NULL, device_id TEXT NOT NULL, n_samples INTEGER NOT NULL, metrics TEXT NOT NULL,
+    PRIMARY KEY (round_id, device_id));
 CREATE TABLE IF NOT EXISTS personal (
     device_id TEXT PRIMARY KEY, round_id INTEGER NOT NULL, params BLOB NOT NULL);
 CREATE TABLE IF NOT EXISTS devices (
@@ -91,6 +95,7 @@ class FleetState:
 
     def save_model(self, task: str, params: Mapping[str, np.ndarray], meta: dict | None = None,
                    round_id: int | None = None) -> int:
+        check_finite(params)  # a stored inf model would stop every restart that publishes it
         with self._lock:
             (current,) = self._db.execute("SELECT COALESCE(MAX(version), -1) FROM models").fetchone()
             version = current + 1
@@ -154,7 +159,12 @@ class FleetState:
                     meta: dict | None = None,
                     personal: Mapping[str, Mapping[str, np.ndarray]] | None = None) -> int | None:
         """Store the aggregate (and any per-device personalised heads) and close the round in one
-        transaction; a second call is a no-op that returns the version the first call created."""
+        transaction; a second call is a no-op that returns the version the first call created. Raises
+        NonFiniteModel (and stores nothing) for a model that is not finite in float32."""
+        if new_params is not None:
+            check_finite(new_params)
+        for device_id, params in (personal or {}).items():
+            check_finite(params, f"personal[{device_id}]")
         with self._lock:
             self._db.execute("BEGIN IMMEDIATE")
             try:
@@ -202,6 +212,53 @@ class FleetState:
                 " VALUES (?, ?, ?, ?, ?, ?)", (round_id, device_id, msg_id, n_samples, payload, time.time()))
             return cur.rowcount == 1
 
+    def prune(self, keep_rounds: int, keep_models: int = 8) -> dict[str, int]:
+        """Retention: the payloads (deltas) of updates of finished rounds older than the newest `keep_rounds` are
+        dropped, their metrics and sample counts kept in ``update_metrics``; model versions other than the initial
+        one and the newest `keep_models` are deleted. Returns what was pruned."""
+        from edge_client.wire import ProtocolError, decode
+
+        with self._lock:
+            (last,) = self._db.execute("SELECT COALESCE(MAX(round_id), 0) FROM rounds").fetchone()
+            old = self._db.execute(
+                "SELECT u.round_id, u.device_id, u.n_samples, u.payload FROM updates u JOIN rounds r USING (round_id)"
+                " WHERE r.state != 'open' AND u.round_id <= ? AND length(u.payload) > 0", (last - keep_rounds,)
+            ).fetchall()
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                for round_id, device_id, n_samples, payload in old:
+                    try:
+                        metrics = dict(getattr(decode(payload), "metrics", {}))
+                    except ProtocolError:
+                        metrics = {}
+                    self._db.execute("INSERT OR REPLACE INTO update_metrics (round_id, device_id, n_samples, metrics)"
+                                     " VALUES (?, ?, ?, ?)", (round_id, device_id, n_samples, json.dumps(metrics)))
+                    self._db.execute("UPDATE updates SET payload=x'' WHERE round_id=? AND device_id=?",
+                                     (round_id, device_id))
+                models = self._db.execute(
+                    "DELETE FROM models WHERE version != 0 AND version NOT IN (SELECT version FROM models ORDER BY"
+                    " version DESC LIMIT ?) AND version NOT IN (SELECT base_version FROM rounds WHERE state='open')",
+                    (keep_models,)).rowcount
+                self._db.execute("COMMIT")
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
+        return {"update_payloads": len(old), "models": models}
+
+    def update_metrics(self, round_id: int) -> dict[str, dict[str, float]]:
+        """Metrics of a round's updates whose payloads retention dropped (device -> metrics)."""
+        with self._lock:
+            rows = self._db.execute("SELECT device_id, metrics FROM update_metrics WHERE round_id=?",
+                                    (round_id,)).fetchall()
+        return {d: json.loads(m) for d, m in rows}
+
+    def update_msg_id(self, round_id: int, device_id: str) -> str | None:
+        """The message id of the update stored for (round, device), if any."""
+        with self._lock:
+            row = self._db.execute("SELECT msg_id FROM updates WHERE round_id=? AND device_id=?",
+                                   (round_id, device_id)).fetchone()
+        return None if row is None else row[0]
+
     def updates(self, round_id: int) -> list[tuple[str, bytes]]:
         with self._lock:
             return list(self._db.execute(
@@ -239,12 +296,11 @@ class FleetState:
                 " n_train=excluded.n_train, state=COALESCE(?, devices.state), last_seen=excluded.last_seen",
                 (device_id, domain, profile, runtime, n_train, state, time.time(), state))
 
-    def set_device_state(self, device_id: str, state: str) -> None:
+    def set_device_state(self, device_id: str, state: str) -> bool:
+        """Presence of a known device; a status never registers a device (only a hello does). False: unknown."""
         with self._lock:
-            self._db.execute("INSERT OR IGNORE INTO devices (device_id, state, last_seen) VALUES (?, ?, ?)",
-                             (device_id, state, time.time()))
-            self._db.execute("UPDATE devices SET state=?, last_seen=? WHERE device_id=?",
-                             (state, time.time(), device_id))
+            return self._db.execute("UPDATE devices SET state=?, last_seen=? WHERE device_id=?",
+                                    (state, time.time(), device_id)).rowcount == 1
 
     def devices(self, *, online_only: bool = False) -> dict[str, dict]:
         query = "SELECT device_id, domain, profile, runtime, n_train, state, last_seen FROM devices"

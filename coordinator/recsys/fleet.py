@@ -33,7 +33,7 @@ from edge_client.recsys.client import TASK, RecEdgeClient, RecLearner, metric_ke
 from edge_client.recsys.data import ContinualSplit
 from edge_client.recsys.device import METHODS, RecDevice
 from edge_client.recsys.encoder import SequenceEncoder
-from edge_client.wire import InvalidMessage, RoundTask, Update, WrongShape, decode
+from edge_client.wire import InvalidMessage, RoundTask, Update, WrongShape
 from edge_client.wire.mqtt import BrokerAddress
 
 log = logging.getLogger("fedge.coordinator.rec")
@@ -110,7 +110,7 @@ class RecFleetCoordinator(FleetCoordinator):
         simulation does) and compute p̃ for every device that sent one; returns those p̃."""
         if self.prototypes is None:
             return {}
-        sent = [decode(p) for _, p in self.state.updates(round_id)]  # ordered by device id
+        sent = self.stored_updates(round_id)  # ordered by device id
         senders = [u.device_id for u in sent if u.prototype is not None]
         for u in sent:
             if u.prototype is not None:

@@ -9,6 +9,7 @@ from typing import Any
 from edge_client.bundles.manifest import BadChunk, BundleError, InvalidManifest
 from edge_client.bundles.store import BundleStore
 from edge_client.wire import BundleChunk, BundleManifest, ProtocolError, Topics, decode
+from edge_client.wire.mqtt import guarded
 
 log = logging.getLogger("fedge.bundle")
 
@@ -24,8 +25,8 @@ class BundleDownloader:
         self.client, self.topics, self.store, self.task = client, topics, store, task
         self.installed = threading.Event()
         self._wanted: int | None = None
-        client.on_connect = self._on_connect
-        client.on_message = self._on_message
+        client.on_connect = guarded(self._on_connect, "bundle downloader on_connect")
+        client.on_message = guarded(self._on_message, "bundle downloader on_message")
 
     def _on_connect(self, client, userdata, flags, reason_code, properties) -> None:  # type: ignore[no-untyped-def]
         if not reason_code.is_failure:
@@ -54,6 +55,8 @@ class BundleDownloader:
             return
         if m.version != msg.version:
             raise InvalidManifest(f"envelope says v{msg.version}, signed manifest says v{m.version}")
+        if m.task != self.task:
+            raise InvalidManifest(f"the signed manifest is for task {m.task!r}, this device runs {self.task!r}")
         self._wanted = m.version
         if self.store.missing(m.version):
             self.client.subscribe(self.topics.all_chunks(self.task), qos=1)

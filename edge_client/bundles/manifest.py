@@ -73,6 +73,10 @@ class IncompleteBundle(BundleError):
     reason = "incomplete"
 
 
+class NoSpace(BundleError):
+    reason = "no_space"
+
+
 class TamperedFile(BundleError):
     reason = "tampered_file"
 
@@ -132,6 +136,8 @@ class Manifest:
     backbones: Mapping[str, str]
     spec: ModelSpec
     profiles: tuple[str, ...]
+    fleet: str | None = None  # the fleet the bundle is bound to (devices of a secure fleet require it)
+    expires: float | None = None  # unix time after which devices refuse it
 
     def file(self, name: str) -> FileEntry | None:
         return next((f for f in self.files if f.name == name), None)
@@ -171,8 +177,15 @@ class Manifest:
         version = int(data["version"])
         if version < 0:
             raise InvalidManifest(f"negative version {version}")
+        fleet = data.get("fleet")
+        if fleet is not None and (not isinstance(fleet, str) or not NAME_RE.match(fleet)):
+            raise InvalidManifest(f"bad fleet {fleet!r}")
+        expires = data.get("expires")
+        if expires is not None and (type(expires) not in (int, float) or not 0 < expires < 1e11):
+            raise InvalidManifest(f"bad expiry {expires!r}")
         return cls(raw, data, str(data["task"]), str(data["model_id"]), version, chunk_size, files, backbones,
-                   spec, tuple(str(p) for p in data.get("profiles", [])))
+                   spec, tuple(str(p) for p in data.get("profiles", [])), fleet,
+                   None if expires is None else float(expires))
 
 
 def verify_manifest(manifest_bytes: bytes, signature: bytes | None, public_key: Ed25519PublicKey) -> Manifest:

@@ -31,6 +31,7 @@ import logging
 import os
 import shutil
 import threading
+import time
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -47,6 +48,7 @@ from edge_client.bundles.manifest import (
     IncompleteBundle,
     InvalidManifest,
     Manifest,
+    NoSpace,
     StaleBundle,
     TamperedFile,
     TruncatedChunk,
@@ -57,6 +59,7 @@ from edge_client.runtime.litert import litert_available
 from edge_client.wire import BundleChunk
 
 log = logging.getLogger("fedge.bundle")
+FREE_DISK_MARGIN = 64 * 1024 * 1024  # a download must leave this much free on the device
 
 
 # --------------------------------------------------------------------------- store
@@ -96,6 +99,7 @@ class BundleStore:
     preferred_format: str = "fp32"
     threads: int = 1
     runtime: str = ONNXRUNTIME  # the profile's runtime; "litert" runs the bundle's .tflite backbone when shipped
+    fleet: str | None = None  # set: only bundles signed for this fleet are accepted (a secure fleet's devices)
     rejected: Counter[str] = field(default_factory=Counter)
     chunks_written: int = 0
 
@@ -104,6 +108,7 @@ class BundleStore:
         (self.root / "versions").mkdir(parents=True, exist_ok=True)
         self._lock = threading.RLock()
         self._manifests: dict[int, Manifest] = {}
+        self._missing: dict[int, set[tuple[str, int]]] = {}  # per version, computed once: linear bookkeeping
 
     # -------------------------------------------------------------- pointers
 
@@ -175,8 +180,18 @@ class BundleStore:
         try:
             if current is not None and m.version < current:
                 raise StaleBundle(f"version {m.version} is older than the installed v{current} (downgrade refused)")
+            if m.expires is not None and m.expires < time.time():
+                raise StaleBundle(f"v{m.version} expired at {m.expires:.0f} (an old bundle re-published?)")
+            if self.fleet is not None and m.fleet != self.fleet:
+                raise IncompatibleBundle(f"v{m.version} is signed for fleet {m.fleet!r}, this device is in "
+                                         f"{self.fleet!r}")
             if self.profile and m.profiles and self.profile not in m.profiles:
                 raise IncompatibleBundle(f"profile {self.profile!r} is not among {list(m.profiles)}")
+            if m.version != current and not self.is_bad(m.version):
+                need = 2 * sum(f.size for f in m.files) + FREE_DISK_MARGIN  # chunks and assembled files
+                free = shutil.disk_usage(self.root).free
+                if free < need:
+                    raise NoSpace(f"v{m.version} needs {need / 1e6:.0f} MB free, {free / 1e6:.0f} MB are")
         except BundleError as err:
             self.reject(err, m.version)
             return None
@@ -197,17 +212,21 @@ class BundleStore:
         return self.version_dir(version) / "chunks" / name / f"{index:06d}.part"
 
     def missing(self, version: int) -> list[tuple[str, int]]:
-        """(file, chunk index) pairs still to receive: what a resumed download must fetch."""
-        m = self.manifest(version)
-        if m is None:
-            return []
-        out = []
-        for f in m.files:
-            if self._file_ok(version, f):
-                continue
-            out.extend((f.name, i) for i in range(f.n_chunks(m.chunk_size))
-                       if not self._chunk_path(version, f.name, i).is_file())
-        return out
+        """(file, chunk index) pairs still to receive: what a resumed download must fetch. Read from disk once
+        per version and then kept up to date chunk by chunk (1,024 chunks once took 21 s re-reading it per chunk)."""
+        with self._lock:
+            if version not in self._missing:
+                m = self.manifest(version)
+                if m is None:
+                    return []
+                out: set[tuple[str, int]] = set()
+                for f in m.files:
+                    if self._file_ok(version, f):
+                        continue
+                    out.update((f.name, i) for i in range(f.n_chunks(m.chunk_size))
+                               if not self._chunk_path(version, f.name, i).is_file())
+                self._missing[version] = out
+            return sorted(self._missing[version])
 
     def add_chunk(self, chunk: BundleChunk) -> bool:
         """Store one chunk (idempotent). True when the bundle just became complete."""
@@ -234,14 +253,16 @@ class BundleStore:
         if hashlib.sha256(chunk.data).hexdigest() != chunk.sha256:
             raise BadChunk(f"{chunk.file} chunk {chunk.index} does not match its sha256")
         with self._lock:
-            path = self._chunk_path(chunk.version, chunk.file, chunk.index)
-            if path.is_file() or self._file_ok(chunk.version, entry):
+            self.missing(chunk.version)  # loads the set once
+            wanted = self._missing[chunk.version]
+            if (chunk.file, chunk.index) not in wanted:
                 return False
+            path = self._chunk_path(chunk.version, chunk.file, chunk.index)
             path.parent.mkdir(parents=True, exist_ok=True)
-            before = len(self.missing(chunk.version))
             _atomic_write(path, chunk.data)
             self.chunks_written += 1
-            return before > 0 and not self.missing(chunk.version)
+            wanted.discard((chunk.file, chunk.index))
+            return not wanted
 
     # -------------------------------------------------------------- assembly and activation
 
@@ -269,6 +290,7 @@ class BundleStore:
             if size != entry.size or digest != entry.sha256:
                 tmp.unlink()
                 shutil.rmtree(self.version_dir(version) / "chunks" / entry.name, ignore_errors=True)
+                self._missing.pop(version, None)  # fetch them again
                 raise TamperedFile(f"{entry.name}: assembled {size} bytes with sha256 {digest[:12]}…, signed manifest "
                                    f"says {entry.size} bytes, {entry.sha256[:12]}…")
             os.replace(tmp, files / entry.name)
@@ -341,6 +363,23 @@ class BundleStore:
             _atomic_write(self.root / "previous", f"{current}\n".encode())
         _atomic_write(self.root / "current", f"{version}\n".encode())
         log.info("bundle v%d is now current (previous v%s)", version, current)
+        self.prune()
+
+    def prune(self) -> list[int]:
+        """Delete every version on disk but the current, the previous (the roll-back target) and ones still being
+        downloaded (newer than current); returns the versions deleted."""
+        keep = {self.current_version, self.previous_version}
+        gone = []
+        for d in (self.root / "versions").iterdir():
+            if not d.name.isdigit() or int(d.name) in keep or int(d.name) > (self.current_version or -1):
+                continue
+            shutil.rmtree(d, ignore_errors=True)
+            self._manifests.pop(int(d.name), None)
+            self._missing.pop(int(d.name), None)
+            gone.append(int(d.name))
+        if gone:
+            log.info("bundles: deleted old versions %s", sorted(gone))
+        return sorted(gone)
 
     def load_current(self) -> BackboneRunner:
         """The current backbone, re-verified on load; if it fails (disk damage, a file deleted),

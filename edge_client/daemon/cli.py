@@ -96,11 +96,10 @@ def run(
     A broker that is down is retried with backoff; updates wait in the store's outbox."""
     from edge_client.daemon.service import DeviceService, StateDirBusy
     from edge_client.runtime.backbone import ModelLoadError
-    from edge_client.wire.mqtt import BrokerAddress
 
     cfg = _config(config, log_level)
     try:
-        broker = BrokerAddress.parse(cfg.broker)
+        broker = cfg.broker_address()
         service = DeviceService(cfg, broker)
     except (ValueError, StateDirBusy, OSError) as exc:
         _fail(str(exc))

@@ -24,6 +24,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 from edge_client.daemon.outbox import MemoryOutbox, Outbox, OutboxEntry
+from edge_client.identity import Identity
 from edge_client.learning.head import Params, as_float32, head_shapes
 from edge_client.learning.learner import DeviceLearner
 from edge_client.learning.personalize import PersonalConfig
@@ -31,10 +32,12 @@ from edge_client.runtime.backbone import backbone_mismatch
 from edge_client.wire import (
     GlobalModel,
     Hello,
+    IdentityMismatch,
     InvalidMessage,
     Message,
     ModelMismatch,
     ProtocolError,
+    Receipt,
     Receiver,
     Reject,
     RoundTask,
@@ -45,8 +48,12 @@ from edge_client.wire import (
     check_arrays,
     decode,
     encode,
+    sign,
+    verify,
 )
 from edge_client.wire import mqtt as M
+from edge_client.wire.memory import ReplayMemory
+from edge_client.wire.signing import SIGNED_BY_COORDINATOR, SIGNED_BY_DEVICE
 
 log = logging.getLogger("fedge.edge")
 
@@ -56,6 +63,7 @@ class EdgeStats:
     bytes_up: int = 0
     bytes_down: int = 0
     rounds: int = 0
+    receipts: int = 0
     last_metrics: dict[str, float] = field(default_factory=dict)
 
 
@@ -78,6 +86,8 @@ def personal_config(options: Mapping[str, object]) -> PersonalConfig | None:
     except (TypeError, ValueError) as exc:
         raise InvalidMessage(f"bad personalisation options: {exc}") from None
 
+
+MAX_PENDING_TASKS = 4  # tasks waiting for their global head; 400 forged tasks once grew this by 191 MB
 
 # Fault injection for crash tests: FEDGE_FAILPOINT=after_outbox SIGKILLs the process right after an
 # update is stored in the outbox and before it is published (the window a power cut can hit).
@@ -113,6 +123,8 @@ class EdgeClient:
         before_task: Callable[[RoundTask], None] | None = None,
         after_update: Callable[[RoundTask, Update], None] | None = None,
         personal: Params | None = None,
+        identity: Identity | None = None,
+        replay: ReplayMemory | None = None,
     ) -> None:
         self.device_id = device_id
         self.fleet = fleet
@@ -123,7 +135,12 @@ class EdgeClient:
         self.domain = domain
         self.seed = seed
         self.topics = Topics(fleet)
-        self.receiver = Receiver(f"device {device_id}")
+        # with an identity (an enrollment folder) everything this device sends is signed with its key and every
+        # control message must carry the coordinator's signature; `replay` keeps replay memory across restarts
+        self.identity = identity
+        if identity is not None and identity.name != device_id:
+            raise ValueError(f"the identity is {identity.name!r}'s, not {device_id!r}'s")
+        self.receiver = Receiver(f"device {device_id}", memory=replay, authenticate=self._authenticate)
         self.stats = EdgeStats()
         # the last two global models accepted (params as float32): what tasks train from, kept as messages
         # so they can be checked again after a backbone change
@@ -143,14 +160,25 @@ class EdgeClient:
         self._stopping = threading.Event()
         self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"train-{device_id}")
         self.updates_sent = threading.Semaphore(0)  # released once per update the broker acknowledged
+        self.receipts = threading.Semaphore(0)  # released once per update the coordinator confirmed it stored
         self.ack_timeout_s = 30.0
-        offline = encode(Status(fleet=fleet, device_id=device_id, state="offline", detail="connection lost"))
+        offline = encode(self._signed(Status(fleet=fleet, device_id=device_id, state="offline",
+                                             detail="connection lost")))
         self.client = M.make_client(f"fedge-{fleet}-dev-{device_id}", will=(self.topics.status(device_id), offline))
-        self.client.on_connect = self._on_connect
-        self.client.on_message = self._on_message
-        self.client.on_publish = self._on_publish
-        self.client.on_disconnect = self._on_disconnect
-        self.client.on_connect_fail = self._on_connect_fail
+        for name in ("on_connect", "on_message", "on_publish", "on_disconnect", "on_connect_fail"):
+            setattr(self.client, name, M.guarded(getattr(self, f"_{name}"), f"device {device_id} {name}",
+                                                 self.receiver.callback_failed))
+
+    def _signed(self, msg: Message) -> Message:
+        return sign(msg, self.identity.key) if self.identity is not None else msg
+
+    def _authenticate(self, msg: Message) -> None:
+        """Only what a coordinator sends is accepted here, and with an identity only with the coordinator's
+        signature (a broker without an ACL, or a forged publisher, cannot steer the device)."""
+        if msg.type in SIGNED_BY_DEVICE:
+            raise IdentityMismatch(f"the coordinator does not send {msg.type} messages")
+        if self.identity is not None and msg.type in SIGNED_BY_COORDINATOR:
+            verify(msg, self.identity.coordinator_key, "the coordinator's")
 
     @property
     def globals(self) -> dict[int, Params]:
@@ -176,8 +204,9 @@ class EdgeClient:
             deadline = time.time() + ack_wait_s
             while self.inflight() and time.time() < deadline and self.client.is_connected():
                 time.sleep(0.05)
-            info = M.publish(self.client, self.topics.status(self.device_id), encode(
-                Status(fleet=self.fleet, device_id=self.device_id, state="offline", detail="stopped")), retain=True)
+            info = M.publish(self.client, self.topics.status(self.device_id), encode(self._signed(
+                Status(fleet=self.fleet, device_id=self.device_id, state="offline", detail="stopped"))),
+                retain=True)
             with contextlib.suppress(RuntimeError, ValueError):  # not connected: the last will says offline
                 info.wait_for_publish(timeout=5)
             self.client.disconnect()
@@ -225,12 +254,26 @@ class EdgeClient:
             fleet=self.fleet, device_id=self.device_id, state=state or self.state, detail=detail[:512]), retain=True)
 
     def _flush_outbox(self) -> None:
-        """Publish outbox entries left unacknowledged by an earlier process (same bytes, same id)."""
-        for entry in self.outbox.outbox_unacked():
+        """Publish outbox entries an earlier process left without the coordinator's answer (same bytes, same id);
+        paho retransmits the ones this process handed it."""
+        for entry in self.outbox.outbox_unsettled():
             if entry.msg_id not in self._handed_to_paho:
                 log.info("device %s: sending stored update for round %d (%s, msg %s)", self.device_id,
                          entry.round_id, entry.state, entry.msg_id[:8])
                 self._send(entry)
+
+    def resend_unsettled(self, older_than_s: float = 120.0) -> int:
+        """Publish again the updates the broker took but the coordinator never answered (no Receipt, no Reject)
+        within `older_than_s`: the broker may have lost them, or the coordinator was away. The coordinator counts a
+        re-sent update once and answers again. Returns how many were re-sent."""
+        if not self.client.is_connected():
+            return 0
+        stale = [e for e in self.outbox.outbox_unsettled(older_than_s) if e.state == "acked"]
+        for entry in stale:
+            log.info("device %s: no receipt for round %d after %.0f s; sending it again", self.device_id,
+                     entry.round_id, older_than_s)
+            self._send(entry)
+        return len(stale)
 
     def _on_publish(self, client, userdata, mid, reason_code, properties) -> None:  # type: ignore[no-untyped-def]
         with self._ack_lock:
@@ -264,8 +307,9 @@ class EdgeClient:
             self._dispatch(msg)
         except ProtocolError:
             pass  # counted and logged by the receiver
-        except Exception:  # a bug must not kill paho's network thread
+        except Exception as exc:  # a bug must not kill paho's network thread
             log.exception("device %s: error handling message on %s", self.device_id, message.topic)
+            self.receiver.callback_failed(exc)
 
     def _dispatch(self, msg: Message) -> None:
         if isinstance(msg, GlobalModel):
@@ -275,14 +319,23 @@ class EdgeClient:
                 ready = msg.model_version in self.global_models
                 if not ready:
                     self._pending[msg.model_version] = msg
+                    for old in sorted(self._pending)[:-MAX_PENDING_TASKS]:  # bounded, whatever arrives
+                        del self._pending[old]
             if ready:
                 self._worker.submit(self._run_task, msg)
             else:
                 log.info("device %s: task for round %d waits for global v%d", self.device_id, msg.round_id,
                          msg.model_version)
+        elif isinstance(msg, Receipt):
+            entry = self.outbox.outbox_settle(msg.ref_msg_id, "received")
+            if entry is not None:
+                self.stats.receipts += 1
+                self.receipts.release()
+                log.info("device %s: the coordinator stored the update for round %d", self.device_id, msg.round_id)
         elif isinstance(msg, Reject):
-            log.warning("device %s: coordinator rejected %s: %s (%s)", self.device_id, msg.ref_msg_id, msg.reason,
-                        msg.detail)
+            entry = self.outbox.outbox_settle(msg.ref_msg_id, "rejected")
+            log.warning("device %s: coordinator rejected %s%s: %s (%s)", self.device_id, msg.ref_msg_id,
+                        f" (the update for round {entry.round_id})" if entry else "", msg.reason, msg.detail)
 
     def _backbone_identity(self) -> tuple[str, str]:
         """(model id, file sha256) of the backbone this device runs; the id is empty for backbones whose
@@ -320,6 +373,7 @@ class EdgeClient:
         except ProtocolError as err:
             self.receiver.reject(err, self.topics.global_model(self.task))
             return
+        self.receiver.advance(msg)
         with self._lock:
             self.global_models[msg.version] = msg.model_copy(update={"params": as_float32(msg.params)})
             for old in sorted(self.global_models)[:-2]:
@@ -353,7 +407,7 @@ class EdgeClient:
                         return
             self.publish_status("training", f"round {task.round_id}")
             update = self._compute(task).model_copy(update={"round_opened": task.round_opened})
-            payload = encode(update)
+            payload = encode(self._signed(update))
             topic = self.topics.update(task.round_id, self.device_id)
             with self._ack_lock:  # a reconnect flushing the outbox right now must leave this one to us
                 self._handed_to_paho.add(update.msg_id)
@@ -441,7 +495,7 @@ class EdgeClient:
             self._acked(key)
 
     def _publish(self, topic: str, msg: Message, *, retain: bool = False) -> None:
-        payload = encode(msg)
+        payload = encode(self._signed(msg))
         self.stats.bytes_up += len(payload)
         M.publish(self.client, topic, payload, retain=retain)
 

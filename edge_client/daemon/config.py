@@ -82,10 +82,15 @@ class DeviceConfig(BaseModel):
     data: DataSource = DataSource()
     state_dir: str | None = None  # SQLite store; default $STATE_DIRECTORY (systemd) or ~/.local/state/fedge/...
     heartbeat_s: float = Field(default=60.0, gt=0)
+    receipt_timeout_s: float = Field(default=300.0, gt=0)  # an update the coordinator never answered is re-sent
     rebuild_every: int | None = Field(default=None, ge=1)  # new samples before windows are rebuilt; None: horizon
     max_history: int = Field(default=50_000, ge=64)  # newest samples the learner uses (bounds memory)
+    keep_readings: int = Field(default=500_000, ge=64)  # retention: older readings are deleted from the store
     resources: ResourceLimits = ResourceLimits()
     bundle: BundleConfig | None = None
+    # the enrollment folder from `fedge fleet enroll` (<device_id>.key/.crt, ca.crt, coordinator.crt): TLS with a
+    # client certificate to an mqtts:// broker, signed messages, and only the coordinator's signed messages obeyed
+    identity: str | None = None
     profile: str = "generic"
     threads: int = Field(default=1, ge=1, le=64)
     horizon: int = Field(default=24, ge=1)
@@ -98,6 +103,23 @@ class DeviceConfig(BaseModel):
         if self.backbone is None and self.bundle is None:
             raise ValueError("set 'backbone' (a backbone.onnx file) or a [bundle] table")
         return self
+
+    def load_identity(self):  # type: ignore[no-untyped-def]
+        """The device's Identity, or None without an ``identity`` folder (imports cryptography lazily)."""
+        if not self.identity:
+            return None
+        from edge_client.identity import Identity
+
+        return Identity.load(Path(self.identity).expanduser(), self.device_id)
+
+    def broker_address(self):  # type: ignore[no-untyped-def]
+        """The broker to connect to, with the identity's certificate for TLS when there is one."""
+        from edge_client.wire.mqtt import BrokerAddress
+
+        address = BrokerAddress.parse(self.broker)
+        identity = self.load_identity()
+        return address if identity is None else address.with_identity(identity.ca_file, identity.cert_file,
+                                                                       identity.key_file)
 
     def state_path(self) -> Path:
         """Where the device's SQLite store lives (created by the store)."""

@@ -32,6 +32,7 @@ from edge_client.learning.learner import DeviceLearner, SplitConfig
 from edge_client.runtime.backbone import BackboneRunner, ModelLoadError
 from edge_client.wire import RoundTask, Topics, Update
 from edge_client.wire import mqtt as M
+from edge_client.wire.memory import SqliteReplay
 
 log = logging.getLogger("fedge.service")
 
@@ -110,6 +111,7 @@ def bundle_store(cfg: DeviceConfig):  # type: ignore[no-untyped-def]
     b = cfg.bundle
     runtime, fmt = profile_choice(cfg.profile)
     return BundleStore(Path(b.dir), load_public_key(b.public_key), profile=cfg.profile,
+                       fleet=cfg.fleet if cfg.identity else None,
                        preferred_format=b.preferred_format or fmt, runtime=b.runtime or runtime, threads=cfg.threads)
 
 
@@ -141,6 +143,7 @@ class DeviceService:
         self.rebuild_every = cfg.rebuild_every or cfg.horizon
         self.season, self.domain = cfg.data.season or 24, cfg.data.kind
         self.bundles = bundle_store(cfg)
+        self.identity = cfg.load_identity()
         self.bundle_version: int | None = None
         self.runner: BackboneRunner | None = None
         self.learner: DeviceLearner | None = None
@@ -333,11 +336,13 @@ class DeviceService:
                                  domain=self.domain, seed=cfg.seed, outbox=self.store,
                                  resource_check=self.resource_check, resource_poll_s=cfg.resources.poll_s,
                                  before_task=self.refresh, after_update=self.after_update,
-                                 personal=self.personal_head_from_store())
+                                 personal=self.personal_head_from_store(), identity=self.identity,
+                                 replay=SqliteReplay(self.store.path))
         self._attach_bundles(self.client)
-        unacked = self.store.outbox_unacked()
-        if unacked:
-            log.info("%d stored update(s) wait for the broker: rounds %s", len(unacked), [e.round_id for e in unacked])
+        unsettled = self.store.outbox_unsettled()
+        if unsettled:
+            log.info("%d stored update(s) wait for the coordinator's receipt: rounds %s", len(unsettled),
+                     [e.round_id for e in unsettled])
         self.client.start(wait=False)
         log.info("device %s running (fleet %s, broker %s:%d, state %s)", cfg.device_id, cfg.fleet,
                  self.broker.host, self.broker.port, self.state_dir)
@@ -372,12 +377,18 @@ class DeviceService:
                 if self.client.client.is_connected():
                     self.client.publish_status(None, self.heartbeat_detail())
                     self.store.set_meta("last_heartbeat", now)
+                    self.client.resend_unsettled(self.cfg.receipt_timeout_s)
+                pruned = self.store.prune_samples(max(self.cfg.keep_readings, self.cfg.max_history))
+                if pruned:
+                    log.info("retention: deleted %d readings older than the newest %d", pruned,
+                             self.cfg.keep_readings)
         return sent
 
     def heartbeat_detail(self) -> str:
         counts = self.store.outbox_counts()
-        return (f"heartbeat: {self.store.n_samples()} readings, outbox {counts['pending'] + counts['sent']} "
-                f"unacked, bundle v{self.bundle_version}")
+        waiting = counts["pending"] + counts["sent"] + counts["acked"]
+        return (f"heartbeat: {self.store.n_samples()} readings, outbox {waiting} unanswered, "
+                f"bundle v{self.bundle_version}")
 
     def close(self) -> None:
         """Finish or persist the in-flight update, say offline, close the store."""

@@ -41,7 +41,8 @@ def _store_rows(store: DeviceStore, when: Callable[[float | None], str]) -> Iter
     yield "rounds trained", str(store.get_meta("rounds_trained", 0))
     yield "global version", str(store.get_meta("last_global_version", "-"))
     counts = store.outbox_counts()
-    yield "outbox", f"{counts['pending']} pending, {counts['sent']} sent (no ack), {counts['acked']} acked"
+    yield "outbox", (f"{counts['pending']} pending, {counts['sent']} sent (no ack), {counts['acked']} acked by the "
+                     f"broker (no receipt yet), {counts['received']} received, {counts['rejected']} rejected")
     names = store.personal_names()
     yield "personal state", ", ".join(names) if names else "none"
     sha = store.get_meta("backbone_sha256")
@@ -88,14 +89,16 @@ def tell_coordinator(cfg: DeviceConfig, timeout_s: float = 10.0) -> str:
     device's retained hello and status on the broker, so a restarted coordinator does not register it
     again. Done once the broker acknowledges: the coordinator's persistent session receives the request
     even if it is down now. Raises ConnectionError when the broker cannot be reached."""
-    from edge_client.wire import Forget, Topics, encode
+    from edge_client.wire import Forget, Topics, encode, sign
     from edge_client.wire import mqtt as M
 
     topics = Topics(cfg.fleet)
     client = M.make_client(f"fedge-{cfg.fleet}-forget-{cfg.device_id}")
-    M.connect(client, M.BrokerAddress.parse(cfg.broker), persistent=False, timeout_s=timeout_s)
+    M.connect(client, cfg.broker_address(), persistent=False, timeout_s=timeout_s)
+    identity = cfg.load_identity()
     try:
-        request = encode(Forget(fleet=cfg.fleet, device_id=cfg.device_id))
+        forget = Forget(fleet=cfg.fleet, device_id=cfg.device_id)
+        request = encode(sign(forget, identity.key) if identity is not None else forget)
         infos = [M.publish(client, topics.forget(cfg.device_id), request),
                  M.publish(client, topics.hello(cfg.device_id), b"", retain=True),
                  M.publish(client, topics.status(cfg.device_id), b"", retain=True)]

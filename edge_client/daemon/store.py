@@ -6,9 +6,11 @@ may lose a reading, an update or the personal model. What is kept here:
 - ``samples``: the device's own series, ``(ts, value)``, deduplicated on ``ts`` (a timestamp, or a
   running sequence number for sources without one). Raw data never leaves this file.
 - ``outbox``: every update, written *before* it is published and keyed by ``(round_id, msg_id)``;
-  ``pending`` (not yet handed to a connection) → ``sent`` (handed to MQTT, no PUBACK yet) → ``acked``.
-  After a crash, pending and sent entries are published again byte for byte, same message id, so the
-  coordinator (which stores one update per round and device) counts each once.
+  ``pending`` (not yet handed to a connection) → ``sent`` (handed to MQTT, no PUBACK yet) → ``acked`` (the broker
+  has it) → ``received`` (the coordinator's Receipt: it stored it) or ``rejected`` (a Reject naming it: a closed
+  round, say). Until one of the last two, the entry is published again byte for byte, same message id (after a
+  crash, a reconnect, or a long wait for the receipt), and the coordinator, which stores one update per round and
+  device, counts it once and answers with a receipt again.
 - ``personal``: the device's personal head and other named parameter sets.
 - ``meta``: small facts for ``fedge-edge status`` (last round, last global version, counters).
 - ``ingest``: per-source read positions (file offset, inode) and good/bad line counters.
@@ -31,25 +33,26 @@ from typing import Any
 
 import numpy as np
 
-from edge_client.daemon.outbox import OutboxEntry, OutboxState
+from edge_client.daemon.outbox import OUTBOX_STATES, OutboxEntry, OutboxState
 
 DB_NAME = "device.sqlite"
+
+OUTBOX_TABLE = """CREATE TABLE IF NOT EXISTS outbox (
+    round_id INTEGER NOT NULL, msg_id TEXT NOT NULL, topic TEXT NOT NULL, payload BLOB NOT NULL,
+    state TEXT NOT NULL CHECK (state IN ('pending', 'sent', 'acked', 'received', 'rejected')),
+    created REAL NOT NULL, updated REAL NOT NULL, attempts INTEGER NOT NULL DEFAULT 0,
+    PRIMARY KEY (round_id, msg_id))"""
 
 DEVICE_SCHEMA = """
 CREATE TABLE IF NOT EXISTS samples (
     ts REAL PRIMARY KEY, value REAL, source TEXT NOT NULL DEFAULT '', ingested REAL NOT NULL);
-CREATE TABLE IF NOT EXISTS outbox (
-    round_id INTEGER NOT NULL, msg_id TEXT NOT NULL, topic TEXT NOT NULL, payload BLOB NOT NULL,
-    state TEXT NOT NULL CHECK (state IN ('pending', 'sent', 'acked')),
-    created REAL NOT NULL, updated REAL NOT NULL, attempts INTEGER NOT NULL DEFAULT 0,
-    PRIMARY KEY (round_id, msg_id));
 CREATE TABLE IF NOT EXISTS personal (name TEXT PRIMARY KEY, params BLOB NOT NULL, updated REAL NOT NULL);
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS ingest (
     source TEXT PRIMARY KEY, offset INTEGER NOT NULL DEFAULT 0, inode INTEGER NOT NULL DEFAULT 0,
     seq INTEGER NOT NULL DEFAULT 0, good INTEGER NOT NULL DEFAULT 0, bad INTEGER NOT NULL DEFAULT 0,
     updated REAL NOT NULL DEFAULT 0);
-"""
+""" + OUTBOX_TABLE + ";\n"
 
 
 def params_to_blob(params: Mapping[str, np.ndarray]) -> bytes:
@@ -84,8 +87,25 @@ class DeviceStore:
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=FULL")  # an outbox row must survive a power cut once written
         self._db.execute("PRAGMA secure_delete=ON")  # forget-me overwrites deleted rows instead of freeing them
+        self._migrate_outbox()
         self._db.executescript(DEVICE_SCHEMA)
         self._lock = threading.RLock()
+
+    def _migrate_outbox(self) -> None:
+        """Stores written before receipts existed allow only pending/sent/acked: rebuild the table (same rows)."""
+        row = self._db.execute("SELECT sql FROM sqlite_master WHERE type='table' AND name='outbox'").fetchone()
+        if row is None or "'received'" in row[0]:
+            return
+        self._db.execute("BEGIN IMMEDIATE")
+        try:
+            self._db.execute("ALTER TABLE outbox RENAME TO outbox_old")
+            self._db.execute(OUTBOX_TABLE)
+            self._db.execute("INSERT INTO outbox SELECT * FROM outbox_old")
+            self._db.execute("DROP TABLE outbox_old")
+            self._db.execute("COMMIT")
+        except BaseException:
+            self._db.execute("ROLLBACK")
+            raise
 
     def close(self) -> None:
         with self._lock:
@@ -133,6 +153,12 @@ class DeviceStore:
         lo, hi = self._q("SELECT MIN(ts), MAX(ts) FROM samples")[0]
         return None if lo is None else (float(lo), float(hi))
 
+    def prune_samples(self, keep: int) -> int:
+        """Retention: keep the newest `keep` readings, delete older ones; returns how many went."""
+        with self._lock:
+            return self._db.execute("DELETE FROM samples WHERE ts < (SELECT ts FROM samples ORDER BY ts DESC"
+                                    " LIMIT 1 OFFSET ?)", (max(0, int(keep) - 1),)).rowcount
+
     def delete_samples(self) -> int:
         with self._lock:
             n = self.n_samples()
@@ -164,30 +190,48 @@ class DeviceStore:
                 " VALUES (?, ?, ?, ?, 'pending', ?, ?)", (int(round_id), msg_id, topic, bytes(payload), now, now))
 
     def outbox_mark(self, round_id: int, msg_id: str, state: OutboxState) -> None:
-        """Move an entry forward; an acked entry never goes back to pending or sent."""
+        """Move an entry forward (a re-send counts an attempt but never moves it back); settled entries stay."""
         bump = 1 if state == "sent" else 0
-        self._q("UPDATE outbox SET state=?, updated=?, attempts=attempts+? WHERE round_id=? AND msg_id=?"
-                " AND state != 'acked'", (state, time.time(), bump, int(round_id), msg_id))
+        rank = OUTBOX_STATES.index(state)
+        with self._lock:
+            self._db.execute("UPDATE outbox SET attempts=attempts+?, updated=? WHERE round_id=? AND msg_id=?"
+                             " AND state NOT IN ('received', 'rejected')", (bump, time.time(), int(round_id), msg_id))
+            earlier = ",".join("?" * rank)
+            self._db.execute(f"UPDATE outbox SET state=? WHERE round_id=? AND msg_id=? AND state IN ({earlier})",
+                             (state, int(round_id), msg_id, *OUTBOX_STATES[:rank]))
+
+    def outbox_settle(self, msg_id: str, state: OutboxState) -> OutboxEntry | None:
+        """The coordinator answered the update with this message id (Receipt: received, Reject: rejected)."""
+        with self._lock:
+            rows = self._q("SELECT round_id FROM outbox WHERE msg_id=?", (msg_id,))
+            if not rows:
+                return None
+            self.outbox_mark(rows[0][0], msg_id, state)
+            return self.outbox_for_round(rows[0][0])
 
     def outbox_for_round(self, round_id: int) -> OutboxEntry | None:
         rows = self._q("SELECT round_id, msg_id, topic, payload, state, attempts FROM outbox WHERE round_id=?"
                        " ORDER BY created DESC LIMIT 1", (int(round_id),))
         return OutboxEntry(*rows[0]) if rows else None
 
-    def outbox_unacked(self) -> list[OutboxEntry]:
-        rows = self._q("SELECT round_id, msg_id, topic, payload, state, attempts FROM outbox WHERE state != 'acked'"
-                       " ORDER BY created")
+    def outbox_unsettled(self, older_than_s: float = 0.0) -> list[OutboxEntry]:
+        """Entries the coordinator has not answered (no Receipt, no Reject), last touched at least `older_than_s` ago:
+        what a reconnect or a restart publishes again."""
+        rows = self._q("SELECT round_id, msg_id, topic, payload, state, attempts FROM outbox"
+                       " WHERE state NOT IN ('received', 'rejected') AND updated <= ? ORDER BY created",
+                       (time.time() - older_than_s,))
         return [OutboxEntry(*r) for r in rows]
 
     def outbox_counts(self) -> dict[str, int]:
-        counts = {"pending": 0, "sent": 0, "acked": 0}
+        counts = dict.fromkeys(OUTBOX_STATES, 0)
         counts.update({s: n for s, n in self._q("SELECT state, COUNT(*) FROM outbox GROUP BY state")})
         return counts
 
-    def outbox_prune(self, keep_acked: int = 16) -> None:
-        """Drop old acked entries; unacked ones are never dropped."""
-        self._q("DELETE FROM outbox WHERE state='acked' AND round_id NOT IN"
-                " (SELECT round_id FROM outbox WHERE state='acked' ORDER BY round_id DESC LIMIT ?)", (keep_acked,))
+    def outbox_prune(self, keep_settled: int = 16) -> None:
+        """Drop old settled entries (received or rejected); unsettled ones are never dropped."""
+        self._q("DELETE FROM outbox WHERE state IN ('received', 'rejected') AND round_id NOT IN"
+                " (SELECT round_id FROM outbox WHERE state IN ('received', 'rejected') ORDER BY round_id DESC"
+                " LIMIT ?)", (keep_settled,))
 
     def delete_outbox(self) -> int:
         with self._lock:

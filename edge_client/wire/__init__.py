@@ -10,7 +10,9 @@ replay protection, topic/identity checks, logging and counters on top. Nothing a
 
 from edge_client.wire.codec import check_arrays, decode, encode
 from edge_client.wire.errors import (
+    DuplicateUpdate,
     IdentityMismatch,
+    InternalError,
     InvalidMessage,
     MalformedMessage,
     ModelMismatch,
@@ -19,9 +21,13 @@ from edge_client.wire.errors import (
     ProtocolError,
     ReplayedMessage,
     RetiredMessageType,
+    Revoked,
+    RoundClosed,
+    SignatureMismatch,
     StaleRound,
     UnknownDevice,
     UnknownMessageType,
+    Unsigned,
     UnsupportedSchema,
     WrongDtype,
     WrongShape,
@@ -43,12 +49,14 @@ from edge_client.wire.messages import (
     GlobalModel,
     Hello,
     Message,
+    Receipt,
     Reject,
     RoundTask,
     Status,
     Update,
 )
 from edge_client.wire.receiver import Receiver
+from edge_client.wire.signing import sign, verify
 from edge_client.wire.topics import NAME_RE, TOPIC_ROOT, Topics, check_name
 
 __all__ = [
@@ -63,10 +71,12 @@ __all__ = [
     "TOPIC_ROOT",
     "BundleChunk",
     "BundleManifest",
+    "DuplicateUpdate",
     "Forget",
     "GlobalModel",
     "Hello",
     "IdentityMismatch",
+    "InternalError",
     "InvalidMessage",
     "Limits",
     "MalformedMessage",
@@ -75,16 +85,21 @@ __all__ = [
     "NonFiniteValues",
     "PayloadTooLarge",
     "ProtocolError",
+    "Receipt",
     "Receiver",
     "Reject",
     "ReplayedMessage",
     "RetiredMessageType",
+    "Revoked",
+    "RoundClosed",
     "RoundTask",
+    "SignatureMismatch",
     "StaleRound",
     "Status",
     "Topics",
     "UnknownDevice",
     "UnknownMessageType",
+    "Unsigned",
     "UnsupportedSchema",
     "Update",
     "WrongDtype",
@@ -93,4 +108,6 @@ __all__ = [
     "check_name",
     "decode",
     "encode",
+    "sign",
+    "verify",
 ]

@@ -88,7 +88,17 @@ _ERROR_BY_PYDANTIC_TYPE: dict[str, type[ProtocolError]] = {
 
 
 def decode(payload: bytes, limits: Limits = DEFAULT_LIMITS) -> Message:
-    """Parse and validate a payload. Raises a :class:`ProtocolError` subclass, nothing else."""
+    """Parse and validate a payload. Raises a :class:`ProtocolError` subclass, nothing else: whatever a peer sends,
+    a receiver gets a typed refusal it can count and answer, never an exception that stops its network thread."""
+    try:
+        return _decode(payload, limits)
+    except ProtocolError:
+        raise
+    except Exception as exc:  # a check that itself failed on hostile input: still a typed refusal
+        raise MalformedMessage(f"undecodable message: {type(exc).__name__}: {exc}"[:500]) from None
+
+
+def _decode(payload: bytes, limits: Limits) -> Message:
     if not isinstance(payload, bytes | bytearray | memoryview):
         raise MalformedMessage(f"payload must be bytes, got {type(payload).__name__}")
     if len(payload) > limits.max_payload_bytes:
@@ -111,13 +121,16 @@ def decode(payload: bytes, limits: Limits = DEFAULT_LIMITS) -> Message:
         raise MalformedMessage(f"not a msgpack message: {type(exc).__name__}: {exc}") from None
     if not isinstance(raw, dict):
         raise MalformedMessage(f"message must be a map, got {type(raw).__name__}")
-    if raw.get("v") != SCHEMA_VERSION:
-        raise UnsupportedSchema(f"schema version {raw.get('v')!r} is not supported (this side speaks {SCHEMA_VERSION})")
+    version = raw.get("v")
+    # exact type first: the field may hold anything (an array, a map), and comparing those is not a yes or no
+    if type(version) is not int or version != SCHEMA_VERSION:
+        raise UnsupportedSchema(f"schema version {_short(version)} is not supported (this side speaks "
+                                f"{SCHEMA_VERSION})")
     kind = raw.get("type")
-    if isinstance(kind, str) and kind in RETIRED_TYPES:
+    if type(kind) is str and kind in RETIRED_TYPES:
         raise RetiredMessageType(f"{kind}: {RETIRED_TYPES[kind]}")
-    if not isinstance(kind, str) or kind not in MESSAGE_TYPES:
-        raise UnknownMessageType(f"unknown message type {kind!r}")
+    if type(kind) is not str or kind not in MESSAGE_TYPES:
+        raise UnknownMessageType(f"unknown message type {_short(kind)}")
     try:
         return ANY_MESSAGE.validate_python(raw)
     except ValidationError as exc:
@@ -126,6 +139,11 @@ def decode(payload: bytes, limits: Limits = DEFAULT_LIMITS) -> Message:
             if err["type"] in _ERROR_BY_PYDANTIC_TYPE:
                 raise _ERROR_BY_PYDANTIC_TYPE[err["type"]](_describe(errors)) from None
         raise InvalidMessage(f"{kind}: {_describe(errors)}") from None
+
+
+def _short(value: Any) -> str:
+    """A bounded description of a hostile value for a log line."""
+    return f"of type {type(value).__name__}" if not isinstance(value, int | str | None) else repr(value)[:64]
 
 
 def _describe(errors: list[Any]) -> str:

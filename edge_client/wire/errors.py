@@ -58,6 +58,18 @@ class StaleRound(ProtocolError):
     reason = "stale_round"
 
 
+class RoundClosed(StaleRound):
+    """The round was closing (its aggregate being computed) when the update arrived: it is not in that aggregate."""
+
+    reason = "round_closed"
+
+
+class DuplicateUpdate(ProtocolError):
+    """A device sent a second, different update for a round it already has one stored in."""
+
+    reason = "duplicate_update"
+
+
 class ReplayedMessage(ProtocolError):
     reason = "replay"
 
@@ -68,3 +80,27 @@ class UnknownDevice(ProtocolError):
 
 class IdentityMismatch(ProtocolError):
     reason = "identity_mismatch"
+
+
+class InternalError(ProtocolError):
+    """The receiver failed on a message that passed every check (a bug); the sender is told, the receiver lives on."""
+
+    reason = "internal_error"
+
+
+class Unsigned(ProtocolError):
+    """A message that must be signed carries no signature."""
+
+    reason = "unsigned"
+
+
+class SignatureMismatch(ProtocolError):
+    """A signature that does not verify with the key of the party the message claims to come from."""
+
+    reason = "bad_signature"
+
+
+class Revoked(ProtocolError):
+    """A device whose identity the fleet revoked."""
+
+    reason = "revoked"

@@ -23,7 +23,14 @@ from pydantic import (
 )
 from pydantic_core import PydanticCustomError
 
-from edge_client.wire.limits import ALLOWED_DTYPES, DEFAULT_LIMITS, MAX_PROTOTYPE_DIM, SCHEMA_VERSION
+from edge_client.wire.limits import (
+    ALLOWED_DTYPES,
+    DEFAULT_LIMITS,
+    MAX_PROTOTYPE_DIM,
+    MAX_SAMPLES,
+    MAX_WIRE_INT,
+    SCHEMA_VERSION,
+)
 from edge_client.wire.topics import NAME_RE
 
 # --------------------------------------------------------------------------- array fields
@@ -64,6 +71,11 @@ def _prototype_vector(value: np.ndarray | None) -> np.ndarray | None:
 
 
 DeviceId = Annotated[str, Field(pattern=NAME_RE.pattern)]
+# Every integer on the wire is bounded by the schema: msgpack carries up to 2^64-1, SQLite stores up to 2^63-1, and
+# a version of 2^64-1 would pin a device forever. Counts and ids stay exact in a double.
+Count = Annotated[int, Field(ge=0, le=MAX_WIRE_INT)]
+WireInt = Annotated[int, Field(ge=-MAX_WIRE_INT, le=MAX_WIRE_INT)]
+OptionValue = WireInt | float | Annotated[str, Field(max_length=256)] | bool
 Metrics = dict[str, float]
 
 
@@ -78,7 +90,7 @@ class Message(BaseModel):
     msg_id: str = Field(default_factory=lambda: uuid.uuid4().hex, min_length=8, max_length=64)
     fleet: Annotated[str, Field(pattern=NAME_RE.pattern)]
     device_id: DeviceId | None = None
-    round_id: int | None = Field(default=None, ge=0)
+    round_id: Count | None = None
     ts: float = Field(default_factory=time.time)
     sig: bytes | None = None
 
@@ -102,9 +114,9 @@ class Hello(Message):
     runtime: str = Field(max_length=128)
     profile: str = Field(default="generic", max_length=64)
     domain: str = Field(default="", max_length=64)
-    n_train: int = Field(ge=0)
-    n_eval: int = Field(ge=0)
-    model_version: int | None = None
+    n_train: Count
+    n_eval: Count
+    model_version: Count | None = None
     capabilities: list[Annotated[str, Field(max_length=64)]] = Field(default_factory=list, max_length=32)
 
 
@@ -131,10 +143,10 @@ class RoundTask(Message):
 
     type: Literal["task"] = "task"
     device_id: DeviceId
-    round_id: int = Field(ge=0)
+    round_id: Count
     task: str = Field(default="tsfm", pattern=NAME_RE.pattern)
     kind: Literal["train", "evaluate"] = "train"
-    model_version: int = Field(ge=0)
+    model_version: Count
     deadline_ts: float
     local_epochs: int = Field(default=1, ge=1, le=100)
     lr: float = Field(default=1e-3, gt=0, le=1.0)
@@ -143,7 +155,7 @@ class RoundTask(Message):
     # when the coordinator opened this round (kept across its restarts): tells a resumed round from another
     # fleet database's round with the same number, so a device re-sends a stored update only to the former
     round_opened: float = Field(default=0.0, ge=0)
-    options: dict[str, float | int | str | bool] = Field(default_factory=dict, max_length=64)
+    options: dict[Annotated[str, Field(max_length=64)], OptionValue] = Field(default_factory=dict, max_length=64)
     # task-vector personalised aggregation: this device's own starting head (empty: the global head)
     params: Arrays = Field(default_factory=dict)
     # FCUCR inter-user prototype transfer: the similarity-weighted mean of the prototypes of the users
@@ -159,11 +171,11 @@ class Update(Message):
 
     type: Literal["update"] = "update"
     device_id: DeviceId
-    round_id: int = Field(ge=0)
+    round_id: Count
     task: str = Field(default="tsfm", pattern=NAME_RE.pattern)
     kind: Literal["train", "evaluate"] = "train"
-    base_version: int = Field(ge=0)
-    n_samples: int = Field(ge=0)
+    base_version: Count
+    n_samples: int = Field(ge=0, le=MAX_SAMPLES)
     delta: Arrays = Field(default_factory=dict)
     metrics: Metrics = Field(default_factory=dict)
     train_seconds: float = Field(default=0.0, ge=0)
@@ -186,7 +198,7 @@ class GlobalModel(Message):
 
     type: Literal["global_model"] = "global_model"
     task: str = Field(default="tsfm", pattern=NAME_RE.pattern)
-    version: int = Field(ge=0)
+    version: Count
     params: Arrays
     backbone_sha256: str = Field(default="", max_length=64)
     # The export's model id, shared by all its formats (ONNX, int8, TFLite); devices check it first.
@@ -201,7 +213,7 @@ class BundleManifest(Message):
 
     type: Literal["bundle_manifest"] = "bundle_manifest"
     task: str = Field(default="tsfm", pattern=NAME_RE.pattern)
-    version: int = Field(ge=0)
+    version: Count
     manifest: bytes = Field(max_length=64 * 1024)
 
 
@@ -211,7 +223,7 @@ class BundleChunk(Message):
 
     type: Literal["bundle_chunk"] = "bundle_chunk"
     task: str = Field(default="tsfm", pattern=NAME_RE.pattern)
-    version: int = Field(ge=0)
+    version: Count
     file: str = Field(pattern=NAME_RE.pattern)
     index: int = Field(ge=0, le=1 << 20)
     total: int = Field(ge=1, le=1 << 20)
@@ -228,12 +240,23 @@ class Reject(Message):
     detail: str = Field(default="", max_length=1024)
 
 
+class Receipt(Message):
+    """The coordinator stored an update (or already had it, byte for byte): the application-level acknowledgement.
+    A broker's PUBACK only says the broker has the message; the device keeps an update in its outbox until this
+    arrives (or a Reject naming it), and re-sends it otherwise."""
+
+    type: Literal["receipt"] = "receipt"
+    device_id: DeviceId
+    round_id: Count
+    ref_msg_id: str = Field(min_length=8, max_length=64)
+
+
 MESSAGE_TYPES: dict[str, type[Message]] = {
     cls.model_fields["type"].default: cls
-    for cls in (Hello, Status, Forget, RoundTask, Update, GlobalModel, BundleManifest, BundleChunk, Reject)
+    for cls in (Hello, Status, Forget, RoundTask, Update, GlobalModel, BundleManifest, BundleChunk, Reject, Receipt)
 }
 AnyMessage = Annotated[
-    Hello | Status | Forget | RoundTask | Update | GlobalModel | BundleManifest | BundleChunk | Reject,
+    Hello | Status | Forget | RoundTask | Update | GlobalModel | BundleManifest | BundleChunk | Reject | Receipt,
     Field(discriminator="type"),
 ]
 # Types this schema version once had and no longer accepts: decoding one is a typed refusal that says why.

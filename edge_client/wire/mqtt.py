@@ -7,11 +7,15 @@ and delivers them when the same client id reconnects.
 
 from __future__ import annotations
 
+import functools
 import logging
+import os
 import threading
 import time
-from collections.abc import Iterable
-from dataclasses import dataclass
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
 
 import paho.mqtt.client as mqtt
 from paho.mqtt.packettypes import PacketTypes
@@ -22,21 +26,70 @@ log = logging.getLogger("fedge.mqtt")
 
 @dataclass(frozen=True)
 class BrokerAddress:
+    """Where the broker is and how to prove who we are to it: ``mqtt://`` plain (a loopback demo), ``mqtts://`` TLS
+    with the fleet CA, and with a client certificate and key (``with_identity``) the broker's ACL knows us by the
+    certificate's common name. ``user:pass@`` credentials are kept for brokers that use passwords."""
+
     host: str = "127.0.0.1"
     port: int = 1883
     username: str | None = None
     password: str | None = None
     keepalive: int = 30
+    tls: bool = False
+    ca_file: str | None = None
+    cert_file: str | None = None
+    key_file: str | None = None
 
     @classmethod
     def parse(cls, text: str) -> BrokerAddress:
-        """'host', 'host:port' or 'mqtt://host:port'."""
-        text = text.removeprefix("mqtt://")
-        host, _, port = text.rpartition(":") if ":" in text else (text, "", "1883")
+        """'host', 'host:port', 'mqtt://[user:pass@]host:port' or 'mqtts://…' (TLS, default port 8883)."""
+        tls = text.startswith("mqtts://")
+        rest = text.removeprefix("mqtts://").removeprefix("mqtt://")
+        creds, _, hostport = rest.rpartition("@")
+        user, _, password = creds.partition(":")
+        host, _, port = hostport.rpartition(":") if ":" in hostport else (hostport, "", "8883" if tls else "1883")
         try:
-            return cls(host or "127.0.0.1", int(port))
+            return cls(host or "127.0.0.1", int(port), user or None, password or None, tls=tls)
         except ValueError:
-            raise ValueError(f"bad broker address {text!r}; expected host:port") from None
+            raise ValueError(f"bad broker address {text!r}; expected [mqtt[s]://][user:pass@]host:port") from None
+
+    def with_identity(self, ca_file: str | Path, cert_file: str | Path, key_file: str | Path) -> BrokerAddress:
+        """TLS with the fleet CA and this client certificate (the broker's ACL username)."""
+        return replace(self, tls=True, ca_file=str(ca_file), cert_file=str(cert_file), key_file=str(key_file))
+
+    def __str__(self) -> str:
+        return f"{'mqtts' if self.tls else 'mqtt'}://{self.host}:{self.port}"
+
+
+def _apply_auth(client: mqtt.Client, broker: BrokerAddress) -> None:
+    if broker.username:
+        client.username_pw_set(broker.username, broker.password)
+    if broker.tls:
+        secret = os.environ.get("FEDGE_KEY_PASSPHRASE")
+        client.tls_set(ca_certs=broker.ca_file, certfile=broker.cert_file, keyfile=broker.key_file,
+                       keyfile_password=secret or None)
+
+
+def guarded(callback: Callable[..., Any], what: str,
+            on_error: Callable[[BaseException], None] | None = None) -> Callable[..., None]:
+    """A paho callback that can never raise: an exception (a bug, or input no check foresaw) is logged with its
+    traceback and reported to `on_error` (a counter), and paho's network thread lives on. Every callback of both
+    sides is installed through this; :func:`make_client` also sets paho's own ``suppress_exceptions`` as the
+    last net."""
+
+    @functools.wraps(callback)
+    def call(*args: Any, **kwargs: Any) -> None:
+        try:
+            callback(*args, **kwargs)
+        except Exception as exc:
+            log.exception("%s failed; the connection stays up", what)
+            if on_error is not None:
+                try:
+                    on_error(exc)
+                except Exception:
+                    log.exception("%s: the error counter failed too", what)
+
+    return call
 
 
 def make_client(
@@ -51,6 +104,7 @@ def make_client(
     )
     if will is not None:
         client.will_set(will[0], will[1], qos=1, retain=True)
+    client.suppress_exceptions = True  # a callback that raises anyway is logged by paho, not re-raised
     client.reconnect_delay_set(min_delay=1, max_delay=30)
     client.max_queued_messages_set(10_000)
     return client
@@ -75,9 +129,8 @@ def connect(
     accept us within `timeout_s`. paho keeps reconnecting on its own after that (exponential
     backoff, see make_client). ``wait=False`` (a daemon that must outlive a broker that is down
     at boot) returns at once and lets paho's thread retry the first connection too."""
+    _apply_auth(client, broker)
     if not wait:
-        if broker.username:
-            client.username_pw_set(broker.username, broker.password)
         client.connect_async(broker.host, broker.port, keepalive=broker.keepalive, clean_start=not persistent,
                              properties=_connect_props(persistent, session_expiry_s))
         client.loop_start()
@@ -94,13 +147,11 @@ def connect(
             user_on_connect(c, userdata, flags, reason_code, properties)
 
     client.on_connect = on_connect
-    if broker.username:
-        client.username_pw_set(broker.username, broker.password)
     try:
         client.connect(broker.host, broker.port, keepalive=broker.keepalive, clean_start=not persistent,
                        properties=_connect_props(persistent, session_expiry_s))
-    except OSError as exc:
-        raise ConnectionError(f"cannot reach MQTT broker at {broker.host}:{broker.port}: {exc}") from None
+    except OSError as exc:  # ssl.SSLError is one: a refused certificate, an unknown CA
+        raise ConnectionError(f"cannot reach MQTT broker at {broker}: {exc}") from None
     client.loop_start()
     if not connected.wait(timeout_s) or failure:
         client.loop_stop()

@@ -6,13 +6,15 @@ import re
 from dataclasses import dataclass
 
 TOPIC_ROOT = "fedge/v1"
-NAME_RE = re.compile(r"^[A-Za-z0-9_.\-]{1,64}$")
+# a topic level and a file name at once: no '/', '+', '#', and no leading '.' (so never '.' or '..': a bundle chunk
+# named '..' was once written outside its folder)
+NAME_RE = re.compile(r"^[A-Za-z0-9_\-][A-Za-z0-9_.\-]{0,63}$")
 
 
 def check_name(value: str, what: str) -> str:
     """Fleet and device ids become topic levels: no '/', '+', '#' or empty levels."""
     if not isinstance(value, str) or not NAME_RE.match(value):
-        raise ValueError(f"invalid {what} {value!r}: use 1-64 characters from A-Z a-z 0-9 _ . -")
+        raise ValueError(f"invalid {what} {value!r}: use 1-64 characters from A-Z a-z 0-9 _ . -, not starting with .")
     return value
 
 

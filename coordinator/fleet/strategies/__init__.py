@@ -13,6 +13,8 @@ from collections.abc import Callable
 from coordinator.fleet.strategies.base import Aggregate, FleetStrategy, RoundInputs
 from coordinator.fleet.strategies.fedavg import FedAvg
 from coordinator.fleet.strategies.fedprox import fedprox
+from coordinator.fleet.strategies.krum import MultiKrum
+from coordinator.fleet.strategies.median import CoordinateMedian
 from coordinator.fleet.strategies.task_vector import TaskVectorAggregation
 from coordinator.fleet.strategies.trimmed_mean import TrimmedMean
 
@@ -24,7 +26,11 @@ FLEET_STRATEGIES: dict[str, Callable[[float | None, float, float], FleetStrategy
     "fedprox": lambda clip_norm, trim, temperature: fedprox(clip_norm),
     "trimmed_mean": lambda clip_norm, trim, temperature: TrimmedMean(trim=trim, clip_norm=clip_norm),
     "task_vector": lambda clip_norm, trim, temperature: TaskVectorAggregation(temperature=temperature),
+    "median": lambda clip_norm, trim, temperature: CoordinateMedian(),
+    "krum": lambda clip_norm, trim, temperature: MultiKrum(),
 }
+# Whatever the strategy, the server bounds every update first (coordinator.fleet.aggregation.Bounds): an adaptive
+# norm bound and capped sample weights. median, trimmed_mean and krum add robustness to a minority of attackers.
 
 
 def fleet_strategy(name: str, *, clip_norm: float | None = None, trim: float = 0.1,

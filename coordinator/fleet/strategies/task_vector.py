@@ -24,14 +24,13 @@ from typing import ClassVar
 
 import numpy as np
 
-from coordinator.fleet.aggregation import Contribution, Params, weighted_mean
+from coordinator.fleet.aggregation import Contribution, Params, flat, weighted_mean
 from coordinator.fleet.strategies.base import Aggregate, RoundInputs
 
 
 def flatten(delta: Mapping[str, np.ndarray], keys: Sequence[str] | None = None) -> np.ndarray:
     """One float64 vector of the parameters in `keys` (default: sorted keys, a stable order)."""
-    keys = sorted(delta) if keys is None else keys
-    return np.concatenate([np.asarray(delta[k], np.float64).ravel() for k in keys])
+    return flat(delta, sorted(delta) if keys is None else keys)
 
 
 def cosine_matrix(vectors: np.ndarray, remove_mean: bool = False) -> np.ndarray:

@@ -15,7 +15,8 @@ from coordinator.fleet.strategies.base import Aggregate, RoundInputs
 
 @dataclass(frozen=True)
 class TrimmedMean:
-    """Coordinate-wise trimmed mean of (optionally clipped) deltas, unweighted."""
+    """Coordinate-wise trimmed mean of (optionally clipped) deltas, unweighted. It always trims at least one device
+    from each end once three or more answered (10 % of fewer than ten devices would trim nothing)."""
 
     trim: float = 0.1
     clip_norm: float | None = None
@@ -25,7 +26,7 @@ class TrimmedMean:
 
     def aggregate(self, global_params: Mapping[str, np.ndarray], updates: Sequence[Contribution]) -> Params:
         deltas = [aggregation.clip_by_norm(u.delta, self.clip_norm) if self.clip_norm else u.delta for u in updates]
-        return aggregation.apply(global_params, aggregation.trimmed_mean(deltas, self.trim), self.server_lr)
+        return aggregation.apply(global_params, aggregation.trimmed_mean(deltas, self.trim, min_cut=1), self.server_lr)
 
     def aggregate_round(self, inputs: RoundInputs) -> Aggregate:
         return Aggregate(self.aggregate(inputs.base, inputs.updates))
