@@ -30,6 +30,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey,
 
 from edge_client.bundles.manifest import (
     BUNDLE_FORMAT,
+    CHUNK_DIGEST_HEX,
     Manifest,
     canonical_json,
     key_id,
@@ -97,12 +98,20 @@ class Bundle:
         return self.dir / "files" / name
 
 
+def chunk_digests(path: Path, chunk_size: int) -> list[str]:
+    """The signed digest of every chunk of a file (sha256, first 128 bits), so a device checks each chunk on arrival
+    against what the coordinator signed, not against a hash the chunk's own unsigned envelope carries."""
+    data = path.read_bytes()
+    return [hashlib.sha256(data[i : i + chunk_size]).hexdigest()[:CHUNK_DIGEST_HEX]
+            for i in range(0, max(len(data), 1), chunk_size)]
+
+
 def _manifest_dict(export_dir: Path, names: list[str], version: int, task: str, chunk_size: int,
                    profiles: Sequence[str], public_key: Ed25519PublicKey, fleet: str | None = None,
                    expires: float | None = None) -> dict[str, Any]:
     spec = json.loads((export_dir / "spec.json").read_text())
     files = [{"name": n, "sha256": sha256_file(export_dir / n), "size": (export_dir / n).stat().st_size,
-              "role": BUNDLE_FILES[n]} for n in names]
+              "role": BUNDLE_FILES[n], "chunks": chunk_digests(export_dir / n, chunk_size)} for n in names]
     backbones = {key: name for key, name in BACKBONE_KEYS.items() if name in names}
     return {
         "format": BUNDLE_FORMAT, "task": task, "model_id": str(spec.get("model_id", "")), "version": int(version),

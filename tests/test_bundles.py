@@ -162,12 +162,14 @@ def test_tampered_file_rejected(store_v1, export_dir, key, caplog) -> None:
     path = bundle.path("head.npz")
     data = bytearray(path.read_bytes())
     data[-100] ^= 0xFF
-    path.write_bytes(bytes(data))  # after signing: chunks are self-consistent, the file hash is not
+    path.write_bytes(bytes(data))  # after signing: chunk envelopes are self-consistent, the signed digests are not
     with caplog.at_level(logging.WARNING, "fedge.bundle"):
         assert not _feed(store, bundle)
-    assert store.rejected["tampered_file"] == 1 and "head.npz" in caplog.text
+    # the signed per-chunk digest refuses the tampered chunk on arrival (before issue #11: only the assembled file)
+    assert store.rejected["bad_chunk"] == 1 and "head.npz" in caplog.text
     assert store.current_version == 1
-    assert ("head.npz", 0) in store.missing(2)  # its chunks were dropped, to be fetched again
+    last = bundle.manifest.file("head.npz").n_chunks(16 * 1024) - 1
+    assert store.missing(2) == [("head.npz", last)]  # still wanted: the genuine chunk can come
 
 
 def test_truncated_chunk_rejected(store_v1, export_dir, key) -> None:
@@ -383,3 +385,16 @@ def test_a_download_that_would_not_fit_is_refused(store_v1, export_dir, key, mon
     monkeypatch.setattr("edge_client.bundles.store.shutil.disk_usage", lambda p: usage(10**9, 10**9, 10**6))
     bundle = build_bundle(export_dir, tmp / "b2", 2, key)
     assert store.offer_manifest(bundle.manifest_bytes, bundle.signature) is None and store.rejected["no_space"] == 1
+
+
+def test_a_chunk_must_be_the_one_the_signed_manifest_names(export_dir, key, tmp_path) -> None:
+    """Chunk envelopes are not signed: a garbage chunk with a self-consistent hash is refused on arrival."""
+    store = BundleStore(tmp_path / "device", key.public_key())
+    bundle = build_bundle(export_dir, tmp_path / "b1", 1, key, chunk_size=16 * 1024)
+    assert all(len(e.chunks) == e.n_chunks(16 * 1024) for e in bundle.manifest.files)
+    assert store.offer_manifest(bundle.manifest_bytes, bundle.signature) is not None
+    real = next(iter_chunks(bundle, FLEET))
+    fake = bytes(len(real.data))
+    forged = real.model_copy(update={"data": fake, "sha256": hashlib.sha256(fake).hexdigest()})
+    assert store.add_chunk(forged) is False and store.rejected["bad_chunk"] == 1
+    assert (real.file, real.index) in store.missing(1)  # still wanted: the genuine chunk can come

@@ -30,6 +30,8 @@ BUNDLE_FORMAT = "fedge.bundle/1"
 MAX_FILE_BYTES = 256 * 1024 * 1024
 MAX_CHUNK_BYTES = 256 * 1024
 MAX_FILES = 32
+CHUNK_DIGEST_HEX = 32  # per-chunk digests in the signed manifest: sha256 cut to 128 bits (a 64 KB manifest holds
+#                        the digests of ~1,700 chunks)
 
 
 # --------------------------------------------------------------------------- errors
@@ -114,6 +116,7 @@ class FileEntry:
     sha256: str
     size: int
     role: str = ""
+    chunks: tuple[str, ...] = ()  # signed per-chunk digests (manifests made before issue #11 have none)
 
     def n_chunks(self, chunk_size: int) -> int:
         return max(1, -(-self.size // chunk_size))
@@ -161,11 +164,13 @@ class Manifest:
             raise InvalidManifest(f"chunk size {chunk_size} outside [1024, {MAX_CHUNK_BYTES}]")
         if not isinstance(data["files"], list) or not 1 <= len(data["files"]) <= MAX_FILES:
             raise InvalidManifest(f"a manifest lists 1 to {MAX_FILES} files")
-        files = tuple(FileEntry(str(f["name"]), str(f["sha256"]), int(f["size"]), str(f.get("role", "")))
-                      for f in data["files"])
+        files = tuple(FileEntry(str(f["name"]), str(f["sha256"]), int(f["size"]), str(f.get("role", "")),
+                                tuple(str(c) for c in f.get("chunks", ()))) for f in data["files"])
         for f in files:
             if not NAME_RE.match(f.name) or len(f.sha256) != 64 or not 0 <= f.size <= MAX_FILE_BYTES:
-                raise InvalidManifest(f"bad file entry {f}")
+                raise InvalidManifest(f"bad file entry {f.name!r}")
+            if f.chunks and len(f.chunks) != f.n_chunks(chunk_size):
+                raise InvalidManifest(f"{f.name}: {len(f.chunks)} chunk digests for {f.n_chunks(chunk_size)} chunks")
         names = {f.name for f in files}
         backbones = {str(k): str(v) for k, v in data["backbones"].items()}
         if "fp32" not in backbones or not set(backbones.values()) <= names:

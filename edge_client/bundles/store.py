@@ -40,6 +40,7 @@ import numpy as np
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
 from edge_client.bundles.manifest import (
+    CHUNK_DIGEST_HEX,
     BadChunk,
     BundleError,
     CorruptModel,
@@ -250,8 +251,11 @@ class BundleStore:
         want = entry.chunk_len(chunk.index, m.chunk_size)
         if len(chunk.data) != want:
             raise TruncatedChunk(f"{chunk.file} chunk {chunk.index} has {len(chunk.data)} bytes, expected {want}")
-        if hashlib.sha256(chunk.data).hexdigest() != chunk.sha256:
+        digest = hashlib.sha256(chunk.data).hexdigest()
+        if digest != chunk.sha256:
             raise BadChunk(f"{chunk.file} chunk {chunk.index} does not match its sha256")
+        if entry.chunks and digest[:CHUNK_DIGEST_HEX] != entry.chunks[chunk.index]:
+            raise BadChunk(f"{chunk.file} chunk {chunk.index} is not the chunk the signed manifest names")
         with self._lock:
             self.missing(chunk.version)  # loads the set once
             wanted = self._missing[chunk.version]
