@@ -5,6 +5,7 @@
     fedge export     checkpoint -> backbone.onnx, head.onnx, head.npz, spec.json (+ parity); --format tflite
     fedge serve      run federated rounds for real devices over an MQTT broker (resumable)
     fedge status     rounds, models and devices recorded in a fleet database
+    fedge dashboard  the fleet dashboard (read-only web page) for a fleet database
     fedge bundle     keygen / publish: signed model bundles that devices fetch, verify and switch to
     fedge fleet      init / enroll / revoke: the fleet CA and device identities
     fedge broker     config: a production Mosquitto configuration (TLS, certificates, ACL)
@@ -82,6 +83,8 @@ def demo(
         help="backbone: auto (best in docs/results/pretrain.json) | etth1 | centralized | fedavg | fedprox | "
              "bilevel | fedal")] = "auto",
     seed: int = 0,
+    ui: Annotated[bool, typer.Option("--ui/--no-ui", help="serve the fleet dashboard on 127.0.0.1 while it runs")
+                  ] = True,
     verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False,
 ) -> None:
     """Run broker, coordinator and simulated edge devices end to end on real data."""
@@ -119,7 +122,7 @@ def demo(
         run_demo(DemoConfig(devices=devices, rounds=rounds, horizon=horizon, local_epochs=local_epochs, lr=lr,
                             strategy=strategy, prox_mu=prox_mu, data_dir=data_dir, out_dir=out, broker=broker,
                             quick=quick, seed=seed, personalize=personal_pairs, secure=secure,
-                            pretrain_strategy=pretrain_strategy), console)
+                            pretrain_strategy=pretrain_strategy, ui=ui), console)
     except (ConnectionError, RuntimeError, ValueError) as exc:
         _fail(str(exc))
 
@@ -226,6 +229,13 @@ def serve(
     max_samples: Annotated[int, typer.Option(min=1, help="the fleet's ceiling on one update's sample count")
                            ] = 1_000_000,
     wait_devices: Annotated[float, typer.Option(help="seconds to wait for min-devices to say hello")] = 60.0,
+    metrics_bind: Annotated[str | None, typer.Option(help="host:port for Prometheus metrics (GET /metrics); "
+                                                     "off unless given")] = None,
+    ui: Annotated[bool, typer.Option("--ui/--no-ui", help="serve the fleet dashboard while the rounds run")] = False,
+    ui_bind: Annotated[str, typer.Option(help="host:port of the dashboard; any address but loopback needs a "
+                                         "token")] = "127.0.0.1:8750",
+    ui_token: Annotated[str | None, typer.Option(envvar="FEDGE_UI_TOKEN", help="the dashboard's token (default: "
+                                                 "none on loopback, a random one otherwise)")] = None,
     verbose: Annotated[bool, typer.Option("--verbose", "-v")] = True,
 ) -> None:
     """Coordinate federated rounds for real devices. Killed and restarted with the same --db, it
@@ -263,9 +273,21 @@ def serve(
         _fail(f"cannot start: {exc}")
     state = FleetState(db)
     coordinator = FleetCoordinator(cfg, address, state, registry=registry)
+    dashboard = None
     try:
+        if metrics_bind:
+            from coordinator.fleet.metrics import FleetMetrics, serve_metrics
+
+            host, port = parse_bind(metrics_bind)
+            serve_metrics(FleetMetrics(coordinator), host, port)
+            console.print(f"metrics: http://{metrics_bind}/metrics")
+        if ui:
+            from coordinator.dashboard.app import start_dashboard
+
+            dashboard = start_dashboard(db, *parse_bind(ui_bind), ui_token, live=coordinator, fleet=fleet)
+            console.print(f"dashboard: {dashboard.url}")
         coordinator.start()
-    except ConnectionError as exc:
+    except (ConnectionError, OSError, RuntimeError, ValueError) as exc:
         _fail(str(exc))
     try:
         sha = spec.get("files", {}).get("backbone.onnx", {}).get("sha256", "")
@@ -280,8 +302,39 @@ def serve(
                           f"v{res.base_version} -> v{res.new_version}, {res.bytes_up / 1024:.1f} KB up, "
                           f"{res.seconds:.1f} s{' (resumed)' if res.resumed else ''}")
     finally:
+        if dashboard is not None:
+            dashboard.stop()
         coordinator.stop()
         state.close()
+
+
+def parse_bind(text: str) -> tuple[str, int]:
+    """'host:port' (IPv6 as '[::1]:8750') -> (host, port)."""
+    host, sep, port = text.rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 <= int(port) < 65536:
+        raise ValueError(f"expected host:port, got {text!r}")
+    return host.strip("[]"), int(port)
+
+
+@app.command()
+def dashboard(
+    db: Annotated[Path, typer.Option(help="the fleet database `fedge serve` writes (read only here)")] = Path(
+        "runs/fleet.sqlite"),
+    bind: Annotated[str, typer.Option(help="host:port; any address but loopback needs a token")] = "127.0.0.1:8750",
+    token: Annotated[str | None, typer.Option(envvar="FEDGE_UI_TOKEN", help="default: none on loopback, a random "
+                                              "one otherwise")] = None,
+    task: Annotated[str, typer.Option()] = "tsfm",
+) -> None:
+    """Serve the read-only fleet dashboard for a fleet database until Ctrl-C (rejects by reason are counted
+    by the running coordinator: see them with `fedge serve --ui`)."""
+    from coordinator.dashboard.app import start_dashboard
+
+    try:
+        server = start_dashboard(db, *parse_bind(bind), token, task=task, background=False)
+    except (FileNotFoundError, ValueError, OSError) as exc:
+        _fail(str(exc))
+    console.print(f"dashboard: {server.url}  (Ctrl-C stops it)")
+    server.run()
 
 
 @app.command()

@@ -59,6 +59,7 @@ class DemoConfig:
     # "auto": the strategy benchmarks/pretrain.py ranked best (coordinator.pretrain.backbone); or
     # "etth1" (central, ETTh1 only) or one of the silo strategies
     pretrain_strategy: str = "auto"
+    ui: bool = True  # the fleet dashboard on 127.0.0.1 while the demo runs (its address is printed)
 
 
 @dataclass
@@ -221,6 +222,17 @@ def demo_backbone(cfg: DemoConfig) -> tuple[TSFM, dict]:
                    "val_mse": meta.get("val_mse")}
 
 
+def demo_dashboard(db: Path, coordinator: FleetCoordinator):  # type: ignore[no-untyped-def]
+    """The dashboard on 127.0.0.1:8750, or on a free port when another program holds that one."""
+    import socket
+
+    from coordinator.dashboard.app import start_dashboard
+
+    with socket.socket() as probe:
+        port = 8750 if probe.connect_ex(("127.0.0.1", 8750)) != 0 else 0
+    return start_dashboard(db, "127.0.0.1", port, live=coordinator)
+
+
 def run_demo(cfg: DemoConfig, console: Console | None = None) -> DemoResult:
     from export.onnx_export import export_model
 
@@ -263,7 +275,11 @@ def run_demo(cfg: DemoConfig, console: Console | None = None) -> DemoResult:
                     min_devices=cfg.devices, personalize=cfg.personalize),
         address, FleetState(db), registry=registry)
     clients = []
+    dashboard = None
     try:
+        if cfg.ui:
+            dashboard = demo_dashboard(db, coordinator)
+            console.print(f"dashboard (live while the demo runs): [link={dashboard.url}]{dashboard.url}[/link]")
         coordinator.start()
         initial = slice_head(model.head_state(), cfg.horizon)
         coordinator.ensure_model(initial, {"backbone_sha256": exported.spec["files"]["backbone.onnx"]["sha256"],
@@ -308,6 +324,8 @@ def run_demo(cfg: DemoConfig, console: Console | None = None) -> DemoResult:
     finally:
         for c in clients:
             c.stop()
+        if dashboard is not None:
+            dashboard.stop()
         coordinator.stop()
         if broker is not None:
             broker.stop()
@@ -316,4 +334,6 @@ def run_demo(cfg: DemoConfig, console: Console | None = None) -> DemoResult:
     (out / "demo.json").write_text(json.dumps(asdict(result), indent=2, default=str))
     (out / "demo.md").write_text(markdown_report(cfg, result))
     console.print(f"results: {out / 'demo.json'}, {out / 'demo.md'}, curves: {out / 'demo.png'}")
+    if cfg.ui:
+        console.print(f"the dashboard again, for this run's database: fedge dashboard --db {db}")
     return result

@@ -157,6 +157,6 @@ def test_retention_drops_old_update_payloads_and_models_but_keeps_metrics(tmp_pa
     pruned = state.prune(keep_rounds=2, keep_models=2)
     assert pruned == {"update_payloads": 3, "models": 3}  # rounds 1-3; versions 1-3 (0 and the newest 2 stay)
     assert [len(p) for _, p in state.updates(3)] == [0] and len(state.updates(4)[0][1]) > 0
-    assert state.update_metrics(2) == {"a": {"global_mse": 2.0}} and state.reported(1) == {"a"}
+    assert state.round_metrics(2) == {"a": {"global_mse": 2.0}} and state.reported(1) == {"a"}
     assert state.latest_model("tsfm")[0] == 5 and float(state.model(0)["w"][0]) == 0.0
     assert state.prune(keep_rounds=2, keep_models=2) == {"update_payloads": 0, "models": 0}

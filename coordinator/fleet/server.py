@@ -102,6 +102,7 @@ class RoundResult:
     seconds: float
     resumed: bool = False
     state: str = "closed"
+    aggregation_s: float = 0.0  # time spent aggregating and storing the new version
 
 
 @dataclass
@@ -146,6 +147,8 @@ class FleetCoordinator:
         self.client = M.make_client(client_id or coordinator_name(cfg.fleet))
         self.client.on_connect = M.guarded(self._on_connect, "coordinator on_connect", self.receiver.callback_failed)
         self.client.on_message = M.guarded(self._on_message, "coordinator on_message", self.receiver.callback_failed)
+        # called with every finished round (metrics, dashboards); an observer that raises is logged, not fatal
+        self.round_observers: list[Callable[[RoundResult], None]] = []
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -159,6 +162,11 @@ class FleetCoordinator:
     def stop(self) -> None:
         self.client.disconnect()
         self.client.loop_stop()
+
+    @property
+    def open_round(self) -> RoundRecord | None:
+        """The round in progress, if any (read by metrics and the dashboard)."""
+        return self._open
 
     def _on_connect(self, client, userdata, flags, reason_code, properties) -> None:  # type: ignore[no-untyped-def]
         if reason_code.is_failure:
@@ -276,7 +284,13 @@ class FleetCoordinator:
             with self._changed:
                 if len(self.state.reported(rec.round_id)) == n_reported:
                     self._changed.wait(min(0.5, max(0.01, rec.deadline - time.time())))
-        return self._close(rec, base, t0, resumed)
+        result = self._close(rec, base, t0, resumed)
+        for observe in self.round_observers:
+            try:
+                observe(result)
+            except Exception:
+                log.exception("round observer %r failed", observe)
+        return result
 
     def _round_config(self) -> dict:
         c = self.cfg
@@ -319,7 +333,7 @@ class FleetCoordinator:
         updates = self._round_updates(rec.round_id)
         metrics = {u.device_id: dict(u.metrics) for u in updates}
         n_samples = {u.device_id: u.n_samples for u in updates}
-        new_version, state = None, "closed"
+        new_version, state, t_agg = None, "closed", time.time()
         if rec.kind == "train":
             if len(updates) >= rec.quorum:
                 bounded = bound_updates([u for u in updates if u.n_samples > 0], self.cfg.bounds, self.sample_cap)
@@ -347,6 +361,7 @@ class FleetCoordinator:
                 state = "failed"
         else:
             self.state.close_round(rec.round_id, None, rec.task)
+        aggregation_s = time.time() - t_agg
         self._set_open(None)
         pruned = self.state.prune(self.cfg.keep_rounds)
         if any(pruned.values()):
@@ -354,7 +369,7 @@ class FleetCoordinator:
                      pruned["update_payloads"], pruned["models"])
         return RoundResult(rec.round_id, rec.kind, rec.base_version, new_version, rec.selected, metrics, n_samples,
                            self.traffic.up[rec.round_id], self.traffic.down[rec.round_id], time.time() - t0,
-                           resumed, state)
+                           resumed, state, aggregation_s)
 
     def _adopt(self, version: int, params: Mapping[str, np.ndarray], personal: Mapping[str, dict]) -> None:
         """Hold a version this process just stored as the current model (the same arrays SQLite now holds)."""
@@ -467,7 +482,8 @@ class FleetCoordinator:
             raise UnknownDevice(f"device {msg.device_id!r} is not on the fleet allowlist")
         early = self._early_status.pop(msg.device_id, None)
         self.state.upsert_device(msg.device_id, domain=msg.domain, profile=msg.profile, runtime=msg.runtime,
-                                 n_train=msg.n_train, state=early if retained else "online")
+                                 n_train=msg.n_train, state=early if retained else "online",
+                                 backbone_sha256=msg.backbone_sha256, bundle_version=msg.bundle_version)
         log.info("device %s joined (%s, %s, %d windows)", msg.device_id, msg.domain, msg.runtime, msg.n_train)
         with self._changed:
             self._changed.notify_all()
@@ -494,7 +510,8 @@ class FleetCoordinator:
                 log.info("round %d: duplicate update from %s; receipt sent again", msg.round_id, msg.device_id)
             else:
                 self._check_update(msg)
-                if not self.state.add_update(msg.round_id, msg.device_id, msg.msg_id, msg.n_samples, bytes(payload)):
+                if not self.state.add_update(msg.round_id, msg.device_id, msg.msg_id, msg.n_samples, bytes(payload),
+                                             msg.metrics):
                     raise DuplicateUpdate(f"device {msg.device_id} already sent another update for round "
                                           f"{msg.round_id}")
                 self.traffic.up[msg.round_id] += len(payload)

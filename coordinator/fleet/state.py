@@ -34,15 +34,22 @@ CREATE TABLE IF NOT EXISTS rounds (
 CREATE TABLE IF NOT EXISTS updates (
     round_id INTEGER NOT NULL, device_id TEXT NOT NULL, msg_id TEXT NOT NULL, n_samples INTEGER NOT NULL,
     payload BLOB NOT NULL, received REAL NOT NULL, PRIMARY KEY (round_id, device_id));
-CREATE TABLE IF NOT EXISTS update_metrics (
-    round_id INTEGER NOT NULL, device_id TEXT NOT NULL, n_samples INTEGER NOT NULL, metrics TEXT NOT NULL,
-    PRIMARY KEY (round_id, device_id));
 CREATE TABLE IF NOT EXISTS personal (
     device_id TEXT PRIMARY KEY, round_id INTEGER NOT NULL, params BLOB NOT NULL);
 CREATE TABLE IF NOT EXISTS devices (
     device_id TEXT PRIMARY KEY, domain TEXT, profile TEXT, runtime TEXT, n_train INTEGER,
     state TEXT NOT NULL DEFAULT 'unknown', last_seen REAL NOT NULL);
+CREATE INDEX IF NOT EXISTS updates_by_device ON updates (device_id, round_id);
 """
+# columns added after the first release: (table, column, type) -- old databases get them on open
+ADDED_COLUMNS = (
+    ("updates", "metrics", "TEXT NOT NULL DEFAULT '{}'"),  # the device's metrics, read without decoding payloads
+    ("devices", "backbone_sha256", "TEXT NOT NULL DEFAULT ''"),  # what the device said it runs (Hello)
+    ("devices", "bundle_version", "INTEGER"),
+)
+
+
+ONLINE_STATES = "('online', 'idle', 'training')"  # device states that mean "connected now"
 
 
 @dataclass(frozen=True)
@@ -64,14 +71,29 @@ class RoundRecord:
 class FleetState:
     """Thread-safe wrapper around one SQLite file (paho's thread writes updates, the round loop reads)."""
 
-    def __init__(self, path: str | Path) -> None:
+    def __init__(self, path: str | Path, *, readonly: bool = False) -> None:
+        """`readonly` (the dashboard): the file must exist and is never written; WAL lets it read while a
+        coordinator writes."""
         self.path = Path(path)
+        self._lock = threading.RLock()
+        if readonly:
+            if not self.path.is_file():
+                raise FileNotFoundError(f"no fleet database at {self.path}")
+            self._db = sqlite3.connect(f"{self.path.resolve().as_uri()}?mode=ro", uri=True, check_same_thread=False,
+                                       isolation_level=None, timeout=30)
+            missing = [f"{t}.{c}" for t, c, _ in ADDED_COLUMNS
+                       if c not in {r[1] for r in self._db.execute(f"PRAGMA table_info({t})")}]
+            if missing:
+                raise ValueError(f"{self.path} predates {', '.join(missing)}: open it once with `fedge serve`")
+            return
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None, timeout=30)
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=FULL")
         self._db.executescript(FLEET_SCHEMA)
-        self._lock = threading.RLock()
+        for table, column, kind in ADDED_COLUMNS:
+            if column not in {r[1] for r in self._db.execute(f"PRAGMA table_info({table})")}:
+                self._db.execute(f"ALTER TABLE {table} ADD COLUMN {column} {kind}")
 
     def close(self) -> None:
         with self._lock:
@@ -204,37 +226,39 @@ class FleetState:
 
     # ------------------------------------------------------------------ updates
 
-    def add_update(self, round_id: int, device_id: str, msg_id: str, n_samples: int, payload: bytes) -> bool:
+    def add_update(self, round_id: int, device_id: str, msg_id: str, n_samples: int, payload: bytes,
+                   metrics: Mapping[str, float] | None = None) -> bool:
         """True if stored, False if this device already has an update in this round."""
         with self._lock:
             cur = self._db.execute(
-                "INSERT OR IGNORE INTO updates (round_id, device_id, msg_id, n_samples, payload, received)"
-                " VALUES (?, ?, ?, ?, ?, ?)", (round_id, device_id, msg_id, n_samples, payload, time.time()))
+                "INSERT OR IGNORE INTO updates (round_id, device_id, msg_id, n_samples, payload, received, metrics)"
+                " VALUES (?, ?, ?, ?, ?, ?, ?)", (round_id, device_id, msg_id, n_samples, payload, time.time(),
+                                                  json.dumps(dict(metrics or {}))))
             return cur.rowcount == 1
 
     def prune(self, keep_rounds: int, keep_models: int = 8) -> dict[str, int]:
         """Retention: the payloads (deltas) of updates of finished rounds older than the newest `keep_rounds` are
-        dropped, their metrics and sample counts kept in ``update_metrics``; model versions other than the initial
-        one and the newest `keep_models` are deleted. Returns what was pruned."""
+        dropped; their rows stay with the sample count and metrics (``updates.metrics``, filled from the payload
+        first for a row stored before that column existed); model versions other than the initial one and the
+        newest `keep_models` are deleted. Returns what was pruned."""
         from edge_client.wire import ProtocolError, decode
 
         with self._lock:
             (last,) = self._db.execute("SELECT COALESCE(MAX(round_id), 0) FROM rounds").fetchone()
             old = self._db.execute(
-                "SELECT u.round_id, u.device_id, u.n_samples, u.payload FROM updates u JOIN rounds r USING (round_id)"
+                "SELECT u.round_id, u.device_id, u.payload, u.metrics FROM updates u JOIN rounds r USING (round_id)"
                 " WHERE r.state != 'open' AND u.round_id <= ? AND length(u.payload) > 0", (last - keep_rounds,)
             ).fetchall()
             self._db.execute("BEGIN IMMEDIATE")
             try:
-                for round_id, device_id, n_samples, payload in old:
-                    try:
-                        metrics = dict(getattr(decode(payload), "metrics", {}))
-                    except ProtocolError:
-                        metrics = {}
-                    self._db.execute("INSERT OR REPLACE INTO update_metrics (round_id, device_id, n_samples, metrics)"
-                                     " VALUES (?, ?, ?, ?)", (round_id, device_id, n_samples, json.dumps(metrics)))
-                    self._db.execute("UPDATE updates SET payload=x'' WHERE round_id=? AND device_id=?",
-                                     (round_id, device_id))
+                for round_id, device_id, payload, metrics in old:
+                    if metrics == "{}":
+                        try:
+                            metrics = json.dumps(dict(getattr(decode(payload), "metrics", {})))
+                        except ProtocolError:
+                            pass
+                    self._db.execute("UPDATE updates SET payload=x'', metrics=? WHERE round_id=? AND device_id=?",
+                                     (metrics, round_id, device_id))
                 models = self._db.execute(
                     "DELETE FROM models WHERE version != 0 AND version NOT IN (SELECT version FROM models ORDER BY"
                     " version DESC LIMIT ?) AND version NOT IN (SELECT base_version FROM rounds WHERE state='open')",
@@ -244,13 +268,6 @@ class FleetState:
                 self._db.execute("ROLLBACK")
                 raise
         return {"update_payloads": len(old), "models": models}
-
-    def update_metrics(self, round_id: int) -> dict[str, dict[str, float]]:
-        """Metrics of a round's updates whose payloads retention dropped (device -> metrics)."""
-        with self._lock:
-            rows = self._db.execute("SELECT device_id, metrics FROM update_metrics WHERE round_id=?",
-                                    (round_id,)).fetchall()
-        return {d: json.loads(m) for d, m in rows}
 
     def update_msg_id(self, round_id: int, device_id: str) -> str | None:
         """The message id of the update stored for (round, device), if any."""
@@ -285,16 +302,19 @@ class FleetState:
             return deleted
 
     def upsert_device(self, device_id: str, *, domain: str = "", profile: str = "", runtime: str = "",
-                      n_train: int = 0, state: str | None = None) -> None:
+                      n_train: int = 0, state: str | None = None, backbone_sha256: str = "",
+                      bundle_version: int | None = None) -> None:
         """Register or refresh a device's card; `state` None keeps the known state (a retained
         hello says what a device is, not whether it is still there)."""
         with self._lock:
             self._db.execute(
-                "INSERT INTO devices (device_id, domain, profile, runtime, n_train, state, last_seen)"
-                " VALUES (?, ?, ?, ?, ?, COALESCE(?, 'unknown'), ?) ON CONFLICT(device_id) DO UPDATE SET"
-                " domain=excluded.domain, profile=excluded.profile, runtime=excluded.runtime,"
-                " n_train=excluded.n_train, state=COALESCE(?, devices.state), last_seen=excluded.last_seen",
-                (device_id, domain, profile, runtime, n_train, state, time.time(), state))
+                "INSERT INTO devices (device_id, domain, profile, runtime, n_train, state, last_seen, backbone_sha256,"
+                " bundle_version) VALUES (?, ?, ?, ?, ?, COALESCE(?, 'unknown'), ?, ?, ?) ON CONFLICT(device_id) DO"
+                " UPDATE SET domain=excluded.domain, profile=excluded.profile, runtime=excluded.runtime,"
+                " n_train=excluded.n_train, state=COALESCE(?, devices.state), last_seen=excluded.last_seen,"
+                " backbone_sha256=excluded.backbone_sha256, bundle_version=excluded.bundle_version",
+                (device_id, domain, profile, runtime, n_train, state, time.time(), backbone_sha256, bundle_version,
+                 state))
 
     def set_device_state(self, device_id: str, state: str) -> bool:
         """Presence of a known device; a status never registers a device (only a hello does). False: unknown."""
@@ -303,14 +323,100 @@ class FleetState:
                                     (state, time.time(), device_id)).rowcount == 1
 
     def devices(self, *, online_only: bool = False) -> dict[str, dict]:
-        query = "SELECT device_id, domain, profile, runtime, n_train, state, last_seen FROM devices"
+        query = ("SELECT device_id, domain, profile, runtime, n_train, state, last_seen, backbone_sha256,"
+                 " bundle_version FROM devices")
         if online_only:
-            query += " WHERE state IN ('online', 'idle', 'training')"
+            query += f" WHERE state IN {ONLINE_STATES}"
         with self._lock:
             rows = self._db.execute(query + " ORDER BY device_id").fetchall()
-        keys = ("domain", "profile", "runtime", "n_train", "state", "last_seen")
+        keys = ("domain", "profile", "runtime", "n_train", "state", "last_seen", "backbone_sha256", "bundle_version")
         return {r[0]: dict(zip(keys, r[1:], strict=True)) for r in rows}
 
     def has_device(self, device_id: str) -> bool:
         with self._lock:
             return self._db.execute("SELECT 1 FROM devices WHERE device_id=?", (device_id,)).fetchone() is not None
+
+    # ------------------------------------------------------------------ read-only views (dashboard, metrics)
+    # Plain SQL that PostgreSQL runs as well; aggregation over the JSON metrics happens in Python so no
+    # backend needs JSON functions.
+
+    def device_counts(self) -> dict[str, int]:
+        """Known devices per state ('online', 'idle', 'training', 'offline', 'unknown')."""
+        with self._lock:
+            return dict(self._db.execute("SELECT state, COUNT(*) FROM devices GROUP BY state").fetchall())
+
+    def bundle_versions(self) -> dict[int | None, int]:
+        """Known devices per installed bundle version (None: the device runs no bundle or did not say)."""
+        with self._lock:
+            return dict(self._db.execute("SELECT bundle_version, COUNT(*) FROM devices GROUP BY bundle_version"))
+
+    def round_counts(self) -> dict[tuple[str, str], int]:
+        """Rounds per (kind, state)."""
+        with self._lock:
+            rows = self._db.execute("SELECT kind, state, COUNT(*) FROM rounds GROUP BY kind, state").fetchall()
+        return {(k, s): n for k, s, n in rows}
+
+    def latest_model_meta(self, task: str) -> tuple[int, dict] | None:
+        """(version, meta) of the current global model without loading its parameters. The meta carries
+        the backbone pin, and ``dp_epsilon`` once differential privacy is on: the privacy spent so far."""
+        with self._lock:
+            row = self._db.execute("SELECT version, meta FROM models WHERE task=? ORDER BY version DESC LIMIT 1",
+                                   (task,)).fetchone()
+        return None if row is None else (row[0], json.loads(row[1]))
+
+    def round_rows(self, limit: int = 100) -> list[RoundRow]:
+        """The newest `limit` rounds, newest first, with how many updates (and bytes) each received."""
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT r.round_id, r.task, r.kind, r.state, r.base_version, r.new_version, r.selected, r.quorum,"
+                " r.deadline, r.opened, r.closed, COUNT(u.device_id), COALESCE(SUM(LENGTH(u.payload)), 0)"
+                " FROM rounds r LEFT JOIN updates u ON u.round_id = r.round_id"
+                " GROUP BY r.round_id, r.task, r.kind, r.state, r.base_version, r.new_version, r.selected, r.quorum,"
+                " r.deadline, r.opened, r.closed ORDER BY r.round_id DESC LIMIT ?", (limit,)).fetchall()
+        return [RoundRow(round_id=r[0], task=r[1], kind=r[2], state=r[3], base_version=r[4], new_version=r[5],
+                         n_selected=len(json.loads(r[6])), quorum=r[7], deadline=r[8], opened=r[9], closed=r[10],
+                         n_updates=r[11], bytes_up=r[12]) for r in rows]
+
+    def round_metrics(self, round_id: int) -> dict[str, dict[str, float]]:
+        """device -> the metrics it reported in one round."""
+        with self._lock:
+            rows = self._db.execute("SELECT device_id, metrics FROM updates WHERE round_id=?", (round_id,)).fetchall()
+        return {d: json.loads(m) for d, m in rows}
+
+    def device_history(self, device_id: str, limit: int = 200) -> list[dict]:
+        """The rounds a device reported in, newest first: round, kind, when, samples, bytes, metrics."""
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT u.round_id, r.kind, r.state, u.received, u.n_samples, LENGTH(u.payload), u.metrics"
+                " FROM updates u JOIN rounds r ON r.round_id = u.round_id WHERE u.device_id=?"
+                " ORDER BY u.round_id DESC LIMIT ?", (device_id, limit)).fetchall()
+        keys = ("round_id", "kind", "round_state", "received", "n_samples", "bytes")
+        return [{**dict(zip(keys, r[:6], strict=True)), "metrics": json.loads(r[6])} for r in rows]
+
+    def latest_device_metrics(self) -> dict[str, dict[str, float]]:
+        """device -> the metrics of its newest stored update (the fleet table's personal-vs-global gain)."""
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT u.device_id, u.metrics FROM updates u JOIN (SELECT device_id, MAX(round_id) AS newest"
+                " FROM updates GROUP BY device_id) n ON n.device_id = u.device_id AND n.newest = u.round_id"
+            ).fetchall()
+        return {d: json.loads(m) for d, m in rows}
+
+
+@dataclass(frozen=True)
+class RoundRow:
+    """One round as the fleet views show it (no device list, no parameters)."""
+
+    round_id: int
+    task: str
+    kind: str
+    state: str
+    base_version: int
+    new_version: int | None
+    n_selected: int
+    quorum: int
+    deadline: float
+    opened: float
+    closed: float | None
+    n_updates: int
+    bytes_up: int

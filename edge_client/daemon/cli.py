@@ -108,7 +108,7 @@ def run(
         signal.signal(sig, lambda *_: stop.set())
     try:
         sent = service.run(stop, max_rounds)
-    except (ValueError, KeyError, FileNotFoundError, ModelLoadError) as exc:
+    except (ValueError, KeyError, OSError, ModelLoadError) as exc:  # OSError: e.g. the metrics port is taken
         service.close()
         _fail(str(exc))
     log.info("device %s stopping after %d updates", cfg.device_id, sent)

@@ -150,6 +150,7 @@ class EdgeClient:
         self.resource_check, self.resource_poll_s = resource_check, resource_poll_s
         self.before_task, self.after_update = before_task, after_update
         self.state = "online"  # what heartbeats report: online | training | idle
+        self.bundle_version: int | None = None  # the signed bundle the backbone came from (the daemon sets it)
         self.on_connect_hooks: list[Callable[..., None]] = []  # e.g. a bundle downloader sharing the connection
         self._pending: dict[int, RoundTask] = {}
         self._lock = threading.Lock()
@@ -244,7 +245,8 @@ class EdgeClient:
         self._publish(self.topics.hello(self.device_id), Hello(
             fleet=self.fleet, device_id=self.device_id, runtime=self.learner.backbone.runtime_version,
             profile=self.profile, domain=self.domain, n_train=self.learner.n_train, n_eval=self.learner.n_eval,
-            model_version=current, capabilities=["train", "evaluate", "fedprox"]), retain=True)
+            model_version=current, capabilities=["train", "evaluate", "fedprox"],
+            backbone_sha256=self.learner.backbone.sha256, bundle_version=self.bundle_version), retain=True)
 
     def publish_status(self, state: str | None = None, detail: str = "") -> None:
         """Retained presence; the daemon's heartbeat calls this with the current state."""

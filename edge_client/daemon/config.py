@@ -72,6 +72,23 @@ class BundleConfig(BaseModel):
     runtime: Literal["onnxruntime", "litert"] | None = None
 
 
+class MetricsConfig(BaseModel):
+    """The daemon's own Prometheus metrics (off unless this table is present; needs ``fedge[metrics]``):
+    a node-exporter textfile rewritten every `interval_s`, and/or a local /metrics endpoint."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    textfile: str | None = None  # e.g. /var/lib/prometheus/node-exporter/fedge.prom
+    listen: str | None = Field(default=None, pattern=r"^[^:]+:\d{1,5}$")  # host:port, e.g. 127.0.0.1:9465
+    interval_s: float = Field(default=15.0, gt=0)
+
+    @model_validator(mode="after")
+    def _somewhere(self) -> MetricsConfig:
+        if self.textfile is None and self.listen is None:
+            raise ValueError("[metrics] needs 'textfile' or 'listen'")
+        return self
+
+
 class DeviceConfig(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
@@ -91,6 +108,7 @@ class DeviceConfig(BaseModel):
     # the enrollment folder from `fedge fleet enroll` (<device_id>.key/.crt, ca.crt, coordinator.crt): TLS with a
     # client certificate to an mqtts:// broker, signed messages, and only the coordinator's signed messages obeyed
     identity: str | None = None
+    metrics: MetricsConfig | None = None
     profile: str = "generic"
     threads: int = Field(default=1, ge=1, le=64)
     horizon: int = Field(default=24, ge=1)

@@ -154,6 +154,11 @@ class DeviceService:
         self._csv_lock = threading.Lock()
         self._socket: ingest.SocketSource | None = None
         self.store.set_meta("device", {"device_id": cfg.device_id, "fleet": cfg.fleet, "profile": cfg.profile})
+        self.metrics = None
+        if cfg.metrics is not None:  # off by default; prometheus_client only when asked for
+            from edge_client.daemon.metrics import DeviceMetrics
+
+            self.metrics = DeviceMetrics(cfg.metrics, self.store, cfg.device_id, lambda: self.bundle_version)
 
     # ------------------------------------------------------------------ data
 
@@ -245,6 +250,7 @@ class DeviceService:
                 self.learner = learner
                 if self.client is not None:
                     self.client.learner = learner
+                    self.client.bundle_version = self.bundle_version
                     self.client.announce()
 
     # ------------------------------------------------------------------ hooks for EdgeClient
@@ -283,6 +289,8 @@ class DeviceService:
         self.store.set_meta("last_global_version", task.model_version)
         if task.kind == "train":
             self.store.incr_meta("rounds_trained")
+        if self.metrics is not None:
+            self.metrics.observe_round(task.kind, update.train_seconds, dict(update.metrics))
         self.store.outbox_prune()
 
     # ------------------------------------------------------------------ lifecycle
@@ -315,6 +323,8 @@ class DeviceService:
         """Join the fleet and answer rounds; returns the number of acknowledged updates."""
         cfg = self.cfg
         self.start_ingest()
+        if self.metrics is not None:
+            self.metrics.start()
         self.runner = self.load_backbone()
         if self.runner is None and not (self.bundles is not None and self._first_bundle(stop)):
             return 0
@@ -338,6 +348,7 @@ class DeviceService:
                                  before_task=self.refresh, after_update=self.after_update,
                                  personal=self.personal_head_from_store(), identity=self.identity,
                                  replay=SqliteReplay(self.store.path))
+        self.client.bundle_version = self.bundle_version
         self._attach_bundles(self.client)
         unsettled = self.store.outbox_unsettled()
         if unsettled:
@@ -362,7 +373,7 @@ class DeviceService:
 
     def _loop(self, stop: threading.Event, max_rounds: int) -> int:
         assert self.client is not None
-        sent, next_beat, next_poll = 0, time.time() + self.cfg.heartbeat_s, 0.0
+        sent, next_beat, next_poll, next_metrics = 0, time.time() + self.cfg.heartbeat_s, 0.0, 0.0
         while not stop.is_set():
             if self.client.updates_sent.acquire(timeout=0.2):
                 sent += 1
@@ -372,6 +383,9 @@ class DeviceService:
             if now >= next_poll:
                 self.poll_csv()
                 next_poll = now + self.cfg.data.poll_s
+            if self.metrics is not None and now >= next_metrics:
+                self.metrics.write()
+                next_metrics = now + self.metrics.cfg.interval_s
             if now >= next_beat:
                 next_beat = now + self.cfg.heartbeat_s
                 if self.client.client.is_connected():
@@ -396,6 +410,8 @@ class DeviceService:
             self.client.stop(graceful=True)
         if self._socket is not None:
             self._socket.close()
+        if self.metrics is not None:
+            self.metrics.stop()
         self.store.close()
         with contextlib.suppress(OSError):
             self._lock_file.close()

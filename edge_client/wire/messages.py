@@ -118,6 +118,10 @@ class Hello(Message):
     n_eval: Count
     model_version: Count | None = None
     capabilities: list[Annotated[str, Field(max_length=64)]] = Field(default_factory=list, max_length=32)
+    # What the device runs, for the fleet view and bundle rollouts. Left out of the payload while unset, so a
+    # device that does not say encodes exactly as before these fields existed.
+    backbone_sha256: str = Field(default="", pattern=r"^([0-9a-f]{64})?$", exclude_if=lambda v: v == "")
+    bundle_version: int | None = Field(default=None, ge=0, exclude_if=lambda v: v is None)
 
 
 class Status(Message):

@@ -1,0 +1,150 @@
+"""What the dashboard shows, as plain dicts: built from the fleet state's read-only queries (so any state
+backend that answers them can be shown) and, when the dashboard runs inside ``fedge serve``, from the live
+coordinator's counters (rejects by reason and traffic live only in that process).
+
+Why a cache: a closed round's errors never change, but computing them reads every device's metrics of
+that round; at 1,000 devices and 50 rounds shown that is 50,000 JSON rows per refresh. Each round's
+means are kept until its state or update count changes, so a refresh reads only the open round.
+"""
+
+from __future__ import annotations
+
+import math
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+from coordinator.fleet.metrics import FLEET_MSE, fleet_means
+from coordinator.fleet.state import FleetState, RoundRow
+
+if TYPE_CHECKING:
+    from coordinator.fleet.server import FleetCoordinator
+
+ONLINE = frozenset({"online", "idle", "training"})
+
+
+def gain_pct(metrics: dict[str, float]) -> float | None:
+    """How much lower the personal model's error is than the global head's, in percent of the latter
+    (positive: the device gained from personalisation)."""
+    g, p = metrics.get("global_mse"), metrics.get("personal_mse")
+    if g is None or p is None or not (math.isfinite(g) and math.isfinite(p)) or g <= 0:
+        return None
+    return 100.0 * (g - p) / g
+
+
+@dataclass
+class FleetView:
+    state: FleetState
+    task: str = "tsfm"
+    fleet: str = ""
+    live: FleetCoordinator | None = None
+    rounds_shown: int = 50
+    _means: dict[int, tuple[tuple[str, int], dict[str, float]]] = field(default_factory=dict)
+    _lock: threading.Lock = field(default_factory=threading.Lock)
+
+    # ------------------------------------------------------------------ pieces
+
+    def _round_means(self, row: RoundRow) -> dict[str, float]:
+        key = (row.state, row.n_updates)
+        with self._lock:
+            hit = self._means.get(row.round_id)
+        if hit is not None and hit[0] == key:
+            return hit[1]
+        means = fleet_means(self.state.round_metrics(row.round_id)) if row.n_updates else {}
+        with self._lock:
+            self._means[row.round_id] = (key, means)
+        return means
+
+    def rounds(self, now: float) -> list[dict]:
+        """Oldest first (charts read left to right)."""
+        out = []
+        for row in reversed(self.state.round_rows(self.rounds_shown)):
+            end = row.closed if row.closed is not None else now
+            out.append({"round_id": row.round_id, "kind": row.kind, "state": row.state,
+                        "base_version": row.base_version, "new_version": row.new_version,
+                        "selected": row.n_selected, "reported": row.n_updates, "quorum": row.quorum,
+                        "participation": row.n_updates / row.n_selected if row.n_selected else 0.0,
+                        "seconds": max(0.0, end - row.opened), "opened": row.opened,
+                        "deadline_in": max(0.0, row.deadline - now) if row.state == "open" else None,
+                        "kb_up": row.bytes_up / 1024, **{f"{m}_mse": v for m, v in self._round_means(row).items()}})
+        return out
+
+    def devices(self, now: float) -> list[dict]:
+        latest = self.state.latest_device_metrics()
+        out = []
+        for device_id, info in self.state.devices().items():
+            m = latest.get(device_id, {})
+            out.append({"device_id": device_id, **info, "online": info["state"] in ONLINE,
+                        "seen_ago": max(0.0, now - info["last_seen"]), "backbone": (info["backbone_sha256"] or "")[:12],
+                        **{k: m[k] for k in FLEET_MSE.values() if k in m}, "gain_pct": gain_pct(m)})
+        return out
+
+    def rejects(self) -> dict[str, int] | None:
+        """Refusals by reason since this coordinator started; None when not running inside it."""
+        return None if self.live is None else dict(sorted(self.live.receiver.rejected.items()))
+
+    def rollout(self, n_devices: int) -> dict:
+        counts = self.state.bundle_versions()
+        versions = sorted(v for v in counts if v is not None)
+        newest = versions[-1] if versions else None
+        on_newest = counts.get(newest, 0) if newest is not None else 0
+        return {"newest": newest, "on_newest": on_newest, "fraction": on_newest / n_devices if n_devices else 0.0,
+                "versions": [{"version": "none" if v is None else v, "devices": n}
+                             for v, n in sorted(counts.items(), key=lambda kv: (kv[0] is None, kv[0] or 0))]}
+
+    # ------------------------------------------------------------------ pages
+
+    def overview(self) -> dict:
+        now = time.time()
+        devices = self.devices(now)
+        rounds = self.rounds(now)
+        model = self.state.latest_model_meta(self.task)
+        counts = self.state.round_counts()
+        open_rounds = [r for r in rounds if r["state"] == "open"]
+        traffic = None
+        if self.live is not None:
+            traffic = {"kb_in": sum(self.live.traffic.up.values()) / 1024,
+                       "kb_out": sum(self.live.traffic.down.values()) / 1024}
+        return {
+            "fleet": self.fleet, "task": self.task, "now": now, "live": self.live is not None,
+            "model_version": model[0] if model else None,
+            "dp_epsilon": model[1].get("dp_epsilon") if model else None,
+            "n_devices": len(devices), "n_online": sum(d["online"] for d in devices),
+            "devices": devices, "rounds": rounds, "recent_rounds": list(reversed(rounds[-15:])),
+            "open_round": open_rounds[-1] if open_rounds else None,
+            **{f"n_{s}": sum(n for (_, st), n in counts.items() if st == s) for s in ("closed", "failed")},
+            "rejects": self.rejects(), "traffic": traffic, "rollout": self.rollout(len(devices)),
+            "charts": self.charts(rounds, devices),
+        }
+
+    @staticmethod
+    def charts(rounds: list[dict], devices: list[dict]) -> dict:
+        """Columns for the page's charts (uPlot takes one x array and one array per series; null = gap)."""
+        def col(rows: list[dict], key: str) -> list[float | None]:
+            return [r.get(key) for r in rows]
+
+        train = [r for r in rounds if r["kind"] == "train"] or rounds
+        return {
+            "error": {"x": col(train, "round_id"), "global": col(train, "global_mse"),
+                      "personal": col(train, "personal_mse"), "naive": col(train, "naive_mse")},
+            "participation": {"x": col(rounds, "round_id"), "reported": col(rounds, "reported"),
+                              "selected": col(rounds, "selected")},
+            "duration": {"x": col(rounds, "round_id"), "seconds": col(rounds, "seconds")},
+            "devices": {"names": [d["device_id"] for d in devices], "global": col(devices, "global_mse"),
+                        "personal": col(devices, "personal_mse"), "naive": col(devices, "naive_mse")},
+        }
+
+    def device(self, device_id: str) -> dict | None:
+        """One device's card and history; None for a device the state does not know."""
+        now = time.time()
+        card = next((d for d in self.devices(now) if d["device_id"] == device_id), None)
+        history = self.state.device_history(device_id)
+        if card is None and not history:
+            return None
+        rows = [{**{k: v for k, v in h.items() if k != "metrics"}, **h["metrics"],
+                 "gain_pct": gain_pct(h["metrics"]), "kb": h["bytes"] / 1024} for h in history]
+        ordered = list(reversed(rows))
+        return {"fleet": self.fleet, "now": now, "device_id": device_id, "card": card, "history": rows,
+                "charts": {"error": {"x": [r["round_id"] for r in ordered],
+                                     **{m: [r.get(k) for r in ordered] for m, k in FLEET_MSE.items()}}}}
