@@ -33,8 +33,10 @@
     if (perDevice) {
       xAxis.splits = () => d.names.map((_, i) => i);
       xAxis.values = (u, vals) => vals.map((v) => d.names[v] ?? "");
-      xAxis.rotate = -30;
-      xAxis.size = 60;
+      const longest = Math.max(1, ...d.names.map((n) => n.length));
+      const slanted = d.names.length * longest * 7 > el.clientWidth * 0.9;  // names would overlap side by side
+      xAxis.rotate = slanted ? -30 : 0;
+      xAxis.size = slanted ? 30 + Math.ceil(longest * 3.6) : 30;  // sin(30°) of the label's width, plus a margin
     } else {
       xAxis.incrs = [1, 2, 5, 10, 20, 50, 100];
       xAxis.values = (u, vals) => vals.map((v) => (Number.isInteger(v) ? String(v) : ""));
