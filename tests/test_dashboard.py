@@ -27,6 +27,7 @@ import paho.mqtt.publish as mqtt_publish
 import pytest
 
 from coordinator.dashboard.app import access_token, start_dashboard
+from coordinator.dashboard.views import FleetView
 from coordinator.fleet.simulation import carve_devices, start_devices
 from coordinator.fleet.state import FleetState
 from tests.waiting import wait_for
@@ -106,6 +107,8 @@ def test_pages_numbers_and_token(tmp_path) -> None:
         gains = {x["device_id"]: x["gain_pct"] for x in d["devices"]}
         assert gains["meter-1"] == pytest.approx(20.0) and gains["meter-2"] == pytest.approx(-100 / 6)
         assert d["rollout"]["newest"] == 1 and d["rollout"]["on_newest"] == 1
+        d = json.loads(_get(base + "/api/overview?q=ER-2", auth)[1])  # the device filter, case-insensitive
+        assert [x["device_id"] for x in d["devices"]] == ["meter-2"] and d["n_devices"] == 2
         # the open round's numbers follow new updates (finished rounds come from the cache)
         writer = FleetState(db)
         writer.add_update(2, "meter-1", "m1-r2-xxxx", 50, b"y" * 10, {"global_mse": 0.2})
@@ -119,6 +122,19 @@ def test_pages_numbers_and_token(tmp_path) -> None:
         writer.close()
     finally:
         server.stop()
+
+
+def test_a_large_fleet_shows_the_devices_that_need_attention_first(tmp_path) -> None:
+    db = tmp_path / "fleet.sqlite"
+    _small_fleet(db)  # meter-1 online (+20 % gain), meter-2 offline
+    st = FleetState(db)
+    st.upsert_device("meter-3", state="online")  # no update yet: no gain known
+    st.add_update(2, "meter-3", "m3-r2-xxxx", 5, b"z", {"global_mse": 0.5, "personal_mse": 0.45})  # +10 %
+    st.close()
+    view = FleetView(FleetState(db, readonly=True), devices_shown=2)
+    d = view.overview()
+    assert [x["device_id"] for x in d["devices"]] == ["meter-2", "meter-3"] and d["n_devices"] == 3
+    assert len(d["charts"]["devices"]["names"]) == 2
 
 
 def test_token_rules_and_a_read_only_state(tmp_path) -> None:

@@ -123,11 +123,14 @@ def create_app(view: FleetView, *, token: str | None = None, refresh_s: float = 
     templates.env.filters.update(fmt=_fmt, ago=_ago, clock=_clock)
     templates.env.globals.update(refresh_ms=int(refresh_s * 1000))
 
+    def query(request: Request) -> str:
+        return request.query_params.get("q", "")[:64]
+
     def index(request: Request) -> Response:
-        return templates.TemplateResponse(request, "index.html", {"d": view.overview()})
+        return templates.TemplateResponse(request, "index.html", {"d": view.overview(query(request))})
 
     def overview_fragment(request: Request) -> Response:
-        return templates.TemplateResponse(request, "_overview.html", {"d": view.overview()})
+        return templates.TemplateResponse(request, "_overview.html", {"d": view.overview(query(request))})
 
     def device_page(request: Request) -> Response:
         d = view.device(request.path_params["device_id"])
@@ -138,7 +141,7 @@ def create_app(view: FleetView, *, token: str | None = None, refresh_s: float = 
         return templates.TemplateResponse(request, name, {"d": d})
 
     def api_overview(request: Request) -> Response:
-        return JSONResponse(view.overview())
+        return JSONResponse(view.overview(query(request)))
 
     def api_device(request: Request) -> Response:
         d = view.device(request.path_params["device_id"])

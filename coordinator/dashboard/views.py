@@ -40,6 +40,7 @@ class FleetView:
     fleet: str = ""
     live: FleetCoordinator | None = None
     rounds_shown: int = 50
+    devices_shown: int = 100  # a larger fleet shows the devices that need attention first, and a filter
     _means: dict[int, tuple[tuple[str, int], dict[str, float]]] = field(default_factory=dict)
     _lock: threading.Lock = field(default_factory=threading.Lock)
 
@@ -95,9 +96,21 @@ class FleetView:
 
     # ------------------------------------------------------------------ pages
 
-    def overview(self) -> dict:
+    def shown_devices(self, devices: list[dict], query: str = "") -> list[dict]:
+        """The table's rows: all of a small fleet, by id; of a large one (or a filtered one) at most
+        `devices_shown`, offline ones first, then those personalisation helped least."""
+        if query:
+            devices = [d for d in devices if query.lower() in d["device_id"].lower()]
+        if len(devices) <= self.devices_shown:
+            return devices
+        def attention(d: dict) -> tuple:
+            return (d["online"], d["gain_pct"] if d["gain_pct"] is not None else math.inf, d["device_id"])
+        return sorted(sorted(devices, key=attention)[: self.devices_shown], key=lambda d: d["device_id"])
+
+    def overview(self, query: str = "") -> dict:
         now = time.time()
-        devices = self.devices(now)
+        every = self.devices(now)
+        devices = self.shown_devices(every, query)
         rounds = self.rounds(now)
         model = self.state.latest_model_meta(self.task)
         counts = self.state.round_counts()
@@ -110,11 +123,12 @@ class FleetView:
             "fleet": self.fleet, "task": self.task, "now": now, "live": self.live is not None,
             "model_version": model[0] if model else None,
             "dp_epsilon": model[1].get("dp_epsilon") if model else None,
-            "n_devices": len(devices), "n_online": sum(d["online"] for d in devices),
+            "n_devices": len(every), "n_online": sum(d["online"] for d in every), "query": query,
+            "limit": self.devices_shown,
             "devices": devices, "rounds": rounds, "recent_rounds": list(reversed(rounds[-15:])),
             "open_round": open_rounds[-1] if open_rounds else None,
             **{f"n_{s}": sum(n for (_, st), n in counts.items() if st == s) for s in ("closed", "failed")},
-            "rejects": self.rejects(), "traffic": traffic, "rollout": self.rollout(len(devices)),
+            "rejects": self.rejects(), "traffic": traffic, "rollout": self.rollout(len(every)),
             "charts": self.charts(rounds, devices),
         }
 

@@ -21,7 +21,7 @@ from edge_client.daemon.store import DeviceStore
 
 log = logging.getLogger("fedge.metrics")
 
-ROUND_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 30, 60, 300, float("inf"))
+DEVICE_ROUND_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 30, 60, 300, float("inf"))
 
 
 class MetricsUnavailable(ValueError):
@@ -45,7 +45,7 @@ class DeviceMetrics:
         self.cfg, self.store, self.device_id, self.bundle_version = cfg, store, device_id, bundle_version
         self.registry = CollectorRegistry()
         self.round_seconds = Histogram("fedge_edge_round_seconds", "Local training and evaluation time of a round",
-                                       ["kind"], buckets=ROUND_BUCKETS, registry=self.registry)
+                                       ["kind"], buckets=DEVICE_ROUND_BUCKETS, registry=self.registry)
         self.rounds = PCounter("fedge_edge_rounds", "Rounds this process answered", ["kind"], registry=self.registry)
         self.rule_hits: Counter[str] = Counter()
         self._rule_family = PCounter("fedge_edge_rule_hits", "Forecast values a rule guard corrected", ["rule"],

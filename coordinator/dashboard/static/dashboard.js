@@ -31,9 +31,11 @@
     }
     const xAxis = { grid: { show: false } };
     if (perDevice) {
-      xAxis.splits = () => d.names.map((_, i) => i);
+      xAxis.splits = () => (d.names.length <= 40 ? d.names.map((_, i) => i) : []);
       xAxis.values = (u, vals) => vals.map((v) => d.names[v] ?? "");
-      const longest = Math.max(1, ...d.names.map((n) => n.length));
+      const labelled = d.names.length <= 40;  // beyond that the names are on the table, not the axis
+      if (!labelled) xAxis.values = () => [];
+      const longest = labelled ? Math.max(1, ...d.names.map((n) => n.length)) : 1;
       const slanted = d.names.length * longest * 7 > el.clientWidth * 0.9;  // names would overlap side by side
       xAxis.rotate = slanted ? -30 : 0;
       xAxis.size = slanted ? 30 + Math.ceil(longest * 3.6) : 30;  // sin(30°) of the label's width, plus a margin
@@ -72,7 +74,9 @@
   async function refresh() {
     if (document.hidden || !section) return;
     try {
-      const r = await fetch(section.dataset.fragment, { credentials: "same-origin", cache: "no-store" });
+      const url = new URL(section.dataset.fragment, location.href);
+      for (const [k, v] of new URLSearchParams(location.search)) if (!url.searchParams.has(k)) url.searchParams.set(k, v);
+      const r = await fetch(url, { credentials: "same-origin", cache: "no-store" });
       if (!r.ok) throw new Error(String(r.status));
       const fresh = document.createElement("template");
       fresh.innerHTML = await r.text();
