@@ -2,9 +2,10 @@
 backend that answers them can be shown) and, when the dashboard runs inside ``fedge serve``, from the live
 coordinator's counters (rejects by reason and traffic live only in that process).
 
-Why a cache: a closed round's errors never change, but computing them reads every device's metrics of
-that round; at 1,000 devices and 50 rounds shown that is 50,000 JSON rows per refresh. Each round's
-means are kept until its state or update count changes, so a refresh reads only the open round.
+Why a cache: a finished round's update count, bytes and errors never change, but computing them reads
+every update of that round; at 1,000 devices and 50 rounds shown that is 50,000 rows per refresh. They
+are kept while the round's state is unchanged, so a refresh reads only the open round; each device's
+newest metrics are read again only when an update was stored or deleted (benchmarks/observe_cost.py).
 """
 
 from __future__ import annotations
@@ -41,38 +42,59 @@ class FleetView:
     live: FleetCoordinator | None = None
     rounds_shown: int = 50
     devices_shown: int = 100  # a larger fleet shows the devices that need attention first, and a filter
-    _means: dict[int, tuple[tuple[str, int], dict[str, float]]] = field(default_factory=dict)
+    # round -> (state, updates, bytes, means) of finished rounds, kept while the round's state is unchanged
+    _finished: dict[int, tuple[str, int, int, dict[str, float]]] = field(default_factory=dict)
+    _latest: tuple[tuple[int, int | None], dict[str, dict[str, float]]] | None = None
     _lock: threading.Lock = field(default_factory=threading.Lock)
 
     # ------------------------------------------------------------------ pieces
 
-    def _round_means(self, row: RoundRow) -> dict[str, float]:
-        key = (row.state, row.n_updates)
+    def _round_numbers(self, rows: list[RoundRow]) -> dict[int, tuple[int, int, dict[str, float]]]:
+        """round -> (updates, bytes, fleet means): the open round's read again, finished ones from the cache."""
         with self._lock:
-            hit = self._means.get(row.round_id)
-        if hit is not None and hit[0] == key:
-            return hit[1]
-        means = fleet_means(self.state.round_metrics(row.round_id)) if row.n_updates else {}
-        with self._lock:
-            self._means[row.round_id] = (key, means)
-        return means
+            cached = {r.round_id: self._finished[r.round_id] for r in rows
+                      if r.round_id in self._finished and self._finished[r.round_id][0] == r.state}
+        todo = [r for r in rows if r.round_id not in cached]
+        totals = self.state.round_totals([r.round_id for r in todo])
+        out = {rid: (n, b, means) for rid, (_, n, b, means) in cached.items()}
+        for r in todo:
+            n, b = totals.get(r.round_id, (0, 0))
+            out[r.round_id] = (n, b, fleet_means(self.state.round_metrics(r.round_id)) if n else {})
+            if r.state != "open":
+                with self._lock:
+                    self._finished[r.round_id] = (r.state, *out[r.round_id])
+        return out
 
     def rounds(self, now: float) -> list[dict]:
         """Oldest first (charts read left to right)."""
+        rows = list(reversed(self.state.round_rows(self.rounds_shown)))
+        numbers = self._round_numbers(rows)
         out = []
-        for row in reversed(self.state.round_rows(self.rounds_shown)):
+        for row in rows:
+            n, nbytes, means = numbers[row.round_id]
             end = row.closed if row.closed is not None else now
             out.append({"round_id": row.round_id, "kind": row.kind, "state": row.state,
                         "base_version": row.base_version, "new_version": row.new_version,
-                        "selected": row.n_selected, "reported": row.n_updates, "quorum": row.quorum,
-                        "participation": row.n_updates / row.n_selected if row.n_selected else 0.0,
+                        "selected": row.n_selected, "reported": n, "quorum": row.quorum,
+                        "participation": n / row.n_selected if row.n_selected else 0.0,
                         "seconds": max(0.0, end - row.opened), "opened": row.opened,
                         "deadline_in": max(0.0, row.deadline - now) if row.state == "open" else None,
-                        "kb_up": row.bytes_up / 1024, **{f"{m}_mse": v for m, v in self._round_means(row).items()}})
+                        "kb_up": nbytes / 1024, **{f"{m}_mse": v for m, v in means.items()}})
         return out
 
-    def devices(self, now: float) -> list[dict]:
+    def _latest_metrics(self) -> dict[str, dict[str, float]]:
+        """Each device's newest metrics, read again only when an update was stored or deleted."""
+        stamp = self.state.update_stamp()
+        with self._lock:
+            if self._latest is not None and self._latest[0] == stamp:
+                return self._latest[1]
         latest = self.state.latest_device_metrics()
+        with self._lock:
+            self._latest = (stamp, latest)
+        return latest
+
+    def devices(self, now: float) -> list[dict]:
+        latest = self._latest_metrics()
         out = []
         for device_id, info in self.state.devices().items():
             m = latest.get(device_id, {})

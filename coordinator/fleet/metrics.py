@@ -131,8 +131,9 @@ class FleetMetrics:
     def _restore(self, coordinator: FleetCoordinator) -> None:
         """A restarted coordinator shows the errors of the newest round in its state at once."""
         for row in coordinator.state.round_rows(limit=20):
-            if row.state == "closed" and row.n_updates:
-                self._set_fleet_mse(row.round_id, coordinator.state.round_metrics(row.round_id))
+            metrics = coordinator.state.round_metrics(row.round_id) if row.state == "closed" else {}
+            if metrics:
+                self._set_fleet_mse(row.round_id, metrics)
                 return
 
     def _set_fleet_mse(self, round_id: int, metrics: dict[str, dict[str, float]]) -> None:

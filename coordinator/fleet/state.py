@@ -365,17 +365,31 @@ class FleetState:
         return None if row is None else (row[0], json.loads(row[1]))
 
     def round_rows(self, limit: int = 100) -> list[RoundRow]:
-        """The newest `limit` rounds, newest first, with how many updates (and bytes) each received."""
+        """The newest `limit` rounds, newest first (their update counts: :meth:`round_totals`)."""
         with self._lock:
             rows = self._db.execute(
-                "SELECT r.round_id, r.task, r.kind, r.state, r.base_version, r.new_version, r.selected, r.quorum,"
-                " r.deadline, r.opened, r.closed, COUNT(u.device_id), COALESCE(SUM(LENGTH(u.payload)), 0)"
-                " FROM rounds r LEFT JOIN updates u ON u.round_id = r.round_id"
-                " GROUP BY r.round_id, r.task, r.kind, r.state, r.base_version, r.new_version, r.selected, r.quorum,"
-                " r.deadline, r.opened, r.closed ORDER BY r.round_id DESC LIMIT ?", (limit,)).fetchall()
+                "SELECT round_id, task, kind, state, base_version, new_version, selected, quorum, deadline, opened,"
+                " closed FROM rounds ORDER BY round_id DESC LIMIT ?", (limit,)).fetchall()
         return [RoundRow(round_id=r[0], task=r[1], kind=r[2], state=r[3], base_version=r[4], new_version=r[5],
-                         n_selected=len(json.loads(r[6])), quorum=r[7], deadline=r[8], opened=r[9], closed=r[10],
-                         n_updates=r[11], bytes_up=r[12]) for r in rows]
+                         n_selected=len(json.loads(r[6])), quorum=r[7], deadline=r[8], opened=r[9], closed=r[10])
+                for r in rows]
+
+    def round_totals(self, round_ids: list[int]) -> dict[int, tuple[int, int]]:
+        """round -> (updates stored, their bytes); rounds without an update are absent. Separate from
+        :meth:`round_rows` so a reader can keep the totals of finished rounds instead of summing them again."""
+        if not round_ids:
+            return {}
+        marks = ", ".join("?" * len(round_ids))
+        with self._lock:
+            rows = self._db.execute(f"SELECT round_id, COUNT(*), SUM(LENGTH(payload)) FROM updates WHERE round_id IN"
+                                    f" ({marks}) GROUP BY round_id", tuple(round_ids)).fetchall()
+        return {r: (n, b) for r, n, b in rows}
+
+    def update_stamp(self) -> tuple[int, int | None]:
+        """(updates stored, newest round with one): changes whenever an update is stored or deleted."""
+        with self._lock:
+            n, newest = self._db.execute("SELECT COUNT(*), MAX(round_id) FROM updates").fetchone()
+        return n, newest
 
     def round_metrics(self, round_id: int) -> dict[str, dict[str, float]]:
         """device -> the metrics it reported in one round."""
@@ -418,5 +432,3 @@ class RoundRow:
     deadline: float
     opened: float
     closed: float | None
-    n_updates: int
-    bytes_up: int
