@@ -27,6 +27,7 @@ def test_quick_demo_runs_end_to_end_on_the_embedded_broker(tmp_path) -> None:
                  env={"FEDGE_CACHE": str(tmp_path / "cache")})
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "iotcore" in proc.stdout and "final" in proc.stdout
+    assert "dashboard (live while the demo runs): http://127.0.0.1:" in proc.stdout
     result = json.loads((out / "demo.json").read_text())
     assert [r["round"] for r in result["rows"]] == [1, 2, "final"]
     assert all(r["devices"] == "3/3" for r in result["rows"])
