@@ -9,6 +9,7 @@ transaction, so a round is aggregated exactly once even if the process dies in b
 
 from __future__ import annotations
 
+import contextlib
 import json
 import sqlite3
 import threading
@@ -252,11 +253,9 @@ class FleetState:
             self._db.execute("BEGIN IMMEDIATE")
             try:
                 for round_id, device_id, payload, metrics in old:
-                    if metrics == "{}":
-                        try:
+                    if metrics == "{}":  # stored before updates had a metrics column
+                        with contextlib.suppress(ProtocolError):
                             metrics = json.dumps(dict(getattr(decode(payload), "metrics", {})))
-                        except ProtocolError:
-                            pass
                     self._db.execute("UPDATE updates SET payload=x'', metrics=? WHERE round_id=? AND device_id=?",
                                      (metrics, round_id, device_id))
                 models = self._db.execute(
