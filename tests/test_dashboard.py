@@ -114,6 +114,14 @@ def test_pages_numbers_and_token(tmp_path) -> None:
         writer.add_update(2, "meter-1", "m1-r2-xxxx", 50, b"y" * 10, {"global_mse": 0.2})
         d = json.loads(_get(base + "/api/overview", auth)[1])
         assert d["rounds"][1]["reported"] == 1 and d["rounds"][1]["global_mse"] == pytest.approx(0.2)
+        assert d["rounds"][0]["kb_up"] == pytest.approx(4.0)
+        assert writer.prune(keep_rounds=1)["update_payloads"] == 2  # round 1's deltas dropped by retention
+        fresh = start_dashboard(db, "127.0.0.1", 0)  # a new process reads the pruned round from scratch
+        try:
+            r1 = json.loads(_get(f"http://127.0.0.1:{fresh.port}/api/overview")[1])["rounds"][0]
+        finally:
+            fresh.stop()
+        assert r1["kb_up"] is None and r1["reported"] == 2 and r1["global_mse"] == pytest.approx(0.4)
         status, page, _ = _get(base + "/devices/meter-1", auth)
         assert status == 200 and page.count("<tr><td>") == 2  # its two rounds
         assert "+20.0 %" in page

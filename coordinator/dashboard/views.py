@@ -79,7 +79,9 @@ class FleetView:
                         "participation": n / row.n_selected if row.n_selected else 0.0,
                         "seconds": max(0.0, end - row.opened), "opened": row.opened,
                         "deadline_in": max(0.0, row.deadline - now) if row.state == "open" else None,
-                        "kb_up": nbytes / 1024, **{f"{m}_mse": v for m, v in means.items()}})
+                        # retention (FleetState.prune) drops old payloads: their size is no longer known
+                        "kb_up": nbytes / 1024 if nbytes or not n else None,
+                        **{f"{m}_mse": v for m, v in means.items()}})
         return out
 
     def _latest_metrics(self) -> dict[str, dict[str, float]]:
