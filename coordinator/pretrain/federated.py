@@ -32,6 +32,7 @@ from coordinator.models.checkpoints import atomic_torch_save, save_checkpoint
 from coordinator.models.tsfm import TSFM, TSFMConfig, forecast
 from coordinator.pretrain.silos import DEFAULT_HOLDOUT, DOMAIN_SILOS, Silo, available_domains, build_silos, split_sample
 from coordinator.pretrain.strategies import LocalContext, State, Strategy, Upload, make_strategy, params_of
+from coordinator.pretrain.synthetic import SYNTHETIC_CACHE, SYNTHETIC_DOMAIN, SyntheticSettings, synthetic_silo
 from coordinator.pretrain.training import torch_threads
 from edge_client.learning.windows import mse
 
@@ -57,6 +58,7 @@ class FederatedSettings:
     val_windows: int = 64  # per dataset, evenly spaced: selection of the best round
     seed: int = 0
     hparams: tuple[tuple[str, Any], ...] = ()  # strategy hyper-parameters (name, value)
+    synthetic_share: float = 0.0  # > 0: add the KernelSynth + TSMixup silo (coordinator.pretrain.synthetic)
 
     def to_json(self) -> dict[str, Any]:
         return json.loads(json.dumps(asdict(self)))
@@ -187,7 +189,10 @@ def run_federated(
     if silos is None:
         silos = build_silos(domains, config.context + config.horizon, data_dir=data_dir,
                             window_stride=settings.window_stride, train_rows=settings.train_rows)
-    domains = tuple(s.domain for s in silos)
+        if settings.synthetic_share > 0:
+            silos.append(synthetic_silo(SyntheticSettings(share=settings.synthetic_share), silos,
+                                        config.context + config.horizon, data_dir, SYNTHETIC_CACHE))
+    domains = tuple(s.domain for s in silos if s.domain != SYNTHETIC_DOMAIN)
     clients = strategy.clients(silos)
     if val_sets is None:
         val_sets = validation_sets(config, domains, settings, data_dir)

@@ -1,0 +1,528 @@
+"""A foundation model worth federating (issue 13): real corpus + synthetic silo, every strategy at the
+same number of training windows, the standard long-horizon protocol, zero-/few-shot, baselines.
+
+    python benchmarks/foundation.py run [--groups ship main lodo seed ...] [--seeds 0 1 2]
+    python benchmarks/foundation.py report          # rewrite docs/results/foundation.{md,json,png}
+
+Cells: one (strategy, hyper-parameters, seed, corpus) training run each, at the default model size
+(TSFMConfig.tiny: context 512, d_model 64, 3 layers, feature_dim 64; head horizon 336). A cell trains
+(round checkpoint after every round: an interrupted cell resumes), saves its best-on-validation
+model, is evaluated, and writes ``runs/foundation/cells/<id>.json``; after every cell the results
+files are rewritten from all finished cells. Two workers may run at once: a cell is claimed with a
+lock file holding the worker's pid (a dead worker's lock is taken over).
+
+Budget: every cell sees the same number of training windows (WINDOWS), split as rounds x local steps
+x clients x batch; centralized runs one client with K x the local steps (K = number of silos).
+Silos: energy (ETTh1 + electricity), air_quality (PM2.5), traffic (I-94), weather (temperature),
+nature (sunspots), and the synthetic silo (KernelSynth + TSMixup, `--share` of all windows);
+finance (exchange rates) is held out of every cell (the demo's finance devices read that series).
+Leave-one-domain-out cells additionally hold out air_quality or energy (both hourly).
+"""
+
+from __future__ import annotations
+
+import argparse
+import fcntl
+import json
+import math
+import os
+import platform
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from coordinator.models.tsfm import TSFMConfig
+from coordinator.pretrain.central import load_checkpoint, save_checkpoint
+from coordinator.pretrain.federated import FederatedSettings, run_federated, validation_sets
+from coordinator.pretrain.protocol import (
+    HORIZONS,
+    autoets_scores,
+    fine_tune,
+    fit_head,
+    model_forecasts,
+    nlinear_scores,
+    score_forecasts,
+    seasonal_naive_scores,
+    test_windows,
+)
+from coordinator.pretrain.silos import DOMAIN_SILOS, build_silos
+from coordinator.pretrain.synthetic import SYNTHETIC_CACHE, SyntheticSettings, synthetic_silo
+
+ROOT = Path(__file__).resolve().parent.parent
+RUNS = ROOT / "runs" / "foundation"
+CELLS = RUNS / "cells"
+OUT = ROOT / "docs" / "results"
+MARKER = "## Findings"
+
+MODEL = TSFMConfig(horizon=max(HORIZONS))
+DOMAINS = ("energy", "air_quality", "traffic", "weather", "nature")
+ALWAYS_HELD_OUT = ("finance",)
+LODO = ("air_quality", "energy")  # left-out domains for zero-shot (both hourly)
+WINDOWS = 288_000  # training windows per cell (the pilot's validation curve is flat well before)
+ROUNDS = 30
+BATCH = 64
+LR = 1e-3
+SHARE = 0.2
+FEW_SHOT = (0.05, 0.10)
+SEED_METHODS = ("bilevel", "fedal", "fedpm")
+SWEEPS: dict[str, list[dict[str, Any]]] = {
+    "bilevel": [{"lam": 0.01, "alpha": 0.1}, {"lam": 0.1, "alpha": 0.5}, {"lam": 0.0, "alpha": 0.1}],
+    "fedal": [{"kappa": 0.1}, {"kappa": 1.0}, {"kappa": 10.0}],
+    "fedpm": [{"shared_slots": 32, "personal_slots": 32}, {"shared_slots": 128, "personal_slots": 128}],
+    "fedprox": [{"mu": 0.001}, {"mu": 0.01}, {"mu": 0.1}],
+}
+ABLATIONS: dict[str, tuple[str, dict[str, Any]]] = {
+    "bilevel −GRL": ("bilevel", {"lam": 0.0}),
+    "bilevel −proto": ("bilevel", {"alpha": 0.0}),
+    "bilevel −domain weights": ("bilevel", {"uniform": True}),
+    "fedal −GBE": ("fedal", {"gbe": False}),
+    "fedal −DBE": ("fedal", {"dbe": False}),
+    "fedpm −personal slots": ("fedpm", {"personal_slots": 0}),
+}
+
+
+@dataclass(frozen=True)
+class Cell:
+    """One training run; `id` names its files."""
+
+    group: str
+    label: str  # row label in the tables (seeds of one label are aggregated)
+    strategy: str
+    seed: int
+    hparams: tuple[tuple[str, Any], ...] = ()
+    share: float = SHARE
+    held_out: tuple[str, ...] = ALWAYS_HELD_OUT
+    windows: int = WINDOWS
+    rounds: int = ROUNDS
+    full_eval: bool = False  # every window of every hourly set (else ETTh1 in full, the AutoETS subset elsewhere)
+
+    @property
+    def id(self) -> str:
+        hp = "".join(f"-{k}{v}" for k, v in self.hparams)
+        held = "".join(f"-no{d}" for d in self.held_out if d not in ALWAYS_HELD_OUT)
+        budget = "" if self.windows == WINDOWS else f"-w{self.windows // 1000}k"
+        return f"{self.strategy}{hp}-share{self.share}{held}{budget}-seed{self.seed}".replace(" ", "")
+
+    @property
+    def domains(self) -> tuple[str, ...]:
+        return tuple(d for d in DOMAINS if d not in self.held_out)
+
+    def settings(self, n_silos: int) -> FederatedSettings:
+        local = max(1, round(self.windows / (self.rounds * n_silos * BATCH)))
+        return FederatedSettings(strategy=self.strategy, rounds=self.rounds, local_steps=local, batch_size=BATCH,
+                                 lr=LR, domains=self.domains, holdout=self.held_out, seed=self.seed,
+                                 hparams=self.hparams, synthetic_share=self.share)
+
+
+def plan(groups: list[str], seeds: list[int]) -> list[Cell]:
+    """Cells in priority order (the brief's): the shipped backbone first, then the baselines x seeds,
+    the seed methods, sweeps, ablations."""
+    cells: list[Cell] = []
+    for g in groups:
+        if g == "ship":  # centralized at 2x the budget: the plateau check and the shipped candidate
+            cells.append(Cell("ship", "centralized 2x budget", "centralized", 0, windows=2 * WINDOWS,
+                              rounds=2 * ROUNDS, full_eval=True))
+        elif g == "main":
+            cells += [Cell("main", s, s, seed, full_eval=s == "centralized" and seed == 0)
+                      for seed in seeds for s in ("centralized", "fedavg", "fedprox")]
+        elif g == "real":
+            cells.append(Cell("real", "centralized real only", "centralized", 0, share=0.0))
+        elif g == "lodo":
+            cells += [Cell("lodo", f"centralized without {d}", "centralized", 0, held_out=(*ALWAYS_HELD_OUT, d),
+                           full_eval=True) for d in LODO]
+        elif g == "seed":
+            cells += [Cell("seed", s, s, seed) for seed in seeds for s in SEED_METHODS]
+        elif g == "sweep":
+            cells += [Cell("sweep", f"{s} {hp}", s, 0, tuple(sorted(hp.items()))) for s, grid in SWEEPS.items()
+                      for hp in grid]
+        elif g == "ablate":
+            cells += [Cell("ablate", label, s, 0, tuple(sorted(hp.items()))) for label, (s, hp) in ABLATIONS.items()]
+        else:
+            raise SystemExit(f"unknown group {g!r}")
+    return list(dict.fromkeys(cells))
+
+
+# --------------------------------------------------------------------------------------- running
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def claim(cell: Cell) -> bool:
+    return _claim_path(CELLS / f"{cell.id}.lock")
+
+
+def silos_for(cell: Cell) -> list:
+    span = MODEL.context + MODEL.horizon
+    silos = build_silos(cell.domains, span)
+    if cell.share > 0:
+        silos.append(synthetic_silo(SyntheticSettings(share=cell.share), silos, span, None, SYNTHETIC_CACHE))
+    return silos
+
+
+def train_cell(cell: Cell, threads: int) -> tuple[Any, dict[str, Any]]:
+    """(best model, meta); reuses a finished model file, resumes an interrupted run."""
+    final = CELLS / f"{cell.id}.pt"
+    if final.is_file():
+        return load_checkpoint(final), torch.load(final, weights_only=True)["meta"]
+    silos = silos_for(cell)
+    settings = cell.settings(len(silos))
+    val = validation_sets(MODEL, cell.domains, settings, None)
+    result = run_federated(MODEL, settings, silos=silos, val_sets=val, checkpoint=CELLS / f"{cell.id}.round.pt",
+                           threads=threads)
+    meta = {"cell": asdict(cell), "settings": settings.to_json(), "history": result.history,
+            "val_mse": result.val_mse, "best_round": result.best_round, "train_s": result.wall_s,
+            "silos": {s.domain: s.n_samples for s in silos}, "exportable": result.strategy.exportable(),
+            "windows_seen": settings.rounds * settings.local_steps * settings.batch_size * len(silos),
+            "server_weights": result.server["weights"].tolist() if "weights" in result.server else None}
+    if not result.strategy.exportable():  # FeDPM: evaluate what its global model computes
+        torch.save(result.eval_model.memory, CELLS / f"{cell.id}.memory.pt")
+    save_checkpoint(result.model, final, meta=meta)
+    (CELLS / f"{cell.id}.round.pt").unlink(missing_ok=True)
+    return result.model, meta
+
+
+def eval_model_for(cell: Cell, model: Any) -> Any:
+    mem = CELLS / f"{cell.id}.memory.pt"
+    if mem.is_file():
+        from coordinator.pretrain.strategies.fedpm import QuantizedTSFM
+
+        return QuantizedTSFM(model, torch.load(mem, weights_only=True)).eval()
+    return model
+
+
+def protocol(model: Any, name: str, full: bool, threads: int) -> dict[str, dict[str, float]]:
+    """Standard-protocol scores: every window (`full`) or only the AutoETS subset."""
+    tw = test_windows(name, MODEL.context)
+    if full:
+        point, quant = model_forecasts(model, tw, threads)
+        return score_forecasts(tw, point, quant, MODEL.quantiles)
+    rows = tw.rows(min(HORIZONS), subset=True)
+    point = np.full((len(tw.x), MODEL.horizon), np.nan, np.float32)
+    quant = np.full((len(tw.x), MODEL.n_quantiles, MODEL.horizon), np.nan, np.float32)
+    from coordinator.pretrain.central import predict
+
+    point[rows], quant[rows] = predict(model, tw.x[rows])
+    return score_forecasts(tw, point, quant, MODEL.quantiles, subset_only=True)
+
+
+HOURLY = ("etth1", "electricity", "pollution", "traffic")
+
+
+def evaluate_cell(cell: Cell, model: Any, threads: int) -> dict[str, Any]:
+    torch.set_num_threads(threads)
+    net = eval_model_for(cell, model)
+    seen = [n for d in cell.domains for n in DOMAIN_SILOS[d]]
+    unseen = [n for d in cell.held_out for n in DOMAIN_SILOS[d]]
+    out: dict[str, Any] = {"in_domain": {}, "zero_shot": {}}
+    for part, names in (("in_domain", seen), ("zero_shot", unseen)):
+        for n in names:
+            full = n == "etth1" or (cell.full_eval and n in HOURLY)
+            out[part][n] = protocol(net, n, full, threads)
+    if "etth1" in seen and cell.strategy != "fedpm":
+        tuned, info = fit_head(model, "etth1", threads=threads)
+        out["etth1_head"] = {"scores": protocol(tuned, "etth1", True, threads), **info}
+    if cell.group == "lodo" or (cell.group == "main" and cell.seed == 0 and cell.strategy == "centralized"):
+        out["few_shot"] = few_shot(cell, model, [n for n in unseen if n in HOURLY], threads)
+    return out
+
+
+def few_shot(cell: Cell, model: Any, names: list[str], threads: int) -> dict[str, Any]:
+    """Head-only (ridge), full fine-tuning and training from scratch on 5 % / 10 % of the target's
+    training windows; same windows, steps and validation selection for full and scratch."""
+    out: dict[str, Any] = {}
+    for n in names:
+        for frac in FEW_SHOT:
+            key = f"{n}@{int(frac * 100)}%"
+            head, hinfo = fit_head(model, n, fraction=frac, threads=threads)
+            full, finfo = fine_tune(model, MODEL, n, frac, lr=1e-4, seed=cell.seed, threads=threads)
+            scratch, sinfo = fine_tune(None, MODEL, n, frac, lr=1e-3, seed=cell.seed, threads=threads)
+            out[key] = {m: {"scores": protocol(net, n, True, threads), **info} for m, net, info in
+                        (("head", head, hinfo), ("full", full, finfo), ("scratch", scratch, sinfo))}
+    return out
+
+
+def run(args: argparse.Namespace) -> None:
+    torch.set_num_threads(args.threads)
+    CELLS.mkdir(parents=True, exist_ok=True)
+    for cell in plan(args.groups, args.seeds):
+        done = CELLS / f"{cell.id}.json"
+        if done.is_file() or not claim(cell):
+            continue
+        try:
+            t0 = time.perf_counter()
+            print(f"[{time.strftime('%H:%M:%S')}] cell {cell.id}", flush=True)
+            model, meta = train_cell(cell, args.threads)
+            t1 = time.perf_counter()
+            scores = evaluate_cell(cell, model, args.threads)
+            record = {"cell": asdict(cell), "id": cell.id, **{k: v for k, v in meta.items() if k != "cell"},
+                      "scores": scores, "eval_s": time.perf_counter() - t1, "wall_s": time.perf_counter() - t0}
+            tmp = done.with_suffix(".tmp")
+            tmp.write_text(json.dumps(record, default=float))
+            os.replace(tmp, done)
+            print(f"[{time.strftime('%H:%M:%S')}] done {cell.id}: val {meta['val_mse']:.4f}, ETTh1 H96 "
+                  f"{scores['in_domain'].get('etth1', {}).get('H96', {}).get('mse', float('nan')):.4f}", flush=True)
+        finally:
+            (CELLS / f"{cell.id}.lock").unlink(missing_ok=True)
+        report(args)
+
+
+def baselines(names: list[str]) -> dict[str, Any]:
+    """Seasonal naive, NLinear and AutoETS per dataset, cached as cells (AutoETS is the slow one)."""
+    out: dict[str, Any] = {}
+    for n in names:
+        path = CELLS / f"baselines-{n}.json"
+        if path.is_file():
+            out[n] = json.loads(path.read_text())
+            continue
+        if not claim_named(f"baselines-{n}"):
+            continue
+        try:
+            t0 = time.perf_counter()
+            res = {"seasonal_naive": seasonal_naive_scores(n), "nlinear": nlinear_scores(n),
+                   "autoets": autoets_scores(n)}
+            res["wall_s"] = time.perf_counter() - t0
+            path.write_text(json.dumps(res, default=float))
+            out[n] = res
+        finally:
+            (CELLS / f"baselines-{n}.lock").unlink(missing_ok=True)
+    return out
+
+
+def claim_named(name: str) -> bool:
+    return _claim_path(CELLS / f"{name}.lock")
+
+
+def _claim_path(lock: Path) -> bool:
+    """Atomically take a lock file unless a live worker holds it (a dead worker's lock is taken over)."""
+    try:
+        fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+    except FileExistsError:
+        try:
+            pid = int(lock.read_text() or 0)
+        except (OSError, ValueError):
+            pid = 0
+        if pid and _alive(pid):
+            return False
+        lock.unlink(missing_ok=True)
+        return _claim_path(lock)
+    os.write(fd, str(os.getpid()).encode())
+    os.close(fd)
+    return True
+
+
+# --------------------------------------------------------------------------------------- report
+
+
+def load_cells() -> list[dict[str, Any]]:
+    return [json.loads(p.read_text()) for p in sorted(CELLS.glob("*.json")) if not p.name.startswith("baselines-")]
+
+
+def fmt(values: list[float], digits: int = 3) -> str:
+    vals = [v for v in values if v is not None and not math.isnan(v)]
+    if not vals:
+        return "—"
+    if len(vals) == 1:
+        return f"{vals[0]:.{digits}f}"
+    return f"{np.mean(vals):.{digits}f} ± {np.std(vals, ddof=1):.{digits}f} (n={len(vals)})"
+
+
+def _get(d: dict, *keys: str) -> float:
+    for k in keys:
+        if not isinstance(d, dict) or k not in d:
+            return math.nan
+        d = d[k]
+    return float(d)
+
+
+def in_domain_mean(rec: dict, h: str = "H96") -> float:
+    """Mean over the cell's training datasets of the MSE on the AutoETS-subset windows (the same
+    windows for every cell and baseline)."""
+    vals = [_get(s, f"ets/{h}", "mse") for s in rec["scores"]["in_domain"].values()]
+    return float(np.mean(vals)) if vals else math.nan
+
+
+def strategy_table(cells: list[dict], groups: tuple[str, ...]) -> list[str]:
+    rows: dict[str, list[dict]] = {}
+    for c in cells:
+        if c["cell"]["group"] in groups:
+            rows.setdefault(c["cell"]["label"], []).append(c)
+    lines = ["| method | seeds | windows seen | val MSE | in-domain MSE H96 (subset) | ETTh1 MSE H96 | "
+             "ETTh1 MSE H192 | ETTh1 MSE H336 | ETTh1 CRPS H96 | ETTh1 H96, ETTh1 head | exchange rate zero-shot MSE H96 | train s |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for label, recs in rows.items():
+        def col(f: Any, recs: list[dict] = recs) -> str:
+            return fmt([f(r) for r in recs])
+
+        lines.append(
+            f"| {label} | {','.join(str(r['cell']['seed']) for r in recs)} | {recs[0]['windows_seen']:,} | "
+            f"{col(lambda r: r['val_mse'])} | {col(in_domain_mean)} | "
+            + " | ".join(col(lambda r, h=h: _get(r['scores']['in_domain'], 'etth1', h, 'mse'))
+                         for h in ("H96", "H192", "H336"))
+            + f" | {col(lambda r: _get(r['scores']['in_domain'], 'etth1', 'H96', 'crps'))}"
+            f" | {col(lambda r: _get(r['scores'].get('etth1_head', {}), 'scores', 'H96', 'mse'))}"
+            f" | {col(lambda r: _get(r['scores']['zero_shot'], 'exchange_rate', 'ets/H96', 'mse'))}"
+            f" | {fmt([r['train_s'] for r in recs], 0)} |")
+    return lines
+
+
+def report(args: argparse.Namespace | None = None) -> None:
+    """Rewrite docs/results/foundation.{json,md,png} from the finished cells; text from MARKER on in
+    the Markdown is hand-written and kept."""
+    OUT.mkdir(parents=True, exist_ok=True)
+    with open(RUNS / "report.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        cells = load_cells()
+        base = {p.name[len("baselines-"):-5]: json.loads(p.read_text()) for p in CELLS.glob("baselines-*.json")}
+        (OUT / "foundation.json").write_text(json.dumps(
+            {"meta": meta(), "baselines": base, "cells": cells}, indent=1, default=float))
+        md_path = OUT / "foundation.md"
+        old = md_path.read_text() if md_path.is_file() else ""
+        findings = old[old.index(MARKER):] if MARKER in old else ""
+        md = render(cells, base)
+        md_path.write_text(md + ("\n" + findings if findings else ""))
+        curves(cells, OUT / "foundation_curves.png")
+
+
+def meta() -> dict[str, Any]:
+    return {"model": MODEL.to_dict(), "windows_per_cell": WINDOWS, "rounds": ROUNDS, "batch": BATCH, "lr": LR,
+            "share": SHARE, "domains": DOMAINS, "always_held_out": ALWAYS_HELD_OUT, "lodo": LODO,
+            "synthetic": asdict(SyntheticSettings(share=SHARE)), "machine": f"{platform.machine()}",
+            "torch": torch.__version__, "written": time.strftime("%Y-%m-%d %H:%M:%S")}
+
+
+def _proto_row(label: str, scores: dict, names: list[str], prefix: str = "") -> str:
+    cells = []
+    for n in names:
+        s = scores.get(n, {})
+        cells += [f"{_get(s, prefix + h, 'mse'):.3f} / {_get(s, prefix + h, 'mae'):.3f}" if not math.isnan(
+            _get(s, prefix + h, "mse")) else "—" for h in ("H96", "H192", "H336")]
+    return f"| {label} | " + " | ".join(cells) + " |"
+
+
+def render(cells: list[dict], base: dict[str, Any]) -> str:
+    by_id = {c["id"]: c for c in cells}
+    lines = ["# A foundation model worth federating (issue 13)", "",
+             f"Written by `benchmarks/foundation.py` from {len(cells)} finished cells "
+             f"({time.strftime('%Y-%m-%d %H:%M')}). Model: TSFM tiny (context 512, d_model 64, 3 layers, "
+             f"feature_dim 64; {MODEL.horizon}-step head). Budget per cell: {WINDOWS:,} training windows "
+             f"({ROUNDS} rounds x batch {BATCH}, lr {LR}); synthetic share {SHARE}. Metrics on scaled values. "
+             "MSE / MAE unless stated. *subset* = the evenly strided windows AutoETS is fit on.", ""]
+    lines += ["## Strategies at equal budget (mean ± std over seeds)", ""]
+    lines += strategy_table(cells, ("main", "real", "ship", "seed"))
+    lines += ["", "## Standard protocol (stride 1, all channels, whole test split; MSE / MAE at H 96 / 192 / 336)", ""]
+    names = [n for n in HOURLY]
+    head = "| model | " + " | ".join(f"{n} H{h}" for n in names for h in (96, 192, 336)) + " |"
+    lines += [head, "|---" * (1 + 3 * len(names)) + "|"]
+    for b in ("seasonal_naive", "nlinear"):
+        lines.append(_proto_row(b, {n: base.get(n, {}).get(b, {}) for n in names}, names))
+    for c in cells:
+        if c["cell"]["full_eval"]:
+            sc = {**c["scores"]["in_domain"], **c["scores"]["zero_shot"]}
+            lines.append(_proto_row(f"{c['cell']['label']} (seed {c['cell']['seed']}), pretrained head", sc, names))
+            if "etth1_head" in c["scores"]:
+                lines.append(_proto_row(f"{c['cell']['label']} (seed {c['cell']['seed']}), ETTh1 head",
+                                        {"etth1": c["scores"]["etth1_head"]["scores"]}, names))
+    lines += ["", "## AutoETS subset (the same windows for every row; MSE / MAE)", ""]
+    lines += [head, "|---" * (1 + 3 * len(names)) + "|"]
+    for b in ("seasonal_naive", "nlinear", "autoets"):
+        lines.append(_proto_row(b, {n: base.get(n, {}).get(b, {}) for n in names}, names, "ets/"))
+    for c in cells:
+        if c["cell"]["group"] in ("ship", "lodo") or c["id"] == "centralized-share0.2-seed0":
+            sc = {**c["scores"]["in_domain"], **c["scores"]["zero_shot"]}
+            lines.append(_proto_row(f"{c['cell']['label']} (seed {c['cell']['seed']})", sc, names, "ets/"))
+    lines += ["", "## Leave-one-domain-out zero-shot (H96 MSE, every test window; subset for AutoETS)", "",
+              "| left out | dataset | zero-shot | seasonal naive | NLinear (full-shot) | AutoETS (subset) | "
+              "zero-shot on subset | vs seasonal naive |", "|---|---|---|---|---|---|---|---|"]
+    for c in cells:
+        if c["cell"]["group"] != "lodo":
+            continue
+        for n, s in c["scores"]["zero_shot"].items():
+            if n not in HOURLY:
+                continue
+            zs, sn = _get(s, "H96", "mse"), _get(base.get(n, {}), "seasonal_naive", "H96", "mse")
+            lines.append(f"| {c['cell']['held_out'][-1]} | {n} | {zs:.3f} | {sn:.3f} | "
+                         f"{_get(base.get(n, {}), 'nlinear', 'H96', 'mse'):.3f} | "
+                         f"{_get(base.get(n, {}), 'autoets', 'ets/H96', 'mse'):.3f} | {_get(s, 'ets/H96', 'mse'):.3f}"
+                         f" | {100 * (zs / sn - 1):+.1f} % |")
+    lines += ["", "## Few-shot (H96 MSE on every test window; same windows, steps, selection)", "",
+              "| pretrained on | target | data | head-only | full fine-tune | from scratch |",
+              "|---|---|---|---|---|---|"]
+    for c in cells:
+        for key, r in c["scores"].get("few_shot", {}).items():
+            n, frac = key.split("@")
+            lines.append(f"| {c['cell']['label']} | {n} | {frac} ({r['head']['train_windows']} windows) | "
+                         + " | ".join(f"{_get(r[m], 'scores', 'H96', 'mse'):.3f}" for m in ("head", "full", "scratch"))
+                         + " |")
+    lines += ["", "## Sweeps and ablations (seed 0; hyper-parameters chosen on validation MSE)", "",
+              "| cell | val MSE | in-domain MSE H96 (subset) | ETTh1 MSE H96 | exchange rate zero-shot H96 |",
+              "|---|---|---|---|---|"]
+    for c in cells:
+        if c["cell"]["group"] in ("sweep", "ablate"):
+            lines.append(f"| {c['cell']['label']} | {c['val_mse']:.4f} | {in_domain_mean(c):.3f} | "
+                         f"{_get(c['scores']['in_domain'], 'etth1', 'H96', 'mse'):.3f} | "
+                         f"{_get(c['scores']['zero_shot'], 'exchange_rate', 'ets/H96', 'mse'):.3f} |")
+    lines += ["", "## Cells", "", "| cell | group | windows seen | best round | val MSE | train s | eval s |",
+              "|---|---|---|---|---|---|---|"]
+    for cid, c in sorted(by_id.items()):
+        lines.append(f"| {cid} | {c['cell']['group']} | {c['windows_seen']:,} | {c['best_round']} | "
+                     f"{c['val_mse']:.4f} | {c['train_s']:.0f} | {c['eval_s']:.0f} |")
+    lines += ["", "Training curves: `foundation_curves.png` (validation MSE per round, x = training windows seen).", ""]
+    return "\n".join(lines)
+
+
+def curves(cells: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(10, 5.5))
+    for c in cells:
+        if c["cell"]["seed"] != 0 or c["cell"]["group"] in ("sweep", "ablate"):
+            continue
+        per_round = c["windows_seen"] / max(1, len(c["history"]))
+        x = [(h["round"] + 1) * per_round for h in c["history"]]
+        ax.plot(x, [h["val_mse"] for h in c["history"]], label=c["cell"]["label"] + (
+            "" if c["cell"]["group"] != "lodo" else " (other val sets)"), lw=1.2)
+    ax.set_xlabel("training windows seen")
+    ax.set_ylabel("validation MSE (mean over datasets)")
+    ax.set_title("Validation curves, seed 0")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("command", choices=("run", "report", "baselines"))
+    ap.add_argument("--groups", nargs="*", default=["ship", "main", "lodo", "real", "seed", "sweep", "ablate"])
+    ap.add_argument("--seeds", type=int, nargs="*", default=[0, 1, 2])
+    ap.add_argument("--threads", type=int, default=1)
+    args = ap.parse_args()
+    CELLS.mkdir(parents=True, exist_ok=True)
+    if args.command == "run":
+        run(args)
+    elif args.command == "baselines":
+        torch.set_num_threads(args.threads)
+        baselines([*HOURLY, "exchange_rate"])
+        report(args)
+    else:
+        report(args)
+
+
+if __name__ == "__main__":
+    main()
