@@ -35,7 +35,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from coordinator.models.tsfm import TSFMConfig
+from coordinator.pretrain import shipped
 from coordinator.pretrain.central import load_checkpoint, save_checkpoint
 from coordinator.pretrain.federated import FederatedSettings, run_federated, validation_sets
 from coordinator.pretrain.protocol import (
@@ -58,22 +58,23 @@ CELLS = RUNS / "cells"
 OUT = ROOT / "docs" / "results"
 MARKER = "## Findings"
 
-MODEL = TSFMConfig(horizon=max(HORIZONS))
-DOMAINS = ("energy", "air_quality", "traffic", "weather", "nature")
-ALWAYS_HELD_OUT = ("finance",)
+MODEL = shipped.model_config()
+DOMAINS = shipped.DOMAINS
+ALWAYS_HELD_OUT = shipped.HELD_OUT
 LODO = ("air_quality", "energy")  # left-out domains for zero-shot (both hourly)
 WINDOWS = 288_000  # training windows per cell (the pilot's validation curve is flat well before)
 ROUNDS = 30
-BATCH = 64
-LR = 1e-3
-SHARE = 0.2
+BATCH = shipped.BATCH
+LR = shipped.LR
+SHARE = shipped.SHARE
 FEW_SHOT = (0.05, 0.10)
 SEED_METHODS = ("bilevel", "fedal", "fedpm")
+# Points besides each method's defaults (the seed-0 cell of group "seed" is the default point).
 SWEEPS: dict[str, list[dict[str, Any]]] = {
-    "bilevel": [{"lam": 0.01, "alpha": 0.1}, {"lam": 0.1, "alpha": 0.5}, {"lam": 0.0, "alpha": 0.1}],
-    "fedal": [{"kappa": 0.1}, {"kappa": 1.0}, {"kappa": 10.0}],
-    "fedpm": [{"shared_slots": 32, "personal_slots": 32}, {"shared_slots": 128, "personal_slots": 128}],
-    "fedprox": [{"mu": 0.001}, {"mu": 0.01}, {"mu": 0.1}],
+    "bilevel": [{"lam": 0.01, "alpha": 0.1}, {"lam": 0.01, "alpha": 0.5}],
+    "fedal": [{"kappa": 0.1}, {"kappa": 10.0}],
+    "fedpm": [{"shared_slots": 128, "personal_slots": 128}],
+    "fedprox": [{"mu": 0.001}, {"mu": 0.1}],
 }
 ABLATIONS: dict[str, tuple[str, dict[str, Any]]] = {
     "bilevel −GRL": ("bilevel", {"lam": 0.0}),
@@ -122,7 +123,10 @@ def plan(groups: list[str], seeds: list[int]) -> list[Cell]:
     """Cells in priority order (the brief's): the shipped backbone first, then the baselines x seeds,
     the seed methods, sweeps, ablations."""
     cells: list[Cell] = []
-    for g in groups:
+    default_seeds = seeds
+    for token in groups:  # "main" or "main:1,2" (that group with those seeds only)
+        g, _, only = token.partition(":")
+        seeds = [int(x) for x in only.split(",")] if only else default_seeds
         if g == "ship":  # centralized at 2x the budget: the plateau check and the shipped candidate
             cells.append(Cell("ship", "centralized 2x budget", "centralized", 0, windows=2 * WINDOWS,
                               rounds=2 * ROUNDS, full_eval=True))
@@ -470,7 +474,8 @@ def render(cells: list[dict], base: dict[str, Any]) -> str:
               "| cell | val MSE | in-domain MSE H96 (subset) | ETTh1 MSE H96 | exchange rate zero-shot H96 |",
               "|---|---|---|---|---|"]
     for c in cells:
-        if c["cell"]["group"] in ("sweep", "ablate"):
+        if c["cell"]["group"] in ("sweep", "ablate") or (c["cell"]["group"] == "seed" and c["cell"]["seed"] == 0) or (
+                c["cell"]["strategy"] == "fedprox" and c["cell"]["group"] == "main" and c["cell"]["seed"] == 0):
             lines.append(f"| {c['cell']['label']} | {c['val_mse']:.4f} | {in_domain_mean(c):.3f} | "
                          f"{_get(c['scores']['in_domain'], 'etth1', 'H96', 'mse'):.3f} | "
                          f"{_get(c['scores']['zero_shot'], 'exchange_rate', 'ets/H96', 'mse'):.3f} |")
@@ -507,10 +512,134 @@ def curves(cells: list[dict], path: Path) -> None:
     plt.close(fig)
 
 
+# ------------------------------------------------------------------------------- shipped artifact
+
+
+def ship(cell_id: str, tflite: bool = True) -> None:
+    """Build coordinator/pretrained/<VERSION>/ from a finished cell: checkpoint, ONNX fp32 + int8,
+    TFLite fp32 + int8, head, ETTh1 head, spec, card.json (scores re-measured on the exported files),
+    and docs/model-card.md (text from MARKER on is hand-written and kept)."""
+    from coordinator.pretrain.central import read_checkpoint
+    from edge_client.runtime import sha256_file
+    from export.onnx_export import export_model
+    from export.quantize import quantize_backbone
+
+    rec = json.loads((CELLS / f"{cell_id}.json").read_text())
+    model, _ = read_checkpoint(CELLS / f"{cell_id}.pt")
+    out = shipped.ARTIFACT_DIR
+    out.mkdir(parents=True, exist_ok=True)
+    for old in out.iterdir():
+        old.unlink()
+    save_checkpoint(model, out / shipped.CHECKPOINT_NAME, meta={
+        "version": shipped.VERSION, "cell": cell_id, "recipe": rec["settings"], "val_mse": rec["val_mse"],
+        "best_round": rec["best_round"], "windows_seen": rec["windows_seen"]})
+    exported = export_model(model, out)
+    int8 = quantize_backbone(exported.backbone)
+    tuned, info = fit_head(model, "etth1")
+    np.savez(out / "head.etth1.npz", **tuned.head_state())
+    if tflite:
+        from export.tflite_export import export_tflite
+
+        export_tflite(model, out)
+    spec = json.loads((out / "spec.json").read_text())
+    spec["files"].update({p.name: {"sha256": sha256_file(p), "bytes": p.stat().st_size}
+                          for p in (int8, out / "head.etth1.npz")})
+    spec["version"] = shipped.VERSION
+    (out / "spec.json").write_text(json.dumps(spec, indent=2, sort_keys=True) + "\n")
+    device = {}
+    for name in ("backbone.onnx", "backbone.int8.onnx", "backbone.tflite", "backbone.int8.tflite"):
+        if (out / name).is_file():
+            device[name] = {h: shipped.device_path_mse(out / name, out / "head.npz", h) for h in (96,)}
+    device["backbone.onnx + head.etth1.npz"] = {96: shipped.device_path_mse(out / "backbone.onnx",
+                                                                            out / "head.etth1.npz", 96)}
+    card = {"version": shipped.VERSION, "cell": cell_id, "model": model.config.to_dict(),
+            "parameters": {"total": model.n_params(),
+                           "backbone": sum(p.numel() for p in model.backbone.parameters())},
+            "model_id": model.model_id(), "recipe": rec["settings"], "silos": rec["silos"],
+            "windows_seen": rec["windows_seen"], "train_s": rec["train_s"], "best_round": rec["best_round"],
+            "val_mse": rec["val_mse"], "history": rec["history"], "scores": rec["scores"],
+            "etth1_head": info, "device_path": device,
+            "files": {k: v["bytes"] for k, v in spec["files"].items()}}
+    (out / shipped.CARD_NAME).write_text(json.dumps(card, indent=1, default=float) + "\n")
+    write_model_card(card)
+    print(f"shipped {cell_id} -> {out}: " + ", ".join(f"{k} {v / 1024:.0f} KB" for k, v in card["files"].items()))
+
+
+def write_model_card(card: dict[str, Any]) -> None:
+    from edge_client.datasets import DATASETS
+
+    path = ROOT / "docs" / "model-card.md"
+    old = path.read_text() if path.is_file() else ""
+    kept = old[old.index(MARKER):] if MARKER in old else ""
+    base = {n: json.loads((CELLS / f"baselines-{n}.json").read_text()) for n in HOURLY
+            if (CELLS / f"baselines-{n}.json").is_file()}
+    s = card["scores"]
+    datasets = [n for d in card["recipe"]["domains"] for n in DOMAIN_SILOS[d]]
+    lines = [f"# Model card: {card['version']} (the TSFM shipped with fedge)", "",
+             "Written by `python benchmarks/foundation.py ship` from `coordinator/pretrained/"
+             f"{card['version']}/card.json`; the hand-written part starts at \"{MARKER}\".", "",
+             "## What it is", "",
+             f"A patch-transformer time-series foundation model (RevIN, patches of 16 with stride 8, "
+             f"{card['model']['n_layers']} pre-norm encoder layers of width {card['model']['d_model']}, "
+             f"a {card['model']['feature_dim']}-dim feature projection) with linear point and quantile heads "
+             f"(0.1/0.5/0.9) over {card['model']['horizon']} steps from a context of {card['model']['context']}. "
+             f"{card['parameters']['backbone']:,} backbone parameters ({card['parameters']['total']:,} with the head). "
+             f"Model id `{card['model_id']}`.", "",
+             "| file | KB | for |", "|---|---:|---|"]
+    use = {"model.pt": "coordinator (torch checkpoint)", "backbone.onnx": "devices, ONNX Runtime fp32",
+           "backbone.int8.onnx": "devices, ONNX Runtime int8 (dynamic)", "backbone.tflite": "devices, LiteRT fp32",
+           "backbone.int8.tflite": "devices, LiteRT int8 (dynamic range)", "head.onnx": "the head as a graph",
+           "head.npz": "the pretrained head (generic, zero-shot)",
+           "head.etth1.npz": "head refit on ETTh1's training split (ridge on frozen features)",
+           "spec.json": "sha256 of every file, parity"}
+    ckpt = shipped.ARTIFACT_DIR / shipped.CHECKPOINT_NAME
+    files = {"model.pt": ckpt.stat().st_size, **card["files"]}
+    lines += [f"| {k} | {v / 1024:.0f} | {use.get(k, '')} |" for k, v in files.items()]
+    lines += ["", "## Training data and budget", "",
+              f"Centralized mixed batches (`{card['recipe']['strategy']}`) over the **training splits** of "
+              + ", ".join(datasets) + f" plus the synthetic silo (KernelSynth + TSMixup, share "
+              f"{card['recipe']['synthetic_share']}); held out: exchange rates (finance). "
+              f"{card['windows_seen']:,} training windows ({card['recipe']['rounds']} rounds x "
+              f"{card['recipe']['local_steps']} x {len(card['silos'])} local steps x batch "
+              f"{card['recipe']['batch_size']}, AdamW lr {card['recipe']['lr']}, cosine decay), "
+              f"{card['train_s'] / 60:.0f} min on one CPU thread; best validation round {card['best_round']} "
+              f"(val MSE {card['val_mse']:.4f}). Windows per silo: "
+              + ", ".join(f"{k} {v:,}" for k, v in card["silos"].items()) + ".", "",
+              "| dataset | license |", "|---|---|"]
+    lines += [f"| {n} | {DATASETS[n].license} |" for n in datasets]
+    lines += ["| KernelSynth | generated (scikit-learn GP kernels), no license needed |",
+              "| TSMixup | mixtures of the training splits above (their licenses apply) |"]
+    lines += ["", "## Scores (standard protocol: context 512, stride-1 windows over the whole test split, all "
+              "channels, scaled values)", "",
+              "| dataset | head | MSE H96 | MAE H96 | CRPS H96 | MSE H192 | MSE H336 | seasonal naive H96 | "
+              "NLinear H96 (full-shot) |", "|---|---|---|---|---|---|---|---|---|"]
+    rows = [(n, "pretrained", s["in_domain"].get(n) or s["zero_shot"].get(n)) for n in HOURLY]
+    rows.insert(1, ("etth1", "ETTh1 head", s.get("etth1_head", {}).get("scores")))
+    for n, head, sc in rows:
+        if not sc or "H96" not in sc:
+            continue
+        b = base.get(n, {})
+        lines.append(f"| {n} | {head} | {sc['H96']['mse']:.3f} | {sc['H96']['mae']:.3f} | "
+                     f"{sc['H96'].get('crps', math.nan):.3f} | {sc['H192']['mse']:.3f} | {sc['H336']['mse']:.3f} | "
+                     f"{_get(b, 'seasonal_naive', 'H96', 'mse'):.3f} | {_get(b, 'nlinear', 'H96', 'mse'):.3f} |")
+    lines += ["", "Device path (exported file + numpy head, ETTh1 test, H96, every window; "
+              "`tests/test_shipped_model.py` re-measures the first row):", "", "| files | MSE | MAE |",
+              "|---|---|---|"]
+    for k, v in card["device_path"].items():
+        r = v.get("96") or v.get(96)
+        lines.append(f"| {k} | {r['mse']:.4f} | {r['mae']:.4f} |")
+    lines += ["", "Full tables (zero-shot, few-shot, strategies, sweeps): `docs/results/foundation.md`.", ""]
+    path.write_text("\n".join(lines) + ("\n" + kept if kept else ""))
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("command", choices=("run", "report", "baselines"))
-    ap.add_argument("--groups", nargs="*", default=["ship", "main", "lodo", "real", "seed", "sweep", "ablate"])
+    ap.add_argument("command", choices=("run", "report", "baselines", "ship"))
+    ap.add_argument("--cell", help="ship: the cell whose model becomes the shipped artifact")
+    ap.add_argument("--no-tflite", action="store_true", help="ship: skip the TFLite conversion")
+    ap.add_argument("--groups", nargs="*", default=["ship", "main:0", "real", "lodo", "main", "seed:0", "sweep",
+                                                   "seed", "ablate"],
+                    help="groups in priority order; 'group:1,2' restricts a group to those seeds")
     ap.add_argument("--seeds", type=int, nargs="*", default=[0, 1, 2])
     ap.add_argument("--threads", type=int, default=1)
     args = ap.parse_args()
@@ -521,6 +650,10 @@ def main() -> None:
         torch.set_num_threads(args.threads)
         baselines([*HOURLY, "exchange_rate"])
         report(args)
+    elif args.command == "ship":
+        if not args.cell:
+            raise SystemExit("ship needs --cell ID")
+        ship(args.cell, tflite=not args.no_tflite)
     else:
         report(args)
 

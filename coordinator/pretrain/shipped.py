@@ -1,0 +1,136 @@
+"""The pretrained TSFM that ships inside the package: what `fedge demo`, `fedge export` and `fedge serve`
+use when given no model, so a fresh install needs no pretraining and no data directory.
+
+The artifact is a versioned folder of package data, ``coordinator/pretrained/<VERSION>/``:
+
+* ``model.pt`` -- the torch checkpoint (coordinator side: export, fleet heads, fine-tuning);
+* ``backbone.onnx``, ``backbone.int8.onnx``, ``backbone.tflite``, ``backbone.int8.tflite``, ``head.onnx``,
+  ``head.npz``, ``spec.json`` -- what a device runs (no torch needed), as ``fedge export`` writes them;
+* ``card.json`` -- the recipe and the scores that ``docs/model-card.md`` reports and that
+  ``tests/test_shipped_model.py`` re-measures on the shipped files.
+
+``fedge pretrain --strategy shipped`` re-runs :data:`RECIPE` from the data (`reproduce`), and
+``benchmarks/foundation.py ship`` builds the folder from a checkpoint (`build_artifact`).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+from typing import Any
+
+VERSION = "tsfm-tiny-v1"
+ARTIFACT_DIR = Path(__file__).resolve().parents[1] / "pretrained" / VERSION
+CHECKPOINT_NAME = "model.pt"
+CARD_NAME = "card.json"
+DEVICE_FILES = ("backbone.onnx", "backbone.int8.onnx", "backbone.tflite", "backbone.int8.tflite", "head.onnx",
+                "head.npz", "spec.json")
+
+# The recipe (benchmarks/foundation.py runs the same settings as its cells): centralized mixed batches
+# over the training splits of five real domains plus the synthetic silo, finance held out (the demo's
+# exchange-rate devices read that whole series), a 336-step head so one model serves H 96/192/336.
+DOMAINS = ("energy", "air_quality", "traffic", "weather", "nature")
+HELD_OUT = ("finance",)
+HORIZON = 336
+BATCH = 64
+LR = 1e-3
+SHARE = 0.2
+RECIPE: dict[str, Any] = {"strategy": "centralized", "rounds": 60, "windows": 576_000, "batch_size": BATCH,
+                          "lr": LR, "domains": DOMAINS, "holdout": HELD_OUT, "synthetic_share": SHARE, "seed": 0}
+
+
+class ShippedModelMissing(FileNotFoundError):
+    """The package was installed without its pretrained artifact (or a file of it was removed)."""
+
+
+def artifact_dir() -> Path:
+    """The shipped folder; ShippedModelMissing if the checkpoint is not there."""
+    if not (ARTIFACT_DIR / CHECKPOINT_NAME).is_file():
+        raise ShippedModelMissing(f"the shipped model {VERSION} is missing from {ARTIFACT_DIR}")
+    return ARTIFACT_DIR
+
+
+def shipped_checkpoint() -> Path:
+    return artifact_dir() / CHECKPOINT_NAME
+
+
+def card() -> dict[str, Any]:
+    return json.loads((artifact_dir() / CARD_NAME).read_text())
+
+
+def load_shipped() -> tuple[Any, dict[str, Any]]:
+    """(TSFM, checkpoint meta) of the shipped model."""
+    from coordinator.pretrain.central import read_checkpoint
+
+    return read_checkpoint(shipped_checkpoint())
+
+
+def copy_device_files(out_dir: str | os.PathLike[str]) -> list[Path]:
+    """Copy the shipped export (ONNX fp32/int8, TFLite fp32/int8, head, spec) to `out_dir`, checking
+    each file against the sha256 recorded in spec.json so a damaged install is never passed on."""
+    from edge_client.runtime import sha256_file
+
+    src = artifact_dir()
+    spec = json.loads((src / "spec.json").read_text())
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    written = []
+    for name in DEVICE_FILES:
+        if not (src / name).is_file():
+            continue
+        expected = spec.get("files", {}).get(name, {}).get("sha256")
+        if expected and sha256_file(src / name) != expected:
+            raise ValueError(f"shipped file {name} does not match its sha256 in spec.json (damaged install)")
+        written.append(Path(shutil.copy2(src / name, out / name)))
+    return written
+
+
+def recipe_settings(n_silos: int, seed: int | None = None) -> Any:
+    """The FederatedSettings of the recipe for `n_silos` clients (local steps from the window budget)."""
+    from coordinator.pretrain.federated import FederatedSettings
+
+    r = RECIPE
+    local = max(1, round(r["windows"] / (r["rounds"] * n_silos * r["batch_size"])))
+    return FederatedSettings(strategy=r["strategy"], rounds=r["rounds"], local_steps=local, batch_size=r["batch_size"],
+                             lr=r["lr"], domains=r["domains"], holdout=r["holdout"],
+                             seed=r["seed"] if seed is None else seed, synthetic_share=r["synthetic_share"])
+
+
+def model_config() -> Any:
+    from coordinator.models.tsfm import TSFMConfig
+
+    return TSFMConfig.tiny(horizon=HORIZON)
+
+
+def device_path_mse(backbone: str | os.PathLike[str], head_npz: str | os.PathLike[str], horizon: int = 96,
+                    dataset: str = "etth1", data_dir: str | os.PathLike[str] | None = None,
+                    threads: int = 2) -> dict[str, float]:
+    """ETTh1 (or another dataset) test MSE / MAE of an exported backbone + numpy head, on the standard
+    protocol (stride 1, every channel, scaler fit on the training rows) -- computed exactly the way a
+    device computes forecasts (ONNX Runtime or LiteRT, no torch)."""
+    import numpy as np
+
+    from edge_client.datasets import load_series
+    from edge_client.runtime import BackboneRunner
+    from edge_client.windows import ETT_TEST_END, ETT_TRAIN_END, ETT_VAL_END, Scaler, make_windows
+
+    values = load_series(dataset, data_dir).values
+    if dataset.startswith("ett"):
+        train_end, val_end, test_end = ETT_TRAIN_END, ETT_VAL_END, ETT_TEST_END
+    else:
+        train_end, val_end, test_end = int(len(values) * 0.7), int(len(values) * 0.8), len(values)
+    scaled = Scaler.fit(values[:train_end]).transform(values).astype(np.float32)
+    runner = BackboneRunner(backbone, threads=threads)
+    with np.load(head_npz) as f:
+        w, b = f["point_weight"][:horizon], f["point_bias"][:horizon]
+    sq, ab, n = 0.0, 0.0, 0
+    for c in range(scaled.shape[1]):
+        x, y = make_windows(scaled[:, c], runner.spec.context, horizon, 1, val_end, test_end)
+        feats = runner.features(x, batch_size=256)
+        pred = (feats.features @ w.T + b) * feats.scale + feats.loc
+        sq += float(np.sum((pred.astype(np.float64) - y) ** 2))
+        ab += float(np.sum(np.abs(pred.astype(np.float64) - y)))
+        n += y.size
+    return {"mse": sq / n, "mae": ab / n, "windows": float(n // horizon)}
