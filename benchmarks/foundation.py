@@ -45,9 +45,9 @@ from coordinator.pretrain.protocol import (
     fit_head,
     model_forecasts,
     nlinear_scores,
+    protocol_windows,
     score_forecasts,
     seasonal_naive_scores,
-    test_windows,
 )
 from coordinator.pretrain.silos import DOMAIN_SILOS, build_silos
 from coordinator.pretrain.synthetic import SYNTHETIC_CACHE, SyntheticSettings, synthetic_silo
@@ -62,8 +62,8 @@ MODEL = shipped.model_config()
 DOMAINS = shipped.DOMAINS
 ALWAYS_HELD_OUT = shipped.HELD_OUT
 LODO = ("air_quality", "energy")  # left-out domains for zero-shot (both hourly)
-WINDOWS = 288_000  # training windows per cell (the pilot's validation curve is flat well before)
-ROUNDS = 30
+WINDOWS = 144_000  # training windows per cell; the "ship" cell (2x) checks how much more budget still buys
+ROUNDS = 25
 BATCH = shipped.BATCH
 LR = shipped.LR
 SHARE = shipped.SHARE
@@ -127,14 +127,15 @@ def plan(groups: list[str], seeds: list[int]) -> list[Cell]:
     for token in groups:  # "main" or "main:1,2" (that group with those seeds only)
         g, _, only = token.partition(":")
         seeds = [int(x) for x in only.split(",")] if only else default_seeds
-        if g == "ship":  # centralized at 2x the budget: the plateau check and the shipped candidate
-            cells.append(Cell("ship", "centralized 2x budget", "centralized", 0, windows=2 * WINDOWS,
+        if g == "ship":  # centralized at 2x the budget: the plateau check and the shipped model
+            cells.append(Cell("ship", "centralized (2x budget)", "centralized", 0, windows=2 * WINDOWS,
                               rounds=2 * ROUNDS, full_eval=True))
         elif g == "main":
             cells += [Cell("main", s, s, seed, full_eval=s == "centralized" and seed == 0)
                       for seed in seeds for s in ("centralized", "fedavg", "fedprox")]
-        elif g == "real":
-            cells.append(Cell("real", "centralized real only", "centralized", 0, share=0.0))
+        elif g == "real":  # the pilot run: real corpus only, at the shipped cell's budget (2x), 30 rounds
+            cells.append(Cell("real", "centralized real only (2x budget)", "centralized", 0, share=0.0,
+                              windows=2 * WINDOWS, rounds=30))
         elif g == "lodo":
             cells += [Cell("lodo", f"centralized without {d}", "centralized", 0, held_out=(*ALWAYS_HELD_OUT, d),
                            full_eval=True) for d in LODO]
@@ -208,7 +209,7 @@ def eval_model_for(cell: Cell, model: Any) -> Any:
 
 def protocol(model: Any, name: str, full: bool, threads: int) -> dict[str, dict[str, float]]:
     """Standard-protocol scores: every window (`full`) or only the AutoETS subset."""
-    tw = test_windows(name, MODEL.context)
+    tw = protocol_windows(name, MODEL.context)
     if full:
         point, quant = model_forecasts(model, tw, threads)
         return score_forecasts(tw, point, quant, MODEL.quantiles)
@@ -645,6 +646,9 @@ def main() -> None:
     args = ap.parse_args()
     CELLS.mkdir(parents=True, exist_ok=True)
     if args.command == "run":
+        import logging
+
+        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
         run(args)
     elif args.command == "baselines":
         torch.set_num_threads(args.threads)

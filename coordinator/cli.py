@@ -80,8 +80,8 @@ def demo(
     secure: Annotated[bool, typer.Option(help="TLS, a certificate per device, broker ACLs and signed messages "
                                          "(Mosquitto needed); default: anonymous on loopback")] = False,
     pretrain_strategy: Annotated[str, typer.Option(
-        help="backbone: auto (best in docs/results/pretrain.json) | etth1 | centralized | fedavg | fedprox | "
-             "bilevel | fedal")] = "auto",
+        help="backbone: shipped (the pretrained model inside fedge, docs/model-card.md) | auto (train the best in "
+             "docs/results/pretrain.json) | etth1 | centralized | fedavg | fedprox | bilevel | fedal")] = "shipped",
     seed: int = 0,
     ui: Annotated[bool, typer.Option("--ui/--no-ui", help="serve the fleet dashboard on 127.0.0.1 while it runs")
                   ] = True,
@@ -95,7 +95,7 @@ def demo(
     _logging(verbose)
     try:
         fleet_strategy(strategy)
-        if pretrain_strategy != "auto":  # checked before any work; importing torch only when it is needed
+        if pretrain_strategy not in ("auto", "shipped"):  # checked before any work; torch only when needed
             from coordinator.pretrain.backbone import check_requested
 
             check_requested(pretrain_strategy)
@@ -129,8 +129,9 @@ def demo(
 
 @app.command()
 def pretrain(
-    strategy: Annotated[str, typer.Option(help="etth1 (central, ETTh1 only: what the demo uses) | centralized | "
-                                          "fedavg | fedprox | bilevel | fedal | fedpm (domain silos)")] = "etth1",
+    strategy: Annotated[str, typer.Option(help="shipped (reproduce the model shipped with fedge from the data) | etth1 "
+                                          "(central, ETTh1 only) | centralized | fedavg | fedprox | bilevel | "
+                                          "fedal | fedpm (domain silos)")] = "etth1",
     rounds: Annotated[int, typer.Option(min=1, help="silo strategies: federated rounds")] = 20,
     local_steps: Annotated[int, typer.Option(min=1, help="silo strategies: local steps per round")] = 20,
     out: Annotated[Path, typer.Option(help="checkpoint file (etth1) or folder (silo strategies)")] = Path(
@@ -150,6 +151,15 @@ def pretrain(
 
     if size not in ("tiny", "small"):
         _fail(f"--size must be tiny or small, not {size!r}")
+    if strategy == "shipped":
+        from coordinator.pretrain.shipped import reproduce
+
+        folder = out if out.suffix != ".pt" else out.with_suffix("")
+        try:
+            reproduce(folder, data_dir=data_dir, threads=threads, console=console)
+        except (ValueError, FileNotFoundError) as exc:
+            _fail(str(exc))
+        return
     if strategy != "etth1":
         from coordinator.pretrain.federated import pretrain_command
         from coordinator.pretrain.strategies import make_strategy
@@ -172,18 +182,31 @@ def pretrain(
 
 @app.command()
 def export(
-    checkpoint: Annotated[Path, typer.Argument(help="checkpoint written by `fedge pretrain`")],
+    checkpoint: Annotated[Path | None, typer.Argument(
+        help="checkpoint written by `fedge pretrain`; omitted: the model shipped with fedge (its ONNX fp32/int8 and "
+             "TFLite files are copied, sha256-checked, no conversion needed)")] = None,
     out: Annotated[Path, typer.Option(help="output folder")] = Path("runs/model"),
     fmt: Annotated[str, typer.Option("--format", help="onnx | tflite (adds backbone.tflite and backbone.int8.tflite "
                                      "for LiteRT devices to the ONNX files; builds its conversion env on first use)")]
     = "onnx",
 ) -> None:
-    """Export a checkpoint to ONNX (backbone, head) with a parity check against torch, optionally TFLite too."""
+    """Export a checkpoint to ONNX (backbone, head) with a parity check against torch, optionally TFLite too.
+    Without a checkpoint, write the shipped model's exported files."""
+    if fmt not in ("onnx", "tflite"):
+        _fail(f"--format must be onnx or tflite, got {fmt!r}")
+    if checkpoint is None:
+        from coordinator.pretrain import shipped
+
+        try:
+            files = shipped.copy_device_files(out)
+        except (ValueError, OSError) as exc:
+            _fail(str(exc))
+        console.print(f"wrote the shipped model {shipped.VERSION} to {out}: "
+                      + ", ".join(f"{p.name} ({p.stat().st_size / 1024:.0f} KB)" for p in files))
+        return
     from coordinator.models.checkpoints import load_checkpoint
     from export.onnx_export import export_model
 
-    if fmt not in ("onnx", "tflite"):
-        _fail(f"--format must be onnx or tflite, got {fmt!r}")
     try:
         model = load_checkpoint(checkpoint)
     except (ValueError, FileNotFoundError) as exc:
@@ -203,7 +226,8 @@ def export(
 
 @app.command()
 def serve(
-    init_head: Annotated[Path, typer.Option(help="head.npz from `fedge export` (the initial global head)")],
+    init_head: Annotated[Path | None, typer.Option(
+        help="head.npz from `fedge export` (the initial global head); default: the shipped model's")] = None,
     db: Annotated[Path, typer.Option(help="fleet state (SQLite); reuse it to resume")] = Path("runs/fleet.sqlite"),
     broker: Annotated[str, typer.Option(help="host:port, mqtt://… or mqtts://host:8883 (TLS)")] = "127.0.0.1:1883",
     fleet: Annotated[str, typer.Option(help="the fleet (default: the fleet folder's, else 'default')")] = "",
@@ -251,6 +275,14 @@ def serve(
     from edge_client.wire.mqtt import BrokerAddress
 
     _logging(verbose)
+    if init_head is None:
+        from coordinator.pretrain import shipped
+
+        try:
+            init_head = shipped.artifact_dir() / "head.npz"
+        except FileNotFoundError as exc:
+            _fail(str(exc))
+        console.print(f"initial head: the shipped model {shipped.VERSION} ({init_head})")
     try:
         address = BrokerAddress.parse(broker)
         registry = DeviceRegistry(fleet_dir) if fleet_dir is not None else None

@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import logging
 import os
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -56,9 +56,10 @@ class DemoConfig:
     # `fedge broker config`, and signed control messages (docs/security.md); default: anonymous on loopback
     secure: bool = False
     personalize: tuple[tuple[str, float], ...] = ()  # device-side methods (edge_client.learning.personalize)
-    # "auto": the strategy benchmarks/pretrain.py ranked best (coordinator.pretrain.backbone); or
+    # "shipped": the pretrained model inside the package (no pretraining); "auto": train the strategy
+    # benchmarks/pretrain.py ranked best (coordinator.pretrain.backbone); or
     # "etth1" (central, ETTh1 only) or one of the silo strategies
-    pretrain_strategy: str = "auto"
+    pretrain_strategy: str = "shipped"
     ui: bool = True  # the fleet dashboard on 127.0.0.1 while the demo runs (its address is printed)
 
 
@@ -193,25 +194,40 @@ def secure_fleet(folder: Path, fleet: str, device_ids: list[str]):  # type: igno
 
 def demo_backbone(cfg: DemoConfig) -> tuple[TSFM, dict]:
     """The backbone the demo exports (see coordinator.pretrain.backbone for the selection rule) and a
-    description of it for the output. --quick keeps its 150-step ETTh1 pretraining unless a strategy
-    is asked for, and then runs it on a small budget."""
+    description of it for the output. By default the shipped model (no pretraining); --quick keeps
+    its 150-step ETTh1 pretraining of a smaller model unless a strategy is asked for, and then runs
+    it on a small budget."""
     from coordinator.models.tsfm import TSFMConfig
     from coordinator.pretrain.backbone import (
-        AUTO,
         ETTH1_ONLY,
+        SHIPPED,
         BackboneBudget,
         BackboneChoice,
         choose_backbone,
         pretrained_backbone,
     )
 
+    if cfg.pretrain_strategy == SHIPPED and not cfg.quick:
+        from coordinator.pretrain import shipped
+
+        try:
+            model, meta = shipped.load_shipped()
+        except (shipped.ShippedModelMissing, ValueError) as exc:
+            log.warning("%s; pretraining instead (--pretrain-strategy auto)", exc)
+            return demo_backbone(replace(cfg, pretrain_strategy="auto"))
+        return model, {"strategy": SHIPPED, "reason": "the pretrained model shipped with fedge (default)",
+                       "datasets": list(meta.get("recipe", {}).get("domains", [])),
+                       "held_out": list(shipped.HELD_OUT), "val_mse": meta.get("val_mse"),
+                       "description": f"{shipped.VERSION}, shipped with fedge (docs/model-card.md): centralized "
+                                      "over the training splits of five real domains + synthetic series; "
+                                      "held out: finance"}
     if cfg.quick:
         mcfg = TSFMConfig(context=256, horizon=max(cfg.horizon, 24), d_model=32, n_layers=2, d_ff=64,
                           feature_dim=32)
         budget, etth1_args = BackboneBudget(rounds=2, local_steps=5), {"steps": 150}
     else:
         mcfg, budget, etth1_args = TSFMConfig.tiny(), BackboneBudget(), {}
-    if cfg.quick and cfg.pretrain_strategy == AUTO:
+    if cfg.quick and cfg.pretrain_strategy == SHIPPED:
         choice = BackboneChoice(ETTH1_ONLY, "--quick (give --pretrain-strategy for another)")
     else:
         choice = choose_backbone(cfg.pretrain_strategy, data_dir=cfg.data_dir)

@@ -1,6 +1,10 @@
 """Which pretrained backbone ``fedge demo`` exports, and training it once (cached afterwards).
 
-Selection rule (read at run time, so re-running ``benchmarks/pretrain.py`` changes the default
+Default: ``shipped`` -- the pretrained model inside the package (:mod:`coordinator.pretrain.shipped`),
+no pretraining and no data directory needed. ``--pretrain-strategy auto`` (below) or a strategy name
+trains one instead.
+
+Selection rule for ``auto`` (read at run time, so re-running ``benchmarks/pretrain.py`` changes the default
 without a code change): the strategy the benchmark ranked best among the exportable ones,
 ``meta.best_exportable`` in ``docs/results/pretrain.json`` (lowest mean of in-domain and
 zero-shot H96 MSE over seeds). Fallbacks, each one stated in the demo's output:
@@ -38,10 +42,11 @@ log = logging.getLogger(__name__)
 
 RESULTS_JSON = Path(__file__).resolve().parents[2] / "docs" / "results" / "pretrain.json"
 AUTO = "auto"
+SHIPPED = "shipped"
 ETTH1_ONLY = "etth1"
 FALLBACK_STRATEGY = "centralized"
 DEMO_HOLDOUT = ("finance",)
-CHOICES = (AUTO, ETTH1_ONLY, *STRATEGIES)
+CHOICES = (SHIPPED, AUTO, ETTH1_ONLY, *STRATEGIES)
 
 
 @dataclass(frozen=True)

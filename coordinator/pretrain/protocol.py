@@ -34,7 +34,7 @@ ETS_MAX_WINDOWS = 800  # AutoETS fits per dataset (the subset is every k-th wind
 
 
 @dataclass(frozen=True)
-class TestWindows:
+class ProtocolWindows:
     """Every stride-1 test window of one dataset, with targets out to max(horizons) (NaN past the end)."""
 
     name: str
@@ -53,8 +53,8 @@ class TestWindows:
 
 
 @lru_cache(maxsize=16)
-def test_windows(name: str, context: int = 512, max_horizon: int = max(HORIZONS), min_horizon: int = min(HORIZONS),
-                 data_dir: str | None = None, split: str = "test") -> TestWindows:
+def protocol_windows(name: str, context: int = 512, max_horizon: int = max(HORIZONS), min_horizon: int = min(HORIZONS),
+                 data_dir: str | None = None, split: str = "test") -> ProtocolWindows:
     scaled, (train_end, val_end, test_end) = scaled_series(name, data_dir)
     lo, hi = {"test": (val_end, test_end), "val": (train_end, val_end)}[split]
     xs, ys, chans, offs = [], [], [], []
@@ -73,7 +73,7 @@ def test_windows(name: str, context: int = 512, max_horizon: int = max(HORIZONS)
     x = np.ascontiguousarray(np.concatenate(xs), np.float32)
     per_channel = max(1, len(x) // max(1, scaled.shape[1]))
     stride = max(1, math.ceil(per_channel * scaled.shape[1] / ETS_MAX_WINDOWS))
-    return TestWindows(name, x, np.concatenate(ys).astype(np.float32), np.concatenate(chans),
+    return ProtocolWindows(name, x, np.concatenate(ys).astype(np.float32), np.concatenate(chans),
                        np.concatenate(offs), stride)
 
 
@@ -87,7 +87,7 @@ def score_rows(point: np.ndarray, quantiles: np.ndarray | None, y: np.ndarray, l
     return out
 
 
-def score_forecasts(tw: TestWindows, point: np.ndarray, quantiles: np.ndarray | None, levels: tuple[float, ...],
+def score_forecasts(tw: ProtocolWindows, point: np.ndarray, quantiles: np.ndarray | None, levels: tuple[float, ...],
                     horizons: tuple[int, ...] = HORIZONS, subset_only: bool = False) -> dict[str, dict[str, float]]:
     """{"H96": {...}, ..., "ets/H96": {...}}: every window, and the AutoETS subset."""
     out: dict[str, dict[str, float]] = {}
@@ -101,7 +101,7 @@ def score_forecasts(tw: TestWindows, point: np.ndarray, quantiles: np.ndarray | 
     return out
 
 
-def model_forecasts(model: torch.nn.Module, tw: TestWindows, threads: int | None = None
+def model_forecasts(model: torch.nn.Module, tw: ProtocolWindows, threads: int | None = None
                     ) -> tuple[np.ndarray, np.ndarray]:
     with torch_threads(threads):
         return predict(model, tw.x)
@@ -111,7 +111,7 @@ def model_protocol_scores(model: torch.nn.Module, names: list[str], data_dir: st
                           threads: int | None = None) -> dict[str, dict[str, dict[str, float]]]:
     out = {}
     for name in names:
-        tw = test_windows(name, model.config.context, data_dir=data_dir)
+        tw = protocol_windows(name, model.config.context, data_dir=data_dir)
         point, quantiles = model_forecasts(model, tw, threads)
         out[name] = score_forecasts(tw, point, quantiles, model.config.quantiles)
     return out
@@ -128,7 +128,7 @@ def season_of(name: str, context: int, data_dir: str | None = None) -> int:
 def seasonal_naive_scores(name: str, context: int = 512, data_dir: str | None = None,
                           levels: tuple[float, ...] = (0.1, 0.5, 0.9)) -> dict[str, dict[str, float]]:
     """Point forecasts stand in for every quantile (its CRPS is then ~MAE/Σ|y|)."""
-    tw = test_windows(name, context, data_dir=data_dir)
+    tw = protocol_windows(name, context, data_dir=data_dir)
     sn = seasonal_naive(tw.x, max(HORIZONS), season_of(name, context, data_dir))
     return score_forecasts(tw, sn, np.repeat(sn[:, None], len(levels), 1), levels)
 
@@ -157,7 +157,7 @@ def nlinear_fit(name: str, context: int, horizon: int, data_dir: str | None = No
 
 def nlinear_scores(name: str, context: int = 512, data_dir: str | None = None) -> dict[str, dict[str, float]]:
     """One least-squares fit per horizon (each on the training windows whose H targets fit)."""
-    tw = test_windows(name, context, data_dir=data_dir)
+    tw = protocol_windows(name, context, data_dir=data_dir)
     out: dict[str, dict[str, float]] = {}
     last = tw.x[:, -1:]
     for h in HORIZONS:
@@ -175,7 +175,7 @@ def autoets_scores(name: str, context: int = 512, data_dir: str | None = None,
     """AutoETS on the subset windows (see the module docstring); failed fits fall back to naive."""
     from coordinator.pretrain.evaluate import autoets_forecast, baseline_season
 
-    tw = test_windows(name, context, data_dir=data_dir)
+    tw = protocol_windows(name, context, data_dir=data_dir)
     rows = tw.rows(min(HORIZONS), subset=True)
     season = baseline_season(name, 24, data_dir)
     h = max(HORIZONS)

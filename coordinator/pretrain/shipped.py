@@ -37,7 +37,7 @@ HORIZON = 336
 BATCH = 64
 LR = 1e-3
 SHARE = 0.2
-RECIPE: dict[str, Any] = {"strategy": "centralized", "rounds": 60, "windows": 576_000, "batch_size": BATCH,
+RECIPE: dict[str, Any] = {"strategy": "centralized", "rounds": 50, "windows": 288_000, "batch_size": BATCH,
                           "lr": LR, "domains": DOMAINS, "holdout": HELD_OUT, "synthetic_share": SHARE, "seed": 0}
 
 
@@ -134,3 +134,41 @@ def device_path_mse(backbone: str | os.PathLike[str], head_npz: str | os.PathLik
         ab += float(np.sum(np.abs(pred.astype(np.float64) - y)))
         n += y.size
     return {"mse": sq / n, "mae": ab / n, "windows": float(n // horizon)}
+
+
+def reproduce(out_dir: str | os.PathLike[str], *, data_dir: str | os.PathLike[str] | None = None,
+              threads: int | None = None, console: Any = None) -> Path:
+    """``fedge pretrain --strategy shipped``: run :data:`RECIPE` from the data (round checkpoints in
+    `out_dir`, resumed when present), save ``out_dir/model.pt`` and print its ETTh1 score next to the
+    shipped one. The same settings and seed give the same training stream; the weights match the
+    shipped ones up to floating-point summation order (thread count, BLAS)."""
+    from rich.console import Console
+
+    from coordinator.pretrain.central import save_checkpoint
+    from coordinator.pretrain.federated import run_federated
+    from coordinator.pretrain.silos import available_domains
+
+    console = console or Console()
+    missing = [d for d in DOMAINS if d not in available_domains(data_dir)]
+    if missing:
+        raise FileNotFoundError(f"reproducing {VERSION} needs the datasets of {', '.join(missing)} "
+                                "(give --data-dir or set $FEDGE_DATA_DIR)")
+    n_silos = len(DOMAINS) + (1 if SHARE > 0 else 0)
+    settings = recipe_settings(n_silos)
+    out = Path(out_dir)
+    result = run_federated(model_config(), settings, data_dir=data_dir, checkpoint=out / "model.round.pt",
+                           progress=True, threads=threads)
+    path = save_checkpoint(result.model, out / CHECKPOINT_NAME, meta={
+        "version": VERSION, "recipe": settings.to_json(), "val_mse": result.val_mse, "best_round": result.best_round,
+        "history": result.history})
+    from coordinator.pretrain.protocol import model_protocol_scores
+
+    mine = model_protocol_scores(result.model, ["etth1"], str(data_dir) if data_dir else None, threads)["etth1"]
+    try:
+        shipped = card()["scores"]["in_domain"]["etth1"]["H96"]["mse"]
+        ref = f" (shipped {VERSION}: {shipped:.4f})"
+    except (OSError, KeyError, ValueError):
+        ref = ""
+    console.print(f"saved {path}: val MSE {result.val_mse:.4f} (round {result.best_round}); ETTh1 test H96 MSE "
+                  f"{mine['H96']['mse']:.4f}{ref}")
+    return path

@@ -1,0 +1,96 @@
+"""The pretrained model shipped inside the package: its files are intact and small, the torch checkpoint
+and the ONNX files agree, and the ETTh1 score in its card (docs/model-card.md) is what the shipped
+files actually score on the standard protocol, measured the way a device computes forecasts."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from typer.testing import CliRunner
+
+from coordinator.pretrain import shipped
+from edge_client.runtime import BackboneRunner, sha256_file
+
+MAX_TOTAL_MB = 10.0
+
+
+def test_every_shipped_file_matches_its_sha256_and_the_artifact_stays_small() -> None:
+    folder = shipped.artifact_dir()
+    spec = json.loads((folder / "spec.json").read_text())
+    for name, info in spec["files"].items():
+        assert sha256_file(folder / name) == info["sha256"], name
+    for name in ("model.pt", "backbone.onnx", "backbone.int8.onnx", "backbone.tflite", "backbone.int8.tflite",
+                 "head.npz", "card.json"):
+        assert (folder / name).is_file(), name
+    total = sum(p.stat().st_size for p in folder.iterdir()) / 2**20
+    assert total < MAX_TOTAL_MB
+    assert spec["version"] == shipped.VERSION
+
+
+def test_checkpoint_and_onnx_backbone_are_the_same_model() -> None:
+    import torch
+
+    model, meta = shipped.load_shipped()
+    spec = json.loads((shipped.artifact_dir() / "spec.json").read_text())
+    assert model.model_id() == spec["model_id"] == shipped.card()["model_id"]
+    assert meta["version"] == shipped.VERSION
+    runner = BackboneRunner(shipped.artifact_dir() / "backbone.onnx", threads=1)
+    x = np.random.default_rng(0).normal(size=(16, model.config.context)).cumsum(axis=1).astype(np.float32)
+    with torch.inference_mode():
+        feats, _, _ = model.features(torch.from_numpy(x))
+    np.testing.assert_allclose(runner.features(x).features, feats.numpy(), atol=1e-4)
+
+
+def test_card_etth1_score_is_what_the_shipped_files_score() -> None:
+    """ETTh1 test split, every stride-1 window of every channel, H96, ONNX fp32 backbone + numpy head."""
+    folder = shipped.artifact_dir()
+    card = shipped.card()
+    measured = shipped.device_path_mse(folder / "backbone.onnx", folder / "head.npz", 96)
+    assert measured["windows"] == (2880 - 96 + 1) * 7
+    expected = card["device_path"]["backbone.onnx"]["96"]
+    assert measured["mse"] == pytest.approx(expected["mse"], abs=2e-4)
+    assert measured["mae"] == pytest.approx(expected["mae"], abs=2e-4)
+    # and the device path agrees with the torch evaluation the benchmark tables report
+    assert measured["mse"] == pytest.approx(card["scores"]["in_domain"]["etth1"]["H96"]["mse"], abs=2e-3)
+
+
+def test_model_card_reports_the_card_scores() -> None:
+    from pathlib import Path
+
+    text = (Path(__file__).resolve().parents[1] / "docs" / "model-card.md").read_text()
+    card = shipped.card()
+    assert shipped.VERSION in text
+    assert f"{card['scores']['in_domain']['etth1']['H96']['mse']:.3f}" in text
+    assert f"{card['device_path']['backbone.onnx']['96']['mse']:.4f}" in text
+
+
+def test_tflite_backbone_agrees_with_onnx() -> None:
+    pytest.importorskip("ai_edge_litert", reason="LiteRT runtime (fedge[litert]) not installed")
+    folder = shipped.artifact_dir()
+    onnx = BackboneRunner(folder / "backbone.onnx", threads=1)
+    tfl = BackboneRunner(folder / "backbone.tflite", threads=1)
+    x = np.random.default_rng(1).normal(size=(8, onnx.spec.context)).cumsum(axis=1).astype(np.float32)
+    np.testing.assert_allclose(tfl.features(x).features, onnx.features(x).features, atol=1e-3)
+
+
+def test_fedge_export_without_a_checkpoint_writes_the_shipped_files(tmp_path) -> None:
+    from coordinator.cli import app
+
+    result = CliRunner().invoke(app, ["export", "--out", str(tmp_path / "model")])
+    assert result.exit_code == 0, result.output
+    spec = json.loads((tmp_path / "model" / "spec.json").read_text())
+    for name in ("backbone.onnx", "backbone.int8.onnx", "backbone.tflite", "backbone.int8.tflite", "head.npz"):
+        assert sha256_file(tmp_path / "model" / name) == spec["files"][name]["sha256"]
+
+
+def test_damaged_shipped_file_is_refused(tmp_path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import shutil
+
+    fake = tmp_path / shipped.VERSION
+    shutil.copytree(shipped.artifact_dir(), fake)
+    (fake / "head.npz").write_bytes(b"not the head")
+    monkeypatch.setattr(shipped, "ARTIFACT_DIR", fake)
+    with pytest.raises(ValueError, match="sha256"):
+        shipped.copy_device_files(tmp_path / "out")
