@@ -71,7 +71,7 @@ FEW_SHOT = (0.05, 0.10)
 SEED_METHODS = ("bilevel", "fedal", "fedpm")
 # Points besides each method's defaults (the seed-0 cell of group "seed" is the default point).
 SWEEPS: dict[str, list[dict[str, Any]]] = {
-    "bilevel": [{"lam": 0.01, "alpha": 0.1}, {"lam": 0.01, "alpha": 0.5}],
+    "bilevel": [{"lam": 0.01, "alpha": 0.1}, {"warm_start": 0.5}],
     "fedal": [{"kappa": 0.1}, {"kappa": 10.0}],
     "fedpm": [{"shared_slots": 128, "personal_slots": 128}],
     "fedprox": [{"mu": 0.001}, {"mu": 0.1}],

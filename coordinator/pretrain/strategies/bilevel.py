@@ -90,9 +90,13 @@ class BiLevel(Strategy):
     name = "bilevel"
 
     def __init__(self, lam: float = 0.1, alpha: float = 0.5, n_protos: int = 8, uniform: bool = False,
-                 proto_batches: int = 4) -> None:
+                 proto_batches: int = 4, warm_start: float = 0.0) -> None:
         self.lam, self.alpha, self.n_protos, self.uniform = lam, alpha, n_protos, uniform
         self.proto_batches = proto_batches
+        # Fraction of training run as plain FedAvg before the regularisers switch on: a warm start from
+        # a FedAvg model, so invariance and prototype alignment act on forecasting features instead of
+        # pulling random initial features to their trivial (constant) minimiser.
+        self.warm_start = warm_start
 
     def init_client(self, model: TSFM, silo: Silo) -> State:
         if silo.n_sub < 2 or self.lam == 0:
@@ -106,6 +110,10 @@ class BiLevel(Strategy):
                    ctx: LocalContext) -> torch.Tensor:
         features, loc, scale = encode_tokens(model, x)
         loss = task_loss(model, features, loc, scale, y)
+        if ctx.progress < self.warm_start:
+            ctx.scratch.setdefault("features", []).append(features.detach())
+            del ctx.scratch["features"][: -self.proto_batches]
+            return loss
         if "dom_weight" in ctx.client:
             logits = F.linear(grl(features, dann_gamma(ctx.progress)), ctx.client["dom_weight"], ctx.client["dom_bias"])
             loss = loss + self.lam * F.cross_entropy(logits, sub)
