@@ -35,8 +35,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from coordinator.models.checkpoints import load_checkpoint, save_checkpoint
 from coordinator.pretrain import shipped
-from coordinator.pretrain.central import load_checkpoint, save_checkpoint
 from coordinator.pretrain.federated import FederatedSettings, run_federated, validation_sets
 from coordinator.pretrain.protocol import (
     HORIZONS,
@@ -216,7 +216,7 @@ def protocol(model: Any, name: str, full: bool, threads: int) -> dict[str, dict[
     rows = tw.rows(min(HORIZONS), subset=True)
     point = np.full((len(tw.x), MODEL.horizon), np.nan, np.float32)
     quant = np.full((len(tw.x), MODEL.n_quantiles, MODEL.horizon), np.nan, np.float32)
-    from coordinator.pretrain.central import predict
+    from coordinator.models.tsfm import forecast as predict
 
     point[rows], quant[rows] = predict(model, tw.x[rows])
     return score_forecasts(tw, point, quant, MODEL.quantiles, subset_only=True)
@@ -520,8 +520,8 @@ def ship(cell_id: str, tflite: bool = True) -> None:
     """Build coordinator/pretrained/<VERSION>/ from a finished cell: checkpoint, ONNX fp32 + int8,
     TFLite fp32 + int8, head, ETTh1 head, spec, card.json (scores re-measured on the exported files),
     and docs/model-card.md (text from MARKER on is hand-written and kept)."""
-    from coordinator.pretrain.central import read_checkpoint
-    from edge_client.runtime import sha256_file
+    from coordinator.models.checkpoints import read_checkpoint
+    from edge_client.runtime.backbone import sha256_file
     from export.onnx_export import export_model
     from export.quantize import quantize_backbone
 
@@ -567,7 +567,7 @@ def ship(cell_id: str, tflite: bool = True) -> None:
 
 
 def write_model_card(card: dict[str, Any]) -> None:
-    from edge_client.datasets import DATASETS
+    from edge_client.data.datasets import DATASETS
 
     path = ROOT / "docs" / "model-card.md"
     old = path.read_text() if path.is_file() else ""

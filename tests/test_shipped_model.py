@@ -11,7 +11,7 @@ import pytest
 from typer.testing import CliRunner
 
 from coordinator.pretrain import shipped
-from edge_client.runtime import BackboneRunner, sha256_file
+from edge_client.runtime.backbone import BackboneRunner, sha256_file
 
 MAX_TOTAL_MB = 10.0
 

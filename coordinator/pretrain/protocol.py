@@ -25,9 +25,11 @@ from functools import lru_cache
 import numpy as np
 import torch
 
-from coordinator.pretrain.central import predict, scaled_series, torch_threads
-from edge_client.datasets import load_series
-from edge_client.windows import crps_from_quantiles, seasonal_naive
+from coordinator.models.tsfm import forecast as predict
+from coordinator.pretrain.training import torch_threads
+from coordinator.pretrain.windows import scaled_series
+from edge_client.data.datasets import load_series
+from edge_client.learning.windows import crps_from_quantiles, seasonal_naive
 
 HORIZONS = (96, 192, 336)
 ETS_MAX_WINDOWS = 800  # AutoETS fits per dataset (the subset is every k-th window start per channel)
@@ -211,8 +213,8 @@ def split_subset(name: str, split: str, context: int, horizon: int, n: int | Non
                  data_dir: str | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Evenly spaced windows (over channels and time) of a split, out of all its stride-1 windows:
     `n` of them, or `fraction` of them (few-shot). Only the chosen windows are materialised."""
-    from coordinator.pretrain.central import window_starts
     from coordinator.pretrain.silos import evenly
+    from coordinator.pretrain.windows import window_starts
 
     scaled, (train_end, val_end, _) = scaled_series(name, data_dir)
     lo, hi = {"train": (0, train_end), "val": (train_end - context, val_end)}[split]
@@ -281,7 +283,7 @@ def fine_tune(model: torch.nn.Module | None, config, name: str, fraction: float,
     import copy
 
     from coordinator.models.tsfm import TSFM
-    from coordinator.pretrain.central import forecast_loss
+    from coordinator.pretrain.training import forecast_loss
 
     x, y = split_subset(name, "train", config.context, config.horizon, fraction=fraction, data_dir=data_dir)
     vx, vy = split_subset(name, "val", config.context, config.horizon, n=2000, data_dir=data_dir)

@@ -62,7 +62,7 @@ def card() -> dict[str, Any]:
 
 def load_shipped() -> tuple[Any, dict[str, Any]]:
     """(TSFM, checkpoint meta) of the shipped model."""
-    from coordinator.pretrain.central import read_checkpoint
+    from coordinator.models.checkpoints import read_checkpoint
 
     return read_checkpoint(shipped_checkpoint())
 
@@ -70,7 +70,7 @@ def load_shipped() -> tuple[Any, dict[str, Any]]:
 def copy_device_files(out_dir: str | os.PathLike[str]) -> list[Path]:
     """Copy the shipped export (ONNX fp32/int8, TFLite fp32/int8, head, spec) to `out_dir`, checking
     each file against the sha256 recorded in spec.json so a damaged install is never passed on."""
-    from edge_client.runtime import sha256_file
+    from edge_client.runtime.backbone import sha256_file
 
     src = artifact_dir()
     spec = json.loads((src / "spec.json").read_text())
@@ -112,9 +112,9 @@ def device_path_mse(backbone: str | os.PathLike[str], head_npz: str | os.PathLik
     device computes forecasts (ONNX Runtime or LiteRT, no torch)."""
     import numpy as np
 
-    from edge_client.datasets import load_series
-    from edge_client.runtime import BackboneRunner
-    from edge_client.windows import ETT_TEST_END, ETT_TRAIN_END, ETT_VAL_END, Scaler, make_windows
+    from edge_client.data.datasets import load_series
+    from edge_client.learning.windows import ETT_TEST_END, ETT_TRAIN_END, ETT_VAL_END, Scaler, make_windows
+    from edge_client.runtime.backbone import BackboneRunner
 
     values = load_series(dataset, data_dir).values
     if dataset.startswith("ett"):
@@ -144,7 +144,7 @@ def reproduce(out_dir: str | os.PathLike[str], *, data_dir: str | os.PathLike[st
     shipped ones up to floating-point summation order (thread count, BLAS)."""
     from rich.console import Console
 
-    from coordinator.pretrain.central import save_checkpoint
+    from coordinator.models.checkpoints import save_checkpoint
     from coordinator.pretrain.federated import run_federated
     from coordinator.pretrain.silos import available_domains
 

@@ -148,7 +148,7 @@ def tsmixup(n: int, sources: list[np.ndarray], settings: SyntheticSettings, rng:
 
 
 def _finite_starts(x: np.ndarray, length: int) -> np.ndarray:
-    from coordinator.pretrain.central import window_starts
+    from coordinator.pretrain.windows import window_starts
 
     return window_starts(x, length, 1, len(x))
 
@@ -166,7 +166,7 @@ def series_count(settings: SyntheticSettings, n_real_windows: int, span: int) ->
 
 def training_sources(datasets: tuple[str, ...], data_dir: str | os.PathLike[str] | None) -> list[np.ndarray]:
     """Every channel of every dataset's training split, standardised like the silos (TSMixup input)."""
-    from coordinator.pretrain.central import scaled_series
+    from coordinator.pretrain.windows import scaled_series
 
     out = []
     for name in datasets:
@@ -231,8 +231,8 @@ def synthetic_silo(settings: SyntheticSettings, real_silos: list, span: int,
                    cache_dir: str | os.PathLike[str] | None = None):
     """The synthetic client: KernelSynth + TSMixup series (mixing only the `real_silos`' datasets),
     sized to `share` of all windows; its sub-dataset ids are KERNELSYNTH / TSMIXUP. None at share 0."""
-    from coordinator.pretrain.central import WindowPool
     from coordinator.pretrain.silos import Silo
+    from coordinator.pretrain.windows import WindowPool
 
     n_real = sum(s.n_samples for s in real_silos)
     n = series_count(settings, n_real, span)
