@@ -94,3 +94,12 @@ def test_damaged_shipped_file_is_refused(tmp_path, monkeypatch: pytest.MonkeyPat
     monkeypatch.setattr(shipped, "ARTIFACT_DIR", fake)
     with pytest.raises(ValueError, match="sha256"):
         shipped.copy_device_files(tmp_path / "out")
+
+
+def test_fedge_serve_starts_from_the_shipped_head_by_default() -> None:
+    from coordinator.cli import app
+
+    # no broker listens on port 1 of this machine: serve gets as far as connecting, after loading the head
+    result = CliRunner().invoke(app, ["serve", "--broker", "127.0.0.1:1", "--wait-devices", "1"])
+    assert result.exit_code != 0
+    assert f"the shipped model {shipped.VERSION}" in result.output
