@@ -103,3 +103,25 @@ def test_fedge_serve_starts_from_the_shipped_head_by_default() -> None:
     result = CliRunner().invoke(app, ["serve", "--broker", "127.0.0.1:1", "--wait-devices", "1"])
     assert result.exit_code != 0
     assert f"the shipped model {shipped.VERSION}" in result.output
+
+
+@pytest.mark.slow
+def test_pretrain_shipped_runs_the_recipe(tmp_path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """`fedge pretrain --strategy shipped` trains with the recipe's settings (budget shrunk here) and writes
+    a checkpoint that reports its own ETTh1 score next to the shipped one."""
+    from coordinator.models.checkpoints import read_checkpoint
+    from edge_client.data.datasets import resolve_data_dir
+
+    if resolve_data_dir() is None:
+        pytest.skip("the shared datasets are not beside this checkout")
+    monkeypatch.setattr(shipped, "RECIPE", {**shipped.RECIPE, "windows": 2 * 64 * 5, "rounds": 2})
+    monkeypatch.setattr(shipped, "SHARE", 0.0)
+    monkeypatch.setitem(shipped.RECIPE, "synthetic_share", 0.0)
+    from rich.console import Console
+
+    console = Console(record=True, width=200)
+    path = shipped.reproduce(tmp_path, console=console)
+    model, meta = read_checkpoint(path)
+    assert meta["recipe"]["strategy"] == "centralized" and meta["recipe"]["rounds"] == 2
+    assert model.config == shipped.model_config()
+    assert "ETTh1 test H96 MSE" in console.export_text() and "shipped" in console.export_text()
