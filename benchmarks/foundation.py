@@ -56,7 +56,8 @@ ROOT = Path(__file__).resolve().parent.parent
 RUNS = ROOT / "runs" / "foundation"
 CELLS = RUNS / "cells"
 OUT = ROOT / "docs" / "results"
-MARKER = "## Findings"
+MARKER = "## Findings"  # results Markdown: from here on hand-written, kept by rewrites
+CARD_MARKER = "## Limits and intended use"  # model card: likewise
 
 MODEL = shipped.model_config()
 DOMAINS = shipped.DOMAINS
@@ -581,14 +582,14 @@ def write_model_card(card: dict[str, Any]) -> None:
 
     path = ROOT / "docs" / "model-card.md"
     old = path.read_text() if path.is_file() else ""
-    kept = old[old.index(MARKER):] if MARKER in old else ""
+    kept = old[old.index(CARD_MARKER):] if CARD_MARKER in old else ""
     base = {n: json.loads((CELLS / f"baselines-{n}.json").read_text()) for n in HOURLY
             if (CELLS / f"baselines-{n}.json").is_file()}
     s = card["scores"]
     datasets = [n for d in card["recipe"]["domains"] for n in DOMAIN_SILOS[d]]
     lines = [f"# Model card: {card['version']} (the TSFM shipped with fedge)", "",
              "Written by `python benchmarks/foundation.py ship` from `coordinator/pretrained/"
-             f"{card['version']}/card.json`; the hand-written part starts at \"{MARKER}\".", "",
+             f"{card['version']}/card.json`; the hand-written part starts at \"{CARD_MARKER}\".", "",
              "## What it is", "",
              f"A patch-transformer time-series foundation model (RevIN, patches of 16 with stride 8, "
              f"{card['model']['n_layers']} pre-norm encoder layers of width {card['model']['d_model']}, "

@@ -40,7 +40,7 @@ def test_checkpoint_and_onnx_backbone_are_the_same_model() -> None:
     x = np.random.default_rng(0).normal(size=(16, model.config.context)).cumsum(axis=1).astype(np.float32)
     with torch.inference_mode():
         feats, _, _ = model.features(torch.from_numpy(x))
-    np.testing.assert_allclose(runner.features(x).features, feats.numpy(), atol=1e-4)
+    np.testing.assert_allclose(runner.features(x).feats, feats.numpy(), atol=1e-4)
 
 
 def test_card_etth1_score_is_what_the_shipped_files_score() -> None:
@@ -72,7 +72,7 @@ def test_tflite_backbone_agrees_with_onnx() -> None:
     onnx = BackboneRunner(folder / "backbone.onnx", threads=1)
     tfl = BackboneRunner(folder / "backbone.tflite", threads=1)
     x = np.random.default_rng(1).normal(size=(8, onnx.spec.context)).cumsum(axis=1).astype(np.float32)
-    np.testing.assert_allclose(tfl.features(x).features, onnx.features(x).features, atol=1e-3)
+    np.testing.assert_allclose(tfl.features(x).feats, onnx.features(x).feats, atol=1e-3)
 
 
 def test_fedge_export_without_a_checkpoint_writes_the_shipped_files(tmp_path) -> None:

@@ -129,7 +129,7 @@ def device_path_mse(backbone: str | os.PathLike[str], head_npz: str | os.PathLik
     for c in range(scaled.shape[1]):
         x, y = make_windows(scaled[:, c], runner.spec.context, horizon, 1, val_end, test_end)
         feats = runner.features(x, batch_size=256)
-        pred = (feats.features @ w.T + b) * feats.scale + feats.loc
+        pred = (feats.feats @ w.T + b) * feats.scale + feats.loc
         sq += float(np.sum((pred.astype(np.float64) - y) ** 2))
         ab += float(np.sum(np.abs(pred.astype(np.float64) - y)))
         n += y.size
