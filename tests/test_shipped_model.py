@@ -124,4 +124,5 @@ def test_pretrain_shipped_runs_the_recipe(tmp_path, monkeypatch: pytest.MonkeyPa
     model, meta = read_checkpoint(path)
     assert meta["recipe"]["strategy"] == "centralized" and meta["recipe"]["rounds"] == 2
     assert model.config == shipped.model_config()
-    assert "ETTh1 test H96 MSE" in console.export_text() and "shipped" in console.export_text()
+    text = console.export_text()
+    assert "ETTh1 test H96 MSE" in text and f"shipped {shipped.VERSION}" in text
