@@ -257,7 +257,7 @@ def run_demo(cfg: DemoConfig, console: Console | None = None) -> DemoResult:
     out.mkdir(parents=True, exist_ok=True)
     result = DemoResult(out_dir=str(out))
 
-    console.rule("[bold]1. pretrain the TSFM backbone (training splits only) — or load it from the cache")
+    console.rule("[bold]1. the TSFM backbone: the shipped model, or pretrain one (training splits only, cached)")
     model, result.backbone = demo_backbone(cfg)
     console.print(f"backbone: {result.backbone['description']}")
     console.print(f"model {model.model_id()} — {model.n_params():,} parameters, context {model.config.context}")
