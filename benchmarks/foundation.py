@@ -554,7 +554,7 @@ def ship(cell_id: str, tflite: bool = True) -> None:
 
         export_tflite(model, out)
     spec = json.loads((out / "spec.json").read_text())
-    spec["files"].update({p.name: {"sha256": sha256_file(p), "bytes": p.stat().st_size}
+    spec["files"].update({p.name: {"sha256": sha256_file(p), "size": p.stat().st_size}
                           for p in (int8, out / "head.etth1.npz")})
     spec["version"] = shipped.VERSION
     (out / "spec.json").write_text(json.dumps(spec, indent=2, sort_keys=True) + "\n")
@@ -571,7 +571,7 @@ def ship(cell_id: str, tflite: bool = True) -> None:
             "windows_seen": rec["windows_seen"], "train_s": rec["train_s"], "best_round": rec["best_round"],
             "val_mse": rec["val_mse"], "history": rec["history"], "scores": rec["scores"],
             "etth1_head": info, "device_path": device,
-            "files": {k: v["bytes"] for k, v in spec["files"].items()}}
+            "files": {k: v["size"] for k, v in spec["files"].items()}}
     (out / shipped.CARD_NAME).write_text(json.dumps(card, indent=1, default=float) + "\n")
     write_model_card(card)
     print(f"shipped {cell_id} -> {out}: " + ", ".join(f"{k} {v / 1024:.0f} KB" for k, v in card["files"].items()))
