@@ -397,7 +397,8 @@ def report(args: argparse.Namespace | None = None) -> None:
             {"meta": meta(), "baselines": base, "cells": cells}, indent=1, default=float))
         md_path = OUT / "foundation.md"
         old = md_path.read_text() if md_path.is_file() else ""
-        findings = old[old.index(MARKER):] if MARKER in old else ""
+        at = old.find("\n" + MARKER + "\n")
+        findings = old[at + 1:] if at >= 0 else ""
         md = render(cells, base)
         md_path.write_text(md + ("\n" + findings if findings else ""))
         curves(cells, OUT / "foundation_curves.png")
@@ -582,14 +583,15 @@ def write_model_card(card: dict[str, Any]) -> None:
 
     path = ROOT / "docs" / "model-card.md"
     old = path.read_text() if path.is_file() else ""
-    kept = old[old.index(CARD_MARKER):] if CARD_MARKER in old else ""
+    at = old.find("\n" + CARD_MARKER + "\n")
+    kept = old[at + 1:] if at >= 0 else ""
     base = {n: json.loads((CELLS / f"baselines-{n}.json").read_text()) for n in HOURLY
             if (CELLS / f"baselines-{n}.json").is_file()}
     s = card["scores"]
     datasets = [n for d in card["recipe"]["domains"] for n in DOMAIN_SILOS[d]]
     lines = [f"# Model card: {card['version']} (the TSFM shipped with fedge)", "",
              "Written by `python benchmarks/foundation.py ship` from `coordinator/pretrained/"
-             f"{card['version']}/card.json`; the hand-written part starts at \"{CARD_MARKER}\".", "",
+             f"{card['version']}/card.json`; the hand-written part is the last section.", "",
              "## What it is", "",
              f"A patch-transformer time-series foundation model (RevIN, patches of 16 with stride 8, "
              f"{card['model']['n_layers']} pre-norm encoder layers of width {card['model']['d_model']}, "
@@ -646,7 +648,7 @@ def write_model_card(card: dict[str, Any]) -> None:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("command", choices=("run", "report", "baselines", "ship"))
+    ap.add_argument("command", choices=("run", "report", "baselines", "ship", "card"))
     ap.add_argument("--cell", help="ship: the cell whose model becomes the shipped artifact")
     ap.add_argument("--no-tflite", action="store_true", help="ship: skip the TFLite conversion")
     ap.add_argument("--groups", nargs="*", default=["ship", "main:0", "real", "lodo", "main", "seed:0", "sweep",
@@ -665,6 +667,8 @@ def main() -> None:
         torch.set_num_threads(args.threads)
         baselines([*HOURLY, "exchange_rate"])
         report(args)
+    elif args.command == "card":  # re-render docs/model-card.md from the shipped card.json
+        write_model_card(shipped.card())
     elif args.command == "ship":
         if not args.cell:
             raise SystemExit("ship needs --cell ID")
