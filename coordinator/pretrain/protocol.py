@@ -274,7 +274,7 @@ def fit_head(model: torch.nn.Module, name: str, data_dir: str | None = None, n_t
 
 
 def fine_tune(model: torch.nn.Module | None, config, name: str, fraction: float, data_dir: str | None = None, *,
-              steps: int = 400, batch_size: int = 64, lr: float = 1e-4, seed: int = 0, val_every: int = 50,
+              steps: int = 200, batch_size: int = 64, lr: float = 1e-4, seed: int = 0, val_every: int = 50,
               threads: int | None = None) -> tuple[torch.nn.Module, dict]:
     """Full fine-tuning of every weight of `model` (or training a fresh TSFM from scratch when
     `model` is None) on `fraction` of `name`'s training windows, AdamW, `steps` mini-batches,
@@ -286,7 +286,7 @@ def fine_tune(model: torch.nn.Module | None, config, name: str, fraction: float,
     from coordinator.pretrain.training import forecast_loss
 
     x, y = split_subset(name, "train", config.context, config.horizon, fraction=fraction, data_dir=data_dir)
-    vx, vy = split_subset(name, "val", config.context, config.horizon, n=2000, data_dir=data_dir)
+    vx, vy = split_subset(name, "val", config.context, config.horizon, n=1000, data_dir=data_dir)
     torch.manual_seed(seed)
     net = copy.deepcopy(model) if model is not None else TSFM(config)
     opt = torch.optim.AdamW(net.parameters(), lr=lr, weight_decay=0.01)
