@@ -59,7 +59,7 @@ OUT = ROOT / "docs" / "results"
 MARKER = "## Findings"  # results Markdown: from here on hand-written, kept by rewrites
 CARD_MARKER = "## Limits and intended use"  # model card: likewise
 
-MODEL = shipped.model_config()
+MODEL = shipped.tsfm_config()
 DOMAINS = shipped.DOMAINS
 ALWAYS_HELD_OUT = shipped.HELD_OUT
 LODO = ("air_quality", "energy")  # left-out domains for zero-shot (both hourly)

@@ -123,6 +123,6 @@ def test_pretrain_shipped_runs_the_recipe(tmp_path, monkeypatch: pytest.MonkeyPa
     path = shipped.reproduce(tmp_path, console=console)
     model, meta = read_checkpoint(path)
     assert meta["recipe"]["strategy"] == "centralized" and meta["recipe"]["rounds"] == 2
-    assert model.config == shipped.model_config()
+    assert model.config == shipped.tsfm_config()
     text = console.export_text()
     assert "ETTh1 test H96 MSE" in text and f"shipped {shipped.VERSION}" in text

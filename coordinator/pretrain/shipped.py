@@ -98,7 +98,7 @@ def recipe_settings(n_silos: int, seed: int | None = None) -> Any:
                              seed=r["seed"] if seed is None else seed, synthetic_share=r["synthetic_share"])
 
 
-def model_config() -> Any:
+def tsfm_config() -> Any:
     from coordinator.models.tsfm import TSFMConfig
 
     return TSFMConfig.tiny(horizon=HORIZON)
@@ -156,7 +156,7 @@ def reproduce(out_dir: str | os.PathLike[str], *, data_dir: str | os.PathLike[st
     n_silos = len(DOMAINS) + (1 if SHARE > 0 else 0)
     settings = recipe_settings(n_silos)
     out = Path(out_dir)
-    result = run_federated(model_config(), settings, data_dir=data_dir, checkpoint=out / "model.round.pt",
+    result = run_federated(tsfm_config(), settings, data_dir=data_dir, checkpoint=out / "model.round.pt",
                            progress=True, threads=threads)
     path = save_checkpoint(result.model, out / CHECKPOINT_NAME, meta={
         "version": VERSION, "recipe": settings.to_json(), "val_mse": result.val_mse, "best_round": result.best_round,
