@@ -77,7 +77,7 @@ def publish(
     sizes = sum(e.size for e in bundle.manifest.files)
     console.print(f"signed bundle v{version} of {bundle.manifest.model_id}: {len(bundle.manifest.files)} files, "
                   f"{sizes / 1024:.0f} KB, profiles {', '.join(bundle.manifest.profiles)} → {bundle.dir}")
-    client = M.make_client(f"fedge-{fleet}-bundle-publisher")
+    client = M.make_client(f"fedge-{fleet}-bundle-publisher", mqtt311=address.mqtt311)
     try:
         M.connect(client, address)
     except ConnectionError as exc:

@@ -6,6 +6,8 @@
     fedge serve      run federated rounds for real devices over an MQTT broker (resumable)
     fedge status     rounds, models and devices recorded in a fleet database
     fedge dashboard  the fleet dashboard (read-only web page) for a fleet database
+    fedge ingest     one of several update-storing workers beside `fedge serve` (MQTT v5 shared subscription)
+    fedge loadtest   N emulated devices (full protocol, many per process) against a real broker and `fedge serve`
     fedge bundle     keygen / publish: signed model bundles that devices fetch, verify and switch to
     fedge fleet      init / enroll / revoke: the fleet CA and device identities
     fedge broker     config: a production Mosquitto configuration (TLS, certificates, ACL)
@@ -15,7 +17,9 @@ from __future__ import annotations
 
 import json
 import logging
+import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Annotated
 
@@ -63,7 +67,8 @@ def demo(
     task: Annotated[str, typer.Option(help="tsfm: forecasting fleet | rec: MovieLens recommender")] = "tsfm",
     users: Annotated[int, typer.Option(min=10, max=943, help="rec: users (= devices) simulated")] = 300,
     periods: Annotated[int, typer.Option(min=2, max=8, help="rec: time periods after the pretraining period")] = 4,
-    devices: Annotated[int, typer.Option(min=1, max=64, help="simulated edge devices")] = 6,
+    devices: Annotated[int, typer.Option(min=1, max=512, help="simulated edge devices (beyond 38, slices of the same "
+                                         "series overlap; the device table says which)")] = 6,
     rounds: Annotated[int, typer.Option(min=1, max=200, help="federated training rounds")] = 5,
     horizon: Annotated[int, typer.Option(min=1, max=96, help="forecast horizon of the fleet head")] = 24,
     local_epochs: Annotated[int, typer.Option(min=1, max=50)] = 2,
@@ -228,8 +233,10 @@ def export(
 def serve(
     init_head: Annotated[Path | None, typer.Option(
         help="head.npz from `fedge export` (the initial global head); default: the shipped model's")] = None,
-    db: Annotated[Path, typer.Option(help="fleet state (SQLite); reuse it to resume")] = Path("runs/fleet.sqlite"),
-    broker: Annotated[str, typer.Option(help="host:port, mqtt://… or mqtts://host:8883 (TLS)")] = "127.0.0.1:1883",
+    db: Annotated[str, typer.Option(help="fleet state: a SQLite file, or a postgresql://user@host/db URL; reuse it "
+                                         "to resume")] = "runs/fleet.sqlite",
+    broker: Annotated[str, typer.Option(help="host:port, mqtt://…, mqtts://host:8883 (TLS) or "
+                                          "mqtt3://… (MQTT 3.1.1)")] = "127.0.0.1:1883",
     fleet: Annotated[str, typer.Option(help="the fleet (default: the fleet folder's, else 'default')")] = "",
     fleet_dir: Annotated[Path | None, typer.Option(help="fleet folder from `fedge fleet init`: TLS with the "
                                                    "coordinator's certificate, enrolled devices only, signed "
@@ -260,6 +267,8 @@ def serve(
                                          "token")] = "127.0.0.1:8750",
     ui_token: Annotated[str | None, typer.Option(envvar="FEDGE_UI_TOKEN", help="the dashboard's token (default: "
                                                  "none on loopback, a random one otherwise)")] = None,
+    ingest_workers: Annotated[int, typer.Option(min=0, max=64, help="store updates in this many `fedge ingest` "
+                                                "processes (MQTT v5 shared subscription); 0: in this process")] = 0,
     verbose: Annotated[bool, typer.Option("--verbose", "-v")] = True,
 ) -> None:
     """Coordinate federated rounds for real devices. Killed and restarted with the same --db, it
@@ -295,7 +304,11 @@ def serve(
         cfg = FleetConfig(fleet=fleet, min_devices=min_devices, fraction=fraction, deadline_s=deadline,
                           local_epochs=local_epochs, lr=lr, strategy=strategy, clip_norm=clip_norm,
                           personalize=parse_personalize(personalize),
-                          bounds=Bounds(norm_multiple or None, weight_multiple or None, max_samples))
+                          bounds=Bounds(norm_multiple or None, weight_multiple or None, max_samples),
+                          shared_ingest=ingest_workers > 0)
+        if ingest_workers and (address.mqtt311 or registry is not None):
+            raise ValueError("--ingest-workers needs MQTT v5 shared subscriptions (not mqtt3://) and, for now, no "
+                             "--fleet-dir (the workers do not sign or verify yet)")
         with np.load(init_head, allow_pickle=False) as data:
             head = {k: data[k] for k in HEAD_KEYS}
         initial = slice_head(head, horizon)
@@ -304,6 +317,10 @@ def serve(
     except (ValueError, KeyError, OSError) as exc:
         _fail(f"cannot start: {exc}")
     state = FleetState(db)
+    started = time.time()
+    workers = [subprocess.Popen([sys.executable, "-c", "from coordinator.cli import app; app()", "ingest", "--db", db,
+                                 "--broker", broker, "--fleet", fleet, "--index", str(i)])
+               for i in range(ingest_workers)]
     coordinator = FleetCoordinator(cfg, address, state, registry=registry)
     dashboard = None
     try:
@@ -316,14 +333,20 @@ def serve(
         if ui:
             from coordinator.dashboard.app import start_dashboard
 
-            dashboard = start_dashboard(db, *parse_bind(ui_bind), ui_token, live=coordinator, fleet=fleet)
+            dashboard = start_dashboard(Path(db), *parse_bind(ui_bind), ui_token, live=coordinator, fleet=fleet)
             console.print(f"dashboard: {dashboard.url}")
         coordinator.start()
     except (ConnectionError, OSError, RuntimeError, ValueError) as exc:
+        _stop_all(workers)
         _fail(str(exc))
     try:
         sha = spec.get("files", {}).get("backbone.onnx", {}).get("sha256", "")
         coordinator.ensure_model(initial, {"backbone_sha256": sha, "backbone_id": str(spec.get("model_id", ""))})
+        # updates published before any worker subscribed would match no subscription: wait for all of them
+        while len(state.subscribed_since(started)) < ingest_workers:
+            if time.time() - started > 120 or any(w.poll() is not None for w in workers):
+                _fail(f"{len(state.subscribed_since(started))} of {ingest_workers} ingest workers subscribed")
+            time.sleep(0.2)
         while state.finished_rounds() < rounds:
             if not coordinator.state.open_rounds(cfg.task):
                 online = coordinator.wait_for_devices(min_devices, wait_devices)
@@ -337,6 +360,7 @@ def serve(
         if dashboard is not None:
             dashboard.stop()
         coordinator.stop()
+        _stop_all(workers)
         state.close()
 
 
@@ -369,12 +393,42 @@ def dashboard(
     server.run()
 
 
-@app.command()
-def status(db: Annotated[Path, typer.Option()] = Path("runs/fleet.sqlite")) -> None:
-    """Show rounds and devices recorded in a fleet database."""
-    from coordinator.fleet.state import FleetState
+def _stop_all(procs: list[subprocess.Popen]) -> None:
+    for p in procs:
+        p.terminate()
+    for p in procs:
+        try:
+            p.wait(15)
+        except subprocess.TimeoutExpired:
+            p.kill()
 
-    if not db.is_file():
+
+@app.command()
+def ingest(
+    db: Annotated[str, typer.Option(help="the fleet database `fedge serve` uses (SQLite file or postgresql:// URL)")],
+    broker: Annotated[str, typer.Option(help="host:port of the MQTT v5 broker")] = "127.0.0.1:1883",
+    fleet: Annotated[str, typer.Option()] = "default",
+    index: Annotated[int, typer.Option(min=0, help="this worker's number (its MQTT client id and sum row)")] = 0,
+    verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False,
+) -> None:
+    """Store a fleet's updates as one of several workers on an MQTT v5 shared subscription, beside one
+    `fedge serve --ingest-workers` (or on other hosts, with a PostgreSQL database). Runs until SIGTERM."""
+    from coordinator.fleet.ingest_worker import run_worker
+    from edge_client.wire.mqtt import BrokerAddress
+
+    _logging(verbose)
+    try:
+        run_worker(db, BrokerAddress.parse(broker), fleet, index)
+    except (ValueError, ConnectionError) as exc:
+        _fail(str(exc))
+
+
+@app.command()
+def status(db: Annotated[str, typer.Option(help="SQLite file or postgresql:// URL")] = "runs/fleet.sqlite") -> None:
+    """Show rounds and devices recorded in a fleet database."""
+    from coordinator.fleet.state import FleetState, is_postgres
+
+    if not is_postgres(db) and not Path(db).is_file():
         _fail(f"no fleet database at {db}")
     state = FleetState(db)
     t = Table(title="devices")
@@ -391,6 +445,50 @@ def status(db: Annotated[Path, typer.Option()] = Path("runs/fleet.sqlite")) -> N
         r.add_row(str(rid), rec.kind, rec.state, str(rec.base_version), str(rec.new_version),
                   str(len(state.reported(rid))), str(len(rec.selected)))
     console.print(r)
+
+
+@app.command()
+def loadtest(
+    devices: Annotated[int, typer.Option(min=1, max=100_000, help="emulated devices")] = 100,
+    rounds: Annotated[int, typer.Option(min=1, max=100)] = 3,
+    procs: Annotated[int, typer.Option(min=0, max=64, help="device processes (0: one per 2,500 devices, >= 2)")] = 0,
+    broker: Annotated[str, typer.Option(help="mosquitto (a private one sized for the run) | host:port")]
+    = "mosquitto",
+    state: Annotated[str, typer.Option(help="fleet database: empty for SQLite in --out, or a postgresql:// URL")] = "",
+    deadline: Annotated[float, typer.Option(min=1.0, help="seconds per round")] = 300.0,
+    local_epochs: Annotated[int, typer.Option(min=1, max=50)] = 1,
+    out: Annotated[Path, typer.Option(help="work folder: fleet database, coordinator log, result JSON")]
+    = Path("runs/loadtest"),
+    data_dir: Annotated[str | None, typer.Option()] = None,
+    seed: int = 0,
+) -> None:
+    """Measure a fleet: N emulated devices (each its own MQTT session, identity and data slice, training a real
+    head) against a real broker and a real `fedge serve`; time to online, round times, ingestion, CPU, memory,
+    bytes, lost and duplicated updates."""
+    from coordinator.loadtest.harness import LoadConfig, result_dict, run_loadtest
+
+    _logging(False)
+    cfg = LoadConfig(devices=devices, rounds=rounds, procs=procs, broker=broker, state=state, deadline_s=deadline,
+                     local_epochs=local_epochs, work_dir=out, data_dir=data_dir, seed=seed)
+    try:
+        result = run_loadtest(cfg, progress=lambda text: console.print(f"[dim]{text}[/dim]"))
+    except (RuntimeError, ValueError, ConnectionError, FileNotFoundError) as exc:
+        _fail(str(exc))
+    s = result.summary()
+    t = Table(title=f"fedge loadtest: {devices} devices, {result.rounds_done} rounds ({result.broker}, "
+                    f"{result.state_backend}, {result.procs} device processes)")
+    for col in ("online s", "round p50 s", "p95 s", "max s", "updates/s", "coord CPU s", "coord RSS MB",
+                "broker RSS MB", "KB/round", "lost", "dup"):
+        t.add_column(col, justify="right")
+    t.add_row(f"{s['online_s']:.1f}", f"{s['round_p50_s']:.2f}", f"{s['round_p95_s']:.2f}", f"{s['round_max_s']:.2f}",
+              f"{s['ingest_per_s']:.0f}", f"{s['coordinator_cpu_s']:.1f}", f"{s['coordinator_peak_rss_mb']:.0f}",
+              f"{s['broker_peak_rss_mb']:.0f}", f"{s['bytes_per_round'] / 1024:.0f}", str(s["lost"]),
+              str(s["duplicated"]))
+    console.print(t)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f"loadtest-{devices}.json").write_text(json.dumps(result_dict(result), indent=2, default=str))
+    if s["lost"] or s["duplicated"]:
+        _fail(f"{s['lost']} lost and {s['duplicated']} duplicated updates")
 
 
 def main() -> None:  # pragma: no cover - console script entry

@@ -22,7 +22,7 @@ from rich.text import Text
 
 from coordinator.fleet.broker import RunningBroker, start_broker
 from coordinator.fleet.server import FleetConfig, FleetCoordinator, RoundResult
-from coordinator.fleet.simulation import carve_devices, start_devices
+from coordinator.fleet.simulation import carve_devices, slice_overlaps, start_devices
 from coordinator.fleet.state import FleetState
 from edge_client.learning.head import slice_head
 from edge_client.wire.mqtt import BrokerAddress
@@ -305,11 +305,13 @@ def run_demo(cfg: DemoConfig, console: Console | None = None) -> DemoResult:
                                     identities=identities)
         online = coordinator.wait_for_devices(cfg.devices, timeout_s=30)
         dev_table = Table(title=f"{len(online)} devices online", header_style="bold")
-        for col in ("device", "domain", "dataset", "column", "rows", "train windows", "eval windows"):
+        for col in ("device", "domain", "dataset", "column", "rows", "slice", "train windows", "eval windows"):
             dev_table.add_column(col)
+        overlaps = slice_overlaps(sims)
         for sim, client in zip(sims, clients, strict=True):
             src = sim.source
             dev_table.add_row(sim.device_id, sim.domain, src.dataset, src.column, f"{src.start}–{src.stop}",
+                              "overlaps another device's" if overlaps[sim.device_id] else "its own",
                               str(client.learner.n_train), str(client.learner.n_eval))
         console.print(dev_table)
 

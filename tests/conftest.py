@@ -3,7 +3,9 @@ synthetic log and tiny exported SASRec; and a check that every test using a brok
 
 from __future__ import annotations
 
+import os
 import shutil
+import uuid
 from pathlib import Path
 
 import numpy as np
@@ -81,3 +83,31 @@ def pytest_collection_modifyitems(config, items) -> None:  # type: ignore[no-unt
                 if "mosquitto" in getattr(item, "fixturenames", ()) and item.get_closest_marker("broker") is None]
     if unmarked:
         raise pytest.UsageError(f"tests use the mosquitto fixture without @pytest.mark.broker: {unmarked}")
+
+
+POSTGRES_ADMIN = os.environ.get("FEDGE_TEST_POSTGRES", "postgresql://postgres@127.0.0.1:5432/postgres")
+
+
+@pytest.fixture
+def postgres_url() -> str:
+    """A fresh PostgreSQL database on the machine's server (trust auth), dropped afterwards."""
+    import psycopg
+
+    name = f"fedge_test_{uuid.uuid4().hex[:12]}"
+    try:
+        admin = psycopg.connect(POSTGRES_ADMIN, autocommit=True, connect_timeout=5)
+    except psycopg.OperationalError as exc:
+        pytest.fail(f"PostgreSQL is not reachable at {POSTGRES_ADMIN} ({exc}); .ci/run starts it")
+    with admin:
+        admin.execute(f"CREATE DATABASE {name}")
+    yield POSTGRES_ADMIN.rsplit("/", 1)[0] + f"/{name}"
+    with psycopg.connect(POSTGRES_ADMIN, autocommit=True) as admin:
+        admin.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
+
+
+@pytest.fixture(params=["sqlite", "postgres"])
+def fleet_db(request, tmp_path) -> str:
+    """Where a FleetState lives: a SQLite file, or a fresh PostgreSQL database (both backends, same tests)."""
+    if request.param == "sqlite":
+        return str(tmp_path / "fleet.sqlite")
+    return request.getfixturevalue("postgres_url")

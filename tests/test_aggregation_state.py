@@ -5,8 +5,20 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from coordinator.fleet.aggregation import Bounds, ClientUpdate, bound_updates, clip_by_norm, global_norm
-from coordinator.fleet.state import FleetState
+from coordinator.fleet.aggregation import (
+    Bounds,
+    ClientUpdate,
+    RunningSum,
+    bound_updates,
+    bounded_streamed_mean,
+    clip_by_norm,
+    global_norm,
+    plan_bounds,
+    summable,
+    weighted_mean,
+)
+from coordinator.fleet.ingest import BatchWriter
+from coordinator.fleet.state import DUPLICATE, NOT_OPEN, STORED, FleetState, UpdateRow
 from coordinator.fleet.strategies import RoundInputs, fleet_strategy
 from coordinator.fleet.strategies.fedavg import FedAvg
 from coordinator.fleet.strategies.trimmed_mean import TrimmedMean
@@ -45,8 +57,8 @@ def test_fleet_strategy_rejects_unknown_names() -> None:
         fleet_strategy("magic")
 
 
-def test_round_state_survives_reopen_and_closes_once(tmp_path) -> None:
-    db = tmp_path / "fleet.sqlite"
+def test_round_state_survives_reopen_and_closes_once(fleet_db) -> None:
+    db = fleet_db
     st = FleetState(db)
     v0 = st.save_model("tsfm", {"w": np.zeros(3, np.float32)}, {"backbone_sha256": "ab"})
     rec = st.open_round("tsfm", "train", v0, ["a", "b"], 1, 1e12, {"lr": 0.1})
@@ -66,8 +78,8 @@ def test_round_state_survives_reopen_and_closes_once(tmp_path) -> None:
     assert st.open_rounds("tsfm") == []
 
 
-def test_devices_registry(tmp_path) -> None:
-    st = FleetState(tmp_path / "f.sqlite")
+def test_devices_registry(fleet_db) -> None:
+    st = FleetState(fleet_db)
     st.upsert_device("d1", domain="energy", n_train=5, state="online")
     st.upsert_device("d2", domain="finance", state="online")
     st.set_device_state("d2", "offline")
@@ -160,3 +172,115 @@ def test_retention_drops_old_update_payloads_and_models_but_keeps_metrics(tmp_pa
     assert state.round_metrics(2) == {"a": {"global_mse": 2.0}} and state.reported(1) == {"a"}
     assert state.latest_model("tsfm")[0] == 5 and float(state.model(0)["w"][0]) == 0.0
     assert state.prune(keep_rounds=2, keep_models=2) == {"update_payloads": 0, "models": 0}
+
+def test_running_sum_is_the_weighted_mean_in_any_order_and_merges_by_addition() -> None:
+    rng = np.random.default_rng(0)
+    deltas = [{"w": rng.normal(size=(4, 5)).astype(np.float16)} for _ in range(50)]
+    weights = rng.integers(1, 500, size=50).astype(float)
+    whole = RunningSum()
+    for d, w in zip(deltas, weights, strict=True):
+        whole.add(d, w)
+    a, b = RunningSum(), RunningSum()  # two ingestion workers, each with every other update, in reverse order
+    for i in reversed(range(50)):
+        (a if i % 2 else b).add(deltas[i], weights[i])
+    merged = a.merge(b)
+    expected = sum(w * d["w"].astype(np.float64) for d, w in zip(deltas, weights, strict=True)) / weights.sum()
+    np.testing.assert_allclose(whole.mean()["w"], expected, rtol=1e-12)
+    np.testing.assert_allclose(merged.mean()["w"], expected, rtol=1e-12)
+    np.testing.assert_allclose(weighted_mean([d for d in deltas], list(weights))["w"], expected, rtol=1e-12)
+    assert merged.count == whole.count == 50 and a.count == 25
+    with pytest.raises(ValueError, match="non-negative"):
+        whole.add(deltas[0], float("nan"))
+
+
+def _row(rid: int, dev: str, value: float, n: int = 10) -> UpdateRow:
+    delta = {"w": np.full(3, value, np.float16)}
+    return UpdateRow(rid, dev, f"msg-{dev}-{rid}", n, b"payload-" + dev.encode(), {"mse": value}, (delta, float(n)),
+                     global_norm(delta))
+
+
+def test_batched_updates_keep_exact_running_sums_across_ingesters_and_close_once(fleet_db) -> None:
+    st = FleetState(fleet_db)
+    v0 = st.save_model("tsfm", {"w": np.zeros(3, np.float32)})
+    rec = st.open_round("tsfm", "train", v0, ["a", "b", "c", "d"], 2, 1e12, {})
+    assert st.add_updates([_row(rec.round_id, "a", 1.0), _row(rec.round_id, "b", 2.0, 30)], "worker-1") == [
+        STORED, STORED]
+    # a second ingester (another process in production) with a re-delivered copy of b and a new update
+    other = FleetState(fleet_db)
+    assert other.add_updates([_row(rec.round_id, "b", 2.0, 30), _row(rec.round_id, "c", 4.0)], "worker-2") == [
+        DUPLICATE, STORED]
+    assert other.add_updates([_row(99, "d", 1.0)], "worker-2") == [NOT_OPEN]  # no such round
+    running = st.round_sum(rec.round_id)
+    assert running.count == 3 and running.weight == 50.0
+    np.testing.assert_allclose(running.mean()["w"], (10 * 1 + 30 * 2 + 10 * 4) / 50)
+    assert st.reports(rec.round_id)["b"] == (30, {"mse": 2.0})
+
+    def finish(run: RunningSum, rows, fetch) -> dict[str, np.ndarray]:  # type: ignore[no-untyped-def]
+        assert [r[:2] for r in rows] == [("a", 10), ("b", 30), ("c", 10)] and fetch([]) == {}
+        return {"w": run.mean()["w"].astype(np.float32)}
+
+    done, v1 = other.close_streaming_round(rec.round_id, "tsfm", finish)
+    assert done and v1 == v0 + 1
+    assert st.close_streaming_round(rec.round_id, "tsfm", finish) == (True, v1)  # no second aggregate
+    assert st.add_updates([_row(rec.round_id, "d", 1.0)], "worker-1") == [NOT_OPEN]  # closed: nothing joins late
+    np.testing.assert_allclose(st.latest_model("tsfm")[1]["w"], 2.2, rtol=1e-6)
+    other.close()
+    st.close()
+
+
+def test_forgetting_a_device_mid_round_makes_the_close_fall_back_to_stored_updates(fleet_db) -> None:
+    st = FleetState(fleet_db)
+    v0 = st.save_model("tsfm", {"w": np.zeros(3, np.float32)})
+    rec = st.open_round("tsfm", "train", v0, ["a", "b"], 1, 1e12, {})
+    st.add_updates([_row(rec.round_id, "a", 1.0), _row(rec.round_id, "b", 3.0)])
+    st.forget_device("a")
+    assert st.close_streaming_round(rec.round_id, "tsfm", lambda run, rows, fetch: run.mean()) == (False, None)
+    assert st.open_rounds("tsfm")[0].round_id == rec.round_id and st.reported(rec.round_id) == {"b"}
+    st.close()
+
+
+def test_batch_writer_applies_in_order_and_calls_back_after_commit(tmp_path) -> None:
+    st = FleetState(tmp_path / "f.sqlite")
+    v0 = st.save_model("tsfm", {"w": np.zeros(3, np.float32)})
+    rec = st.open_round("tsfm", "train", v0, ["a", "b"], 1, 1e12, {})
+    writer = BatchWriter(st, max_batch=100, linger_s=0.05)
+    seen: list[object] = []
+    writer.submit(lambda s: s.upsert_device("a", state="online"), seen.append)
+    for dev in ("a", "b", "a"):
+        writer.submit(_row(rec.round_id, dev, 1.0), seen.append)
+    writer.submit(lambda s: s.count_updates(rec.round_id), seen.append)
+    assert writer.flush(10)
+    assert seen == [None, STORED, STORED, DUPLICATE, 2]
+    assert writer.batches == 1  # five writes, one transaction
+    writer.stop()
+    st.close()
+
+
+@pytest.mark.parametrize("clip", [None, 0.5])
+def test_streamed_bounded_mean_equals_bounding_every_update_and_reads_only_the_bounded_ones(clip) -> None:
+    """The streaming close (a running sum of the raw n_k·Δ_k plus each update's norm and count) gives exactly the
+    default bounds' result (adaptive norm clip, sample caps) and the strategy's own clip_norm, and reads back only
+    the updates whose coefficient the bounds changed."""
+    ups = _honest_and_one_attacker(9)
+    ups[3] = ClientUpdate("h3", 5000, ups[3].delta)  # an over-weighted honest one: capped, not clipped
+    running, rows = RunningSum(), []
+    for u in ups:  # as the coordinator ingests them: the attacker's 2^31 samples keep it out of the raw sum
+        summed = summable(u.n_samples, global_norm(u.delta), Bounds(), global_norm(BASE) + 1.0)
+        if summed:
+            running.add(u.delta, float(u.n_samples))
+        rows.append((u.device_id, u.n_samples, global_norm(u.delta), summed))
+    assert [r[0] for r in rows if not r[3]] == ["evil"]
+    plan = plan_bounds([r[0] for r in rows], [r[2] for r in rows], [r[1] for r in rows], Bounds())
+    fetched: list[str] = []
+
+    def fetch(devices):  # type: ignore[no-untyped-def]
+        fetched.extend(devices)
+        return {u.device_id: u.delta for u in ups if u.device_id in devices}
+
+    streamed = bounded_streamed_mean(running, rows, plan, clip, fetch)
+    expected = FedAvg(clip_norm=clip).aggregate({k: np.zeros_like(v, np.float32) for k, v in BASE.items()},
+                                               bound_updates(ups, Bounds()).updates)
+    for k in BASE:
+        np.testing.assert_allclose(streamed[k], expected[k], rtol=1e-6, atol=1e-7)  # `expected` went through float32
+    if clip is None:
+        assert set(fetched) == {"evil", "h3"}  # the clipped attacker and the capped count, nobody else

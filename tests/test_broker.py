@@ -58,3 +58,33 @@ def test_broker_address_parsing() -> None:
     assert BrokerAddress.parse("broker.local").port == 1883
     with pytest.raises(ValueError, match="bad broker address"):
         BrokerAddress.parse("host:notaport")
+
+
+@pytest.mark.broker
+def test_mqtt311_address_and_a_persistent_311_session_gets_what_was_published_while_away(mosquitto) -> None:
+    """MQTT 3.1.1 mode (`mqtt3://`): the session is persistent (clean session off, set when the client is made),
+    so a QoS 1 message published while the subscriber is away is delivered when it returns; the v5-only message
+    expiry is left out of the publish instead of failing it."""
+    addr = BrokerAddress.parse(f"mqtt3://127.0.0.1:{mosquitto.address.port}")
+    assert addr.mqtt311 and str(addr) == f"mqtt3://127.0.0.1:{mosquitto.address.port}"
+    got = threading.Event()
+    sub = make_client("sub-311", mqtt311=True)
+    sub.on_message = lambda c, u, m: got.set() if m.payload == b"while-away" else None
+    connect(sub, addr)
+    sub.subscribe("fedge/t311", qos=1)
+    time.sleep(0.5)  # the SUBACK
+    sub.disconnect()
+    sub.loop_stop()
+    pub = make_client("pub-311", mqtt311=True, persistent=False)
+    connect(pub, addr, persistent=False)
+    publish(pub, "fedge/t311", b"while-away", expiry_s=60).wait_for_publish(5)
+    pub.disconnect()
+    pub.loop_stop()
+    sub2 = make_client("sub-311", mqtt311=True)
+    sub2.on_message = sub.on_message
+    connect(sub2, addr)
+    try:
+        assert got.wait(10), "the persistent 3.1.1 session did not deliver the queued message"
+    finally:
+        sub2.disconnect()
+        sub2.loop_stop()

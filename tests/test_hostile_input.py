@@ -152,16 +152,18 @@ def test_every_stored_update_gets_a_receipt_and_a_late_one_a_reject_never_silenc
     wait_for(lambda: all(coord.state.has_device(d) for d in inbox))
 
     late: list[P.Update] = []
-    aggregate = coord._round_updates
+    flush = coord.writer.flush  # the close's first step: the round is refusing updates, the writer not yet drained
 
-    def closing(round_id: int):  # dev-2's update lands exactly while the round is closing
-        payload = update("dev-2", round_id)
-        late.append(P.decode(payload))
-        publish(devices("dev-2"), topics.update(round_id, "dev-2"), payload)
-        wait_for(lambda: any(isinstance(m, P.Reject) for m in inbox["dev-2"]), what="the late update's Reject")
-        return aggregate(round_id)
+    def closing(timeout_s: float = 60.0) -> bool:  # dev-2's update lands exactly while the round is closing
+        if not late and coord._closing:
+            round_id = next(iter(coord._closing))
+            payload = update("dev-2", round_id)
+            late.append(P.decode(payload))
+            publish(devices("dev-2"), topics.update(round_id, "dev-2"), payload)
+            wait_for(lambda: any(isinstance(m, P.Reject) for m in inbox["dev-2"]), what="the late update's Reject")
+        return flush(timeout_s)
 
-    coord._round_updates = closing
+    coord.writer.flush = closing
     result = coord.run_round("train", devices=["dev-1", "dev-2"])
     first = P.decode(sent[0])
     assert result.state == "closed" and list(result.n_samples) == ["dev-1"]

@@ -2,7 +2,8 @@
 
 These are shared by the fleet's strategies (:mod:`coordinator.fleet.strategies`) and by in-process federated
 pretraining, so a rule behaves the same whether updates arrive over a broker or from a simulated silo. They stream
-over updates (one running sum), so aggregating 10,000 device updates needs the memory of one.
+over updates (one running sum, :class:`RunningSum`), so aggregating 10,000 device updates needs the memory of one, and
+the fleet server adds each update to the sum as it arrives instead of decoding every stored update again at the end.
 """
 
 from __future__ import annotations
@@ -48,18 +49,54 @@ def clip_by_norm(delta: Mapping[str, np.ndarray], max_norm: float) -> Params:
     return {k: np.asarray(v, np.float64) * factor for k, v in delta.items()}
 
 
-def weighted_mean(deltas: Iterable[Mapping[str, np.ndarray]], weights: Sequence[float]) -> Params:
-    """Σ w_k Δ_k / Σ w_k, accumulated in float64 one update at a time."""
-    total: Params = {}
-    weight_sum = 0.0
-    for delta, w in zip(deltas, weights, strict=True):
+@dataclass
+class RunningSum:
+    """Σ w_k·Δ_k and Σ w_k in float64, one update at a time: the whole state of a streaming weighted mean.
+
+    Its size is one head, whatever the number of updates; partial sums (one per ingestion worker) merge by
+    addition, so several processes can each sum the updates they received and one aggregator adds the parts.
+    float64 keeps the order of additions from mattering at the float32 precision of the result (10,000 float16
+    deltas summed in any order agree to ~1e-12 relative)."""
+
+    sums: Params = field(default_factory=dict)
+    weight: float = 0.0
+    count: int = 0
+
+    def add(self, delta: Mapping[str, np.ndarray], weight: float) -> None:
+        if not (weight >= 0 and np.isfinite(weight)):
+            raise ValueError(f"an update's weight must be finite and non-negative, got {weight}")
         for k, v in delta.items():
-            acc = total.setdefault(k, np.zeros(np.shape(v), np.float64))
-            acc += w * np.asarray(v, np.float64)
-        weight_sum += w
-    if weight_sum <= 0:
-        raise ValueError("aggregation needs at least one update with positive weight")
-    return {k: v / weight_sum for k, v in total.items()}
+            acc = self.sums.get(k)
+            if acc is None:
+                acc = self.sums[k] = np.zeros(np.shape(v), np.float64)
+            acc += weight * np.asarray(v, np.float64)
+        self.weight += weight
+        self.count += 1
+
+    def merge(self, other: RunningSum) -> RunningSum:
+        """self + other (a new object; neither input changes)."""
+        out = RunningSum({k: v.copy() for k, v in self.sums.items()}, self.weight, self.count)
+        for k, v in other.sums.items():
+            if k in out.sums:
+                out.sums[k] += v
+            else:
+                out.sums[k] = v.copy()
+        out.weight += other.weight
+        out.count += other.count
+        return out
+
+    def mean(self) -> Params:
+        if self.weight <= 0:
+            raise ValueError("aggregation needs at least one update with positive weight")
+        return {k: v / self.weight for k, v in self.sums.items()}
+
+
+def weighted_mean(deltas: Iterable[Mapping[str, np.ndarray]], weights: Sequence[float]) -> Params:
+    """Σ w_k Δ_k / Σ w_k, accumulated in float64 one update at a time (a :class:`RunningSum`)."""
+    running = RunningSum()
+    for delta, w in zip(deltas, weights, strict=True):
+        running.add(delta, w)
+    return running.mean()
 
 
 def trimmed_mean(deltas: Sequence[Mapping[str, np.ndarray]], trim: float, min_cut: int = 0) -> Params:
@@ -141,27 +178,86 @@ class BoundedRound:
     capped: tuple[str, ...]
 
 
+@dataclass(frozen=True)
+class BoundPlan:
+    """A round's bounds worked out from scalars only (each update's norm and sample count): per update the factor its
+    delta is scaled by (1: untouched) and the sample count it counts for."""
+
+    norm_bound: float | None
+    factors: list[float]
+    counts: list[int]
+    clipped: tuple[str, ...]
+    capped: tuple[str, ...]
+
+
+def plan_bounds(device_ids: Sequence[str], norms: Sequence[float], counts: Sequence[int], bounds: Bounds,
+                caps: Callable[[str], int | None] = lambda _device: None) -> BoundPlan:
+    """The adaptive norm bound and the sample-count caps of a round (see :class:`Bounds`)."""
+    bound = bounds.norm_multiple * float(np.median(norms)) if bounds.norm_multiple and len(norms) else None
+    weight_cap = bounds.weight_multiple * float(np.median(counts)) if bounds.weight_multiple and len(counts) else None
+    factors, capped_counts, clipped, capped = [], [], [], []
+    for device_id, norm, count in zip(device_ids, norms, counts, strict=True):
+        factor = 1.0
+        if bound is not None and norm > bound:
+            factor = bound / norm
+            clipped.append(device_id)
+        limits = [c for c in (caps(device_id), bounds.max_samples, weight_cap) if c is not None]
+        n = min([count, *[int(c) for c in limits]])
+        if n < count:
+            capped.append(device_id)
+        factors.append(factor)
+        capped_counts.append(max(n, 1) if count > 0 else 0)
+    return BoundPlan(bound, factors, capped_counts, tuple(clipped), tuple(capped))
+
+
 def bound_updates(updates: Sequence[ClientUpdate], bounds: Bounds,
                   caps: Callable[[str], int | None] = lambda _device: None) -> BoundedRound:
     """Clip every delta to the round's adaptive norm bound and cap every sample count (see :class:`Bounds`)."""
     if not updates:
         return BoundedRound([], None, (), ())
-    norms = [global_norm(u.delta) for u in updates]
-    bound = bounds.norm_multiple * float(np.median(norms)) if bounds.norm_multiple else None
-    counts = [u.n_samples for u in updates]
-    weight_cap = bounds.weight_multiple * float(np.median(counts)) if bounds.weight_multiple else None
-    out, clipped, capped = [], [], []
-    for u, norm in zip(updates, norms, strict=True):
-        delta: Mapping[str, np.ndarray] = u.delta
-        if bound is not None and norm > bound:
-            delta = clip_by_norm(u.delta, bound)
-            clipped.append(u.device_id)
-        limits = [c for c in (caps(u.device_id), bounds.max_samples, weight_cap) if c is not None]
-        n = min([u.n_samples, *[int(c) for c in limits]])
-        if n < u.n_samples:
-            capped.append(u.device_id)
-        out.append(ClientUpdate(u.device_id, max(n, 1) if u.n_samples > 0 else 0, delta, u.metrics))
-    return BoundedRound(out, bound, tuple(clipped), tuple(capped))
+    plan = plan_bounds([u.device_id for u in updates], [global_norm(u.delta) for u in updates],
+                       [u.n_samples for u in updates], bounds, caps)
+    out = [ClientUpdate(u.device_id, n, clip_by_norm(u.delta, plan.norm_bound) if f < 1.0 else u.delta, u.metrics)
+           for u, f, n in zip(updates, plan.factors, plan.counts, strict=True)]
+    return BoundedRound(out, plan.norm_bound, plan.clipped, plan.capped)
+
+
+def summable(n_samples: int, norm: float, bounds: Bounds, reference_norm: float) -> bool:
+    """Whether an update goes into a round's running sum as n·Δ when it arrives. One whose count is above the fleet's
+    ceiling or whose delta is 10,000 times the model's norm (`reference_norm`, at least 1) is kept out and added
+    with its bounded weight at the close instead: its raw n·Δ would dwarf the honest updates and cost the sum its
+    precision when the bounds are subtracted again."""
+    return (bounds.max_samples is None or n_samples <= bounds.max_samples) and norm <= 1e4 * max(reference_norm, 1.0)
+
+
+def bounded_streamed_mean(running: RunningSum, rows: Sequence[tuple[str, int, float, bool]], plan: BoundPlan,
+                          clip_norm: float | None,
+                          fetch: Callable[[list[str]], Mapping[str, Mapping[str, np.ndarray]]]) -> Params:
+    """Σ_k w'_k·c_k·Δ_k / Σ_k w'_k -- the bounded (and optionally norm-clipped) sample-weighted mean -- from a running
+    sum of the raw n_k·Δ_k of the summable updates and the rows (device, n_k, ‖Δ_k‖, summed) of all of them: exactly
+    what :func:`bound_updates` and a clipped weighted mean compute from every delta, but reading again (``fetch``)
+    only the updates whose coefficient w'_k·c_k differs from what the sum holds for them (the clipped, the capped and
+    the ones kept out of the sum: a few in an honest round), whose difference is added. Memory: one head plus four
+    numbers per update."""
+    extra: dict[str, float] = {}
+    for (device_id, n, norm, summed), factor, w in zip(rows, plan.factors, plan.counts, strict=True):
+        if clip_norm is not None and factor * norm > clip_norm:
+            factor *= clip_norm / (factor * norm)
+        held = n if summed else 0
+        if w * factor != held:
+            extra[device_id] = w * factor - held
+    sums = {k: v.copy() for k, v in running.sums.items()}
+    for device_id, delta in fetch(sorted(extra)).items():
+        for k, v in delta.items():
+            part = extra[device_id] * np.asarray(v, np.float64)
+            if k in sums:
+                sums[k] += part
+            else:  # nothing of this round went into the raw sum
+                sums[k] = part
+    total = float(sum(plan.counts))
+    if total <= 0:
+        raise ValueError("aggregation needs at least one update with positive weight")
+    return {k: v / total for k, v in sums.items()}
 
 
 def apply(global_params: Mapping[str, np.ndarray], step: Mapping[str, np.ndarray], lr: float = 1.0) -> Params:

@@ -8,8 +8,10 @@ the size of a global model (rumqttd's default is 20 KB, too small for a head).
 
 from __future__ import annotations
 
+import contextlib
 import getpass
 import logging
+import resource
 import shutil
 import socket
 import subprocess
@@ -23,6 +25,14 @@ from edge_client.wire.mqtt import BrokerAddress
 log = logging.getLogger("fedge.broker")
 
 MAX_PAYLOAD_BYTES = 1024 * 1024
+
+
+def raise_fd_limit() -> None:
+    """Raise RLIMIT_NOFILE's soft limit to the hard limit (run in the broker's process before it starts): every
+    connection is a file descriptor, and the common default of 1,024 would cap a broker near 1,000 devices."""
+    _soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    with contextlib.suppress(ValueError, OSError):
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
 
 
 def free_port() -> int:
@@ -55,6 +65,11 @@ class RunningBroker:
     def workdir(self) -> Path | None:
         """The folder with the broker's config, ACL, logs and pid file (a spawned Mosquitto only)."""
         return Path(self._tmp.name) if self._tmp is not None else None
+
+    @property
+    def pid(self) -> int | None:
+        """The broker's process id (None for the embedded broker, which runs inside this process)."""
+        return self._proc.pid if self._proc is not None else None
 
     def stop(self) -> None:
         if self._proc is not None and self._proc.poll() is None:
@@ -138,7 +153,8 @@ def _run_mosquitto(conf: Path, port: int, tmp: tempfile.TemporaryDirectory, addr
     log_path = Path(tmp.name) / "mosquitto.stderr"
     with open(log_path, "wb") as log_file:  # a file, not a pipe: nobody reads a pipe, and a full one (a few
         # hundred connects and disconnects of log lines) blocks mosquitto's writes and so the whole broker
-        proc = subprocess.Popen([binary, "-c", str(conf)], stdout=subprocess.DEVNULL, stderr=log_file)
+        proc = subprocess.Popen([binary, "-c", str(conf)], stdout=subprocess.DEVNULL, stderr=log_file,
+                                preexec_fn=raise_fd_limit)
     try:
         wait_for_port(port)
     except RuntimeError:
@@ -198,3 +214,89 @@ def start_broker(prefer: str = "auto") -> RunningBroker:
                 raise
             log.info("mosquitto not found; starting the embedded broker")
     return start_embedded()
+
+
+NATS_NODE_CONFIG = """server_name: {name}
+listen: 127.0.0.1:{client_port}
+max_payload: {max_payload}
+jetstream {{ store_dir: "{store}" }}
+cluster {{
+  name: fedge
+  listen: 127.0.0.1:{cluster_port}
+  routes: [{routes}]
+}}
+mqtt {{ listen: 127.0.0.1:{mqtt_port} }}
+"""
+
+
+@dataclass
+class RunningCluster:
+    """A NATS cluster on loopback ports (each node also an MQTT 3.1.1 server, with JetStream)."""
+
+    nodes: list[BrokerAddress]  # the nodes' MQTT listeners (mqtt311)
+    procs: list[subprocess.Popen]
+    _tmp: tempfile.TemporaryDirectory
+
+    def stop(self) -> None:
+        for p in self.procs:
+            if p.poll() is None:
+                p.terminate()
+        for p in self.procs:
+            try:
+                p.wait(10)
+            except subprocess.TimeoutExpired:
+                p.kill()
+        self._tmp.cleanup()
+
+    def __enter__(self) -> RunningCluster:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+def start_nats_cluster(n: int = 3, timeout_s: float = 60.0) -> RunningCluster:
+    """`n` nats-server nodes routed to each other, each with JetStream and an MQTT listener; returns once every
+    node accepts an MQTT session (JetStream's meta leader is elected and the MQTT streams exist)."""
+    binary = shutil.which("nats-server") or next((p for p in ("/usr/sbin/nats-server",) if Path(p).exists()), None)
+    if binary is None:
+        raise FileNotFoundError("nats-server is not installed")
+    tmp = tempfile.TemporaryDirectory(prefix="fedge-nats-")
+    ports = [(free_port(), free_port(), free_port()) for _ in range(n)]  # client, cluster, mqtt
+    procs = []
+    for i, (client_port, cluster_port, mqtt_port) in enumerate(ports):
+        routes = ", ".join(f"nats-route://127.0.0.1:{c}" for j, (_, c, _) in enumerate(ports) if j != i)
+        conf = Path(tmp.name) / f"n{i}.conf"
+        conf.write_text(NATS_NODE_CONFIG.format(name=f"n{i}", client_port=client_port, cluster_port=cluster_port,
+                                                mqtt_port=mqtt_port, routes=routes, store=Path(tmp.name) / f"js{i}",
+                                                max_payload=MAX_PAYLOAD_BYTES))
+        with open(Path(tmp.name) / f"n{i}.log", "wb") as log_file:
+            procs.append(subprocess.Popen([binary, "-c", str(conf)], stdout=subprocess.DEVNULL, stderr=log_file,
+                                          preexec_fn=raise_fd_limit))
+    cluster = RunningCluster([BrokerAddress("127.0.0.1", m, mqtt311=True) for _, _, m in ports], procs, tmp)
+    try:
+        for node in cluster.nodes:
+            _wait_for_mqtt(node, timeout_s)
+    except RuntimeError:
+        logs = "\n".join((Path(tmp.name) / f"n{i}.log").read_text(errors="replace")[-800:] for i in range(n))
+        cluster.stop()
+        raise RuntimeError(f"NATS cluster did not come up within {timeout_s:.0f} s:\n{logs}") from None
+    log.info("NATS cluster: MQTT on %s", ", ".join(str(a.port) for a in cluster.nodes))
+    return cluster
+
+
+def _wait_for_mqtt(address: BrokerAddress, timeout_s: float) -> None:
+    from edge_client.wire.mqtt import connect, make_client
+
+    deadline = time.time() + timeout_s
+    while time.time() < deadline:
+        client = make_client(f"fedge-probe-{address.port}", mqtt311=address.mqtt311, persistent=False)
+        try:
+            connect(client, address, persistent=False, timeout_s=5)
+        except ConnectionError:
+            time.sleep(0.5)
+            continue
+        client.disconnect()
+        client.loop_stop()
+        return
+    raise RuntimeError(f"no MQTT session on {address.host}:{address.port}")

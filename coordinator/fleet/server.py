@@ -7,10 +7,18 @@ update is in SQLite (:mod:`coordinator.fleet.state`), so a restarted coordinator
 round where it stopped, re-asks only the devices that have not answered, and counts each update
 once. Everything a device sends is validated (:class:`edge_client.wire.Receiver` plus the
 round-level checks here); a refusal is logged, counted and answered with a ``Reject``.
+
+At scale (thousands of devices) the network thread only validates: every write goes through a
+:class:`~coordinator.fleet.ingest.BatchWriter` (one transaction per batch), a message is acknowledged to
+the broker only after its batch committed (paho's manual acks), and FedAvg-like strategies add each
+update to a running float64 sum as it is stored; the round's adaptive bounds are worked in exactly at the
+close from each update's norm and sample count (:func:`~coordinator.fleet.aggregation.bounded_streamed_mean`),
+so closing a round decodes only the few updates the bounds change and holds one head in memory.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 import random
@@ -19,14 +27,25 @@ import time
 from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 
-from coordinator.fleet.aggregation import Bounds, NonFiniteModel, bound_updates
+from coordinator.fleet.aggregation import (
+    Bounds,
+    NonFiniteModel,
+    bound_updates,
+    bounded_streamed_mean,
+    global_norm,
+    plan_bounds,
+    summable,
+)
+from coordinator.fleet.checks import check_update
+from coordinator.fleet.ingest import BatchWriter
 from coordinator.fleet.pki import coordinator_name
 from coordinator.fleet.registry import DeviceRegistry
-from coordinator.fleet.state import FleetState, RoundRecord
-from coordinator.fleet.strategies import RoundInputs, fleet_strategy
+from coordinator.fleet.state import CONFLICT, DUPLICATE, NOT_OPEN, STORED, FleetState, RoundRecord, UpdateRow
+from coordinator.fleet.strategies import Aggregate, RoundInputs, fleet_strategy
 from edge_client.wire import (
     DuplicateUpdate,
     Forget,
@@ -34,7 +53,6 @@ from edge_client.wire import (
     Hello,
     IdentityMismatch,
     InternalError,
-    InvalidMessage,
     Message,
     ProtocolError,
     Receipt,
@@ -42,19 +60,17 @@ from edge_client.wire import (
     Reject,
     RoundClosed,
     RoundTask,
-    StaleRound,
     Status,
     Topics,
     UnknownDevice,
     Update,
-    check_arrays,
     decode,
     encode,
     sign,
     verify,
 )
 from edge_client.wire import mqtt as M
-from edge_client.wire.memory import SqliteReplay
+from edge_client.wire.memory import MemoryReplay, SqliteReplay
 from edge_client.wire.signing import SIGNED_BY_DEVICE
 
 log = logging.getLogger("fedge.coordinator")
@@ -85,6 +101,7 @@ class FleetConfig:
     upload_dtype: str = "float16"
     seed: int = 0
     allowlist: frozenset[str] | None = None  # None: any device that says hello may join
+    shared_ingest: bool = False  # updates are stored by `fedge ingest` workers (MQTT v5 shared subscription)
     personalize: tuple[tuple[str, float], ...] = ()  # device-side methods, e.g. (("self_distill", 0.5),)
 
 
@@ -127,13 +144,15 @@ class FleetCoordinator:
         self.topics = Topics(cfg.fleet)
         self.strategy = fleet_strategy(cfg.strategy, clip_norm=cfg.clip_norm, tv_temperature=cfg.tv_temperature)
         # replay memory in the fleet database: a Forget replayed after a restart is still a replay
-        self.receiver = Receiver("coordinator", memory=SqliteReplay(state.path), authenticate=self._authenticate,
+        memory = SqliteReplay(state.path) if state.path is not None else MemoryReplay()  # PostgreSQL: this process's
+        self.receiver = Receiver("coordinator", memory=memory, authenticate=self._authenticate,
                                  max_age_s=REPLAY_WINDOW_S)
         self.traffic = _Traffic()
         self.duplicates = 0
         self._changed = threading.Condition()
         self._open: RoundRecord | None = None
         self._expected_shapes: dict[str, tuple[int, ...]] = {}
+        self._reference_norm = 0.0  # the open round's base head norm: a far larger delta never enters the raw sum
         # What the rounds use, decoded once and held here (SQLite stays the durable copy): global heads by version
         # (the initial one, the current one and a round's base), the backbone pin, each device's personal head,
         # and the updates of the open round as they arrived.
@@ -144,7 +163,12 @@ class FleetCoordinator:
         self._received: dict[int, dict[str, Update]] = {}
         self._closing: set[int] = set()  # rounds whose updates are being aggregated: later ones get a Reject
         self._early_status: dict[str, str] = {}  # statuses of devices not registered (yet): a status registers nobody
-        self.client = M.make_client(client_id or coordinator_name(cfg.fleet))
+        self.writer = BatchWriter(state, on_batch=self._notify)
+        self.client = M.make_client(client_id or coordinator_name(cfg.fleet), manual_ack=True, mqtt311=broker.mqtt311)
+        # one task per selected device is queued at once: 10,000 tasks must not hit paho's queue cap (10,000 by
+        # default in make_client), and a wider inflight window keeps them flowing while the broker acknowledges
+        self.client.max_queued_messages_set(0)
+        self.client.max_inflight_messages_set(1000)
         self.client.on_connect = M.guarded(self._on_connect, "coordinator on_connect", self.receiver.callback_failed)
         self.client.on_message = M.guarded(self._on_message, "coordinator on_message", self.receiver.callback_failed)
         # called with every finished round (metrics, dashboards); an observer that raises is logged, not fatal
@@ -160,8 +184,14 @@ class FleetCoordinator:
         return self
 
     def stop(self) -> None:
+        self.writer.stop()  # commits (and acknowledges) what is queued
         self.client.disconnect()
         self.client.loop_stop()
+        self.writer.stop()  # anything paho delivered while disconnecting is committed, never acknowledged
+
+    def _notify(self) -> None:
+        with self._changed:
+            self._changed.notify_all()
 
     @property
     def open_round(self) -> RoundRecord | None:
@@ -172,8 +202,10 @@ class FleetCoordinator:
         if reason_code.is_failure:
             log.error("coordinator: broker refused connection: %s", reason_code)
             return
-        client.subscribe([(self.topics.all_updates, 1), (self.topics.all_hellos, 1), (self.topics.all_statuses, 1),
-                          (self.topics.all_forgets, 1)])
+        subs = [(self.topics.all_hellos, 1), (self.topics.all_statuses, 1), (self.topics.all_forgets, 1)]
+        if not self.cfg.shared_ingest:  # else `fedge ingest` workers take the updates (coordinator.fleet.ingest_worker)
+            subs.append((self.topics.all_updates, 1))
+        client.subscribe(subs)
         log.info("coordinator connected to %s:%d (session present: %s)", self.broker.host, self.broker.port,
                  flags.session_present)
 
@@ -228,7 +260,7 @@ class FleetCoordinator:
     def wait_for_devices(self, n: int, timeout_s: float) -> list[str]:
         deadline = time.time() + timeout_s
         with self._changed:
-            while len(self.state.devices(online_only=True)) < n and time.time() < deadline:
+            while self.state.count_online() < n and time.time() < deadline:
                 self._changed.wait(0.2)
         return list(self.state.devices(online_only=True))
 
@@ -258,7 +290,7 @@ class FleetCoordinator:
                 self.state.extend_deadline(rec.round_id, time.time() + self.cfg.resume_grace_s)
                 rec = self.state.round(rec.round_id)
             log.info("resuming round %d (%d/%d updates already stored)", rec.round_id,
-                     len(self.state.reported(rec.round_id)), len(rec.selected))
+                     self.state.count_updates(rec.round_id), len(rec.selected))
         else:
             version = self.current_model()[0]
             selected = sorted(devices) if devices is not None else self._select(self.state.next_round_id())
@@ -276,14 +308,15 @@ class FleetCoordinator:
             self._send_task(rec, device_id)
 
         while True:
-            n_reported = len(self.state.reported(rec.round_id))
+            n_reported = self.state.count_updates(rec.round_id)
             if on_progress:
                 on_progress(n_reported, len(rec.selected))  # outside the lock: a slow callback must not block paho
             if n_reported >= len(rec.selected) or time.time() >= rec.deadline:
                 break
             with self._changed:
-                if len(self.state.reported(rec.round_id)) == n_reported:
-                    self._changed.wait(min(0.5, max(0.01, rec.deadline - time.time())))
+                if self.state.count_updates(rec.round_id) == n_reported:
+                    poll = 0.1 if self.cfg.shared_ingest else 0.5  # other processes store updates: nobody notifies
+                    self._changed.wait(min(poll, max(0.01, rec.deadline - time.time())))
         result = self._close(rec, base, t0, resumed)
         for observe in self.round_observers:
             try:
@@ -292,10 +325,13 @@ class FleetCoordinator:
                 log.exception("round observer %r failed", observe)
         return result
 
+
     def _round_config(self) -> dict:
         c = self.cfg
         return {"local_epochs": c.local_epochs, "lr": c.lr, "batch_size": c.batch_size, "prox_mu": c.prox_mu,
-                "strategy": c.strategy, "upload_dtype": c.upload_dtype, "personalize": dict(c.personalize)}
+                "strategy": c.strategy, "clip_norm": c.clip_norm, "tv_temperature": c.tv_temperature,
+                "bounds": dataclasses.asdict(c.bounds),
+                "upload_dtype": c.upload_dtype, "personalize": dict(c.personalize)}
 
     def build_task(self, rec: RoundRecord, device_id: str) -> RoundTask:
         """The task one device gets in a round (a subclass adds what its task needs, e.g. a prototype)."""
@@ -330,22 +366,15 @@ class FleetCoordinator:
 
     def _aggregate_and_close(self, rec: RoundRecord, base: dict[str, np.ndarray], t0: float,
                              resumed: bool) -> RoundResult:
-        updates = self._round_updates(rec.round_id)
-        metrics = {u.device_id: dict(u.metrics) for u in updates}
-        n_samples = {u.device_id: u.n_samples for u in updates}
+        self.writer.flush()  # every update accepted before the round started closing is committed (and summed)
+        reports = self.state.reports(rec.round_id)
+        metrics = {d: m for d, (_, m) in reports.items()}
+        n_samples = {d: n for d, (n, _) in reports.items()}
         new_version, state, t_agg = None, "closed", time.time()
         if rec.kind == "train":
-            if len(updates) >= rec.quorum:
-                bounded = bound_updates([u for u in updates if u.n_samples > 0], self.cfg.bounds, self.sample_cap)
-                if bounded.clipped or bounded.capped:
-                    log.info("round %d: norm bound %.3g clipped %s; sample counts capped for %s", rec.round_id,
-                             bounded.norm_bound or 0.0, list(bounded.clipped) or "none", list(bounded.capped) or "none")
+            if len(reports) >= rec.quorum:
                 try:
-                    agg = self.strategy.aggregate_round(RoundInputs(base, bounded.updates,
-                                                                    initial=lambda: self._model(0),
-                                                                    personal=self._personal_head))
-                    new_version = self.state.close_round(rec.round_id, agg.global_params, rec.task,
-                                                         meta=self._model_meta(), personal=agg.personal)
+                    new_version, agg = self._aggregate(rec, base)
                 except NonFiniteModel as exc:
                     log.error("round %d: aggregate refused, global unchanged: %s", rec.round_id, exc)
                     self.receiver.rejected["non_finite_aggregate"] += 1
@@ -356,7 +385,7 @@ class FleetCoordinator:
                     self.publish_global(new_version, self._model(new_version), rec.round_id)
             else:
                 log.warning("round %d: %d of %d updates by the deadline, quorum %d not met; global unchanged",
-                            rec.round_id, len(updates), len(rec.selected), rec.quorum)
+                            rec.round_id, len(reports), len(rec.selected), rec.quorum)
                 self.state.fail_round(rec.round_id)
                 state = "failed"
         else:
@@ -370,6 +399,40 @@ class FleetCoordinator:
         return RoundResult(rec.round_id, rec.kind, rec.base_version, new_version, rec.selected, metrics, n_samples,
                            self.traffic.up[rec.round_id], self.traffic.down[rec.round_id], time.time() - t0,
                            resumed, state, aggregation_s)
+
+    def _aggregate(self, rec: RoundRecord, base: dict[str, np.ndarray]) -> tuple[int | None, Aggregate]:
+        """Aggregate a training round and close it. A streaming strategy closes from the round's running sums and
+        each update's norm and sample count (one transaction; only the updates the bounds change are decoded);
+        any other strategy -- or a round whose sums no longer cover its stored updates -- gets every stored
+        update, bounded, at once."""
+        if self.strategy.streaming:
+            made: list[Aggregate] = []
+
+            def finish(running, rows, fetch):  # type: ignore[no-untyped-def]
+                plan = plan_bounds([r[0] for r in rows], [r[2] for r in rows], [r[1] for r in rows],
+                                   self.cfg.bounds, self.sample_cap)
+                if plan.clipped or plan.capped:
+                    log.info("round %d: norm bound %.3g clipped %d updates; sample counts capped for %d",
+                             rec.round_id, plan.norm_bound or 0.0, len(plan.clipped), len(plan.capped))
+                step = bounded_streamed_mean(running, rows, plan, self.strategy.clip_norm,
+                                             lambda devices: {d: decode(p).delta for d, p in fetch(devices).items()})
+                made.append(self.strategy.finish(base, step))
+                return made[-1].global_params
+
+            done, version = self.state.close_streaming_round(rec.round_id, rec.task, finish, meta=self._model_meta())
+            if done:
+                return version, made[-1] if made else Aggregate(self._model(version) if version is not None else {})
+            log.info("round %d: running sums do not cover the stored updates; aggregating from storage",
+                     rec.round_id)
+        updates = self._round_updates(rec.round_id)
+        bounded = bound_updates([u for u in updates if u.n_samples > 0], self.cfg.bounds, self.sample_cap)
+        if bounded.clipped or bounded.capped:
+            log.info("round %d: norm bound %.3g clipped %s; sample counts capped for %s", rec.round_id,
+                     bounded.norm_bound or 0.0, list(bounded.clipped) or "none", list(bounded.capped) or "none")
+        agg = self.strategy.aggregate_round(RoundInputs(base, bounded.updates, initial=lambda: self._model(0),
+                                                        personal=self._personal_head))
+        return self.state.close_round(rec.round_id, agg.global_params, rec.task, meta=self._model_meta(),
+                                      personal=agg.personal), agg
 
     def _adopt(self, version: int, params: Mapping[str, np.ndarray], personal: Mapping[str, dict]) -> None:
         """Hold a version this process just stored as the current model (the same arrays SQLite now holds)."""
@@ -437,35 +500,50 @@ class FleetCoordinator:
             for stale in [r for r in self._received if rec is None or r != rec.round_id]:
                 del self._received[stale]  # late arrivals for a round that is closed: SQLite has them
             if rec is not None and rec.kind == "train":
-                shapes = {k: tuple(v.shape) for k, v in self._model(rec.base_version).items()}
-                self._expected_shapes = shapes
+                base = self._model(rec.base_version)
+                self._expected_shapes = {k: tuple(v.shape) for k, v in base.items()}
+                self._reference_norm = global_norm(base)
 
     # ------------------------------------------------------------------ incoming
 
     def _on_message(self, client, userdata, message) -> None:  # type: ignore[no-untyped-def]
+        """Validate on paho's thread; writes go to the batch writer, which acknowledges the message (PUBACK) once
+        its batch is committed. Everything refused or ignored is acknowledged at once."""
+        mid, qos = getattr(message, "mid", 0), getattr(message, "qos", 0)
+        deferred = False
+        try:
+            deferred = self._handle(message, lambda _result=None: client.ack(mid, qos))
+        finally:
+            if not deferred:
+                client.ack(mid, qos)
+
+    def _handle(self, message: Any, ack: Callable[..., object]) -> bool:
+        """True when `ack` was handed to the writer (called after the commit)."""
         device = self.topics.device_of(message.topic)
         if not message.payload and message.topic.rsplit("/", 1)[-1] in ("hello", "status"):
-            return  # a device cleared its retained hello/status (forget-me): nothing to decode
+            return False  # a device cleared its retained hello/status (forget-me): nothing to decode
         try:
             msg = self.receiver.accept(message.topic, message.payload, self.topics)  # counts its own refusals
         except ProtocolError as err:
             self._send_reject(device, err, "-")
-            return
+            return False
         try:
             if isinstance(msg, Update):
-                self._on_update(msg, message.payload)
-            elif isinstance(msg, Hello):
-                self._on_hello(msg, retained=bool(message.retain))
-            elif isinstance(msg, Forget):
+                return self._on_update(msg, message.payload, ack)
+            if isinstance(msg, Hello):
+                return self._on_hello(msg, retained=bool(message.retain), ack=ack)
+            if isinstance(msg, Forget):
                 self._on_forget(msg.device_id)
             elif isinstance(msg, Status):
-                if not self.state.set_device_state(msg.device_id, msg.state):
-                    # a retained status can arrive before the device's retained hello: applied by that hello
-                    self._early_status[msg.device_id] = msg.state
-                    while len(self._early_status) > 10_000:
-                        self._early_status.pop(next(iter(self._early_status)))
-                with self._changed:
-                    self._changed.notify_all()
+                def applied(known: object, device_id: str = msg.device_id, state: str = msg.state) -> None:
+                    if not known:  # a retained status can arrive before the device's retained hello: applied by it
+                        self._early_status[device_id] = state
+                        while len(self._early_status) > 10_000:
+                            self._early_status.pop(next(iter(self._early_status)))
+                    ack()
+
+                self.writer.submit(lambda st, d=msg.device_id, s=msg.state: st.set_device_state(d, s), applied)
+                return True
         except ProtocolError as err:
             self.receiver.reject(err, message.topic, len(message.payload))
             self._send_reject(device, err, msg.msg_id, msg.round_id)
@@ -474,23 +552,26 @@ class FleetCoordinator:
             self.receiver.callback_failed(exc)
             self._send_reject(device, InternalError(f"{type(exc).__name__} while handling {msg.type}"), msg.msg_id,
                               msg.round_id)
+        return False
 
-    def _on_hello(self, msg: Hello, retained: bool) -> None:
+    def _on_hello(self, msg: Hello, retained: bool, ack: Callable[..., object]) -> bool:
         """Hellos are retained, so a coordinator that starts after its devices still learns of
         them; only a live hello proves the device is connected now."""
         if self.cfg.allowlist is not None and msg.device_id not in self.cfg.allowlist:
             raise UnknownDevice(f"device {msg.device_id!r} is not on the fleet allowlist")
         early = self._early_status.pop(msg.device_id, None)
-        self.state.upsert_device(msg.device_id, domain=msg.domain, profile=msg.profile, runtime=msg.runtime,
-                                 n_train=msg.n_train, state=early if retained else "online",
-                                 backbone_sha256=msg.backbone_sha256, bundle_version=msg.bundle_version)
-        log.info("device %s joined (%s, %s, %d windows)", msg.device_id, msg.domain, msg.runtime, msg.n_train)
-        with self._changed:
-            self._changed.notify_all()
+        self.writer.submit(lambda st: st.upsert_device(msg.device_id, domain=msg.domain, profile=msg.profile,
+                                                       runtime=msg.runtime, n_train=msg.n_train,
+                                                       state=early if retained else "online",
+                                                       backbone_sha256=msg.backbone_sha256,
+                                                       bundle_version=msg.bundle_version), ack)
+        log.debug("device %s joined (%s, %s, %d windows)", msg.device_id, msg.domain, msg.runtime, msg.n_train)
+        return True
 
     def _on_forget(self, device_id: str) -> None:
         """Delete what this coordinator stored from the device (subclasses also drop what they derived
         from it, e.g. the recommender's prototypes)."""
+        self.writer.flush()  # what the device sent before it asked is stored first, then deleted
         with self._changed:
             deleted = self.state.forget_device(device_id)
             self._personal.pop(device_id, None)
@@ -500,44 +581,56 @@ class FleetCoordinator:
         log.info("device %s asked to be forgotten: deleted %s", device_id,
                  ", ".join(f"{n} {table}" for table, n in deleted.items()))
 
-    def _on_update(self, msg: Update, payload: bytes) -> None:
+    def _on_update(self, msg: Update, payload: bytes, ack: Callable[..., object]) -> bool:
         """Store an update once and answer it: a Receipt when it is stored (or was already, byte for byte: the device
-        re-sends until it has one), a Reject otherwise. Checked and stored under the lock that closing a round takes,
-        so an update is either in the aggregate or refused, never stored and left out."""
+        re-sends until it has one), a Reject otherwise. Checked and handed to the writer under the lock that closing
+        a round takes, and the close waits for the writer: an update is either in the aggregate or refused, never
+        stored and left out. Returns True (the message is acknowledged after its commit)."""
+        if self.state.update_msg_id(msg.round_id, msg.device_id) == msg.msg_id:
+            self.duplicates += 1
+            log.info("round %d: duplicate update from %s; receipt sent again", msg.round_id, msg.device_id)
+            self._send_receipt(msg)
+            return False
         with self._changed:
-            if self.state.update_msg_id(msg.round_id, msg.device_id) == msg.msg_id:
-                self.duplicates += 1
-                log.info("round %d: duplicate update from %s; receipt sent again", msg.round_id, msg.device_id)
-            else:
-                self._check_update(msg)
-                if not self.state.add_update(msg.round_id, msg.device_id, msg.msg_id, msg.n_samples, bytes(payload),
-                                             msg.metrics):
-                    raise DuplicateUpdate(f"device {msg.device_id} already sent another update for round "
-                                          f"{msg.round_id}")
-                self.traffic.up[msg.round_id] += len(payload)
-                self._received.setdefault(msg.round_id, {})[msg.device_id] = msg
-            self._changed.notify_all()
+            rec = self._check_update(msg)
+            norm = global_norm(msg.delta) if rec.kind == "train" else None
+            weighted = None
+            if (rec.kind == "train" and self.strategy.streaming
+                    and summable(msg.n_samples, norm or 0.0, self.cfg.bounds, self._reference_norm)):
+                weighted = self.strategy.weigh(msg)
+            row = UpdateRow(msg.round_id, msg.device_id, msg.msg_id, msg.n_samples, bytes(payload), msg.metrics,
+                            weighted, norm)
+
+            def stored(result: object) -> None:
+                if result == STORED:
+                    self.traffic.up[msg.round_id] += len(payload)
+                    if not self.strategy.streaming:  # it needs every update at the close: keep this one decoded
+                        with self._changed:
+                            self._received.setdefault(msg.round_id, {})[msg.device_id] = msg
+                if result in (STORED, DUPLICATE):
+                    self.duplicates += result == DUPLICATE
+                    self._send_receipt(msg)
+                elif result == CONFLICT:
+                    self._refuse(msg, DuplicateUpdate(f"device {msg.device_id} already sent another update for round "
+                                                      f"{msg.round_id}"))
+                elif result == NOT_OPEN:
+                    self._refuse(msg, RoundClosed(f"round {msg.round_id} closed before this update was stored"))
+                ack()
+
+            self.writer.submit(row, stored)
+        return True
+
+    def _send_receipt(self, msg: Update) -> None:
         self._send(self.topics.task(msg.device_id), Receipt(fleet=self.cfg.fleet, device_id=msg.device_id,
                                                           round_id=msg.round_id, ref_msg_id=msg.msg_id), expiry_s=3600)
 
-    def _check_update(self, msg: Update) -> None:
-        rec = self._open
-        if not self.state.has_device(msg.device_id):
-            raise UnknownDevice(f"update from unregistered device {msg.device_id!r}")
-        if msg.round_id in self._closing:
-            raise RoundClosed(f"round {msg.round_id} is closing; its aggregate is being computed without this update")
-        if rec is None or msg.round_id != rec.round_id:
-            raise StaleRound(f"update for round {msg.round_id}, open round is {rec.round_id if rec else 'none'}")
-        if msg.device_id not in rec.selected:
-            raise StaleRound(f"device {msg.device_id} was not selected for round {rec.round_id}")
-        if msg.base_version != rec.base_version:
-            raise StaleRound(f"update built on v{msg.base_version}, round {rec.round_id} uses v{rec.base_version}")
-        if msg.kind != rec.kind:
-            raise InvalidMessage(f"{msg.kind} update for a {rec.kind} round")
-        if rec.kind == "train":
-            if msg.n_samples <= 0:
-                raise InvalidMessage("a training update needs n_samples > 0")
-            check_arrays(msg.delta, self._expected_shapes, what="delta")
+    def _refuse(self, msg: Update, err: ProtocolError) -> None:
+        self.receiver.reject(err, self.topics.update(msg.round_id, msg.device_id))
+        self._send_reject(msg.device_id, err, msg.msg_id, msg.round_id)
+
+    def _check_update(self, msg: Update) -> RoundRecord:
+        return check_update(msg, self._open, registered=self.state.has_device(msg.device_id),
+                            expected_shapes=self._expected_shapes, closing=self._closing)
 
     def _send_reject(self, device_id: str | None, err: ProtocolError, ref_msg_id: str,
                      round_id: int | None = None) -> None:

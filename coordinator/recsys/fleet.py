@@ -87,16 +87,17 @@ class RecFleetCoordinator(FleetCoordinator):
         p = self.p_tilde.get(device_id)
         return task if p is None else task.model_copy(update={"prototype": p})
 
-    def _check_update(self, msg: Update) -> None:
-        super()._check_update(msg)
+    def _check_update(self, msg: Update) -> RoundRecord:
+        rec = super()._check_update(msg)
         if msg.prototype is None:
-            return
+            return rec
         if self.prototypes is None:
             raise InvalidMessage(f"{self.method} does not exchange prototypes; the update carries one")
         if msg.kind != "evaluate":
             raise InvalidMessage("prototypes travel in evaluate updates")
         if msg.prototype.shape != (self.dim,):
             raise WrongShape(f"prototype: expected shape ({self.dim},), got {tuple(msg.prototype.shape)}")
+        return rec
 
     def _close(self, rec: RoundRecord, base: dict[str, np.ndarray], t0: float, resumed: bool) -> RoundResult:
         """Close the round; an evaluate round's prototypes go to the prototype server right away."""

@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 from edge_client.daemon.outbox import MemoryOutbox, Outbox, OutboxEntry
 from edge_client.identity import Identity
 from edge_client.learning.head import Params, as_float32, head_shapes
-from edge_client.learning.learner import DeviceLearner
+from edge_client.learning.learner import DeviceLearner, RoundOutcome
 from edge_client.learning.personalize import PersonalConfig
 from edge_client.runtime.backbone import backbone_mismatch
 from edge_client.wire import (
@@ -88,6 +88,33 @@ def personal_config(options: Mapping[str, object]) -> PersonalConfig | None:
 
 
 MAX_PENDING_TASKS = 4  # tasks waiting for their global head; 400 forged tasks once grew this by 191 MB
+
+
+def compute_update(learner: DeviceLearner, task: RoundTask, global_params: Params, personal: Params | None, *,
+                   device_id: str, seed: int) -> tuple[Update, RoundOutcome | None]:
+    """What a device answers to a task (no I/O): train from the global head, or from its own aggregate when the
+    task carries one, and report the delta and metrics; or only evaluate. The daemon and the fleet emulator
+    (``fedge loadtest``) both answer through here. The outcome (None for evaluate) holds the personal head."""
+    if task.params:  # task-vector personalised aggregation: train from this device's own aggregate
+        spec = learner.backbone.spec
+        check_arrays(task.params, head_shapes(spec.feature_dim, learner.split.horizon, len(spec.quantiles)),
+                     what="task.params")
+        global_params = as_float32(task.params)
+    if task.kind == "evaluate":
+        metrics = {**learner.evaluate(global_params, "global"), **learner.baseline_metrics()}
+        if personal is not None:
+            metrics.update(learner.evaluate(personal, "personal"))
+        return Update(fleet=task.fleet, device_id=device_id, round_id=task.round_id, task=task.task,
+                      kind="evaluate", base_version=task.model_version, n_samples=learner.n_eval,
+                      metrics=metrics, round_opened=task.round_opened), None
+    outcome = learner.run_round(
+        global_params, epochs=task.local_epochs, lr=task.lr, batch_size=task.batch_size, prox_mu=task.prox_mu,
+        seed=seed * 100_003 + task.round_id, upload_dtype=str(task.options.get("upload_dtype", "float16")),
+        personal=personal_config(task.options), now_day=task.ts / 86400.0)
+    return Update(fleet=task.fleet, device_id=device_id, round_id=task.round_id, task=task.task,
+                  base_version=task.model_version, n_samples=outcome.n_samples, delta=outcome.delta,
+                  metrics=outcome.metrics, train_seconds=outcome.seconds, round_opened=task.round_opened), outcome
+
 
 # Fault injection for crash tests: FEDGE_FAILPOINT=after_outbox SIGKILLs the process right after an
 # update is stored in the outbox and before it is published (the window a power cut can hit).
@@ -165,7 +192,8 @@ class EdgeClient:
         self.ack_timeout_s = 30.0
         offline = encode(self._signed(Status(fleet=fleet, device_id=device_id, state="offline",
                                              detail="connection lost")))
-        self.client = M.make_client(f"fedge-{fleet}-dev-{device_id}", will=(self.topics.status(device_id), offline))
+        self.client = M.make_client(f"fedge-{fleet}-dev-{device_id}", will=(self.topics.status(device_id), offline),
+                                    mqtt311=broker.mqtt311)
         for name in ("on_connect", "on_message", "on_publish", "on_disconnect", "on_connect_fail"):
             setattr(self.client, name, M.guarded(getattr(self, f"_{name}"), f"device {device_id} {name}",
                                                  self.receiver.callback_failed))
@@ -408,7 +436,7 @@ class EdgeClient:
                                  task.round_id, task.model_version)
                         return
             self.publish_status("training", f"round {task.round_id}")
-            update = self._compute(task).model_copy(update={"round_opened": task.round_opened})
+            update = self._compute(task)
             payload = encode(self._signed(update))
             topic = self.topics.update(task.round_id, self.device_id)
             with self._ack_lock:  # a reconnect flushing the outbox right now must leave this one to us
@@ -455,29 +483,13 @@ class EdgeClient:
         return False
 
     def _compute(self, task: RoundTask) -> Update:
-        global_params = self.global_models[task.model_version].params
-        if task.params:  # task-vector personalised aggregation: train from this device's own aggregate
-            spec = self.learner.backbone.spec
-            check_arrays(task.params, head_shapes(spec.feature_dim, self.learner.split.horizon, len(spec.quantiles)),
-                         what="task.params")
-            global_params = as_float32(task.params)
-        if task.kind == "evaluate":
-            metrics = {**self.learner.evaluate(global_params, "global"), **self.learner.baseline_metrics()}
-            if self.personal is not None:
-                metrics.update(self.learner.evaluate(self.personal, "personal"))
-            return Update(fleet=self.fleet, device_id=self.device_id, round_id=task.round_id, task=task.task,
-                          kind="evaluate", base_version=task.model_version, n_samples=self.learner.n_eval,
-                          metrics=metrics)
-        outcome = self.learner.run_round(
-            global_params, epochs=task.local_epochs, lr=task.lr, batch_size=task.batch_size, prox_mu=task.prox_mu,
-            seed=self.seed * 100_003 + task.round_id, upload_dtype=str(task.options.get("upload_dtype", "float16")),
-            personal=personal_config(task.options), now_day=task.ts / 86400.0)
-        self.personal = outcome.personal
-        self.stats.rounds += 1
-        self.stats.last_metrics = outcome.metrics
-        return Update(fleet=self.fleet, device_id=self.device_id, round_id=task.round_id, task=task.task,
-                      base_version=task.model_version, n_samples=outcome.n_samples, delta=outcome.delta,
-                      metrics=outcome.metrics, train_seconds=outcome.seconds)
+        update, outcome = compute_update(self.learner, task, self.global_models[task.model_version].params,
+                                         self.personal, device_id=self.device_id, seed=self.seed)
+        if outcome is not None:
+            self.personal = outcome.personal
+            self.stats.rounds += 1
+            self.stats.last_metrics = outcome.metrics
+        return update
 
     def _send(self, entry: OutboxEntry) -> None:
         """Publish a stored update (never blocking: the PUBACK arrives in :meth:`_on_publish`, and

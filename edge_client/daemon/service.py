@@ -309,7 +309,8 @@ class DeviceService:
         from edge_client.bundles.download import BundleDownloader
 
         assert self.bundles is not None
-        client = M.make_client(f"fedge-{self.cfg.fleet}-dev-{self.cfg.device_id}-bootstrap")
+        client = M.make_client(f"fedge-{self.cfg.fleet}-dev-{self.cfg.device_id}-bootstrap",
+                               mqtt311=self.broker.mqtt311, persistent=False)
         downloader = BundleDownloader(client, Topics(self.cfg.fleet), self.bundles)
         M.connect(client, self.broker, persistent=False, wait=False)
         log.info("no backbone yet: waiting for a signed bundle on %s", Topics(self.cfg.fleet).bundle("tsfm"))

@@ -93,8 +93,9 @@ def tell_coordinator(cfg: DeviceConfig, timeout_s: float = 10.0) -> str:
     from edge_client.wire import mqtt as M
 
     topics = Topics(cfg.fleet)
-    client = M.make_client(f"fedge-{cfg.fleet}-forget-{cfg.device_id}")
-    M.connect(client, cfg.broker_address(), persistent=False, timeout_s=timeout_s)
+    broker = cfg.broker_address()
+    client = M.make_client(f"fedge-{cfg.fleet}-forget-{cfg.device_id}", mqtt311=broker.mqtt311, persistent=False)
+    M.connect(client, broker, persistent=False, timeout_s=timeout_s)
     identity = cfg.load_identity()
     try:
         forget = Forget(fleet=cfg.fleet, device_id=cfg.device_id)

@@ -65,7 +65,8 @@ def head_outputs(params: Mapping[str, np.ndarray], feats: np.ndarray) -> tuple[n
     """The linear head in RevIN-normalised space: point (N, H), quantiles (N, Q, H). The one copy of
     the formula the device runs; export's parity check and the personal model call it too."""
     point_n = feats @ params["point_weight"].T + params["point_bias"]
-    quant_n = np.einsum("nd,qhd->nqh", feats, params["quantile_weight"]) + params["quantile_bias"]
+    qw = params["quantile_weight"]  # (Q, H, D): one matrix product instead of an einsum, ~5x faster in numpy
+    quant_n = (feats @ qw.reshape(-1, qw.shape[-1]).T).reshape(len(feats), *qw.shape[:2]) + params["quantile_bias"]
     return point_n, quant_n
 
 
@@ -105,15 +106,18 @@ def head_backward(
 ) -> tuple[Params, np.ndarray | None]:
     """Gradients of the head parameters (and of its input h, for adapters below it) from the
     gradients of its normalised outputs."""
+    n, q, hz = g_quant.shape
+    g_flat = g_quant.reshape(n, q * hz)
     grads: Params = {
         "point_weight": g_point.T @ h,
         "point_bias": g_point.sum(axis=0),
-        "quantile_weight": np.einsum("nqh,nd->qhd", g_quant, h),
+        "quantile_weight": (g_flat.T @ h).reshape(q, hz, h.shape[1]),
         "quantile_bias": g_quant.sum(axis=0),
     }
     if not input_grad:
         return grads, None
-    return grads, g_point @ params["point_weight"] + np.einsum("nqh,qhd->nd", g_quant, params["quantile_weight"])
+    qw = params["quantile_weight"]
+    return grads, g_point @ params["point_weight"] + g_flat @ qw.reshape(q * hz, qw.shape[-1])
 
 
 def head_loss_and_grad(

@@ -61,10 +61,27 @@ class DeviceLearner:
         if len(self.y_train) == 0 or len(self.y_eval) == 0:
             raise ValueError("no complete (NaN-free) windows for training or evaluation")
         t0 = time.perf_counter()
-        self.f_train: Features = backbone.features(x_tr)
-        self.f_eval: Features = backbone.features(x_ev)
+        f_train, f_eval = backbone.features(x_tr), backbone.features(x_ev)
+        self._set_data(f_train, self.y_train, f_eval, self.y_eval, W.seasonal_naive(x_ev, horizon, season))
         self.feature_seconds = time.perf_counter() - t0
-        self.naive_eval = W.seasonal_naive(x_ev, horizon, season)
+
+    @classmethod
+    def from_features(cls, backbone: BackboneRunner, *, f_train: Features, y_train: np.ndarray, f_eval: Features,
+                      y_eval: np.ndarray, naive_eval: np.ndarray, season: int, split: SplitConfig) -> DeviceLearner:
+        """A learner on backbone features computed elsewhere: a fleet emulator runs the backbone once over a
+        series and hands each emulated device the windows of its own slice (``fedge loadtest``), instead
+        of one ONNX Runtime session and one feature pass per device. Training and evaluation are the same."""
+        self = cls.__new__(cls)
+        self.backbone, self.split, self.season = backbone, split, season
+        self.quantiles = np.asarray(backbone.spec.quantiles)
+        self._set_data(f_train, y_train, f_eval, y_eval, naive_eval)
+        self.feature_seconds = 0.0
+        return self
+
+    def _set_data(self, f_train: Features, y_train: np.ndarray, f_eval: Features, y_eval: np.ndarray,
+                  naive_eval: np.ndarray) -> None:
+        self.f_train, self.y_train, self.f_eval, self.y_eval = f_train, y_train, f_eval, y_eval
+        self.naive_eval = naive_eval
         self.personal_model: PZ.PersonalModel | None = None  # survives rounds: the self-distillation teacher
 
     @property

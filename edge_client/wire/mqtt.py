@@ -39,17 +39,19 @@ class BrokerAddress:
     ca_file: str | None = None
     cert_file: str | None = None
     key_file: str | None = None
+    mqtt311: bool = False  # speak MQTT 3.1.1 (brokers without v5, e.g. NATS); docs/scale.md says what is lost
 
     @classmethod
     def parse(cls, text: str) -> BrokerAddress:
-        """'host', 'host:port', 'mqtt://[user:pass@]host:port' or 'mqtts://…' (TLS, default port 8883)."""
-        tls = text.startswith("mqtts://")
-        rest = text.removeprefix("mqtts://").removeprefix("mqtt://")
+        """'host', 'host:port', 'mqtt://[user:pass@]host:port', 'mqtts://…' (TLS, default port 8883) or 'mqtt3://…'
+        (MQTT 3.1.1 instead of v5)."""
+        tls, mqtt311 = text.startswith("mqtts://"), text.startswith("mqtt3://")
+        rest = text.removeprefix("mqtts://").removeprefix("mqtt://").removeprefix("mqtt3://")
         creds, _, hostport = rest.rpartition("@")
         user, _, password = creds.partition(":")
         host, _, port = hostport.rpartition(":") if ":" in hostport else (hostport, "", "8883" if tls else "1883")
         try:
-            return cls(host or "127.0.0.1", int(port), user or None, password or None, tls=tls)
+            return cls(host or "127.0.0.1", int(port), user or None, password or None, tls=tls, mqtt311=mqtt311)
         except ValueError:
             raise ValueError(f"bad broker address {text!r}; expected [mqtt[s]://][user:pass@]host:port") from None
 
@@ -58,7 +60,7 @@ class BrokerAddress:
         return replace(self, tls=True, ca_file=str(ca_file), cert_file=str(cert_file), key_file=str(key_file))
 
     def __str__(self) -> str:
-        return f"{'mqtts' if self.tls else 'mqtt'}://{self.host}:{self.port}"
+        return f"{'mqtts' if self.tls else 'mqtt3' if self.mqtt311 else 'mqtt'}://{self.host}:{self.port}"
 
 
 def _apply_auth(client: mqtt.Client, broker: BrokerAddress) -> None:
@@ -96,11 +98,19 @@ def make_client(
     client_id: str,
     *,
     will: tuple[str, bytes] | None = None,
+    manual_ack: bool = False,
+    mqtt311: bool = False,
+    persistent: bool = True,
 ) -> mqtt.Client:
+    """``manual_ack``: the caller acknowledges each QoS 1 message itself (``client.ack(mid, qos)``), e.g. only
+    after it is committed to storage, so the broker re-delivers what a crash lost. ``mqtt311``: MQTT 3.1.1, whose
+    session persistence is fixed here (``persistent``), not at connect time as in v5."""
     client = mqtt.Client(
         callback_api_version=mqtt.CallbackAPIVersion.VERSION2,
         client_id=client_id,
-        protocol=mqtt.MQTTv5,
+        protocol=mqtt.MQTTv311 if mqtt311 else mqtt.MQTTv5,
+        manual_ack=manual_ack,
+        **({"clean_session": not persistent} if mqtt311 else {}),
     )
     if will is not None:
         client.will_set(will[0], will[1], qos=1, retain=True)
@@ -114,6 +124,28 @@ def _connect_props(persistent: bool, session_expiry_s: int) -> Properties:
     props = Properties(PacketTypes.CONNECT)
     props.SessionExpiryInterval = session_expiry_s if persistent else 0
     return props
+
+
+def _is_v5(client: mqtt.Client) -> bool:
+    return client.protocol == mqtt.MQTTv5
+
+
+def _connect_args(client: mqtt.Client, persistent: bool, session_expiry_s: int) -> dict:
+    """v5: clean start and session expiry per connection; 3.1.1: nothing (the client was made with its session
+    persistence, and a 3.1.1 session never expires on its own)."""
+    if not _is_v5(client):
+        return {}
+    return {"clean_start": not persistent, "properties": _connect_props(persistent, session_expiry_s)}
+
+
+def open_connection(client: mqtt.Client, broker: BrokerAddress, *, persistent: bool = True,
+                    session_expiry_s: int = 24 * 3600) -> None:
+    """Open the TCP connection and send CONNECT without starting paho's network thread: for callers that
+    drive many clients from their own event loop (``loop_read``/``loop_write``/``loop_misc``), as the fleet
+    emulator does. Raises OSError when the broker cannot be reached."""
+    _apply_auth(client, broker)
+    client.connect(broker.host, broker.port, keepalive=broker.keepalive,
+                   **_connect_args(client, persistent, session_expiry_s))
 
 
 def connect(
@@ -131,8 +163,8 @@ def connect(
     at boot) returns at once and lets paho's thread retry the first connection too."""
     _apply_auth(client, broker)
     if not wait:
-        client.connect_async(broker.host, broker.port, keepalive=broker.keepalive, clean_start=not persistent,
-                             properties=_connect_props(persistent, session_expiry_s))
+        client.connect_async(broker.host, broker.port, keepalive=broker.keepalive,
+                             **_connect_args(client, persistent, session_expiry_s))
         client.loop_start()
         return
     connected = threading.Event()
@@ -148,8 +180,8 @@ def connect(
 
     client.on_connect = on_connect
     try:
-        client.connect(broker.host, broker.port, keepalive=broker.keepalive, clean_start=not persistent,
-                       properties=_connect_props(persistent, session_expiry_s))
+        client.connect(broker.host, broker.port, keepalive=broker.keepalive,
+                       **_connect_args(client, persistent, session_expiry_s))
     except OSError as exc:  # ssl.SSLError is one: a refused certificate, an unknown CA
         raise ConnectionError(f"cannot reach MQTT broker at {broker}: {exc}") from None
     client.loop_start()
@@ -164,7 +196,7 @@ def publish(
     """QoS 1 publish; message expiry keeps stale tasks from reaching a device days later. While
     disconnected, paho queues the message and sends it after reconnecting."""
     props = None
-    if expiry_s is not None:
+    if expiry_s is not None and _is_v5(client):  # 3.1.1 has no message expiry: receivers check deadlines
         props = Properties(PacketTypes.PUBLISH)
         props.MessageExpiryInterval = int(expiry_s)
     info = client.publish(topic, payload, qos=1, retain=retain, properties=props)

@@ -31,9 +31,32 @@ class Aggregate:
 
 class FleetStrategy(Protocol):
     """A plain object that never touches the transport: the server hands it a round, it returns the aggregate.
-    ``personalised`` strategies get each device's head from :attr:`Aggregate.personal` sent in its next task."""
+    ``personalised`` strategies get each device's head from :attr:`Aggregate.personal` sent in its next task.
+
+    A ``streaming`` strategy (:class:`StreamingStrategy`) is also summed as updates arrive: memory of one head
+    whatever the fleet size, nothing decoded twice. Strategies that need all updates at once (coordinate-wise
+    trimmed mean or median, Krum, task-vector similarities) cannot stream: the server hands them every stored
+    update at the close (decoded once, then), so they cost memory and time in proportion to the round's size."""
 
     name: str
     personalised: bool
+    streaming: bool
 
     def aggregate_round(self, inputs: RoundInputs) -> Aggregate: ...
+
+
+class StreamingStrategy(FleetStrategy, Protocol):
+    """A strategy whose aggregate is a function of the bounded, sample-weighted mean of the deltas only (FedAvg,
+    FedProx's server side, norm-clipped FedAvg): the server keeps Σ n_k·Δ_k as updates arrive and works the
+    round's bounds and ``clip_norm`` in exactly at the close (:func:`~coordinator.fleet.aggregation.
+    bounded_streamed_mean`)."""
+
+    clip_norm: float | None
+
+    def weigh(self, update: Contribution) -> tuple[Mapping[str, np.ndarray], float]:
+        """What one update adds to the running sum: (Δ_k, n_k)."""
+        ...
+
+    def finish(self, base: Mapping[str, np.ndarray], step: Mapping[str, np.ndarray]) -> Aggregate:
+        """The new global head from the round's base and the round's mean step."""
+        ...

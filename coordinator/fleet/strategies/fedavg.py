@@ -1,4 +1,7 @@
-"""FedAvg (McMahan et al., 2017): the sample-weighted mean of the devices' deltas, optionally norm-clipped."""
+"""FedAvg (McMahan et al., 2017): the sample-weighted mean of the devices' deltas, optionally norm-clipped.
+
+Streaming: each update is clipped on its own and added to a float64 running sum as it arrives
+(:class:`~coordinator.fleet.aggregation.RunningSum`), so a round of 10,000 devices holds one head in memory."""
 
 from __future__ import annotations
 
@@ -22,6 +25,13 @@ class FedAvg:
     server_lr: float = 1.0
     name: str = "fedavg"
     personalised: ClassVar[bool] = False
+    streaming: ClassVar[bool] = True
+
+    def weigh(self, update: Contribution) -> tuple[Mapping[str, np.ndarray], float]:
+        return update.delta, float(update.n_samples)
+
+    def finish(self, base: Mapping[str, np.ndarray], step: Mapping[str, np.ndarray]) -> Aggregate:
+        return Aggregate(aggregation.apply(base, step, self.server_lr))
 
     def aggregate(self, global_params: Mapping[str, np.ndarray], updates: Sequence[Contribution]) -> Params:
         deltas = (aggregation.clip_by_norm(u.delta, self.clip_norm) if self.clip_norm else u.delta for u in updates)

@@ -23,6 +23,7 @@ class MultiKrum:
     server_lr: float = 1.0
     name: str = "krum"
     personalised: ClassVar[bool] = False
+    streaming: ClassVar[bool] = False  # needs every update at once
 
     def selected(self, updates: Sequence[ClientUpdate]) -> list[ClientUpdate]:
         k = len(updates)

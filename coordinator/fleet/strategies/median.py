@@ -21,6 +21,7 @@ class CoordinateMedian:
     server_lr: float = 1.0
     name: str = "median"
     personalised: ClassVar[bool] = False
+    streaming: ClassVar[bool] = False  # needs every update at once
 
     def aggregate(self, global_params: Mapping[str, np.ndarray], updates: Sequence[ClientUpdate]) -> Params:
         step = aggregation.coordinate_median([u.delta for u in updates])

@@ -107,6 +107,7 @@ class TaskVectorAggregation:
     positive_only: bool = False
     name: str = "task_vector"
     personalised: ClassVar[bool] = True
+    streaming: ClassVar[bool] = False  # needs every update at once
 
     def aggregate_round(self, inputs: RoundInputs) -> Aggregate:
         """Task-vector personalised aggregation (Yang et al., AAAI 2026) of a fleet round: a device trained from its

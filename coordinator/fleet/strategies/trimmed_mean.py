@@ -23,6 +23,7 @@ class TrimmedMean:
     server_lr: float = 1.0
     name: str = "trimmed_mean"
     personalised: ClassVar[bool] = False
+    streaming: ClassVar[bool] = False  # needs every update at once
 
     def aggregate(self, global_params: Mapping[str, np.ndarray], updates: Sequence[Contribution]) -> Params:
         deltas = [aggregation.clip_by_norm(u.delta, self.clip_norm) if self.clip_norm else u.delta for u in updates]
