@@ -62,6 +62,7 @@ def run_rec_demo(
     """Pretrain (or load) SASRec on period 0, export it, start a broker, then run FedAvg and FCUCR
     period by period with one MQTT device per user; writes ``rec.json`` to `out_dir`."""
     from coordinator.demo import start_demo_broker
+    from coordinator.fleet.broker import raise_fd_limit
     from coordinator.models.recommender import SASRecConfig
     from coordinator.recsys.data import continual_split, load_ml100k, median_session_gap_days
     from coordinator.recsys.fleet import run_federated_mqtt
@@ -88,6 +89,7 @@ def run_rec_demo(
     cfg = RecSimConfig(adapter=RecAdapterConfig(tau_days=median_session_gap_days(split)), seed=seed)
 
     console.rule("[bold]3. broker, coordinator and one device per user: FedAvg of adapters, then FCUCR")
+    raise_fd_limit()  # a descriptor per device in this process (and the embedded broker, if used, lives here too)
     running, address, kind = start_demo_broker(broker)
     console.print(f"MQTT broker: {kind} on {address.host}:{address.port}")
     out = Path(out_dir)

@@ -25,6 +25,7 @@ from pathlib import Path
 import numpy as np
 from threadpoolctl import threadpool_limits
 
+from coordinator.fleet.broker import raise_fd_limit
 from coordinator.fleet.server import FleetConfig, FleetCoordinator, RoundResult
 from coordinator.fleet.state import FleetState, RoundRecord
 from coordinator.recsys.simulation import MethodResult, PrototypeServer, RecSimConfig, StageCallback, StageLog
@@ -35,6 +36,7 @@ from edge_client.recsys.device import METHODS, RecDevice
 from edge_client.recsys.encoder import SequenceEncoder
 from edge_client.wire import InvalidMessage, RoundTask, Update, WrongShape
 from edge_client.wire.mqtt import BrokerAddress
+from edge_client.wire.mqtt_loop import NetworkLoop
 
 log = logging.getLogger("fedge.coordinator.rec")
 
@@ -135,15 +137,19 @@ def scores_by_period(result: RoundResult, periods: range) -> dict[int, tuple[flo
 
 
 def start_rec_devices(split: ContinualSplit, encoder: SequenceEncoder, items: np.ndarray, cfg: RecSimConfig,
-                      method: str, broker: BrokerAddress, fleet: str) -> list[RecEdgeClient]:
+                      method: str, broker: BrokerAddress, fleet: str, network: NetworkLoop | None = None
+                      ) -> list[RecEdgeClient]:
     """One connected device per user, seeded exactly as :func:`run_federated_rec` seeds its devices. The
-    devices of this one process share the ONNX session and the item table (read-only)."""
+    devices of this one process share the ONNX session, the item table (read-only) and, given
+    `network`, one network thread (paho's thread per client stops at ~340 clients per process, see
+    :mod:`edge_client.wire.mqtt_loop`)."""
     spec = METHODS[method]
     clients = []
     for i, (uid, log_) in enumerate(sorted(split.logs.items())):
         dev = RecDevice(str(uid), encoder, items, cfg.adapter, shared_keys=spec.shared, use_gate=spec.gate,
                         seed=cfg.seed * 100_003 + i)
-        client = RecEdgeClient(device_id(uid), fleet, RecLearner(dev, log_, method), broker, seed=cfg.seed + i)
+        client = RecEdgeClient(device_id(uid), fleet, RecLearner(dev, log_, method), broker, seed=cfg.seed + i,
+                               network=network)
         clients.append(client.start())
     return clients
 
@@ -187,11 +193,13 @@ def _run_federated_mqtt(name: str, split: ContinualSplit, encoder: SequenceEncod
                     seed=cfg.seed), broker, FleetState(db), method=name, dim=dim, top_m=cfg.top_m,
         temperature=cfg.proto_temperature)
     clients: list[RecEdgeClient] = []
+    raise_fd_limit()  # one socket per device in this process (the default soft limit is 1024)
+    network = NetworkLoop(f"rec-{fleet}-devices")
     result = MethodResult(name)
     try:
         coordinator.start()
         coordinator.ensure_model(initial, {"backbone_sha256": encoder.sha256})
-        clients = start_rec_devices(split, encoder, items, cfg, name, broker, fleet)
+        clients = start_rec_devices(split, encoder, items, cfg, name, broker, fleet, network)
         everyone = [c.device_id for c in clients]
         online = coordinator.wait_for_devices(len(everyone), timeout_s=60)
         if len(online) < len(everyone):
@@ -232,5 +240,6 @@ def _run_federated_mqtt(name: str, split: ContinualSplit, encoder: SequenceEncod
     finally:
         for c in clients:
             c.stop()
+        network.stop()
         coordinator.stop()
         coordinator.state.close()

@@ -53,6 +53,7 @@ from edge_client.wire import (
 )
 from edge_client.wire import mqtt as M
 from edge_client.wire.memory import ReplayMemory
+from edge_client.wire.mqtt_loop import NetworkLoop
 from edge_client.wire.signing import SIGNED_BY_COORDINATOR, SIGNED_BY_DEVICE
 
 log = logging.getLogger("fedge.edge")
@@ -152,8 +153,10 @@ class EdgeClient:
         personal: Params | None = None,
         identity: Identity | None = None,
         replay: ReplayMemory | None = None,
+        network: NetworkLoop | None = None,
     ) -> None:
         self.device_id = device_id
+        self.network = network  # one network thread shared by many simulated devices; None: paho's own thread
         self.fleet = fleet
         self.task = task
         self.learner = learner
@@ -220,7 +223,7 @@ class EdgeClient:
     def start(self, *, wait: bool = True) -> EdgeClient:
         """Connect; ``wait=False`` returns at once and paho keeps trying with backoff (a daemon
         started while the broker is down)."""
-        M.connect(self.client, self.broker, persistent=True, wait=wait)
+        M.connect(self.client, self.broker, persistent=True, wait=wait, network=self.network)
         return self
 
     def stop(self, *, graceful: bool = True, ack_wait_s: float = 5.0) -> None:
@@ -238,8 +241,7 @@ class EdgeClient:
                 retain=True)
             with contextlib.suppress(RuntimeError, ValueError):  # not connected: the last will says offline
                 info.wait_for_publish(timeout=5)
-            self.client.disconnect()
-        self.client.loop_stop()
+        M.close(self.client, self.network, clean=graceful)
 
     # ------------------------------------------------------------------ MQTT callbacks
 

@@ -52,6 +52,7 @@ from edge_client.wire import (
     check_arrays,
 )
 from edge_client.wire.mqtt import BrokerAddress
+from edge_client.wire.mqtt_loop import NetworkLoop
 
 log = logging.getLogger("fedge.edge.rec")
 
@@ -190,9 +191,9 @@ class RecEdgeClient(EdgeClient):
     learner: RecLearner
 
     def __init__(self, device_id: str, fleet: str, learner: RecLearner, broker: BrokerAddress, *,
-                 seed: int = 0, profile: str = "generic") -> None:
+                 seed: int = 0, profile: str = "generic", network: NetworkLoop | None = None) -> None:
         super().__init__(device_id, fleet, learner, broker, profile=profile, domain="movielens", seed=seed,
-                         task=TASK)  # type: ignore[arg-type]  # RecLearner offers what EdgeClient reads
+                         task=TASK, network=network)  # type: ignore[arg-type]  # RecLearner offers what EdgeClient reads
 
     def _check_params(self, params: Params) -> None:
         self.learner.check_global(params)

@@ -15,11 +15,14 @@ import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import paho.mqtt.client as mqtt
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
+
+if TYPE_CHECKING:
+    from edge_client.wire.mqtt_loop import NetworkLoop
 
 log = logging.getLogger("fedge.mqtt")
 
@@ -156,16 +159,25 @@ def connect(
     session_expiry_s: int = 24 * 3600,
     timeout_s: float = 10.0,
     wait: bool = True,
+    network: NetworkLoop | None = None,
 ) -> None:
     """Connect and start paho's network thread; raise ConnectionError if the broker does not
     accept us within `timeout_s`. paho keeps reconnecting on its own after that (exponential
     backoff, see make_client). ``wait=False`` (a daemon that must outlive a broker that is down
-    at boot) returns at once and lets paho's thread retry the first connection too."""
+    at boot) returns at once and lets paho's thread retry the first connection too.
+
+    `network`: a shared :class:`edge_client.wire.mqtt_loop.NetworkLoop` drives the client instead of a
+    thread of its own (many simulated devices in one process); end such a client with :func:`close`."""
     _apply_auth(client, broker)
+    if network is not None:
+        network.attach(client)
     if not wait:
         client.connect_async(broker.host, broker.port, keepalive=broker.keepalive,
                              **_connect_args(client, persistent, session_expiry_s))
-        client.loop_start()
+        if network is not None:
+            network.connect_later(client)
+        else:
+            client.loop_start()
         return
     connected = threading.Event()
     failure: list[str] = []
@@ -183,11 +195,25 @@ def connect(
         client.connect(broker.host, broker.port, keepalive=broker.keepalive,
                        **_connect_args(client, persistent, session_expiry_s))
     except OSError as exc:  # ssl.SSLError is one: a refused certificate, an unknown CA
+        if network is not None:
+            network.detach(client, clean=False)
         raise ConnectionError(f"cannot reach MQTT broker at {broker}: {exc}") from None
-    client.loop_start()
+    if network is None:
+        client.loop_start()
     if not connected.wait(timeout_s) or failure:
-        client.loop_stop()
+        close(client, network, clean=False)
         raise ConnectionError(f"MQTT broker {broker.host}:{broker.port} refused or timed out: {failure or 'timeout'}")
+
+
+def close(client: mqtt.Client, network: NetworkLoop | None = None, *, clean: bool = True) -> None:
+    """End the client's connection and its network I/O. ``clean``: send DISCONNECT first (the broker
+    drops the last will); otherwise the connection just ends, as in a crash (the will fires)."""
+    if network is not None:
+        network.detach(client, clean=clean)
+        return
+    if clean:
+        client.disconnect()
+    client.loop_stop()
 
 
 def publish(
