@@ -70,7 +70,7 @@ def bundle(split, tmp_path_factory):
     torch.manual_seed(0)
     model = SASRec(SASRecConfig(n_items=split.n_items, d=16, heads=1, blocks=1, max_len=10, dropout=0.0))
     x, y = windows_for(split, 0, 10)
-    losses = train_sasrec(model, x, y, RecTrainSettings(epochs=5, batch_size=32, lr=5e-3, threads=1))
+    losses = train_sasrec(model, x, y, RecTrainSettings(epochs=5, batch_size=32, lr=5e-3, threads=1)).losses
     out = tmp_path_factory.mktemp("rec-export")
     exported = export_recommender(model, out)
     return {"model": model, "dir": out, "export": exported, "losses": losses}
