@@ -65,7 +65,7 @@ def _fail(message: str) -> None:
 @app.command()
 def demo(
     task: Annotated[str, typer.Option(help="tsfm: forecasting fleet | rec: MovieLens recommender")] = "tsfm",
-    users: Annotated[int, typer.Option(min=10, max=943, help="rec: users (= devices) simulated")] = 300,
+    users: Annotated[int, typer.Option(min=10, max=943, help="rec: users (= devices) simulated")] = 943,
     periods: Annotated[int, typer.Option(min=2, max=8, help="rec: time periods after the pretraining period")] = 4,
     devices: Annotated[int, typer.Option(min=1, max=512, help="simulated edge devices (beyond 38, slices of the same "
                                          "series overlap; the device table says which)")] = 6,

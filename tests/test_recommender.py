@@ -113,7 +113,7 @@ def test_every_gradient_matches_finite_differences():
     rng = np.random.default_rng(0)
     d, n = 8, 7
     items = rng.normal(0, 0.5, (N_ITEMS + 1, d))  # float64 table: FD needs the exact loss
-    params = init_adapter(d, RecAdapterConfig(rank=3), rng)
+    params = init_adapter(d, RecAdapterConfig(rank=3, item_rank=2), rng, n_items=N_ITEMS)
     params = {k: v + rng.normal(0, 0.3, v.shape) for k, v in params.items()}  # away from the init's zeros
     h = rng.normal(size=(n, d))
     targets = rng.integers(1, N_ITEMS + 1, n)
@@ -121,10 +121,32 @@ def test_every_gradient_matches_finite_differences():
     cand = np.unique(rng.integers(1, N_ITEMS + 1, 15))
     teacher = Teacher(cand, rng.normal(size=(n, len(cand))), weight=0.4)
     grads = _fd_check(params, h, targets, items, p_tilde, teacher)
-    assert set(grads) == {"U", "V", "u", "Wg", "bg"}
+    assert set(grads) == {"U", "V", "u", "Wg", "bg", "item_b", "item_A", "item_B"}
+    assert not grads["item_b"][PAD].any() and not grads["item_A"][PAD].any()  # padding is never a candidate
     # the same with parts switched off: no gate (no p̃), no teacher, adapter only
     grads = _fd_check({k: params[k] for k in ("U", "V")}, h, targets, items, None, None)
     assert set(grads) == {"U", "V"}
+    grads = _fd_check({k: params[k] for k in ("u", "item_b")}, h, targets, items, None, teacher)  # bias only
+    assert set(grads) == {"u", "item_b"}
+
+
+def test_item_adapter_scores_what_it_trains():
+    """full_scores and the distillation candidates add the item adapter exactly as the loss does."""
+    from edge_client.recsys.device import candidate_scores, full_scores
+
+    rng = np.random.default_rng(3)
+    d = 6
+    items = rng.normal(0, 0.5, (N_ITEMS + 1, d))
+    params = init_adapter(d, RecAdapterConfig(rank=2, item_rank=3), rng, n_items=N_ITEMS)
+    params = {k: v + rng.normal(0, 0.3, v.shape) for k, v in params.items()}
+    z = rng.normal(size=(4, d))
+    s = full_scores(z, items, params)
+    want = z @ (items + params["item_A"] @ params["item_B"]).T + params["item_b"]
+    np.testing.assert_allclose(s[:, 1:], want[:, 1:], rtol=1e-10)
+    assert np.all(s[:, PAD] == -np.inf)
+    cand = np.array([5, 1, 17])
+    np.testing.assert_allclose(candidate_scores(params, z, items, cand), want[:, cand], rtol=1e-10)
+    np.testing.assert_array_equal(full_scores(z, items)[:, 1:], z @ items[1:].T)  # no adapter: the plain table
 
 
 def test_distillation_keeps_the_new_model_near_the_snapshot(split, bundle):
@@ -262,8 +284,8 @@ def test_tiny_continual_run_has_every_method(split, bundle):
     cfg = RecSimConfig(adapter=RecAdapterConfig(rank=4, steps=5), top_m=3)
     cfg = replace(cfg, finetune=replace(cfg.finetune, epochs=1, threads=1))
     results = run_all(split, bundle["model"], encoder, items, cfg)
-    assert set(results) == {"most-popular", "central-sasrec", "central-finetune", "local-only", "fedavg", "fcucr",
-                            "fcucr-no-distill", "fcucr-no-proto"}
+    assert set(results) == {"most-popular", "central-sasrec", "central-finetune", "local-only", "fedavg",
+                            "fedavg+items", "fcucr", "fcucr-no-distill", "fcucr-no-proto", "fcucr-no-items"}
     for name, res in results.items():
         summary = res.summary()
         assert [st.period for st in res.stages] == [1, 2, 3], name
@@ -273,3 +295,10 @@ def test_tiny_continual_run_has_every_method(split, bundle):
     assert 0 < fcucr["bytes_up_per_device"] < 32 * 1024  # DESIGN §8 upload budget
     assert results["fcucr"].stages[-1].mean_distill_weight > 0
     assert results["central-sasrec"].summary()["forget_hr"] == 0.0  # a frozen model cannot forget
+    for name, res in results.items():  # every period's interactions scored before training on them
+        for st in res.stages:
+            n = sum(len(lg.period_positions(st.period)) for lg in split.logs.values())
+            assert st.preq is not None and st.preq.n == n and 0 <= st.preq.hr <= 1, name
+    first = results["fedavg"].stages[0].preq  # period 1: no device has trained yet, so it equals the frozen model
+    frozen = results["central-sasrec"].stages[0].preq
+    assert first is not None and frozen is not None and np.array_equal(first.ranks, frozen.ranks)

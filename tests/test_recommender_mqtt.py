@@ -17,8 +17,8 @@ import paho.mqtt.client as mqtt
 import pytest
 
 from coordinator.recsys.fleet import run_federated_mqtt
-from coordinator.recsys.simulation import RecSimConfig, build_test_sets, run_federated_rec
-from edge_client.recsys.adapter import RecAdapterConfig, init_adapter
+from coordinator.recsys.simulation import RecSimConfig, build_test_sets, initial_shared, run_federated_rec
+from edge_client.recsys.adapter import RecAdapterConfig
 from edge_client.recsys.client import RecEdgeClient, RecLearner
 from edge_client.recsys.data import continual_split, interactions_from_array
 from edge_client.recsys.device import METHODS, RecDevice
@@ -46,6 +46,8 @@ def test_mqtt_rounds_match_the_in_process_simulation(method, split, bundle, mosq
     assert [st.period for st in wire.stages] == [1, 2, 3]
     for a, b in zip(local.stages, wire.stages, strict=True):
         assert b.scores == a.scores, (method, a.period)  # the devices measured exactly what the simulation did
+        assert set(b.ranks) == set(a.ranks) and all(np.array_equal(b.ranks[s], a.ranks[s]) for s in a.ranks)
+        assert (b.preq.n, b.preq.hits, b.preq.ndcg_sum) == (a.preq.n, a.preq.hits, a.preq.ndcg_sum) and a.preq.n > 0
         assert (b.trained_users, b.skipped_users) == (a.trained_users, a.skipped_users)
         assert b.mean_distill_weight == a.mean_distill_weight
         assert b.bytes_up > 0 and b.bytes_down > 0
@@ -112,13 +114,14 @@ def test_device_refuses_malformed_prototypes_and_keeps_working(split, bundle, mo
     encoder, items = load_encoder(bundle["dir"])
     d = items.shape[1]
     uid, log = next((u, lg) for u, lg in sorted(split.logs.items()) if len(lg.train_positions(1)) > 0)
-    dev = RecDevice(str(uid), encoder, items, CFG.adapter, shared_keys=("U", "V"), use_gate=True, seed=0)
+    spec = METHODS["fcucr"]
+    dev = RecDevice(str(uid), encoder, items, CFG.adapter, shared_keys=spec.shared, use_gate=True, seed=0,
+                    item_adapter=True)
     client = RecEdgeClient("alice", "rec-bad", RecLearner(dev, log, "fcucr"), mosquitto.address).start()
     topics = Topics("rec-bad")
     raw = _Listener(mosquitto.address, topics)
     try:
-        shared = {k: v.astype(np.float32) for k, v in init_adapter(d, CFG.adapter, np.random.default_rng(0)).items()
-                  if k in ("U", "V")}
+        shared = initial_shared("fcucr", items, CFG)
         raw.publish(topics.global_model("rec"), encode(GlobalModel(fleet="rec-bad", task="rec", version=0,
                                                                    params=shared, backbone_sha256=encoder.sha256)),
                     retain=True)
@@ -149,7 +152,8 @@ def test_device_refuses_malformed_prototypes_and_keeps_working(split, bundle, mo
         assert raw.got_update.wait(20), "a valid task after the bad ones must still be answered"
         update = decode(raw.updates[0])
         assert isinstance(update, Update) and update.n_samples == len(log.train_positions(1))
-        assert set(update.delta) == {"U", "V"} and update.prototype is None  # the personal parts never leave
+        assert set(update.delta) == set(spec.shared) and update.prototype is None  # the personal parts never leave
+        assert not {"u", "Wg", "bg"} & set(update.delta)
         np.testing.assert_array_equal(dev.p_tilde, np.full(d, 0.1, np.float32))
     finally:
         raw.stop()
@@ -210,9 +214,7 @@ def test_a_restarted_coordinator_rebuilds_the_prototype_server_and_p_tilde(split
     clients = []
     try:
         first.start()
-        init = init_adapter(dim, CFG.adapter, np.random.default_rng(CFG.seed))
-        first.ensure_model({k: init[k].astype(np.float32) for k in METHODS["fcucr"].shared},
-                           {"backbone_sha256": encoder.sha256})
+        first.ensure_model(initial_shared("fcucr", items, CFG), {"backbone_sha256": encoder.sha256})
         clients = start_rec_devices(split, encoder, items, CFG, "fcucr", mosquitto.address, fleet)
         everyone = [c.device_id for c in clients]
         assert len(first.wait_for_devices(len(everyone), timeout_s=60)) == len(everyone)

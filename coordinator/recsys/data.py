@@ -47,3 +47,24 @@ def median_session_gap_days(split: ContinualSplit, period: int = 0, session_brea
         d = np.diff(ts)
         gaps.extend(d[d > session_break_s].tolist())
     return float(np.median(gaps) / 86400.0) if gaps else 7.0
+
+
+def returning_gaps_days(split: ContinualSplit, users: set[str] | None = None) -> np.ndarray:
+    """The gaps FCUCR's time-aware distillation actually meets: for every user active in a period t ≥ 2 and
+    in an earlier continual period, the days between their last interaction of that earlier period (when
+    the device's snapshot was trained) and their first interaction of period t. `users` restricts it to
+    some users (the validation users, so that τ is chosen without looking at test users)."""
+    gaps = []
+    for uid, log in split.logs.items():
+        if users is not None and str(uid) not in users:
+            continue
+        last_ts = None
+        for p in range(1, split.n_periods + 1):
+            sel = log.period == p
+            if not sel.any():
+                continue
+            if last_ts is not None:
+                gaps.append((log.ts[sel].min() - last_ts) / 86400.0)
+            if len(log.train_positions(p)):
+                last_ts = log.ts[log.train_positions(p)].max()
+    return np.array(gaps, np.float64)

@@ -28,9 +28,16 @@ from threadpoolctl import threadpool_limits
 from coordinator.fleet.broker import raise_fd_limit
 from coordinator.fleet.server import FleetConfig, FleetCoordinator, RoundResult
 from coordinator.fleet.state import FleetState, RoundRecord
-from coordinator.recsys.simulation import MethodResult, PrototypeServer, RecSimConfig, StageCallback, StageLog
-from edge_client.recsys.adapter import init_adapter
-from edge_client.recsys.client import TASK, RecEdgeClient, RecLearner, metric_key
+from coordinator.recsys.simulation import (
+    MethodResult,
+    Prequential,
+    PrototypeServer,
+    RecSimConfig,
+    StageCallback,
+    StageLog,
+    initial_shared,
+)
+from edge_client.recsys.client import PREQ_KEYS, TASK, RecEdgeClient, RecLearner, rank_key
 from edge_client.recsys.data import ContinualSplit
 from edge_client.recsys.device import METHODS, RecDevice
 from edge_client.recsys.encoder import SequenceEncoder
@@ -123,17 +130,22 @@ class RecFleetCoordinator(FleetCoordinator):
         return mixed
 
 
-def scores_by_period(result: RoundResult, periods: range) -> dict[int, tuple[float, float]]:
-    """Mean HR@10/NDCG@10 per period over the devices that hold a held-out item of it (device order)."""
-    out = {}
-    for s in periods:
-        rows = [result.metrics[d] for d in sorted(result.metrics) if metric_key("hr", s) in result.metrics[d]]
-        if rows:
-            out[s] = (float(np.mean([r[metric_key("hr", s)] for r in rows])),
-                      float(np.mean([r[metric_key("ndcg", s)] for r in rows])))
-        else:
-            out[s] = (float("nan"), float("nan"))
-    return out
+def prequential_of(result: RoundResult) -> Prequential:
+    """The period's prequential totals, added up over the devices in device order (as the simulation adds
+    them up user by user)."""
+    n, hits, ndcg = 0, 0.0, 0.0
+    for d in sorted(result.metrics):
+        m = result.metrics[d]
+        if PREQ_KEYS[0] in m:
+            n, hits, ndcg = n + int(m[PREQ_KEYS[0]]), hits + m[PREQ_KEYS[1]], ndcg + m[PREQ_KEYS[2]]
+    return Prequential(n, hits, ndcg)
+
+
+def ranks_by_period(result: RoundResult, periods: range) -> dict[int, np.ndarray]:
+    """Per period, the rank each device reported for its held-out item, in device order (= the users'
+    order in the simulation's test sets, device ids being zero-padded user ids)."""
+    return {s: np.array([result.metrics[d][rank_key(s)] for d in sorted(result.metrics)
+                         if rank_key(s) in result.metrics[d]], np.int64) for s in periods}
 
 
 def start_rec_devices(split: ContinualSplit, encoder: SequenceEncoder, items: np.ndarray, cfg: RecSimConfig,
@@ -147,7 +159,7 @@ def start_rec_devices(split: ContinualSplit, encoder: SequenceEncoder, items: np
     clients = []
     for i, (uid, log_) in enumerate(sorted(split.logs.items())):
         dev = RecDevice(str(uid), encoder, items, cfg.adapter, shared_keys=spec.shared, use_gate=spec.gate,
-                        seed=cfg.seed * 100_003 + i)
+                        seed=cfg.seed * 100_003 + i, item_adapter=spec.item_adapter)
         client = RecEdgeClient(device_id(uid), fleet, RecLearner(dev, log_, method), broker, seed=cfg.seed + i,
                                network=network)
         clients.append(client.start())
@@ -184,10 +196,8 @@ def _run_federated_mqtt(name: str, split: ContinualSplit, encoder: SequenceEncod
     """The body of :func:`run_federated_mqtt`, run with one BLAS thread: every simulated device trains
     on its own worker thread in this one process, and a multi-threaded BLAS under each of them
     oversubscribes the cores (60 devices on 2 cores: 161 s instead of 6.6 s for four periods)."""
-    spec = METHODS[name]
     dim = items.shape[1]
-    init = init_adapter(dim, cfg.adapter, np.random.default_rng(cfg.seed))
-    initial = {k: init[k].astype(np.float32) for k in spec.shared}
+    initial = initial_shared(name, items, cfg)
     coordinator = RecFleetCoordinator(
         FleetConfig(fleet=fleet, task=TASK, deadline_s=deadline_s, quorum_fraction=1.0, upload_dtype="float32",
                     seed=cfg.seed), broker, FleetState(db), method=name, dim=dim, top_m=cfg.top_m,
@@ -211,7 +221,8 @@ def _run_federated_mqtt(name: str, split: ContinualSplit, encoder: SequenceEncod
             progress = (lambda done, total, t=t: on_round("evaluate", t, done)) if on_round else None
             evaluated = coordinator.run_round("evaluate", progress, devices=everyone, options={**options, "period": t})
             if stage is not None:  # the models after period t−1, scored on periods ≤ t by the devices
-                stage.scores = scores_by_period(evaluated, range(1, min(t, split.n_periods) + 1))
+                for s, r in ranks_by_period(evaluated, range(1, min(t, split.n_periods) + 1)).items():
+                    stage.score(s, r)
                 stage.bytes_up += evaluated.bytes_up
                 stage.bytes_down += evaluated.bytes_down
                 stage.wall_s = time.perf_counter() - start
@@ -221,7 +232,7 @@ def _run_federated_mqtt(name: str, split: ContinualSplit, encoder: SequenceEncod
             if t > split.n_periods:
                 break
             start = time.perf_counter()
-            stage = StageLog(t)
+            stage = StageLog(t, preq=prequential_of(evaluated))
             active = [d for d in sorted(evaluated.metrics) if evaluated.metrics[d].get("active")]
             trainers = [d for d in active if evaluated.metrics[d].get("new_targets", 0) > 0]
             stage.skipped_users = len(active) - len(trainers)

@@ -24,21 +24,25 @@ comparator); local-only adapters; FedAvg of the adapters; FCUCR and its two abla
 from __future__ import annotations
 
 import copy
+import json
+import os
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
 from typing import Any
 
 import numpy as np
+from threadpoolctl import threadpool_limits
 
 from coordinator.fleet.aggregation import ClientUpdate
 from coordinator.fleet.strategies.fedavg import FedAvg
 from coordinator.models.recommender import SASRec, encode_prefixes
-from coordinator.recsys.data import ContinualSplit, hit_ndcg, ranks
+from coordinator.recsys.data import ContinualSplit, UserLog, hit_ndcg, ranks
 from coordinator.recsys.training import RecTrainSettings, train_sasrec, windows_for
 from edge_client.recsys.adapter import RecAdapterConfig, full_scores, init_adapter, represent
 from edge_client.recsys.client import K  # HR/NDCG cut-off: the same K as the devices
-from edge_client.recsys.data import prefix_batch
+from edge_client.recsys.data import prefix_batch, prequential_totals
 from edge_client.recsys.device import METHODS, RecDevice
 from edge_client.recsys.encoder import SequenceEncoder
 
@@ -85,15 +89,19 @@ class PrototypeServer:
 
 @dataclass
 class TestSet:
-    """Held-out item of every user for one period, with the frozen encoder's h of its history."""
+    """Held-out item of every user for one period, with the frozen encoder's h of its history and what
+    the per-group breakdowns need: the history length before the target and whether the user was
+    active before this period (returning) or not (new)."""
 
     users: list[str]
     h: np.ndarray  # (N, d)
     targets: np.ndarray  # (N,)
     exclude: list[np.ndarray]  # history before the target
+    history_len: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))  # (N,)
+    returning: np.ndarray = field(default_factory=lambda: np.zeros(0, bool))  # (N,)
 
-    def metrics(self, z: np.ndarray, items: np.ndarray) -> tuple[float, float]:
-        return hit_ndcg(ranks(full_scores(z, items), self.targets, self.exclude), K)
+    def ranks(self, scores: np.ndarray) -> np.ndarray:
+        return ranks(scores, self.targets, self.exclude)
 
 
 def build_test_sets(split: ContinualSplit, encoder: SequenceEncoder) -> dict[int, TestSet]:
@@ -105,11 +113,14 @@ def build_test_sets(split: ContinualSplit, encoder: SequenceEncoder) -> dict[int
             if j is not None:
                 users.append(uid)
                 pos.append(j)
+        pairs = list(zip(users, pos, strict=True))
         x = np.concatenate([prefix_batch(split.logs[u].items, np.array([j]), encoder.max_len)
-                            for u, j in zip(users, pos, strict=True)]) if users else np.zeros((0, encoder.max_len))
+                            for u, j in pairs]) if users else np.zeros((0, encoder.max_len))
         sets[s] = TestSet([str(u) for u in users], encoder.encode(x),
-                          np.array([split.logs[u].items[j] for u, j in zip(users, pos, strict=True)], np.int64),
-                          [split.logs[u].items[:j] for u, j in zip(users, pos, strict=True)])
+                          np.array([split.logs[u].items[j] for u, j in pairs], np.int64),
+                          [split.logs[u].items[:j] for u, j in pairs],
+                          np.array([j for _, j in pairs], np.int64),
+                          np.array([bool(np.any(split.logs[u].period < s)) for u, _ in pairs], bool))
     return sets
 
 
@@ -125,6 +136,51 @@ class StageLog:
     wall_s: float = 0.0
     mean_distill_weight: float = 0.0
     scores: dict[int, tuple[float, float]] = field(default_factory=dict)  # s -> (HR, NDCG)
+    ranks: dict[int, np.ndarray] = field(default_factory=dict)  # s -> rank of each TestSet user's target
+    preq: Prequential | None = None  # this period's interactions scored by the models of the previous period
+
+    def score(self, s: int, r: np.ndarray) -> None:
+        """Record period s's per-user ranks and their HR@10 / NDCG@10."""
+        self.ranks[s] = np.asarray(r, np.int64)
+        self.scores[s] = hit_ndcg(self.ranks[s], K)
+
+
+@dataclass
+class Prequential:
+    """"Test, then train": every interaction of a period (after a user's first) ranked by the models as they
+    were when the period began, before any training on it -- the whole period is the test set, so the
+    continual comparison does not rest on one held-out item per user. The MQTT path knows only the totals
+    each device reports (n, hits, NDCG sum); the simulation also keeps every case for the breakdowns."""
+
+    n: int
+    hits: float
+    ndcg_sum: float
+    users: np.ndarray | None = None  # str, per case
+    positions: np.ndarray | None = None  # history length before the interaction
+    ranks: np.ndarray | None = None
+    returning: np.ndarray | None = None  # the user had interactions before this period
+
+    @classmethod
+    def of(cls, users: list[str], positions: list[np.ndarray], ranks_: list[np.ndarray],
+           returning: list[bool]) -> Prequential:
+        r = np.concatenate(ranks_) if ranks_ else np.zeros(0, np.int64)
+        hits, ndcg = 0.0, 0.0
+        for user_ranks in ranks_:  # user by user, as the coordinator adds up what devices report
+            h, g = prequential_totals(user_ranks)
+            hits, ndcg = hits + h, ndcg + g
+        return cls(len(r), hits, ndcg, np.concatenate([np.full(len(p), u) for u, p in zip(users, positions,
+                                                                                            strict=True)])
+                   if users else np.zeros(0, str), np.concatenate(positions) if positions else np.zeros(0, np.int64),
+                   r, np.concatenate([np.full(len(p), ret) for p, ret in zip(positions, returning, strict=True)])
+                   if positions else np.zeros(0, bool))
+
+    @property
+    def hr(self) -> float:
+        return self.hits / self.n if self.n else float("nan")
+
+    @property
+    def ndcg(self) -> float:
+        return self.ndcg_sum / self.n if self.n else float("nan")
 
 
 @dataclass
@@ -166,6 +222,20 @@ class RecSimConfig:
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
+    @classmethod
+    def chosen(cls, results: str | os.PathLike[str], method: str, seed: int = 0) -> RecSimConfig:
+        """The configuration benchmarks/recommender.py chose for `method` on its validation users (its
+        recommender.json), or the defaults when that file or method is missing."""
+        path = Path(results)
+        if not path.is_file():
+            return cls(seed=seed)
+        meta = json.loads(path.read_text()).get("meta", {})
+        hp = meta.get("chosen", {}).get(method, {})
+        fields = {k: v for k, v in hp.items() if k in RecAdapterConfig.__dataclass_fields__}
+        adapter = RecAdapterConfig(tau_days=float(meta.get("tau_days", 7.0)) * hp.get("tau_x", 1.0), **fields)
+        return cls(adapter=adapter, top_m=hp.get("top_m", 10), proto_temperature=hp.get("proto_temperature", 0.1),
+                   seed=seed)
+
 
 StageCallback = Callable[[str, StageLog], None]
 
@@ -180,6 +250,29 @@ def _nbytes(arrays: dict[str, Any]) -> int:
 # ------------------------------------------------------------------------------ federated methods
 
 
+def prequential(split: ContinualSplit, t: int, score: Callable[[str, UserLog, np.ndarray], np.ndarray]
+                ) -> Prequential:
+    """Rank every period-t interaction of every active user with `score(user, log, positions)` -> (n, n_items + 1)
+    scores (the models as they were before period t)."""
+    users, positions, ranks_, returning = [], [], [], []
+    for uid, log in split.logs.items():
+        pos = log.period_positions(t)
+        if len(pos):
+            users.append(str(uid))
+            positions.append(pos)
+            ranks_.append(ranks(score(str(uid), log, pos), log.items[pos], [log.items[:j] for j in pos]))
+            returning.append(bool(np.any(log.period < t)))
+    return Prequential.of(users, positions, ranks_, returning)
+
+
+def initial_shared(name: str, items: np.ndarray, cfg: RecSimConfig) -> dict[str, np.ndarray]:
+    """The federation's first shared adapter for method `name` (float32, what the wire carries)."""
+    spec = METHODS[name]
+    init = init_adapter(items.shape[1], cfg.adapter, np.random.default_rng(cfg.seed),
+                        n_items=len(items) - 1 if spec.item_adapter else 0)
+    return {k: init[k].astype(np.float32) for k in spec.shared}
+
+
 def run_federated_rec(
     name: str,
     split: ContinualSplit,
@@ -189,15 +282,23 @@ def run_federated_rec(
     cfg: RecSimConfig,
     on_stage: StageCallback | None = None,
 ) -> MethodResult:
-    """One federated (or local-only) method through every period; returns A[t][s] per stage."""
+    """One federated (or local-only) method through every period; returns A[t][s] per stage.
+
+    Runs with one BLAS thread, as every device of the MQTT path does: a multi-threaded BLAS splits
+    the sums of a matrix product differently, and the last bits of the adapters would then depend on
+    the machine instead of only on the data and the seed."""
+    with threadpool_limits(limits=1):
+        return _run_federated_rec(name, split, encoder, items, tests, cfg, on_stage)
+
+
+def _run_federated_rec(name: str, split: ContinualSplit, encoder: SequenceEncoder, items: np.ndarray,
+                       tests: dict[int, TestSet], cfg: RecSimConfig, on_stage: StageCallback | None) -> MethodResult:
     spec = METHODS[name]
-    d = items.shape[1]
-    init = init_adapter(d, cfg.adapter, np.random.default_rng(cfg.seed))
-    global_shared = {k: init[k].astype(np.float32) for k in spec.shared}
+    global_shared = initial_shared(name, items, cfg)
     devices: dict[str, RecDevice] = {}
     for i, (uid, log) in enumerate(sorted(split.logs.items())):
         dev = RecDevice(str(uid), encoder, items, cfg.adapter, shared_keys=spec.shared, use_gate=spec.gate,
-                        seed=cfg.seed * 100_003 + i)
+                        seed=cfg.seed * 100_003 + i, item_adapter=spec.item_adapter)
         dev.set_shared(global_shared)
         p0 = log.period == 0
         dev.receive(log.items[p0], log.ts[p0])  # the user's own past, already on the device
@@ -213,6 +314,7 @@ def run_federated_rec(
             log = split.logs[uid]
             sel = log.period == t
             devices[str(uid)].receive(log.items[sel], log.ts[sel])
+        stage.preq = prequential(split, t, lambda u, log, pos: devices[u].scores(pos))
         if spec.prototypes:
             for uid in active:  # float32 both ways: exactly what the MQTT path carries
                 p = devices[str(uid)].prototype().astype(np.float32)
@@ -243,9 +345,11 @@ def run_federated_rec(
             stage.bytes_down += _nbytes(global_shared) * len(updates)  # counted for the devices that trained
         for s in range(1, min(t + 1, split.n_periods) + 1):
             ts = tests[s]
-            z = np.stack([represent(devices[u].params(), ts.h[i : i + 1], devices[u].p_tilde)[0]
-                          for i, u in enumerate(ts.users)]) if ts.users else np.zeros((0, d))
-            stage.scores[s] = ts.metrics(z, items)
+            scores = np.zeros((len(ts.users), len(items)))
+            for i, u in enumerate(ts.users):
+                params = devices[u].params()
+                scores[i] = full_scores(represent(params, ts.h[i : i + 1], devices[u].p_tilde), items, params)[0]
+            stage.score(s, ts.ranks(scores))
         stage.wall_s = time.perf_counter() - start
         result.stages.append(stage)
         if on_stage:
@@ -266,13 +370,13 @@ def run_most_popular(split: ContinualSplit, tests: dict[int, TestSet], on_stage:
     result = MethodResult("most-popular")
     for t in range(1, split.n_periods + 1):
         start = time.perf_counter()
+        stage = StageLog(t)
+        stage.preq = prequential(split, t, lambda u, log, pos: np.tile(counts, (len(pos), 1)))
         for log in split.logs.values():
             np.add.at(counts, log.items[log.train_positions(t)], 1.0)
-        stage = StageLog(t)
         for s in range(1, min(t + 1, split.n_periods) + 1):
             ts = tests[s]
-            scores = np.tile(counts, (len(ts.users), 1))
-            stage.scores[s] = hit_ndcg(ranks(scores, ts.targets, ts.exclude), K)
+            stage.score(s, ts.ranks(np.tile(counts, (len(ts.users), 1))))
         stage.wall_s = time.perf_counter() - start
         result.stages.append(stage)
         if on_stage:
@@ -280,41 +384,43 @@ def run_most_popular(split: ContinualSplit, tests: dict[int, TestSet], on_stage:
     return result
 
 
-def run_central_frozen(split: ContinualSplit, items: np.ndarray, tests: dict[int, TestSet],
-                       on_stage: StageCallback | None = None) -> MethodResult:
+def run_central_frozen(split: ContinualSplit, encoder: SequenceEncoder, items: np.ndarray,
+                       tests: dict[int, TestSet], on_stage: StageCallback | None = None) -> MethodResult:
     """The pretrained SASRec as is: identical for everyone, never updated (what the device runs
     before any adapter exists)."""
     result = MethodResult("central-sasrec")
     for t in range(1, split.n_periods + 1):
         stage = StageLog(t)
+        stage.preq = prequential(split, t, lambda u, log, pos: full_scores(
+            encoder.encode(prefix_batch(log.items, pos, encoder.max_len)), items))
         for s in range(1, min(t + 1, split.n_periods) + 1):
-            stage.scores[s] = tests[s].metrics(tests[s].h, items)
+            stage.score(s, tests[s].ranks(full_scores(tests[s].h, items)))
         result.stages.append(stage)
         if on_stage:
             on_stage(result.name, stage)
     return result
 
 
-def run_central_finetune(split: ContinualSplit, model: SASRec, cfg: RecSimConfig,
+def run_central_finetune(split: ContinualSplit, model: SASRec, tests: dict[int, TestSet], cfg: RecSimConfig,
                          on_stage: StageCallback | None = None) -> MethodResult:
     """Fine-tune the whole SASRec on all users' raw period-t data, period after period. Not private
     (the raw sequences are pooled); the reference for accuracy and for plain fine-tuning's forgetting."""
     model = copy.deepcopy(model)
     result = MethodResult("central-finetune")
-    test_pos = {s: [(log, log.test_position(s)) for log in split.logs.values() if log.test_position(s) is not None]
-                for s in range(1, split.n_periods + 1)}
     for t in range(1, split.n_periods + 1):
         start = time.perf_counter()
+        table = model.item_table()
+        preq = prequential(split, t, lambda u, log, pos, table=table: full_scores(
+            encode_prefixes(model, log.items, pos), table))
         x, y = windows_for(split, t, model.config.max_len)
         if len(x):
             train_sasrec(model, x, y, replace(cfg.finetune, seed=cfg.seed * 1000 + t))
         items = model.item_table()
-        stage = StageLog(t, trained_users=len(split.users(t)))
+        stage = StageLog(t, trained_users=len(split.users(t)), preq=preq)
         for s in range(1, min(t + 1, split.n_periods) + 1):
-            pairs = test_pos[s]
-            h = np.concatenate([encode_prefixes(model, log.items, np.array([j])) for log, j in pairs])
-            targets = np.array([log.items[j] for log, j in pairs])
-            stage.scores[s] = hit_ndcg(ranks(full_scores(h, items), targets, [log.items[:j] for log, j in pairs]), K)
+            ts = tests[s]
+            h = np.concatenate([encode_prefixes(model, hist, np.array([len(hist)])) for hist in ts.exclude])
+            stage.score(s, ts.ranks(full_scores(h, items)))
         stage.wall_s = time.perf_counter() - start
         result.stages.append(stage)
         if on_stage:
@@ -337,9 +443,9 @@ def run_all(
         if name == "most-popular":
             out[name] = run_most_popular(split, tests, on_stage)
         elif name == "central-sasrec":
-            out[name] = run_central_frozen(split, items, tests, on_stage)
+            out[name] = run_central_frozen(split, encoder, items, tests, on_stage)
         elif name == "central-finetune":
-            out[name] = run_central_finetune(split, model, cfg, on_stage)
+            out[name] = run_central_finetune(split, model, tests, cfg, on_stage)
         elif name in METHODS:
             out[name] = run_federated_rec(name, split, encoder, items, tests, cfg, on_stage)
         else:

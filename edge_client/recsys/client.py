@@ -40,7 +40,7 @@ import numpy as np
 from edge_client.daemon.client import EdgeClient
 from edge_client.learning.head import Params
 from edge_client.recsys.adapter import full_scores, represent
-from edge_client.recsys.data import UserLog, hit_ndcg, ranks
+from edge_client.recsys.data import UserLog, hit_ndcg, prequential_totals, ranks
 from edge_client.recsys.device import METHODS, RecDevice
 from edge_client.wire import (
     InvalidMessage,
@@ -65,6 +65,14 @@ def metric_key(metric: str, period: int) -> str:
     return f"{metric}@{K}/p{period}"
 
 
+PREQ_KEYS = ("next/n", "next/hits", "next/ndcg_sum")  # this period's interactions ranked before training on them
+
+
+def rank_key(period: int) -> str:
+    """The rank of the device's held-out item of `period` (the per-user breakdowns are built from it)."""
+    return f"rank/p{period}"
+
+
 class RecLearner:
     """One user's recommender on the device, driven by round tasks (no I/O here).
 
@@ -76,13 +84,15 @@ class RecLearner:
         if method not in METHODS:
             raise ValueError(f"unknown method {method!r}; known: {', '.join(METHODS)}")
         self.spec = METHODS[method]
-        if tuple(device.shared_keys) != self.spec.shared or device.use_gate != self.spec.gate:
+        if (tuple(device.shared_keys) != self.spec.shared or device.use_gate != self.spec.gate
+                or device.item_adapter != self.spec.item_adapter):
             raise ValueError(f"device model (shared {device.shared_keys}, gate {device.use_gate}) is not {method}")
         self.method = method
         self.device = device
         self.log = log
         self.backbone = device.encoder  # runtime, sha256 and spec, read by EdgeClient (hello, manifest)
         self.period = -1  # nothing observed yet
+        self.scored_until = 0  # the last period whose interactions were scored prequentially
         self._observe(0)
 
     # ------------------------------------------------------------------ what EdgeClient's hello reports
@@ -96,8 +106,8 @@ class RecLearner:
 
     # ------------------------------------------------------------------ model checks
     def shared_shapes(self) -> dict[str, tuple[int, ...]]:
-        d, r = self.device.items.shape[1], self.device.cfg.rank
-        shapes = {"U": (d, r), "V": (r, d), "u": (d,)}
+        (n1, d), r, ri = self.device.items.shape, self.device.cfg.rank, self.device.cfg.item_rank
+        shapes = {"U": (d, r), "V": (r, d), "u": (d,), "item_b": (n1,), "item_A": (n1, ri), "item_B": (ri, d)}
         return {k: shapes[k] for k in self.spec.shared}
 
     def check_global(self, params: Mapping[str, np.ndarray]) -> None:
@@ -148,10 +158,15 @@ class RecLearner:
         metrics: dict[str, float] = {}
         periods = [s for s in range(1, period + 1) if self.log.test_position(s) is not None]
         for s in periods:
-            hr, ndcg = self.score_held_out(s)
-            metrics[metric_key("hr", s)] = hr
-            metrics[metric_key("ndcg", s)] = ndcg
+            rank = self.rank_held_out(s)
+            metrics[metric_key("hr", s)], metrics[metric_key("ndcg", s)] = hit_ndcg(np.array([rank]), K)
+            metrics[rank_key(s)] = float(rank)
         active = self.log.active(period)
+        if period > self.scored_until:  # test, then train: this period's interactions, before any training on them
+            pos = self.log.period_positions(period)
+            hits, ndcg = prequential_totals(self.device.rank_history(pos)) if len(pos) else (0.0, 0.0)
+            metrics.update({PREQ_KEYS[0]: float(len(pos)), PREQ_KEYS[1]: hits, PREQ_KEYS[2]: ndcg})
+            self.scored_until = period
         metrics["active"] = float(active)
         metrics["new_targets"] = float(len(self.log.train_positions(period)))
         prototype = self.device.prototype().astype(np.float32) if active and self.spec.prototypes else None
@@ -159,15 +174,15 @@ class RecLearner:
                       kind="evaluate", base_version=task.model_version, n_samples=len(periods), metrics=metrics,
                       prototype=prototype)
 
-    def score_held_out(self, period: int) -> tuple[float, float]:
-        """HR@10 and NDCG@10 of the held-out item of `period`: full ranking over all items, the
-        user's earlier items excluded (the same rule as the coordinator-side simulation)."""
+    def rank_held_out(self, period: int) -> int:
+        """Rank of the held-out item of `period`: full ranking over all items, the user's earlier items
+        excluded (the same rule as the coordinator-side simulation)."""
         j = self.log.test_position(period)
         if j is None:
             raise ValueError(f"no held-out item in period {period}")
-        z = represent(self.device.params(), self.device.reprs(np.array([j])), self.device.p_tilde)
-        rank = ranks(full_scores(z, self.device.items), self.log.items[[j]], [self.log.items[:j]])
-        return hit_ndcg(rank, K)
+        params = self.device.params()
+        z = represent(params, self.device.reprs(np.array([j])), self.device.p_tilde)
+        return int(ranks(full_scores(z, self.device.items, params), self.log.items[[j]], [self.log.items[:j]])[0])
 
     def train(self, task: RoundTask, global_params: Mapping[str, np.ndarray]) -> Update:
         """Train the adapter on period t's targets (FCUCR: with time-aware self-distillation)."""

@@ -94,6 +94,12 @@ class UserLog:
         pos = np.flatnonzero((self.period == period) & ~self.is_test)
         return pos[pos > 0]
 
+    def period_positions(self, period: int) -> np.ndarray:
+        """Every position j > 0 of `period` (its training targets and its held-out item): what a prequential
+        evaluation scores before the device trains on the period."""
+        pos = np.flatnonzero(self.period == period)
+        return pos[pos > 0]
+
     def test_position(self, period: int) -> int | None:
         pos = np.flatnonzero(self.is_test & (self.period == period))
         return int(pos[0]) if len(pos) else None
@@ -216,6 +222,13 @@ def ranks(scores: np.ndarray, targets: np.ndarray, exclude: list[np.ndarray] | N
             s[i, ex] = -np.inf
     t = s[np.arange(len(s)), targets]
     return np.sum(s >= t[:, None], axis=1)  # the target itself counts once: rank 1 = nothing ties or beats it
+
+
+def prequential_totals(rank: np.ndarray, k: int = 10) -> tuple[float, float]:
+    """(hits@k, sum of NDCG@k) of some ranks: sums, so that what devices report adds up across devices."""
+    rank = np.asarray(rank, np.float64)
+    hit = rank <= k
+    return float(hit.sum()), float(np.where(hit, 1.0 / np.log2(rank + 1.0), 0.0).sum())
 
 
 def hit_ndcg(rank: np.ndarray, k: int = 10) -> tuple[float, float]:

@@ -7,12 +7,18 @@ Model on the device (h = encoder(history), frozen; E = shipped item table, froze
 
     h'  = h + U (V h) + u                       low-rank adapter (r = 8) + user vector
     z   = h' + g ⊙ p̃,  g = σ(W_g [h'; p̃] + b_g)   FCUCR prototype gate (only when p̃ is known)
-    s_i = z · E_i                               scores of *all* items: ranking stays on the device
+    s_i = z · (E_i + A_i B) + b_i               scores of *all* items: ranking stays on the device;
+                                                A, B, b: the item-side adapter (optional)
 
 Why this split: the encoder and E are what the coordinator can pretrain on its own data and ship
 once; the adapter is small (2·d·r + d numbers) so it can be averaged across users (FedAvg) or kept
 personal; the gate decides how much of the neighbours' prototype p̃ to let in, per dimension and
 per history, and it never leaves the device (the user's own "decision logic", ALGORITHMS.md §4).
+The item-side adapter -- a bias per item b and a rank-r correction A B of the frozen item table --
+is what lets a federation follow the catalogue after pretraining: items that became popular later,
+or were never seen in the coordinator's period-0 data, have stale rows in E that no user-side
+adapter can fix (FCUCR shares the item embeddings for the same reason). It stays on the device side
+of training like everything else: the device differentiates the scores, the table E never changes.
 
 Training (full softmax CE over all items, exact gradients; the encoder is frozen so h for each
 prefix of the user's history is computed once with ONNX Runtime and cached) adds FCUCR's
@@ -42,14 +48,16 @@ from edge_client.learning.head import Adam, Params
 from edge_client.recsys.adapter import (
     REC_ADAPTER_KEYS,
     REC_GATE_KEYS,
+    REC_ITEM_KEYS,
     RecAdapterConfig,
     Teacher,
     adapter_loss_and_grad,
+    candidate_scores,
     full_scores,
     init_adapter,
     represent,
 )
-from edge_client.recsys.data import prefix_batch
+from edge_client.recsys.data import prefix_batch, ranks
 from edge_client.recsys.encoder import SequenceEncoder
 
 STATE_FORMAT = "fedge.recsys.personal-state/1"
@@ -68,6 +76,7 @@ class MethodSpec:
     gate: bool = False
     distill: bool = False
     prototypes: bool = False
+    item_adapter: bool = False  # the item-side adapter (REC_ITEM_KEYS) is trained too
 
     @property
     def federated(self) -> bool:
@@ -77,9 +86,13 @@ class MethodSpec:
 METHODS: dict[str, MethodSpec] = {
     "local-only": MethodSpec(shared=()),
     "fedavg": MethodSpec(shared=("U", "V", "u")),
-    "fcucr": MethodSpec(shared=("U", "V"), gate=True, distill=True, prototypes=True),
-    "fcucr-no-distill": MethodSpec(shared=("U", "V"), gate=True, distill=False, prototypes=True),
-    "fcucr-no-proto": MethodSpec(shared=("U", "V"), gate=False, distill=True, prototypes=False),
+    "fedavg+items": MethodSpec(shared=("U", "V", "u", *REC_ITEM_KEYS), item_adapter=True),
+    "fcucr": MethodSpec(shared=("U", "V", *REC_ITEM_KEYS), gate=True, distill=True, prototypes=True,
+                        item_adapter=True),
+    "fcucr-no-distill": MethodSpec(shared=("U", "V", *REC_ITEM_KEYS), gate=True, prototypes=True,
+                                   item_adapter=True),
+    "fcucr-no-proto": MethodSpec(shared=("U", "V", *REC_ITEM_KEYS), distill=True, item_adapter=True),
+    "fcucr-no-items": MethodSpec(shared=("U", "V"), gate=True, distill=True, prototypes=True),
 }
 
 
@@ -119,6 +132,7 @@ class RecDevice:
     shared_keys: tuple[str, ...] = ("U", "V")
     use_gate: bool = True
     seed: int = 0
+    item_adapter: bool = False
     history: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))
     history_ts: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))
     personal: Params = field(default_factory=dict)
@@ -131,9 +145,14 @@ class RecDevice:
 
     def __post_init__(self) -> None:
         self.rng = np.random.default_rng(self.seed)
-        keys = REC_ADAPTER_KEYS + (REC_GATE_KEYS if self.use_gate else ())
-        init = init_adapter(self.items.shape[1], self.cfg, np.random.default_rng(self.seed))
-        self.personal = {k: init[k] for k in keys if k not in self.shared_keys}
+        self.personal = self._initial_personal()
+
+    def _initial_personal(self) -> Params:
+        keys = (REC_ADAPTER_KEYS + (REC_GATE_KEYS if self.use_gate else ())
+                + (REC_ITEM_KEYS if self.item_adapter else ()))
+        init = init_adapter(self.items.shape[1], self.cfg, np.random.default_rng(self.seed),
+                            n_items=len(self.items) - 1 if self.item_adapter else 0)
+        return {k: init[k] for k in keys if k not in self.shared_keys}
 
     # ------------------------------------------------------------------ local data
     def receive(self, items: np.ndarray, ts: np.ndarray) -> None:
@@ -165,7 +184,15 @@ class RecDevice:
 
     def scores(self, positions: np.ndarray) -> np.ndarray:
         """Scores of every item after each prefix history[:j] (full ranking, on the device)."""
-        return full_scores(represent(self.params(), self.reprs(positions), self.p_tilde), self.items)
+        params = self.params()
+        return full_scores(represent(params, self.reprs(positions), self.p_tilde), self.items, params)
+
+    def rank_history(self, positions: np.ndarray) -> np.ndarray:
+        """Full-ranking rank of each history[j] after its prefix history[:j] (the earlier items excluded):
+        how well the current model would have predicted those interactions. Scored before the model trains
+        on them, it is the prequential ("test, then train") measure of a continual stream."""
+        positions = np.asarray(positions, np.int64)
+        return ranks(self.scores(positions), self.history[positions], [self.history[:j] for j in positions])
 
     def recommend(self, k: int = 10) -> np.ndarray:
         """Top-k items to show next, never one already in the history."""
@@ -188,7 +215,7 @@ class RecDevice:
         negatives = self.rng.integers(1, len(self.items), self.cfg.n_negatives)
         cand = np.unique(np.concatenate([recent, negatives]))
         z_old = represent(self.snapshot.params, h, self.snapshot.p_tilde)
-        return Teacher(cand, z_old @ np.asarray(self.items[cand], np.float64).T, weight, gap_days)
+        return Teacher(cand, candidate_scores(self.snapshot.params, z_old, self.items, cand), weight, gap_days)
 
     def train(self, positions: np.ndarray, *, distill: bool = False) -> TrainStats:
         """One period of local training on the targets history[j], j in positions."""
@@ -265,9 +292,7 @@ class RecDevice:
                    "snapshot": int(self.snapshot is not None), "file": 0}
         self.history, self.history_ts = np.zeros(0, np.int64), np.zeros(0, np.int64)
         self._h, self.snapshot, self.p_tilde = None, None, None
-        keys = REC_ADAPTER_KEYS + (REC_GATE_KEYS if self.use_gate else ())
-        init = init_adapter(self.items.shape[1], self.cfg, np.random.default_rng(self.seed))
-        self.personal = {k: init[k] for k in keys if k not in self.shared_keys}
+        self.personal = self._initial_personal()
         self._upload_base, self._n_trained = {}, 0
         if exported is not None and Path(exported).is_file():
             Path(exported).unlink()
