@@ -132,7 +132,7 @@ def test_every_gradient_matches_finite_differences():
 
 def test_item_adapter_scores_what_it_trains():
     """full_scores and the distillation candidates add the item adapter exactly as the loss does."""
-    from edge_client.recsys.device import candidate_scores, full_scores
+    from edge_client.recsys.adapter import candidate_scores, full_scores
 
     rng = np.random.default_rng(3)
     d = 6
