@@ -57,6 +57,23 @@ def parse_personalize(text: str) -> tuple[tuple[str, float], ...]:
     return tuple(pairs)
 
 
+def dp_config(mode: str, noise: float | None, clip: float, delta: float | None, budget: float | None,
+              adaptive: float | None, rounds: int, fraction: float, devices: int):  # type: ignore[no-untyped-def]
+    """The DPConfig the `--dp-…` options describe (None: off). Without --dp-noise the noise multiplier is calibrated
+    so that `rounds` rounds at sampling rate `fraction` spend the budget at δ (default 1/`devices`, the fewest the
+    fleet runs with: the largest δ the rounds may report)."""
+    from coordinator.fleet.privacy import DPConfig, calibrate_noise
+
+    if mode == "off":
+        return None
+    if noise is None:
+        if budget is None:
+            raise ValueError("--dp needs --dp-noise or --dp-epsilon-budget (to calibrate the noise from)")
+        noise = calibrate_noise(budget, delta or 1.0 / max(devices, 2), fraction, rounds)
+    return DPConfig(placement=mode, noise_multiplier=noise, clip=clip, delta=delta, epsilon_budget=budget,
+                    adaptive=adaptive is not None, target_quantile=adaptive or 0.5)
+
+
 def _fail(message: str) -> None:
     console.print(f"[red]error:[/red] {message}")
     raise typer.Exit(2)
@@ -90,6 +107,13 @@ def demo(
     seed: int = 0,
     ui: Annotated[bool, typer.Option("--ui/--no-ui", help="serve the fleet dashboard on 127.0.0.1 while it runs")
                   ] = True,
+    dp: Annotated[str, typer.Option(help="differential privacy: off | central | distributed (see `fedge serve`)")
+                  ] = "off",
+    dp_epsilon_budget: Annotated[float | None, typer.Option(min=0.0, help="DP: the fleet's ε budget; the noise is "
+                                                            "calibrated so that --rounds rounds spend it")] = None,
+    dp_noise: Annotated[float | None, typer.Option(min=0.0, help="DP noise multiplier (instead of calibrating)")
+                        ] = None,
+    dp_clip: Annotated[float, typer.Option(min=1e-9, help="DP: L2 bound of one device's delta")] = 0.1,
     verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False,
 ) -> None:
     """Run broker, coordinator and simulated edge devices end to end on real data."""
@@ -106,6 +130,7 @@ def demo(
             check_requested(pretrain_strategy)
         resolve_data_dir(data_dir)
         personal_pairs = parse_personalize(personalize)
+        dp_cfg = dp_config(dp, dp_noise, dp_clip, None, dp_epsilon_budget, None, rounds, 1.0, devices)
     except (ValueError, DatasetNotFound) as exc:
         _fail(str(exc))
     if task not in ("tsfm", "rec"):
@@ -127,7 +152,7 @@ def demo(
         run_demo(DemoConfig(devices=devices, rounds=rounds, horizon=horizon, local_epochs=local_epochs, lr=lr,
                             strategy=strategy, prox_mu=prox_mu, data_dir=data_dir, out_dir=out, broker=broker,
                             quick=quick, seed=seed, personalize=personal_pairs, secure=secure,
-                            pretrain_strategy=pretrain_strategy, ui=ui), console)
+                            pretrain_strategy=pretrain_strategy, ui=ui, dp=dp_cfg), console)
     except (ConnectionError, RuntimeError, ValueError) as exc:
         _fail(str(exc))
 
@@ -269,6 +294,23 @@ def serve(
                                                  "none on loopback, a random one otherwise)")] = None,
     ingest_workers: Annotated[int, typer.Option(min=0, max=64, help="store updates in this many `fedge ingest` "
                                                 "processes (MQTT v5 shared subscription); 0: in this process")] = 0,
+    keep_rounds: Annotated[int, typer.Option(min=0, help="retention: keep the device updates' payloads (deltas) of "
+                                             "the newest this many finished rounds; older ones keep only their "
+                                             "metrics (0: drop each round's payloads once it is aggregated)")] = 1000,
+    dp: Annotated[str, typer.Option(help="differential privacy: off | central (the coordinator adds the noise) | "
+                                    "distributed (each device adds its share)")] = "off",
+    dp_noise: Annotated[float | None, typer.Option(min=0.0, help="DP noise multiplier z (std of the round's noise "
+                                                   "= z·clip); default: calibrated so that --rounds rounds spend "
+                                                   "--dp-epsilon-budget")] = None,
+    dp_clip: Annotated[float, typer.Option(min=1e-9, help="DP: L2 bound of one device's delta (the start value "
+                                           "with --dp-adaptive-clip)")] = 0.1,
+    dp_delta: Annotated[float | None, typer.Option(min=1e-12, max=0.5, help="DP: δ of the reported ε "
+                                                   "(default 1/known devices)")] = None,
+    dp_epsilon_budget: Annotated[float | None, typer.Option(min=0.0, help="DP: stop training before ε would "
+                                                            "exceed this")] = None,
+    dp_adaptive_clip: Annotated[float | None, typer.Option(min=0.01, max=0.99, help="DP (central): adapt the clip "
+                                                           "to this quantile of the update norms (Andrew et al.)")
+                                ] = None,
     verbose: Annotated[bool, typer.Option("--verbose", "-v")] = True,
 ) -> None:
     """Coordinate federated rounds for real devices. Killed and restarted with the same --db, it
@@ -276,6 +318,7 @@ def serve(
     import numpy as np
 
     from coordinator.fleet.aggregation import Bounds
+    from coordinator.fleet.privacy import PrivacyBudgetSpent
     from coordinator.fleet.registry import DeviceRegistry
     from coordinator.fleet.server import FleetConfig, FleetCoordinator
     from coordinator.fleet.state import FleetState
@@ -305,7 +348,9 @@ def serve(
                           local_epochs=local_epochs, lr=lr, strategy=strategy, clip_norm=clip_norm,
                           personalize=parse_personalize(personalize),
                           bounds=Bounds(norm_multiple or None, weight_multiple or None, max_samples),
-                          shared_ingest=ingest_workers > 0)
+                          shared_ingest=ingest_workers > 0, keep_rounds=keep_rounds,
+                          dp=dp_config(dp, dp_noise, dp_clip, dp_delta, dp_epsilon_budget, dp_adaptive_clip,
+                                       rounds, fraction, min_devices))
         if ingest_workers and (address.mqtt311 or registry is not None):
             raise ValueError("--ingest-workers needs MQTT v5 shared subscriptions (not mqtt3://) and, for now, no "
                              "--fleet-dir (the workers do not sign or verify yet)")
@@ -316,6 +361,9 @@ def serve(
         spec = json.loads(spec_file.read_text()) if spec_file.is_file() else {}
     except (ValueError, KeyError, OSError) as exc:
         _fail(f"cannot start: {exc}")
+    if cfg.dp is not None:
+        console.print(f"differential privacy: {cfg.dp.placement} noise z = {cfg.dp.noise_multiplier:.3g}, clip "
+                      f"{cfg.dp.clip:g}{' (adaptive)' if cfg.dp.adaptive else ''}, budget ε = {cfg.dp.epsilon_budget}")
     state = FleetState(db)
     started = time.time()
     workers = [subprocess.Popen([sys.executable, "-c", "from coordinator.cli import app; app()", "ingest", "--db", db,
@@ -352,10 +400,15 @@ def serve(
                 online = coordinator.wait_for_devices(min_devices, wait_devices)
                 if len(online) < min_devices:
                     _fail(f"only {len(online)} of {min_devices} devices said hello within {wait_devices:.0f} s")
-            res = coordinator.run_round("train")
+            try:
+                res = coordinator.run_round("train")
+            except PrivacyBudgetSpent as exc:
+                console.print(f"[bold]{exc}[/bold]: training stops here")
+                break
             console.print(f"round {res.round_id} {res.state}: {len(res.metrics)}/{len(res.selected)} updates, "
                           f"v{res.base_version} -> v{res.new_version}, {res.bytes_up / 1024:.1f} KB up, "
-                          f"{res.seconds:.1f} s{' (resumed)' if res.resumed else ''}")
+                          f"{res.seconds:.1f} s{' (resumed)' if res.resumed else ''}"
+                          + (f", ε = {res.epsilon:.3g}" if res.epsilon is not None else ""))
     finally:
         if dashboard is not None:
             dashboard.stop()
@@ -445,6 +498,16 @@ def status(db: Annotated[str, typer.Option(help="SQLite file or postgresql:// UR
         r.add_row(str(rid), rec.kind, rec.state, str(rec.base_version), str(rec.new_version),
                   str(len(state.reported(rid))), str(len(rec.selected)))
     console.print(r)
+    ledger = state.privacy_ledger()
+    if ledger:
+        p = Table(title="privacy (user-level DP-FedAvg; ε after each round, RDP accountant of dp-accounting)")
+        for c in ("round", "placement", "noise z", "sampled q", "clip C", "ε", "δ"):
+            p.add_column(c)
+        for row in ledger:
+            p.add_row(str(row.round_id), row.placement, f"{row.noise_multiplier:.3g}", f"{row.sampling_rate:.3g}",
+                      f"{row.clip:.3g}", f"{row.epsilon:.3g}", f"{row.delta:.2g}")
+        console.print(p)
+        console.print(f"privacy spent: ε = {ledger[-1].epsilon:.3g} at δ = {ledger[-1].delta:.2g}")
 
 
 @app.command()

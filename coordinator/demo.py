@@ -21,6 +21,7 @@ from rich.table import Table
 from rich.text import Text
 
 from coordinator.fleet.broker import RunningBroker, start_broker
+from coordinator.fleet.privacy import DPConfig, PrivacyBudgetSpent
 from coordinator.fleet.server import FleetConfig, FleetCoordinator, RoundResult
 from coordinator.fleet.simulation import carve_devices, slice_overlaps, start_devices
 from coordinator.fleet.state import FleetState
@@ -61,6 +62,7 @@ class DemoConfig:
     # "etth1" (central, ETTh1 only) or one of the silo strategies
     pretrain_strategy: str = "shipped"
     ui: bool = True  # the fleet dashboard on 127.0.0.1 while the demo runs (its address is printed)
+    dp: DPConfig | None = None  # user-level differential privacy (coordinator.fleet.privacy); ε shows in the table
 
 
 @dataclass
@@ -79,7 +81,8 @@ METRICS = ("global_mse", "global_mae", "personal_mse", "personal_mae", "naive_ms
 def summarise(result: RoundResult, label: str) -> dict:
     """Mean over devices of each metric, plus traffic and time."""
     row: dict = {"round": label, "devices": f"{len(result.metrics)}/{len(result.selected)}",
-                 "up_kb": result.bytes_up / 1024, "down_kb": result.bytes_down / 1024, "wall_s": result.seconds}
+                 "up_kb": result.bytes_up / 1024, "down_kb": result.bytes_down / 1024, "wall_s": result.seconds,
+                 "epsilon": result.epsilon}
     for m in METRICS:
         vals = [d[m] for d in result.metrics.values() if m in d]
         row[m] = float(np.mean(vals)) if vals else float("nan")
@@ -90,7 +93,7 @@ def results_table(rows: list[dict], title: str = "fedge demo — mean over devic
     t = Table(title=title, header_style="bold", caption="global = the head each round started from; personal = "
               "after the device's local training; all on each device's held-back window")
     for col in ("round", "devices", "up KB", "down KB", "global MSE / MAE", "personal MSE / MAE",
-                "seasonal naive MSE / MAE", "wall s"):
+                "seasonal naive MSE / MAE", "ε (DP)", "wall s"):
         t.add_column(col, justify="right")
 
     def pair(r: dict, who: str) -> str:
@@ -99,7 +102,8 @@ def results_table(rows: list[dict], title: str = "fedge demo — mean over devic
 
     for r in rows:
         t.add_row(str(r["round"]), r["devices"], f"{r['up_kb']:.1f}", f"{r['down_kb']:.1f}", pair(r, "global"),
-                  pair(r, "personal"), pair(r, "naive"), f"{r['wall_s']:.1f}")
+                  pair(r, "personal"), pair(r, "naive"),
+                  "—" if r.get("epsilon") is None else f"{r['epsilon']:.3g}", f"{r['wall_s']:.1f}")
     return t
 
 
@@ -126,9 +130,11 @@ def markdown_report(cfg: DemoConfig, result: DemoResult) -> str:
              "(the device keeps the best of its epochs on its newest windows).\n",
              f"Backbone: {result.backbone.get('description', '—')}.\n",
              "| round | devices | up KB | down KB | global MSE | global MAE | personal MSE | personal MAE | "
-             "naive MSE | naive MAE | wall s |", "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+             "naive MSE | naive MAE | ε (DP) | wall s |", "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     lines += [f"| {r['round']} | {r['devices']} | {r['up_kb']:.1f} | {r['down_kb']:.1f} | "
-              + " | ".join(cell(r[m]) for m in METRICS) + f" | {r['wall_s']:.1f} |" for r in result.rows]
+              + " | ".join(cell(r[m]) for m in METRICS)
+              + f" | {'—' if r.get('epsilon') is None else format(r['epsilon'], '.3g')} | {r['wall_s']:.1f} |"
+              for r in result.rows]
     lines += ["\n| device | domain | naive MSE | global MSE | personal MSE |", "|---|---|---:|---:|---:|"]
     lines += [f"| {d['device']} | {d['domain']} | {cell(d['naive_mse'])} | {cell(d['global_mse'])} | "
               f"{cell(d.get('personal_mse', float('nan')))} |" for d in result.devices]
@@ -288,7 +294,7 @@ def run_demo(cfg: DemoConfig, console: Console | None = None) -> DemoResult:
     coordinator = FleetCoordinator(
         FleetConfig(fleet=fleet, deadline_s=cfg.deadline_s, local_epochs=cfg.local_epochs, lr=cfg.lr,
                     batch_size=cfg.batch_size, strategy=cfg.strategy, prox_mu=cfg.prox_mu, seed=cfg.seed,
-                    min_devices=cfg.devices, personalize=cfg.personalize),
+                    min_devices=cfg.devices, personalize=cfg.personalize, dp=cfg.dp),
         address, FleetState(db), registry=registry)
     clients = []
     dashboard = None
@@ -323,7 +329,11 @@ def run_demo(cfg: DemoConfig, console: Console | None = None) -> DemoResult:
                 live.update(Group(results_table(result.rows), status))
 
             for r in range(1, cfg.rounds + 1):
-                res = coordinator.run_round("train", on_progress=lambda d, t, r=r: progress(d, t, str(r)))
+                try:
+                    res = coordinator.run_round("train", on_progress=lambda d, t, r=r: progress(d, t, str(r)))
+                except PrivacyBudgetSpent as exc:
+                    status.plain = str(exc)
+                    break
                 result.rows.append(summarise(res, r))
                 live.update(Group(results_table(result.rows), status))
             res = coordinator.run_round("evaluate", on_progress=lambda d, t: progress(d, t, "final"))

@@ -43,8 +43,18 @@ from coordinator.fleet.aggregation import (
 from coordinator.fleet.checks import check_update
 from coordinator.fleet.ingest import BatchWriter
 from coordinator.fleet.pki import coordinator_name
+from coordinator.fleet.privacy import Charge, DPConfig, PrivacyBudgetSpent, dp_sum, epsilon, next_clip
 from coordinator.fleet.registry import DeviceRegistry
-from coordinator.fleet.state import CONFLICT, DUPLICATE, NOT_OPEN, STORED, FleetState, RoundRecord, UpdateRow
+from coordinator.fleet.state import (
+    CONFLICT,
+    DUPLICATE,
+    NOT_OPEN,
+    STORED,
+    FleetState,
+    PrivacyRow,
+    RoundRecord,
+    UpdateRow,
+)
 from coordinator.fleet.strategies import Aggregate, RoundInputs, fleet_strategy
 from edge_client.wire import (
     DuplicateUpdate,
@@ -103,6 +113,7 @@ class FleetConfig:
     allowlist: frozenset[str] | None = None  # None: any device that says hello may join
     shared_ingest: bool = False  # updates are stored by `fedge ingest` workers (MQTT v5 shared subscription)
     personalize: tuple[tuple[str, float], ...] = ()  # device-side methods, e.g. (("self_distill", 0.5),)
+    dp: DPConfig | None = None  # user-level DP-FedAvg (coordinator.fleet.privacy): clip, noise, accountant, budget
 
 
 @dataclass
@@ -120,6 +131,7 @@ class RoundResult:
     resumed: bool = False
     state: str = "closed"
     aggregation_s: float = 0.0  # time spent aggregating and storing the new version
+    epsilon: float | None = None  # the fleet's ε once this round is counted (differential privacy on)
 
 
 @dataclass
@@ -143,6 +155,11 @@ class FleetCoordinator:
             raise ValueError(f"the fleet folder is for fleet {registry.fleet!r}, not {cfg.fleet!r}")
         self.topics = Topics(cfg.fleet)
         self.strategy = fleet_strategy(cfg.strategy, clip_norm=cfg.clip_norm, tv_temperature=cfg.tv_temperature)
+        if cfg.dp is not None and not (self.strategy.streaming and not self.strategy.personalised):
+            raise ValueError(f"differential privacy runs with fedavg or fedprox, not {cfg.strategy!r}: robust and "
+                             "personalised aggregators read single updates, which DP-FedAvg's accountant does not "
+                             "cover")
+        self.dp_rng: np.random.Generator | None = None  # DP noise: OS entropy unless a test or simulation seeds it
         # replay memory in the fleet database: a Forget replayed after a restart is still a replay
         memory = SqliteReplay(state.path) if state.path is not None else MemoryReplay()  # PostgreSQL: this process's
         self.receiver = Receiver("coordinator", memory=memory, authenticate=self._authenticate,
@@ -297,8 +314,17 @@ class FleetCoordinator:
             if not selected:
                 raise ValueError("a round needs at least one device")
             quorum = max(1, math.ceil(self.cfg.quorum_fraction * len(selected)))
+            charge = self._privacy_charge(len(selected)) if kind == "train" and self.cfg.dp is not None else None
+            if charge is not None:
+                options = {**(options or {}), **self._dp_options(charge)}
             rec = self.state.open_round(self.cfg.task, kind, version, selected, quorum, t0 + self.cfg.deadline_s,
                                         {**self._round_config(), "options": dict(options or {})})
+            if charge is not None:
+                self.state.charge_privacy(dataclasses.replace(charge, round_id=rec.round_id))
+        if rec.kind == "train" and self.cfg.dp is not None and not self._ledger_row(rec.round_id):
+            # opened by a process that died before charging it (or before DP was switched on): charged now
+            charge = self._privacy_charge(len(rec.selected), check_budget=False)
+            self.state.charge_privacy(dataclasses.replace(charge, round_id=rec.round_id))
         self._set_open(rec)
         base = self._model(rec.base_version)
         global_bytes = self.publish_global(rec.base_version, base, rec.round_id)
@@ -326,12 +352,68 @@ class FleetCoordinator:
         return result
 
 
+    # ------------------------------------------------------------------ differential privacy
+
+    def _ledger_row(self, round_id: int) -> PrivacyRow | None:
+        return next((r for r in self.state.privacy_ledger(self.cfg.task) if r.round_id == round_id), None)
+
+    def privacy_spent(self) -> float | None:
+        """The fleet's ε so far (None: nothing charged yet, or DP off)."""
+        ledger = self.state.privacy_ledger(self.cfg.task)
+        return ledger[-1].epsilon if ledger else None
+
+    def _privacy_charge(self, n_selected: int, check_budget: bool = True) -> PrivacyRow:
+        """What the next round costs and the ε it takes the fleet to; raises PrivacyBudgetSpent (and opens nothing)
+        when that is above the budget. Sampling rate: asked / known devices; δ: the configured one or 1/known."""
+        dp = self.cfg.dp
+        assert dp is not None
+        known = max(len(self.state.devices()), n_selected)
+        delta = dp.delta if dp.delta is not None else 1.0 / max(known, 2)
+        ledger = self.state.privacy_ledger(self.cfg.task)
+        clip = ledger[-1].next_clip if ledger and ledger[-1].next_clip is not None else dp.clip
+        q = n_selected / known
+        charges = [Charge(r.sampling_rate, r.noise_multiplier) for r in ledger]
+        eps = epsilon([*charges, Charge(q, dp.noise_multiplier)], delta)
+        if check_budget and dp.epsilon_budget is not None and eps > dp.epsilon_budget:
+            spent = epsilon(charges, delta) if charges else 0.0
+            raise PrivacyBudgetSpent(f"privacy budget spent: ε = {spent:.3g} after {len(ledger)} rounds, one more "
+                                     f"would make it {eps:.3g} > {dp.epsilon_budget:g} (δ = {delta:.3g})")
+        return PrivacyRow(0, self.cfg.task, dp.placement, dp.noise_multiplier, q, clip, n_selected, delta, eps)
+
+    def _dp_options(self, charge: PrivacyRow) -> dict[str, float]:
+        """What devices are told: clip to C; under distributed noise also add N(0, (z_Δ·C)²/n) each."""
+        dp = self.cfg.dp
+        assert dp is not None
+        std = (dp.delta_noise(charge.n_expected) * charge.clip / math.sqrt(charge.n_expected)
+               if dp.placement == "distributed" else 0.0)
+        return {"dp_clip": charge.clip, "dp_noise_std": std}
+
+    def _dp_aggregate(self, rec: RoundRecord, base: dict[str, np.ndarray]) -> tuple[int | None, Aggregate]:
+        """DP-FedAvg's server side: every delta clipped to the round's C and counted once (sample counts ignored),
+        Gaussian noise added once (central) or already in the deltas (distributed), divided by the devices asked."""
+        dp, row = self.cfg.dp, self._ledger_row(rec.round_id)
+        assert dp is not None and row is not None
+        deltas = [u.delta for u in self._round_updates(rec.round_id)]
+        central = dp.placement == "central"
+        noise = dp.delta_noise(row.n_expected) * row.clip if central else 0.0
+        sums, norms = dp_sum(deltas, row.clip if central else None, noise, self.dp_rng)
+        agg = self.strategy.finish(base, {k: v / row.n_expected for k, v in sums.items()})  # type: ignore[attr-defined]
+        # the model records the privacy it has spent (dashboard, Prometheus' fedge_privacy_epsilon read it there)
+        version = self.state.close_round(rec.round_id, agg.global_params, rec.task,
+                                         meta={**self._model_meta(), "dp_epsilon": row.epsilon, "dp_delta": row.delta})
+        if dp.adaptive:
+            self.state.set_next_clip(rec.round_id, next_clip(row.clip, norms, dp, row.n_expected, self.dp_rng))
+        log.info("round %d: DP-FedAvg (%s) of %d updates, clip %.3g, noise std %.3g; ε = %.3g at δ = %.2g",
+                 rec.round_id, dp.placement, len(deltas), row.clip, noise, row.epsilon, row.delta)
+        return version, agg
+
     def _round_config(self) -> dict:
         c = self.cfg
         return {"local_epochs": c.local_epochs, "lr": c.lr, "batch_size": c.batch_size, "prox_mu": c.prox_mu,
                 "strategy": c.strategy, "clip_norm": c.clip_norm, "tv_temperature": c.tv_temperature,
                 "bounds": dataclasses.asdict(c.bounds),
-                "upload_dtype": c.upload_dtype, "personalize": dict(c.personalize)}
+                "upload_dtype": c.upload_dtype, "personalize": dict(c.personalize),
+                "dp": dataclasses.asdict(c.dp) if c.dp is not None else None}
 
     def build_task(self, rec: RoundRecord, device_id: str) -> RoundTask:
         """The task one device gets in a round (a subclass adds what its task needs, e.g. a prototype)."""
@@ -396,15 +478,18 @@ class FleetCoordinator:
         if any(pruned.values()):
             log.info("retention: dropped %d old update payloads (metrics kept) and %d old model versions",
                      pruned["update_payloads"], pruned["models"])
+        charged = self._ledger_row(rec.round_id) if self.cfg.dp is not None else None
         return RoundResult(rec.round_id, rec.kind, rec.base_version, new_version, rec.selected, metrics, n_samples,
                            self.traffic.up[rec.round_id], self.traffic.down[rec.round_id], time.time() - t0,
-                           resumed, state, aggregation_s)
+                           resumed, state, aggregation_s, charged.epsilon if charged else None)
 
     def _aggregate(self, rec: RoundRecord, base: dict[str, np.ndarray]) -> tuple[int | None, Aggregate]:
         """Aggregate a training round and close it. A streaming strategy closes from the round's running sums and
         each update's norm and sample count (one transaction; only the updates the bounds change are decoded);
         any other strategy -- or a round whose sums no longer cover its stored updates -- gets every stored
         update, bounded, at once."""
+        if self.cfg.dp is not None:
+            return self._dp_aggregate(rec, base)
         if self.strategy.streaming:
             made: list[Aggregate] = []
 

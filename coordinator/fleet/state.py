@@ -19,6 +19,7 @@ over the stored updates, whichever process dies when.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
 import json
 import sqlite3
@@ -57,6 +58,10 @@ CREATE TABLE IF NOT EXISTS ingesters (
 CREATE TABLE IF NOT EXISTS round_sums (
     round_id INTEGER NOT NULL, ingester TEXT NOT NULL, count INTEGER NOT NULL, weight REAL NOT NULL,
     sums BLOB NOT NULL, PRIMARY KEY (round_id, ingester));
+CREATE TABLE IF NOT EXISTS privacy (
+    round_id INTEGER PRIMARY KEY, task TEXT NOT NULL, placement TEXT NOT NULL, noise_multiplier REAL NOT NULL,
+    sampling_rate REAL NOT NULL, clip REAL NOT NULL, n_expected INTEGER NOT NULL, delta REAL NOT NULL,
+    epsilon REAL NOT NULL, next_clip REAL);
 """
 # columns added after the first release: (table, column, type) -- old databases get them on open
 ADDED_COLUMNS = (
@@ -106,6 +111,23 @@ class UpdateRow:
     metrics: Mapping[str, float]
     weighted: tuple[Mapping[str, np.ndarray], float] | None = None
     norm: float | None = None  # L2 norm of the delta: the round's adaptive bounds are computed from these at the close
+
+
+@dataclass(frozen=True)
+class PrivacyRow:
+    """One round's entry in the privacy ledger (coordinator.fleet.privacy): its accountant event (sampling rate,
+    noise multiplier), the clip and denominator it used, and the fleet's ε at `delta` once it is counted."""
+
+    round_id: int
+    task: str
+    placement: str
+    noise_multiplier: float
+    sampling_rate: float
+    clip: float
+    n_expected: int
+    delta: float
+    epsilon: float
+    next_clip: float | None = None  # the clip the next round starts from (adaptive clipping)
 
 
 # what storing an update did: stored; the same message again (DUPLICATE: answer it with a receipt again); another
@@ -496,6 +518,28 @@ class FleetState:
     def subscribed_since(self, since: float) -> set[str]:
         with self._lock:
             return {r[0] for r in self._q("SELECT name FROM ingesters WHERE subscribed >= ?", (since,))}
+
+    # ------------------------------------------------------------------ privacy
+
+    def charge_privacy(self, row: PrivacyRow) -> bool:
+        """Record what a round costs (idempotent: a round is charged once, whoever asks again). True if new."""
+        with self.transaction():
+            cur = self._q("INSERT INTO privacy (round_id, task, placement, noise_multiplier, sampling_rate, clip,"
+                          " n_expected, delta, epsilon, next_clip) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
+                          " ON CONFLICT DO NOTHING", dataclasses.astuple(row))
+            return cur.rowcount == 1
+
+    def set_next_clip(self, round_id: int, clip: float) -> None:
+        with self.transaction():
+            self._q("UPDATE privacy SET next_clip=? WHERE round_id=?", (clip, round_id))
+
+    def privacy_ledger(self, task: str | None = None) -> list[PrivacyRow]:
+        """Every charged round, oldest first: what each cost and the fleet's ε after it."""
+        with self._lock:
+            rows = self._q("SELECT round_id, task, placement, noise_multiplier, sampling_rate, clip, n_expected,"
+                           " delta, epsilon, next_clip FROM privacy" + (" WHERE task=?" if task else "")
+                           + " ORDER BY round_id", (task,) if task else ()).fetchall()
+        return [PrivacyRow(*r) for r in rows]
 
     # ------------------------------------------------------------------ devices
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
 import os
 import signal
 import threading
@@ -25,6 +26,7 @@ from dataclasses import dataclass, field
 
 from edge_client.daemon.outbox import MemoryOutbox, Outbox, OutboxEntry
 from edge_client.identity import Identity
+from edge_client.learning.dp import privatize
 from edge_client.learning.head import Params, as_float32, head_shapes
 from edge_client.learning.learner import DeviceLearner, RoundOutcome
 from edge_client.learning.personalize import PersonalConfig
@@ -88,6 +90,20 @@ def personal_config(options: Mapping[str, object]) -> PersonalConfig | None:
         raise InvalidMessage(f"bad personalisation options: {exc}") from None
 
 
+def dp_options(options: Mapping[str, object]) -> tuple[float, float] | None:
+    """(clip, noise std) when a round asks for differential privacy (options ``dp_clip``, ``dp_noise_std``: see
+    :mod:`edge_client.learning.dp`), None otherwise; anything but positive finite numbers is refused."""
+    if "dp_clip" not in options:
+        return None
+    try:
+        clip, std = float(options["dp_clip"]), float(options.get("dp_noise_std", 0.0))  # type: ignore[arg-type]
+    except (TypeError, ValueError):
+        raise InvalidMessage("dp_clip and dp_noise_std must be numbers") from None
+    if not (math.isfinite(clip) and clip > 0 and math.isfinite(std) and std >= 0):
+        raise InvalidMessage(f"bad DP options: clip {clip}, noise std {std}")
+    return clip, std
+
+
 MAX_PENDING_TASKS = 4  # tasks waiting for their global head; 400 forged tasks once grew this by 191 MB
 
 
@@ -112,8 +128,10 @@ def compute_update(learner: DeviceLearner, task: RoundTask, global_params: Param
         global_params, epochs=task.local_epochs, lr=task.lr, batch_size=task.batch_size, prox_mu=task.prox_mu,
         seed=seed * 100_003 + task.round_id, upload_dtype=str(task.options.get("upload_dtype", "float16")),
         personal=personal_config(task.options), now_day=task.ts / 86400.0)
+    dp = dp_options(task.options)
+    delta = outcome.delta if dp is None else privatize(outcome.delta, *dp)  # clipped (and noised) on the device
     return Update(fleet=task.fleet, device_id=device_id, round_id=task.round_id, task=task.task,
-                  base_version=task.model_version, n_samples=outcome.n_samples, delta=outcome.delta,
+                  base_version=task.model_version, n_samples=outcome.n_samples, delta=delta,
                   metrics=outcome.metrics, train_seconds=outcome.seconds, round_opened=task.round_opened), outcome
 
 
