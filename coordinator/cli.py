@@ -47,6 +47,8 @@ def _logging(verbose: bool) -> None:
 def parse_personalize(text: str) -> tuple[tuple[str, float], ...]:
     """'self_distill=0.5,feature_distance=0.1,rank=4' -> pairs for FleetConfig.personalize."""
     from edge_client.daemon.client import FLEET_PERSONAL_OPTIONS as known
+    from edge_client.daemon.client import personal_config
+    from edge_client.wire import ProtocolError
 
     pairs = []
     for item in filter(None, (p.strip() for p in text.split(","))):
@@ -54,6 +56,10 @@ def parse_personalize(text: str) -> tuple[tuple[str, float], ...]:
         if name not in known:
             raise ValueError(f"unknown personalisation option {name!r}; known: {', '.join(sorted(known))}")
         pairs.append((name, float(value) if sep else 1.0))
+    try:  # what a device would refuse is refused here, before any round asks for it
+        personal_config({"personalize": True, **dict(pairs)})
+    except ProtocolError as exc:
+        raise ValueError(str(exc)) from None
     return tuple(pairs)
 
 

@@ -347,6 +347,40 @@ def test_forget_me_reaches_the_coordinator_which_deletes_the_devices_records(mos
     assert retained == []  # nothing retained any more for this device
 
 
+def test_device_toml_personalize_table_runs_gate_consistency_and_rules_in_the_daemon(mosquitto, tiny_export,
+                                                                                     tmp_path):
+    """A `[personalize]` table in device.toml switches the device methods on in the daemon even when the round
+    does not ask; the round's metrics show the gate, the rule guards and the fallback decision."""
+    fleet = "ptable"
+    cfg = _device(tmp_path, mosquitto.address, fleet, tiny_export["backbone"],
+                  extra="[personalize]\nrank = 2\ngate = true\nrules = true\nconsistency = 0.1\nepochs = 2\n")
+    coord = _coordinator(mosquitto.address, fleet, tmp_path, tiny_export)
+    daemon = _start(cfg)
+    try:
+        assert coord.wait_for_devices(1, 60) == [DEVICE]
+        result = coord.run_round("train")
+        assert result.state == "closed"
+        rc, out = _terminate(daemon)
+        assert rc == 0, out
+    finally:
+        if daemon.poll() is None:
+            daemon.kill()
+        coord.stop()
+    m = result.metrics[DEVICE]
+    assert {"gate_c", "rule_hit_rate", "personal_fallback", "personal_mse"} <= set(m), m
+    assert m["personal_fallback"] == 1.0 or m["val_personal_mse"] < m["val_global_mse"]
+
+
+def test_device_toml_refuses_unknown_or_mistyped_personalize_options(tmp_path):
+    from edge_client.daemon.config import DeviceConfig
+
+    for table, why in (("telepathy = 1", "unknown option"), ("gate = 0.5", "gate must be true/false")):
+        cfg = _device(tmp_path, BrokerAddress.parse("127.0.0.1:1"), "bad", tmp_path / "b.onnx",
+                      extra=f"[personalize]\n{table}\n")
+        with pytest.raises(ValueError, match=why):
+            DeviceConfig.from_toml(cfg)
+
+
 def test_personal_model_survives_a_daemon_restart_on_the_same_backbone_only(mosquitto, tiny_export, tmp_path):
     """The personal model (next round's self-distillation teacher, and the head the device forecasts with) is
     stored once after a personalised round and comes back after a restart; on another backbone it is not

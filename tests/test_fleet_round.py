@@ -247,6 +247,53 @@ def test_rounds_can_ask_devices_for_personalisation_methods(fleet) -> None:
         assert np.isfinite(m["personal_mse"])
 
 
+def _trained_parts(client) -> dict[str, float]:
+    return client.learner.personal_model.log.parts
+
+
+# one fleet round per device method, over the real broker: (option pairs, what shows the method ran)
+METHOD_CHECKS = {
+    "adapter": ((("rank", 4.0),), lambda c, m: np.abs(c.learner.personal_model.params["adapter_B"]).sum() > 0),
+    "self_distill": ((("rank", 2.0), ("self_distill", 0.5)), lambda c, m: _trained_parts(c).get("distill", 0) > 0),
+    "fedoa": ((("rank", 2.0), ("feature_distance", 0.5)),
+              lambda c, m: _trained_parts(c).get("feature_distance", 0) > 0),
+    "gate": ((("rank", 2.0), ("gate", 1.0)), lambda c, m: c.learner.served.gate is not None and "gate_c" in m),
+    "consistency": ((("rank", 2.0), ("consistency", 0.1), ("meta", 1.0)),
+                    lambda c, m: _trained_parts(c).get("consistency", 0) > 0 and "meta_test" in _trained_parts(c)),
+    "rules": ((("rank", 2.0), ("rules", 1.0)), lambda c, m: c.learner.served.guard is not None
+              and "rule_hit_rate" in m),
+}
+
+
+@pytest.mark.parametrize("method", sorted(METHOD_CHECKS))
+def test_every_device_method_runs_in_fleet_rounds_and_never_serves_worse_than_global(fleet, method) -> None:
+    """`fedge serve --personalize` switches each method on through the task options; the device runs it and
+    serves the personal predictor only where it validated better than the global head (else the global one)."""
+    import dataclasses
+
+    coord, clients = fleet
+    pairs, ran = METHOD_CHECKS[method]
+    coord.cfg = dataclasses.replace(coord.cfg, personalize=(*pairs, ("epochs", 2.0)))
+    for _ in range(2):  # the second round has a previous personal model (self-distillation's teacher)
+        result = coord.run_round("train")
+        assert result.state == "closed" and len(result.metrics) == 3
+    for c in clients:
+        m = result.metrics[c.device_id]
+        assert ran(c, m), (method, m)
+        served = c.learner.served
+        assert m["personal_fallback"] == float(served.fallback)
+        if not served.fallback:
+            assert m["val_personal_mse"] < m["val_global_mse"]
+            assert c.personal is served.personal
+        else:
+            assert all(np.array_equal(c.personal[k], served.glob[k]) for k in served.glob)
+        assert np.isfinite(m["personal_mse"])
+    evaluated = coord.run_round("evaluate")  # an evaluate round scores the same served predictor
+    for c in clients:
+        assert evaluated.metrics[c.device_id]["personal_mse"] == pytest.approx(c.learner.evaluate(
+            c.learner.served, "personal")["personal_mse"])
+
+
 def test_a_new_backbone_keeps_heads_of_the_same_export_and_drops_the_rest(fleet) -> None:
     """After a bundle switch the device re-checks the heads it holds: another export's head is refused and the
     personal head (trained on the old features) is gone; a new bundle of the same export keeps its heads."""

@@ -247,3 +247,28 @@ def test_task_vector_weights_favour_similar_devices():
     updates = [ClientUpdate(i, 1, taus[i]) for i in ids]
     new = TaskVectorAggregation(top_m=3).aggregate_for(pre, taus["b0"], updates)
     assert np.corrcoef(new["w"], base_b)[0, 1] > 0.95
+
+
+def test_a_personal_predictor_that_validates_worse_is_never_served(tiny_export):
+    """The safe fallback: a personal model that cannot beat the global head on the device's newest training
+    windows (here: a learning rate that wrecks it) is not served; the global head is, with the same scores."""
+    from edge_client.learning.head import slice_head
+    from edge_client.learning.learner import DeviceLearner, SplitConfig
+    from edge_client.runtime.backbone import BackboneRunner
+
+    t = np.arange(900)
+    series = 10 + 3 * np.sin(2 * np.pi * t / 24) + np.random.default_rng(0).normal(0, 0.3, t.size)
+    learner = DeviceLearner(BackboneRunner(tiny_export["backbone"]), series, season=24, split=SplitConfig())
+    head = learner.run_round(slice_head(tiny_export["model"].head_state(), 24), epochs=20, lr=3e-3,
+                             batch_size=32).personal  # a global head that already fits this device well
+    for gate in (False, True):
+        out = learner.run_round(head, epochs=1, lr=1e-3, batch_size=32,
+                                personal=P.PersonalConfig(rank=2, lr=50.0, epochs=3, gate=gate, rules=True))
+        served = learner.served
+        assert served.fallback and out.metrics["personal_fallback"] == 1.0
+        assert out.metrics["val_personal_mse"] >= out.metrics["val_global_mse"]
+        assert out.metrics["personal_mse"] == out.metrics["global_mse"]
+        assert all(np.array_equal(out.personal[k], np.asarray(head[k], np.float32)) for k in head)
+    out = learner.run_round(head, epochs=1, lr=1e-3, batch_size=32, personal=P.PersonalConfig(rank=2, lr=3e-3,
+                                                                                              epochs=3))
+    assert out.metrics["personal_fallback"] == 0.0 or out.metrics["val_personal_mse"] >= out.metrics["val_global_mse"]

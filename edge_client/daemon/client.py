@@ -70,22 +70,27 @@ class EdgeStats:
     last_metrics: dict[str, float] = field(default_factory=dict)
 
 
-# What a fleet round can switch on over MQTT. The FVG-PT gate, distortion consistency and rule guards
-# live in edge_client.learning.personalize / rules and are evaluated by benchmarks/personalization.py, but
-# the fleet path does not run them yet, so asking for them is refused rather than ignored.
+# What a fleet round (task options) or the device's own ``[personalize]`` table can switch on: every device
+# method of edge_client.learning (adapter rank, time-aware self-distillation, FedOA feature distance, the FVG-PT
+# gate, Meta-FC distortion consistency, learned rule guards) and the personal training settings.
 FLEET_PERSONAL_OPTIONS = frozenset({"rank", "self_distill", "sd_tau_days", "feature_distance", "prox_mu",
-                                    "quantile_weight", "epochs", "lr", "batch_size"})
+                                    "quantile_weight", "epochs", "lr", "batch_size", "gate", "gate_prior_count",
+                                    "consistency", "meta", "distorted_task_weight", "rules"})
 
 
-def personal_config(options: Mapping[str, object]) -> PersonalConfig | None:
+def personal_config(options: Mapping[str, object], local: Mapping[str, object] | None = None) -> PersonalConfig | None:
     """Personalisation methods a round asks for (option ``personalize``), e.g. ``{"personalize": True,
-    "rank": 4, "self_distill": 0.5, "feature_distance": 0.1}``; keys outside FLEET_PERSONAL_OPTIONS are
-    ignored here (they belong to other parts of the task), wrong types are refused."""
-    if not options.get("personalize"):
+    "rank": 4, "self_distill": 0.5, "feature_distance": 0.1}``, merged with the device's own ``[personalize]``
+    table (`local`), which has the last word: its owner knows what the hardware affords. A device with such a
+    table personalises even when the round does not ask. Keys outside FLEET_PERSONAL_OPTIONS are ignored here
+    (they belong to other parts of the task), wrong types are refused."""
+    local = dict(local or {})
+    if not options.get("personalize") and not local:
         return None
-    names = FLEET_PERSONAL_OPTIONS & set(options)
+    merged = {k: options[k] for k in FLEET_PERSONAL_OPTIONS & set(options)} if options.get("personalize") else {}
+    merged.update({k: v for k, v in local.items() if k in FLEET_PERSONAL_OPTIONS})
     try:
-        return PersonalConfig(**{k: type(getattr(PersonalConfig, k))(options[k]) for k in names})
+        return PersonalConfig(**{k: _option(k, v) for k, v in merged.items()})
     except (TypeError, ValueError) as exc:
         raise InvalidMessage(f"bad personalisation options: {exc}") from None
 
@@ -104,11 +109,24 @@ def dp_options(options: Mapping[str, object]) -> tuple[float, float] | None:
     return clip, std
 
 
+def _option(name: str, value: object) -> object:
+    """One option as the PersonalConfig field's type; a bool field takes true/false or 0/1 only."""
+    kind = type(getattr(PersonalConfig, name))
+    if kind is bool:
+        if value not in (0, 1, True, False):
+            raise ValueError(f"{name} must be true/false or 0/1, not {value!r}")
+        return bool(value)
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise TypeError(f"{name} must be a number, not {value!r}")
+    return kind(value)
+
+
 MAX_PENDING_TASKS = 4  # tasks waiting for their global head; 400 forged tasks once grew this by 191 MB
 
 
 def compute_update(learner: DeviceLearner, task: RoundTask, global_params: Params, personal: Params | None, *,
-                   device_id: str, seed: int) -> tuple[Update, RoundOutcome | None]:
+                   device_id: str, seed: int, local_personalize: Mapping[str, object] | None = None,
+                   ) -> tuple[Update, RoundOutcome | None]:
     """What a device answers to a task (no I/O): train from the global head, or from its own aggregate when the
     task carries one, and report the delta and metrics; or only evaluate. The daemon and the fleet emulator
     (``fedge loadtest``) both answer through here. The outcome (None for evaluate) holds the personal head."""
@@ -119,7 +137,9 @@ def compute_update(learner: DeviceLearner, task: RoundTask, global_params: Param
         global_params = as_float32(task.params)
     if task.kind == "evaluate":
         metrics = {**learner.evaluate(global_params, "global"), **learner.baseline_metrics()}
-        if personal is not None:
+        if learner.served is not None:  # the gated, rule-guarded predictor of the last personalised round
+            metrics.update(learner.evaluate(learner.served, "personal"))
+        elif personal is not None:
             metrics.update(learner.evaluate(personal, "personal"))
         return Update(fleet=task.fleet, device_id=device_id, round_id=task.round_id, task=task.task,
                       kind="evaluate", base_version=task.model_version, n_samples=learner.n_eval,
@@ -127,7 +147,7 @@ def compute_update(learner: DeviceLearner, task: RoundTask, global_params: Param
     outcome = learner.run_round(
         global_params, epochs=task.local_epochs, lr=task.lr, batch_size=task.batch_size, prox_mu=task.prox_mu,
         seed=seed * 100_003 + task.round_id, upload_dtype=str(task.options.get("upload_dtype", "float16")),
-        personal=personal_config(task.options), now_day=task.ts / 86400.0)
+        personal=personal_config(task.options, local_personalize), now_day=task.ts / 86400.0)
     dp = dp_options(task.options)
     delta = outcome.delta if dp is None else privatize(outcome.delta, *dp)  # clipped (and noised) on the device
     return Update(fleet=task.fleet, device_id=device_id, round_id=task.round_id, task=task.task,
@@ -172,8 +192,10 @@ class EdgeClient:
         identity: Identity | None = None,
         replay: ReplayMemory | None = None,
         network: NetworkLoop | None = None,
+        personalize: Mapping[str, object] | None = None,
     ) -> None:
         self.device_id = device_id
+        self.personalize = dict(personalize or {})  # the device's own [personalize] table (device.toml)
         self.network = network  # one network thread shared by many simulated devices; None: paho's own thread
         self.fleet = fleet
         self.task = task
@@ -504,7 +526,8 @@ class EdgeClient:
 
     def _compute(self, task: RoundTask) -> Update:
         update, outcome = compute_update(self.learner, task, self.global_models[task.model_version].params,
-                                         self.personal, device_id=self.device_id, seed=self.seed)
+                                         self.personal, device_id=self.device_id, seed=self.seed,
+                                         local_personalize=self.personalize)
         if outcome is not None:
             self.personal = outcome.personal
             self.stats.rounds += 1

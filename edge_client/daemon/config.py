@@ -109,12 +109,32 @@ class DeviceConfig(BaseModel):
     # client certificate to an mqtts:// broker, signed messages, and only the coordinator's signed messages obeyed
     identity: str | None = None
     metrics: MetricsConfig | None = None
+    # [personalize]: device methods this device runs every round whatever the round asks (its keys win over the
+    # round's), e.g. rank = 4, self_distill = 0.5, feature_distance = 0.1, gate = true, consistency = 0.1,
+    # rules = true; see edge_client.daemon.client.FLEET_PERSONAL_OPTIONS
+    personalize: dict[str, bool | int | float] = Field(default_factory=dict)
     profile: str = "generic"
     threads: int = Field(default=1, ge=1, le=64)
     horizon: int = Field(default=24, ge=1)
     eval_fraction: float = Field(default=0.2, gt=0.0, lt=0.9)
     max_train_windows: int = Field(default=1024, ge=16)
     seed: int = 0
+
+    @model_validator(mode="after")
+    def _known_methods(self) -> DeviceConfig:
+        if self.personalize:
+            from edge_client.daemon.client import FLEET_PERSONAL_OPTIONS, personal_config
+            from edge_client.wire import ProtocolError
+
+            unknown = sorted(set(self.personalize) - FLEET_PERSONAL_OPTIONS)
+            if unknown:
+                raise ValueError(f"[personalize]: unknown option(s) {', '.join(unknown)}; known: "
+                                 f"{', '.join(sorted(FLEET_PERSONAL_OPTIONS))}")
+            try:
+                personal_config({}, self.personalize)
+            except ProtocolError as exc:
+                raise ValueError(f"[personalize]: {exc}") from None
+        return self
 
     @model_validator(mode="after")
     def _needs_backbone(self) -> DeviceConfig:

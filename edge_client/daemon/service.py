@@ -218,6 +218,7 @@ class DeviceService:
             return None
         if self.learner is not None and self.learner.backbone is self.runner:
             learner.personal_model = self.learner.personal_model  # the self-distillation teacher stays
+            learner.prior = self.learner.prior  # and the gate's prior
         elif self._personal_fits():  # a restart: the teacher comes back from the store
             params = self.store.load_personal(PERSONAL_MODEL)
             if params is not None:
@@ -348,7 +349,7 @@ class DeviceService:
                                  resource_check=self.resource_check, resource_poll_s=cfg.resources.poll_s,
                                  before_task=self.refresh, after_update=self.after_update,
                                  personal=self.personal_head_from_store(), identity=self.identity,
-                                 replay=SqliteReplay(self.store.path))
+                                 replay=SqliteReplay(self.store.path), personalize=cfg.personalize)
         self.client.bundle_version = self.bundle_version
         self._attach_bundles(self.client)
         unsettled = self.store.outbox_unsettled()

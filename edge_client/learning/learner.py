@@ -13,9 +13,12 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from edge_client.learning import distortions as DS
 from edge_client.learning import personalize as PZ
 from edge_client.learning import windows as W
-from edge_client.learning.head import Features, LossConfig, Params, head_forecast, param_delta, train_head
+from edge_client.learning.head import Features, LossConfig, Params, as_float32, param_delta, train_head
+from edge_client.learning.rules import RuleGuard
+from edge_client.learning.serving import ServedModel, Windows, params_forecast, validate
 from edge_client.runtime.backbone import BackboneRunner
 
 
@@ -56,14 +59,19 @@ class DeviceLearner:
         scaled = self.scaler.transform(series[:, None])[:, 0]
         n_possible = max(eval_start - context - horizon + 1, 1)
         stride = max(1, -(-n_possible // split.max_train_windows))
-        x_tr, self.y_train = W.make_windows(scaled, context, horizon, stride=stride, stop=eval_start)
-        x_ev, self.y_eval = W.make_windows(scaled, context, horizon, stride=split.eval_stride, start=eval_start)
-        if len(self.y_train) == 0 or len(self.y_eval) == 0:
+        x_tr, y_tr, i_tr = W.make_windows(scaled, context, horizon, stride=stride, stop=eval_start, with_index=True)
+        x_ev, y_ev, i_ev = W.make_windows(scaled, context, horizon, stride=split.eval_stride, start=eval_start,
+                                          with_index=True)
+        if len(y_tr) == 0 or len(y_ev) == 0:
             raise ValueError("no complete (NaN-free) windows for training or evaluation")
         t0 = time.perf_counter()
         f_train, f_eval = backbone.features(x_tr), backbone.features(x_ev)
-        self._set_data(f_train, self.y_train, f_eval, self.y_eval, W.seasonal_naive(x_ev, horizon, season))
+        self._set_data(f_train, y_tr, f_eval, y_ev, W.seasonal_naive(x_ev, horizon, season))
         self.feature_seconds = time.perf_counter() - t0
+        # what distortion consistency and rule guards need besides features (a from_features learner lacks them)
+        self.x_train, self.history = x_tr, scaled[:eval_start]
+        self.w_train = Windows(f_train, y_tr, x_tr[:, -1], i_tr % season, np.zeros(len(y_tr)))
+        self.w_eval = Windows(f_eval, y_ev, x_ev[:, -1], i_ev % season, np.zeros(len(y_ev)))
 
     @classmethod
     def from_features(cls, backbone: BackboneRunner, *, f_train: Features, y_train: np.ndarray, f_eval: Features,
@@ -83,6 +91,14 @@ class DeviceLearner:
         self.f_train, self.y_train, self.f_eval, self.y_eval = f_train, y_train, f_eval, y_eval
         self.naive_eval = naive_eval
         self.personal_model: PZ.PersonalModel | None = None  # survives rounds: the self-distillation teacher
+        self.prior: Params | None = None  # the FVG-PT gate's prior: the first global head this learner trained from
+        self.served: ServedModel | None = None  # what the device forecasts with after a personalised round
+        self.x_train: np.ndarray | None = None
+        self.history: np.ndarray | None = None
+        nan = np.full(len(y_train), np.nan)
+        self.w_train = Windows(f_train, y_train, nan, np.zeros(len(y_train), int), np.zeros(len(y_train)))
+        nan = np.full(len(y_eval), np.nan)
+        self.w_eval = Windows(f_eval, y_eval, nan, np.zeros(len(y_eval), int), np.zeros(len(y_eval)))
 
     @property
     def n_train(self) -> int:
@@ -92,9 +108,13 @@ class DeviceLearner:
     def n_eval(self) -> int:
         return len(self.y_eval)
 
-    def evaluate(self, params: Mapping[str, np.ndarray], prefix: str) -> dict[str, float]:
-        """Scores of a head, or of a personal model with an adapter (edge_client.learning.personalize)."""
-        point, quant = (PZ.personal_forecast if "adapter_A" in params else head_forecast)(params, self.f_eval)
+    def evaluate(self, params: Mapping[str, np.ndarray] | ServedModel, prefix: str) -> dict[str, float]:
+        """Scores of a head, of a personal model with an adapter (edge_client.learning.personalize), or of the
+        served predictor of a personalised round (gate, rules, fallback: edge_client.learning.serving)."""
+        if isinstance(params, ServedModel):
+            point, quant = params.forecast(self.w_eval)
+        else:
+            point, quant = params_forecast(params, self.f_eval)
         quant = np.sort(quant, axis=1)  # no quantile crossing in reported forecasts
         return {
             f"{prefix}_mse": W.mse(point, self.y_eval),
@@ -126,9 +146,8 @@ class DeviceLearner:
         personal model is chosen for the data the device will forecast next."""
         t0 = time.perf_counter()
         cfg = LossConfig(quantiles=tuple(self.quantiles), prox_mu=prox_mu)
-        n_val = int(self.n_train * self.split.val_fraction) if self.n_train >= 40 else 0
-        fit_idx = np.arange(self.n_train - n_val)
-        val_idx = np.arange(self.n_train - n_val, self.n_train)
+        fit_idx, val_idx = self._fit_val()
+        n_val = len(val_idx)
         val = (self.f_train.subset(val_idx), self.y_train[val_idx]) if n_val else None
         result = train_head(global_params, self.f_train.subset(fit_idx), self.y_train[fit_idx], epochs=epochs, lr=lr,
                             batch_size=batch_size, cfg=cfg, seed=seed, val=val)
@@ -141,21 +160,55 @@ class DeviceLearner:
         }
         delta = param_delta(result.params, global_params, upload_dtype)
         kept = result.best
+        self.served = None
         if personal is not None:  # a personal adapter model with the selected methods replaces the plain head
-            kept = self._fit_personal(global_params, personal, now_day, seed)
-            metrics.update(self.evaluate(kept, "personal"))
+            self.served = self._fit_personal(global_params, personal, now_day, seed)
+            kept = self.served.glob if self.served.fallback else self.served.personal
+            metrics.update(self.evaluate(self.served, "personal"))
+            metrics.update(self.served.metrics())
         return RoundOutcome(delta, len(fit_idx), metrics, time.perf_counter() - t0, kept)
 
+    def _fit_val(self) -> tuple[np.ndarray, np.ndarray]:
+        """Training windows to fit on and the newest ones held out to choose/validate the personal model."""
+        n_val = int(self.n_train * self.split.val_fraction) if self.n_train >= 40 else 0
+        return np.arange(self.n_train - n_val), np.arange(self.n_train - n_val, self.n_train)
+
     def _fit_personal(self, global_params: Mapping[str, np.ndarray], cfg: PZ.PersonalConfig, now_day: float,
-                      seed: int) -> Params:
+                      seed: int) -> ServedModel:
         """Personal adapter + head from the new global head, keeping the device's own adapter; the
         previous personal model is the self-distillation teacher, the global head (identity adapter)
-        the FedOA reference."""
+        the FedOA reference. Trained on the older training windows; the newest ones fit the FVG-PT gate (older
+        half) and decide whether the personal predictor is served at all (newer half, or all without a gate)."""
+        fit_idx, val_idx = self._fit_val()
         start = PZ.init_params(global_params, cfg.rank)
         if self.personal_model is not None:
             start.update({k: v for k, v in self.personal_model.params.items() if k in PZ.ADAPTER_KEYS})
         model = self.personal_model or PZ.PersonalModel.from_head(global_params, cfg)
         model = PZ.PersonalModel(model.params, cfg, model.gate, model.trained_at_day, model.log)
-        self.personal_model = model.fit(self.f_train, self.y_train, start=start, now_day=now_day,
-                                        global_params=PZ.init_params(global_params, cfg.rank), seed=seed)
-        return self.personal_model.params
+        fit = self.w_train.subset(fit_idx)
+        self.personal_model = model.fit(fit.x, fit.y, start=start, now_day=now_day,
+                                        global_params=PZ.init_params(global_params, cfg.rank),
+                                        distorted=self._distorted_views(fit_idx, cfg, seed), seed=seed)
+        glob = as_float32(global_params)
+        if self.prior is None:
+            self.prior = glob
+        served = ServedModel(self.personal_model.params, glob, self.prior)
+        check = self.w_train.subset(val_idx) if len(val_idx) else None
+        if cfg.gate and len(val_idx) >= 4:
+            gate_w, check = self.w_train.subset(val_idx[: len(val_idx) // 2]), self.w_train.subset(
+                val_idx[len(val_idx) // 2 :])
+            p, q = self.personal_model.predict(gate_w.x)
+            g, z = params_forecast(glob, gate_w.x), params_forecast(self.prior, gate_w.x)
+            served.gate = PZ.fit_gate(PZ.gate_stats(gate_w.x, p, g[0], gate_w.miss), (p, q), g, z, gate_w.y,
+                                      len(fit_idx), cfg)
+        if cfg.rules and self.history is not None:
+            served.guard = RuleGuard.fit(self.history, season=self.season)
+        return validate(served, check)
+
+    def _distorted_views(self, idx: np.ndarray, cfg: PZ.PersonalConfig, seed: int) -> tuple[Features, ...]:
+        """Backbone features of the training contexts under each training distortion (Meta-FC); none when the
+        config does not ask, or the learner was built from features alone (no contexts to distort)."""
+        if not cfg.uses_distortions or self.x_train is None:
+            return ()
+        views = DS.distorted_views(self.x_train[idx], DS.training_distortions(), seed=seed)
+        return tuple(self.backbone.features(filled) for filled, _ in views.values())

@@ -39,24 +39,29 @@ class Scaler:
 
 
 def make_windows(
-    series: np.ndarray, context: int, horizon: int, stride: int = 1, start: int = 0, stop: int | None = None
-) -> tuple[np.ndarray, np.ndarray]:
+    series: np.ndarray, context: int, horizon: int, stride: int = 1, start: int = 0, stop: int | None = None,
+    *, with_index: bool = False,
+) -> tuple[np.ndarray, ...]:
     """Sliding (context, horizon) windows of a 1-D series whose targets fall in [start, stop).
 
     Returns X (N, context) and Y (N, horizon) as float32. Windows that contain NaN anywhere
     are dropped: the backbone needs complete contexts and metrics need complete targets.
+    ``with_index`` also returns each kept window's first target index (N,): rule guards need the
+    seasonal phase of a forecast.
     """
     series = np.asarray(series, dtype=np.float32)
     stop = len(series) if stop is None else min(stop, len(series))
     first_target = max(start, context)
     starts = np.arange(first_target - context, stop - horizon - context + 1, stride)
     if len(starts) == 0:
-        return np.zeros((0, context), np.float32), np.zeros((0, horizon), np.float32)
+        empty = (np.zeros((0, context), np.float32), np.zeros((0, horizon), np.float32))
+        return (*empty, np.zeros(0, np.int64)) if with_index else empty
     idx = starts[:, None] + np.arange(context + horizon)[None, :]
     win = series[idx]
     keep = np.isfinite(win).all(axis=1)
     win = win[keep]
-    return np.ascontiguousarray(win[:, :context]), np.ascontiguousarray(win[:, context:])
+    out = np.ascontiguousarray(win[:, :context]), np.ascontiguousarray(win[:, context:])
+    return (*out, starts[keep] + context) if with_index else out
 
 
 def seasonal_naive(x: np.ndarray, horizon: int, season: int) -> np.ndarray:

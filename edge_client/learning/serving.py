@@ -1,0 +1,99 @@
+"""What a personalised device forecasts with, and the check that it is never worse than the global head.
+
+Why: the personal model, the FVG-PT gate and the rule guards are each trained or fit on a device's own short
+history; any of them can make forecasts worse (too few windows, a regime the device has not seen). A device
+therefore validates the *whole* served predictor — personal adapter + head, gated with the global head and the
+prior, then corrected by the rule guards — on its newest training windows, held out of training, against the
+global head alone, and serves the global head whenever the personal predictor does not validate better
+(``fallback``). A device with no validation windows serves the global head too: nothing shows the personal
+one is better.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+import numpy as np
+
+from edge_client.learning import personalize as PZ
+from edge_client.learning import windows as W
+from edge_client.learning.head import Features, Params, head_forecast
+from edge_client.learning.rules import RuleGuard
+
+
+@dataclass(frozen=True)
+class Windows:
+    """Features plus what gates and rules need besides them: the last context value (rate rule), the seasonal
+    phase of the first forecast step (envelope rule) and the context's missing rate (gate cue)."""
+
+    x: Features
+    y: np.ndarray
+    last: np.ndarray
+    phase: np.ndarray
+    miss: np.ndarray
+
+    def __len__(self) -> int:
+        return len(self.y)
+
+    def subset(self, idx: np.ndarray) -> Windows:
+        return Windows(self.x.subset(idx), self.y[idx], self.last[idx], self.phase[idx], self.miss[idx])
+
+
+def params_forecast(params: Mapping[str, np.ndarray], x: Features) -> tuple[np.ndarray, np.ndarray]:
+    """A head or an adapter + head (the same call for both)."""
+    return (PZ.personal_forecast if "adapter_A" in params else head_forecast)(params, x)
+
+
+@dataclass
+class ServedModel:
+    """The device's predictor after a personalised round."""
+
+    personal: Params
+    glob: Params
+    prior: Params
+    gate: PZ.Gate | None = None
+    guard: RuleGuard | None = None
+    fallback: bool = False  # the personal predictor validated no better than the global head: serve the global one
+    val_personal_mse: float = float("nan")
+    val_global_mse: float = float("nan")
+
+    def personal_forecast(self, w: Windows) -> tuple[np.ndarray, np.ndarray]:
+        """Personal model, gated with global/prior when there is a gate, then rule guards (point only)."""
+        point, quant = params_forecast(self.personal, w.x)
+        if self.gate is not None:
+            glob, prior = params_forecast(self.glob, w.x), params_forecast(self.prior, w.x)
+            stats = PZ.gate_stats(w.x, point, glob[0], w.miss)
+            point, quant = self.gate.mix(stats, (point, quant), glob, prior)
+        if self.guard is not None:
+            point = self.guard.correct(point, w.last, w.phase)
+        return point, quant
+
+    def forecast(self, w: Windows) -> tuple[np.ndarray, np.ndarray]:
+        return params_forecast(self.glob, w.x) if self.fallback else self.personal_forecast(w)
+
+    def metrics(self) -> dict[str, float]:
+        out = {"personal_fallback": float(self.fallback), "val_personal_mse": self.val_personal_mse,
+               "val_global_mse": self.val_global_mse}
+        if self.gate is not None:
+            out.update(gate_c=float(self.gate.c), gate_kappa=float(self.gate.kappa))
+        if self.guard is not None:
+            out.update(self.guard.report())
+        return {k: v for k, v in out.items() if np.isfinite(v)}
+
+
+def validate(served: ServedModel, val: Windows | None) -> ServedModel:
+    """Decide the fallback on held-out windows: the personal predictor is served only if it has strictly lower
+    MSE there than the global head."""
+    if val is None or len(val) == 0:
+        served.fallback = True
+        return served
+    guard_state = None
+    if served.guard is not None:  # validation must not count as rule hits of served forecasts
+        guard_state = (dict(served.guard.hits), served.guard.checked_values, served.guard.corrected_windows)
+    served.val_personal_mse = W.mse(served.personal_forecast(val)[0], val.y)
+    served.val_global_mse = W.mse(params_forecast(served.glob, val.x)[0], val.y)
+    if guard_state is not None:
+        served.guard.hits, served.guard.checked_values, served.guard.corrected_windows = guard_state
+    served.fallback = not served.val_personal_mse < served.val_global_mse
+    return served
