@@ -64,7 +64,7 @@ def aggregation_cell(model_dir: Path, n: int = 10_000, seed: int = 0) -> dict:
         running = RunningSum()
         for m in msgs:
             running.add(*strategy.weigh(m))
-        new = strategy.finish(base, running).global_params
+        new = strategy.finish(base, running.mean()).global_params
         t2, c2 = time.perf_counter(), time.process_time()
         out[name] = {"decode_s": t1 - t0, "sum_s": t2 - t1, "total_s": t2 - t0,  # wall clock
                      "decode_cpu_s": c1 - c0, "sum_cpu_s": c2 - c1, "total_cpu_s": c2 - c0}
@@ -171,15 +171,18 @@ def write(cells: dict, out: Path, meta: dict) -> None:
           "(`python benchmarks/fleet_scale.py`). Each device: its own MQTT session and identity, its own slice "
           "of a real series (96 training + 8 held-back windows; features of the shared bank), trains the "
           "fleet head (4 x 24 x 64 parameters, float16 delta) for 1 epoch and sends a real update. Round = "
-          "opened -> closed on the coordinator. Flower: the same learner and slices in its Ray simulation, "
+          "opened -> closed on the coordinator. CPU columns: user + system seconds over all rounds, from /proc "
+          "(devices: all device processes together). Flower: the same learner and slices in its Ray simulation, "
           "first round (Ray start-up) excluded.", "",
-          "| devices | online s | round p50 s | p95 s | max s | updates/s | coord CPU s | coord peak RSS MB | "
-          "broker peak RSS MB | MB/round | lost | dup | slice overlap | load before |",
-          "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+          "| devices | online s | round p50 s | p95 s | max s | updates/s | coord CPU s | broker CPU s | "
+          "devices CPU s | coord peak RSS MB | broker peak RSS MB | MB/round | lost | dup | slice overlap | "
+          "load before |",
+          "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for n, s in summary["fedge"].items():
         cell = cells[f"fedge-{n}"]
         md.append(f"| {n:,} | {s['online_s']:.1f} | {s['round_p50_s']:.2f} | {s['round_p95_s']:.2f} | "
                   f"{s['round_max_s']:.2f} | {s['ingest_per_s']:.0f} | {s['coordinator_cpu_s']:.1f} | "
+                  f"{_cpu(s.get('broker_cpu_s'))} | {_cpu(s.get('devices_cpu_s'))} | "
                   f"{s['coordinator_peak_rss_mb']:.0f} | {s['broker_peak_rss_mb']:.0f} | "
                   f"{s['bytes_per_round'] / 2**20:.1f} | {s['lost']} | {s['duplicated']} | "
                   f"{cell['slice_overlap']:.2f} | {cell['load_before'][0]:.1f} |")
@@ -215,6 +218,11 @@ def write(cells: dict, out: Path, meta: dict) -> None:
     kept = path.read_text().split(MARKER, 1)[1].lstrip("\n") if path.exists() and MARKER in path.read_text() else ""
     path.write_text("\n".join(md) + kept)
     plot(summary, out / "fleet_scale.png")
+
+
+def _cpu(value: float | None) -> str:
+    """CPU seconds, or a dash for a cell measured before the harness sampled that process."""
+    return "—" if value is None or value != value else f"{value:.1f}"
 
 
 def plot(summary: dict, path: Path) -> None:

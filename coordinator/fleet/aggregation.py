@@ -38,7 +38,12 @@ class ClientUpdate:
 
 
 def global_norm(delta: Mapping[str, np.ndarray]) -> float:
-    return float(np.sqrt(sum(float(np.sum(np.asarray(v, np.float64) ** 2)) for v in delta.values())))
+    """L2 norm over all parameters, accumulated in float64 (one dot product per array, no squared temporary)."""
+    total = 0.0
+    for v in delta.values():
+        a = np.asarray(v, np.float64).ravel()
+        total += float(a @ a)
+    return float(np.sqrt(total))
 
 
 def clip_by_norm(delta: Mapping[str, np.ndarray], max_norm: float) -> Params:

@@ -20,7 +20,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from coordinator.fleet.state import FleetState, UpdateRow
+from coordinator.fleet.state import FleetState, StatusRow, UpdateRow
 
 log = logging.getLogger("fedge.ingest")
 
@@ -30,7 +30,7 @@ Done = Callable[[Any], None]
 
 @dataclass(frozen=True)
 class _Item:
-    what: UpdateRow | Op
+    what: UpdateRow | StatusRow | Op
     done: Done | None
 
 
@@ -38,7 +38,9 @@ class BatchWriter:
     """A thread that drains a queue of writes into batched transactions.
 
     Updates go through :meth:`FleetState.add_updates` (their result is STORED, DUPLICATE or NOT_OPEN; new ones
-    join this ingester's running sum in the same transaction); anything else is a function of the state.
+    join this ingester's running sum in the same transaction), statuses through :meth:`FleetState.set_device_states`
+    (their result: whether the device is known), each run of consecutive ones as one group of a few statements;
+    anything else is a function of the state.
     ``max_batch`` bounds a transaction; ``linger_s`` is how long a batch waits for company once the first item
     arrived (a little latency for far fewer commits)."""
 
@@ -59,7 +61,7 @@ class BatchWriter:
         self._thread = threading.Thread(target=self._run, name=f"fedge-writer-{ingester}", daemon=True)
         self._thread.start()
 
-    def submit(self, what: UpdateRow | Op, done: Done | None = None) -> None:
+    def submit(self, what: UpdateRow | StatusRow | Op, done: Done | None = None) -> None:
         with self._progress:
             self._submitted += 1
         self._queue.put(_Item(what, done))
@@ -124,22 +126,27 @@ class BatchWriter:
             self.on_batch()
 
     def _apply(self, batch: list[_Item]) -> list[Any]:
-        """Apply in arrival order; consecutive updates go to the database as one group."""
+        """Apply in arrival order; consecutive updates (or statuses) go to the database as one group."""
         results: list[Any] = []
-        rows: list[UpdateRow] = []
+        group: list[UpdateRow] | list[StatusRow] = []
 
-        def flush_rows() -> None:
-            if rows:
-                results.extend(self.state.add_updates(rows, self.ingester))
-                rows.clear()
+        def flush_group() -> None:
+            if group and isinstance(group[0], UpdateRow):
+                results.extend(self.state.add_updates(group, self.ingester))  # type: ignore[arg-type]
+            elif group:
+                results.extend(self.state.set_device_states([(r.device_id, r.state) for r in group]))  # type: ignore[union-attr]
+            group.clear()
 
         for item in batch:
-            if isinstance(item.what, UpdateRow):
-                rows.append(item.what)
+            what = item.what
+            if isinstance(what, UpdateRow | StatusRow):
+                if group and type(group[0]) is not type(what):
+                    flush_group()
+                group.append(what)  # type: ignore[arg-type]
             else:
-                flush_rows()
-                results.append(item.what(self.state))
-        flush_rows()
+                flush_group()
+                results.append(what(self.state))
+        flush_group()
         return results
 
 

@@ -99,6 +99,15 @@ class RoundRecord:
 
 
 @dataclass(frozen=True)
+class StatusRow:
+    """A device's presence (a Status message) on its way into the database; consecutive ones are written together
+    (:meth:`FleetState.set_device_states`)."""
+
+    device_id: str
+    state: str
+
+
+@dataclass(frozen=True)
 class UpdateRow:
     """One validated update on its way into the database. ``weighted`` is what it adds to the round's
     streaming sum (the strategy's (f(Δ), w)), or None for rounds aggregated from stored updates."""
@@ -168,6 +177,9 @@ class _Sqlite:
     def execute(self, sql: str, params: Sequence[Any] = ()) -> Any:
         return self.db.execute(sql, params)
 
+    def executemany(self, sql: str, rows: Sequence[Sequence[Any]]) -> None:
+        self.db.executemany(sql, rows)
+
     def close(self) -> None:
         self.db.close()
 
@@ -195,6 +207,10 @@ class _Postgres:
     def execute(self, sql: str, params: Sequence[Any] = ()) -> Any:
         return self.db.execute(sql.replace("?", "%s"), params)
 
+    def executemany(self, sql: str, rows: Sequence[Sequence[Any]]) -> None:
+        with self.db.cursor() as cur:
+            cur.executemany(sql.replace("?", "%s"), rows)
+
     def close(self) -> None:
         self.db.close()
 
@@ -214,6 +230,9 @@ class FleetState:
         self.backend = self._b.name
         self._lock = threading.RLock()
         self._depth = 0
+        # (round, ingester) -> that ingester's running sum as this process last wrote it: a batch adds to it without
+        # reading and decoding the stored blob again (valid while the row's count and weight still match)
+        self._sums: dict[tuple[int, str], RunningSum] = {}
 
     def close(self) -> None:
         with self._lock:
@@ -221,6 +240,14 @@ class FleetState:
 
     def _q(self, sql: str, params: Sequence[Any] = ()) -> Any:
         return self._b.execute(sql, params)
+
+    def _in(self, sql: str, prefix: Sequence[Any], keys: Sequence[Any], chunk: int = 500) -> list[tuple]:
+        """Rows of `sql` with its `IN ({})` filled by `keys`, in chunks (one statement per 500 keys, not per key)."""
+        out: list[tuple] = []
+        for i in range(0, len(keys), chunk):
+            part = keys[i:i + chunk]
+            out.extend(self._q(sql.format(", ".join("?" * len(part))), (*prefix, *part)).fetchall())
+        return out
 
     @contextlib.contextmanager
     def transaction(self) -> Iterator[FleetState]:
@@ -440,42 +467,69 @@ class FleetState:
         """Store a batch of updates for open rounds in one transaction: per row STORED, DUPLICATE (this message is
         stored already), CONFLICT (this device has another update in the round) or NOT_OPEN (the round closed or
         never existed). The new rows' weighted deltas are added to this ingester's running sum of their round,
-        written in the same transaction."""
+        written in the same transaction.
+
+        Three statements per round in the batch, whatever its size: the round's state (locked on PostgreSQL), the
+        message ids already stored for the batch's devices, and one ``executemany`` insert of the new rows. Exact
+        because the transaction holds the write lock (SQLite's BEGIN IMMEDIATE, PostgreSQL's row lock on the round)
+        from the first read to the commit: no other writer can store an update of these rounds in between; and a
+        plain INSERT (no ON CONFLICT) turns any disagreement into an error that rolls the batch back."""
         with self.transaction():
-            rounds = {r.round_id for r in rows}
+            rounds = sorted({r.round_id for r in rows})
             state = {rid: (self._q(f"SELECT state FROM rounds WHERE round_id=?{self._b.lock_round}", (rid,))
-                           .fetchone() or ("missing",))[0] for rid in sorted(rounds)}
+                           .fetchone() or ("missing",))[0] for rid in rounds}
+            have: dict[tuple[int, str], str] = {}
+            for rid in rounds:
+                if state[rid] == "open":
+                    devices = sorted({r.device_id for r in rows if r.round_id == rid})
+                    have.update(((rid, d), m) for d, m in self._in(
+                        "SELECT device_id, msg_id FROM updates WHERE round_id=? AND device_id IN ({})", (rid,),
+                        devices))
             added: dict[int, RunningSum] = {}
+            new: list[tuple] = []
             out = []
             now = time.time()
             for r in rows:
                 if state[r.round_id] != "open":
                     out.append(NOT_OPEN)
                     continue
-                cur = self._q("INSERT INTO updates (round_id, device_id, msg_id, n_samples, payload, received, metrics,"
-                              " norm, summed) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT DO NOTHING",
-                              (r.round_id, r.device_id, r.msg_id, r.n_samples, r.payload, now,
-                               json.dumps(dict(r.metrics)), r.norm, int(r.weighted is not None)))
-                if cur.rowcount == 1:
-                    out.append(STORED)
-                else:
-                    same = self._q("SELECT msg_id FROM updates WHERE round_id=? AND device_id=?",
-                                   (r.round_id, r.device_id)).fetchone()
-                    out.append(DUPLICATE if same and same[0] == r.msg_id else CONFLICT)
-                if cur.rowcount == 1 and r.weighted is not None:
+                known = have.get((r.round_id, r.device_id))
+                if known is not None:
+                    out.append(DUPLICATE if known == r.msg_id else CONFLICT)
+                    continue
+                have[(r.round_id, r.device_id)] = r.msg_id  # a second copy later in this batch is a duplicate
+                new.append((r.round_id, r.device_id, r.msg_id, r.n_samples, r.payload, now,
+                            json.dumps(dict(r.metrics)), r.norm, int(r.weighted is not None)))
+                out.append(STORED)
+                if r.weighted is not None:
                     added.setdefault(r.round_id, RunningSum()).add(*r.weighted)
+            if new:
+                self._b.executemany("INSERT INTO updates (round_id, device_id, msg_id, n_samples, payload, received,"
+                                    " metrics, norm, summed) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)", new)
             for rid, part in added.items():
                 total = self._ingester_sum(rid, ingester).merge(part)
                 self._q("INSERT INTO round_sums (round_id, ingester, count, weight, sums) VALUES (?, ?, ?, ?, ?)"
                         " ON CONFLICT (round_id, ingester) DO UPDATE SET count=excluded.count,"
                         " weight=excluded.weight, sums=excluded.sums",
                         (rid, ingester, total.count, total.weight, params_to_blob(total.sums)))
+                for old in [k for k in self._sums if k[1] == ingester and k[0] != rid]:
+                    del self._sums[old]
+                self._sums[(rid, ingester)] = total
             return out
 
     def _ingester_sum(self, round_id: int, ingester: str) -> RunningSum:
-        row = self._q("SELECT count, weight, sums FROM round_sums WHERE round_id=? AND ingester=?",
+        """This ingester's stored running sum of a round. The copy this process wrote last is used when the row still
+        has its count and weight (no rollback, no forget in between: both change them); otherwise the blob is read."""
+        row = self._q("SELECT count, weight FROM round_sums WHERE round_id=? AND ingester=?",
                       (round_id, ingester)).fetchone()
-        return RunningSum() if row is None else RunningSum(params_from_blob(bytes(row[2])), row[1], row[0])
+        if row is None:
+            return RunningSum()
+        held = self._sums.get((round_id, ingester))
+        if held is not None and (held.count, held.weight) == (row[0], row[1]):
+            return held
+        (blob,) = self._q("SELECT sums FROM round_sums WHERE round_id=? AND ingester=?",
+                          (round_id, ingester)).fetchone()
+        return RunningSum(params_from_blob(bytes(blob)), row[1], row[0])
 
     def _round_sum(self, round_id: int) -> RunningSum:
         total = RunningSum()
@@ -570,9 +624,20 @@ class FleetState:
 
     def set_device_state(self, device_id: str, state: str) -> bool:
         """Presence of a known device; a status never registers a device (only a hello does). False: unknown."""
+        return self.set_device_states([(device_id, state)])[0]
+
+    def set_device_states(self, changes: Sequence[tuple[str, str]]) -> list[bool]:
+        """Presence of many devices at once, in order ((device, state) each; a later change of a device wins), in one
+        transaction of two statements: which devices are known, and one ``executemany`` update. Per change: whether
+        the device is known (a status never registers one)."""
         with self.transaction():
-            return self._q("UPDATE devices SET state=?, last_seen=? WHERE device_id=?",
-                           (state, time.time(), device_id)).rowcount == 1
+            devices = sorted({d for d, _ in changes})
+            known = {r[0] for r in self._in("SELECT device_id FROM devices WHERE device_id IN ({})", (), devices)}
+            now = time.time()
+            rows = [(state, now, d) for d, state in changes if d in known]
+            if rows:
+                self._b.executemany("UPDATE devices SET state=?, last_seen=? WHERE device_id=?", rows)
+            return [d in known for d, _ in changes]
 
     def devices(self, *, online_only: bool = False) -> dict[str, dict]:
         query = ("SELECT device_id, domain, profile, runtime, n_train, state, last_seen, backbone_sha256,"

@@ -93,7 +93,9 @@ class LoadResult:
     state_backend: str
     procs: int
     slice_overlap: float  # windows handed out / distinct windows in the bank
-    device_train_s: float  # total CPU-seconds the emulated devices spent training and encoding
+    device_train_s: float  # total seconds (wall, per task) the emulated devices spent training and encoding
+    broker_cpu_s: float = float("nan")  # user+system CPU of the private broker during the rounds
+    devices_cpu_s: float = float("nan")  # user+system CPU of all device processes during the rounds
     load_before: tuple[float, float, float] = (0.0, 0.0, 0.0)
     rejected: dict[str, int] = field(default_factory=dict)
     fd_limit: int = 0
@@ -105,7 +107,8 @@ class LoadResult:
                 "round_p95_s": float(np.percentile(rs, 95)), "round_max_s": float(rs.max()),
                 "ingest_per_s": float(np.median(self.ingest_per_s)) if self.ingest_per_s else 0.0,
                 "coordinator_cpu_s": self.coordinator_cpu_s, "coordinator_peak_rss_mb": self.coordinator_peak_rss_mb,
-                "broker_peak_rss_mb": self.broker_peak_rss_mb,
+                "broker_peak_rss_mb": self.broker_peak_rss_mb, "broker_cpu_s": self.broker_cpu_s,
+                "devices_cpu_s": self.devices_cpu_s,
                 "bytes_per_round": int(np.mean([u + d for u, d in zip(self.bytes_up, self.bytes_down, strict=True)]))
                 if self.bytes_up else 0, "lost": self.lost, "duplicated": self.duplicated}
 
@@ -270,11 +273,13 @@ def run_loadtest(cfg: LoadConfig, progress: Callable[[str], None] | None = None)
         reports = _Reports(len(workers))
         online_s = float("nan")
         cpu_at_first_round = None
+        watch_w = [_ProcWatch(p.pid) for p, _ in workers]
+        others_at_first_round: list[float] | None = None  # broker, then each device process
         last_say = 0.0
         while serve.poll() is None:
             watch_c.sample()
-            if watch_b:
-                watch_b.sample()
+            for w in ([watch_b] if watch_b else []) + watch_w:
+                w.sample()
             for _, conn in workers:
                 while conn.poll():
                     reports.add(conn.recv())
@@ -284,6 +289,7 @@ def run_loadtest(cfg: LoadConfig, progress: Callable[[str], None] | None = None)
                 say(f"all {cfg.devices} devices online after {online_s:.1f} s")
             if cpu_at_first_round is None and db.scalar("SELECT COUNT(*) FROM rounds"):
                 cpu_at_first_round = watch_c.cpu_s
+                others_at_first_round = [w.cpu_s for w in ([watch_b] if watch_b else []) + watch_w]
             if time.time() - last_say > 5:
                 done = db.scalar("SELECT COUNT(*) FROM rounds WHERE state != 'open'") or 0
                 say(f"{reports.connected()} connected, {done}/{cfg.rounds} rounds closed, "
@@ -292,6 +298,8 @@ def run_loadtest(cfg: LoadConfig, progress: Callable[[str], None] | None = None)
             if time.time() - t_connect > cfg.online_timeout_s + cfg.rounds * cfg.deadline_s + 120:
                 raise RuntimeError("the load test ran past its time budget")
             time.sleep(0.25)
+        for w in ([watch_b] if watch_b else []) + watch_w:
+            w.sample()  # the rounds are over: CPU until here (not the devices' shutdown)
         if cfg.profile:
             with contextlib.suppress(subprocess.TimeoutExpired):
                 spy.wait(30)  # py-spy writes its file when the process it samples exits
@@ -303,6 +311,11 @@ def run_loadtest(cfg: LoadConfig, progress: Callable[[str], None] | None = None)
             tail = (work / f"serve-{cfg.devices}.log").read_text(errors="replace")[-2000:]
             raise RuntimeError(f"fedge serve exited with {serve.returncode}:\n{tail}")
         result = _collect(cfg, db, reports, online_s, watch_c, watch_b, cpu_at_first_round or 0.0)
+        if others_at_first_round is not None:
+            if watch_b:
+                result.broker_cpu_s = watch_b.cpu_s - others_at_first_round[0]
+            start = others_at_first_round[1:] if watch_b else others_at_first_round
+            result.devices_cpu_s = sum(w.cpu_s - s0 for w, s0 in zip(watch_w, start, strict=True))
         result.broker, result.procs, result.slice_overlap = broker_label, procs, overlap
         result.load_before, result.fd_limit = load_before, fd_limit
         result.state_backend = "postgres" if is_postgres(state_url) else "sqlite"

@@ -94,10 +94,23 @@ def output_grads(
     q = np.asarray(quantiles, np.float64)[None, :, None]
     err = point - y
     u = y[:, None, :] - quant
-    loss = float(np.mean(err**2)) + quantile_weight * float(np.mean(np.maximum(q * u, (q - 1.0) * u)))
+    loss = _loss(err, u, q, quantile_weight)
     g_point = (2.0 / (n * h)) * err * scale  # (N, H)
     g_quant = (quantile_weight / (n * q.size * h)) * np.where(u > 0, -q, 1.0 - q) * scale[:, :, None]  # (N, Q, H)
     return weight * loss, weight * g_point, weight * g_quant
+
+
+def _loss(err: np.ndarray, u: np.ndarray, q: np.ndarray, quantile_weight: float) -> float:
+    """MSE + qw·mean pinball from the point errors and the quantile residuals (the one copy of the loss)."""
+    return float(np.mean(err**2)) + quantile_weight * float(np.mean(np.maximum(q * u, (q - 1.0) * u)))
+
+
+def head_loss(params: Mapping[str, np.ndarray], x: Features, y: np.ndarray, cfg: LossConfig) -> float:
+    """The loss alone (no FedProx term), as :func:`head_loss_and_grad` computes it: what validation needs, without
+    the gradient's cost (a third of a device's training time for a small head)."""
+    point, quant = head_forecast(params, x)
+    return _loss(point - y, y[:, None, :] - quant, np.asarray(cfg.quantiles, np.float64)[None, :, None],
+                 cfg.quantile_weight)
 
 
 def head_backward(
@@ -205,7 +218,7 @@ def train_head(
         nonlocal best
         if val is None:
             return
-        loss = head_loss_and_grad(params, val[0], val[1], val_cfg)[0]
+        loss = head_loss(params, val[0], val[1], val_cfg)
         if not val_losses or loss < min(val_losses):
             best = as_float32(params)
         val_losses.append(loss)

@@ -7,8 +7,9 @@ floats must be finite; array fields accept only the allowed dtypes and finite va
 
 from __future__ import annotations
 
+import itertools
+import os
 import time
-import uuid
 from typing import Annotated, Any, Literal
 
 import numpy as np
@@ -73,6 +74,27 @@ def _prototype_vector(value: np.ndarray | None) -> np.ndarray | None:
 
 
 
+class _MessageIds:
+    """Message ids: 64 random bits drawn once per process (again in a forked child) and a counter. Unique like a
+    uuid4 -- ids only ever have to differ, receivers remember the ones they saw -- at a fraction of the cost: a
+    coordinator sends a task and a receipt to each of 10,000 devices per round, and os.urandom per message showed in
+    its profile."""
+
+    def __init__(self) -> None:
+        self.reseed()
+        os.register_at_fork(after_in_child=self.reseed)
+
+    def reseed(self) -> None:
+        self.prefix = os.urandom(8).hex()
+        self.counter = itertools.count()
+
+    def __call__(self) -> str:
+        return f"{self.prefix}{next(self.counter):016x}"
+
+
+new_msg_id = _MessageIds()
+
+
 DeviceId = Annotated[str, Field(pattern=NAME_RE.pattern)]
 # Every integer on the wire is bounded by the schema: msgpack carries up to 2^64-1, SQLite stores up to 2^63-1, and
 # a version of 2^64-1 would pin a device forever. Counts and ids stay exact in a double.
@@ -90,7 +112,7 @@ class Message(BaseModel):
 
     v: Literal[1] = SCHEMA_VERSION
     type: str
-    msg_id: str = Field(default_factory=lambda: uuid.uuid4().hex, min_length=8, max_length=64)
+    msg_id: str = Field(default_factory=new_msg_id, min_length=8, max_length=64)
     fleet: Annotated[str, Field(pattern=NAME_RE.pattern)]
     device_id: DeviceId | None = None
     round_id: Count | None = None
