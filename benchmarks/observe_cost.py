@@ -11,11 +11,15 @@ device per round (payloads of the real 12.7 KB size, the metrics a device report
   resident memory. "live" adds an update to the open round before each refresh, so every refresh
   recomputes that round (the worst case while a round fills); "steady" does not.
 
-This measures the cost of the observers on a state of that size with the coordinator itself idle; it
-is not the load harness of issue #12 (emulated devices over MQTT), which did not exist on main when
-this was written. Results: docs/results/observe_cost.{json,md}.
+That part measures the observers on a state of that size with the coordinator itself idle. The cells
+"load-plain" and "load-observed" then run the load harness of issue #12 (``fedge loadtest``: a private
+broker, `fedge serve` and N emulated devices over MQTT) twice, without and with ``--metrics-bind … --ui``,
+while a scraper reads ``/metrics`` every second and a viewer polls ``/fragment/overview`` every 2 s (what
+an open dashboard page does); the difference in the coordinator's CPU and peak RSS is what observing a
+busy fleet costs. Each cell is checkpointed (runs/observe_cost/cells) and kept on a rerun.
+Results: docs/results/observe_cost.{json,md}.
 
-    python benchmarks/observe_cost.py [--devices 1000] [--rounds 20]
+    python benchmarks/observe_cost.py [--devices 1000] [--rounds 20] [--load-rounds 10] [--only load-observed]
 """
 
 from __future__ import annotations
@@ -29,6 +33,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import urllib.request
 from pathlib import Path
@@ -47,6 +52,7 @@ from coordinator.fleet.state import FleetState  # noqa: E402
 from edge_client.wire.mqtt import BrokerAddress  # noqa: E402
 
 OUT = ROOT / "docs" / "results"
+WORK = ROOT / "runs" / "observe_cost"
 NOTES_MARKER = "<!-- hand-written notes below: kept when the benchmark rewrites the table above -->"
 PAYLOAD_BYTES = 13_000  # a float16 head delta of the forecasting head with its envelope (12.7 KB)
 
@@ -80,7 +86,7 @@ class _batch:
     """One transaction for a round's inserts (filling 20,000 rows one commit each takes minutes)."""
 
     def __init__(self, st: FleetState) -> None:
-        self.db = st._db  # the benchmark's own bulk load, not a query the product makes
+        self.db = st._b.db  # the benchmark's own bulk load, not a query the product makes
 
     def __enter__(self) -> None:
         self.db.execute("BEGIN")
@@ -190,6 +196,77 @@ def measure_ui_in_process(db: Path) -> dict:
         server.stop()
 
 
+class _Poller(threading.Thread):
+    """GET a URL every `every_s` seconds until stopped, counting answers; refused connections (the coordinator not
+    listening yet, or gone) are counted apart and never stop it."""
+
+    def __init__(self, url: str, every_s: float) -> None:
+        super().__init__(daemon=True)
+        self.url, self.every_s = url, every_s
+        self.ok = self.failed = self.bytes = 0
+        self.done = threading.Event()
+
+    def run(self) -> None:
+        while not self.done.wait(self.every_s):
+            try:
+                self.bytes += len(urllib.request.urlopen(self.url, timeout=30).read())
+                self.ok += 1
+            except OSError:
+                self.failed += 1
+
+
+def load_cell(observed: bool, devices: int, rounds: int, data_dir: str | None) -> dict:
+    """One run of the load harness; `observed`: `fedge serve --metrics-bind … --ui` with a scraper and a viewer."""
+    from coordinator.loadtest.harness import LoadConfig, result_dict, run_loadtest
+
+    metrics_port, ui_port = _free_port(), _free_port()
+    serve_args = ("--metrics-bind", f"127.0.0.1:{metrics_port}", "--ui", "--ui-bind", f"127.0.0.1:{ui_port}") \
+        if observed else ()
+    pollers = [_Poller(f"http://127.0.0.1:{metrics_port}/metrics", 1.0),
+               _Poller(f"http://127.0.0.1:{ui_port}/fragment/overview", 2.0)] if observed else []
+    load = os.getloadavg()
+    for p in pollers:
+        p.start()
+    try:
+        res = run_loadtest(LoadConfig(devices=devices, rounds=rounds, work_dir=WORK, data_dir=data_dir,
+                                      serve_args=serve_args))
+    finally:
+        for p in pollers:
+            p.done.set()
+    cell = result_dict(res)
+    cell["load_at_start"] = list(load)
+    cell["observers"] = {name: {"ok": p.ok, "failed": p.failed, "bytes": p.bytes}
+                         for name, p in zip(("metrics_scrapes", "dashboard_refreshes"), pollers, strict=False)}
+    return cell
+
+
+def load_markdown(cells: dict) -> str:
+    plain, seen = cells.get("load-plain"), cells.get("load-observed")
+    if not plain or not seen:
+        return ""
+    rows = []
+    for name, c in (("without observers", plain), ("`--metrics-bind` + `--ui`, scraped 1/s, dashboard polled 1/2 s",
+                                                    seen)):
+        s = c["summary"]
+        obs = c.get("observers", {})
+        polls = (f"{obs['metrics_scrapes']['ok']} scrapes, {obs['dashboard_refreshes']['ok']} refreshes"
+                 if obs else "—")
+        rows.append(f"| {name} | {s['round_p50_s']:.2f} | {s['coordinator_cpu_s']:.1f} | "
+                    f"{s['coordinator_cpu_s'] / max(1e-9, sum(c['round_s'])):.1%} | "
+                    f"{s['coordinator_peak_rss_mb']:.0f} | {polls} | {c['load_at_start'][0]:.1f} |")
+    sp, ss = plain["summary"], seen["summary"]
+    return "\n".join([
+        f"## Under the load harness: {sp['devices']:,} emulated devices over MQTT, {plain['rounds_done']} rounds\n",
+        "`fedge serve` with a private broker and the emulated devices of issue #12 (`fedge loadtest`), run twice. "
+        "Coordinator CPU: user + system seconds over the rounds (the dashboard and the metrics run inside it); "
+        "share: of one core over the rounds' wall time.\n",
+        "| coordinator | round p50 s | CPU s | CPU share | peak RSS MB | observer calls answered | load before |",
+        "|---|---:|---:|---:|---:|---:|---:|", *rows, "",
+        f"Difference: {ss['coordinator_cpu_s'] - sp['coordinator_cpu_s']:+.1f} CPU-seconds "
+        f"({(ss['coordinator_cpu_s'] - sp['coordinator_cpu_s']) / max(1e-9, sp['coordinator_cpu_s']):+.0%}), "
+        f"{ss['coordinator_peak_rss_mb'] - sp['coordinator_peak_rss_mb']:+.0f} MB peak RSS.\n"])
+
+
 def markdown(res: dict) -> str:
     m, d, ui = res["metrics"], res["dashboard"], res["ui_in_process"]
     lines = [f"# Cost of the metrics and the dashboard: {res['devices']} devices, {res['rounds']} rounds\n",
@@ -221,8 +298,46 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=20)
     ap.add_argument("--scrapes", type=int, default=30)
     ap.add_argument("--refreshes", type=int, default=30)
+    ap.add_argument("--load-rounds", type=int, default=10, help="rounds of each load-harness cell")
+    ap.add_argument("--data-dir", default=None)
+    ap.add_argument("--only", nargs="*", default=None, help="cells to (re)run: idle load-plain load-observed")
     args = ap.parse_args()
     console = Console()
+    cells_dir = WORK / "cells"
+    cells_dir.mkdir(parents=True, exist_ok=True)
+    cells = {p.stem: json.loads(p.read_text()) for p in cells_dir.glob("*.json")}
+    for name in ("idle", "load-plain", "load-observed"):
+        if name in cells and (args.only is None or name not in args.only):
+            console.print(f"[dim]{name}: done earlier, kept[/dim]")
+            continue
+        console.rule(f"{name} (load {os.getloadavg()[0]:.1f})")
+        if name == "idle":
+            cell = idle_cell(args, console)
+        else:
+            cell = load_cell(name == "load-observed", args.devices, args.load_rounds, args.data_dir)
+        cells[name] = cell
+        (cells_dir / f"{name}.json").write_text(json.dumps(cell, default=float))
+        write(cells)
+    write(cells)
+    res = cells.get("idle")
+    if res:
+        t = Table(title=f"observers at {args.devices} devices")
+        for col in ("what", "CPU ms per call", "wall ms (median)", "memory MB"):
+            t.add_column(col)
+        metrics, dashboard, ui = res["metrics"], res["dashboard"], res["ui_in_process"]
+        t.add_row("/metrics scrape", f"{metrics['cpu_ms_median']:.1f}", f"{metrics['wall_ms_median']:.1f}",
+                  f"+{metrics['rss_added_mb']:.1f}")
+        for mode in ("steady", "live"):
+            x = dashboard[mode]
+            t.add_row(f"dashboard refresh ({mode})", f"{x['cpu_ms_mean']:.1f}", f"{x['wall_ms_median']:.1f}", "")
+        t.add_row("--ui inside the coordinator", "", "", f"+{ui['rss_added_mb']:.0f}")
+        console.print(t)
+    console.print(load_markdown(cells))
+    console.print(f"wrote {OUT / 'observe_cost.json'} and {OUT / 'observe_cost.md'}")
+
+
+def idle_cell(args: argparse.Namespace, console: Console) -> dict:
+    """The observers' per-call costs on a filled state, the coordinator idle."""
     with tempfile.TemporaryDirectory(prefix="fedge-observe-") as tmp:
         db = Path(tmp) / "fleet.sqlite"
         with console.status(f"filling a fleet database: {args.devices} devices x {args.rounds} rounds"):
@@ -234,29 +349,23 @@ def main() -> None:
             dashboard = measure_dashboard(db, args.refreshes)
         with console.status("the dashboard inside this process"):
             ui = measure_ui_in_process(db)
-    res = {"devices": args.devices, "rounds": args.rounds, "db_mb": db_mb, "metrics": metrics,
-           "dashboard": dashboard, "ui_in_process": ui, "load_avg": " ".join(f"{x:.1f}" for x in os.getloadavg()),
-           "machine": f"{platform.machine()}, {os.cpu_count()} CPUs (shared), Python {platform.python_version()}",
-           "method": "Observers measured on a filled state with the coordinator idle (benchmarks/observe_cost.py), "
-                     "not under the MQTT load harness of issue #12. CPU time is the serving process's own "
-                     "(process_time, or psutil for the dashboard process), so other load on the machine inflates "
-                     "wall time, not CPU time."}
+    return {"devices": args.devices, "rounds": args.rounds, "db_mb": db_mb, "metrics": metrics,
+            "dashboard": dashboard, "ui_in_process": ui, "load_avg": " ".join(f"{x:.1f}" for x in os.getloadavg()),
+            "machine": f"{platform.machine()}, {os.cpu_count()} CPUs (shared), Python {platform.python_version()}",
+            "method": "Observers measured on a filled state with the coordinator idle (the per-call costs); the "
+                      "section after the table measures them under the MQTT load harness. CPU time is the serving "
+                      "process's own (process_time, or psutil for the dashboard process), so other load on the "
+                      "machine inflates wall time, not CPU time."}
+
+
+def write(cells: dict) -> None:
+    """docs/results/observe_cost.{json,md} from the cells done so far (the notes below the marker are kept)."""
     OUT.mkdir(parents=True, exist_ok=True)
-    (OUT / "observe_cost.json").write_text(json.dumps(res, indent=2) + "\n")
+    (OUT / "observe_cost.json").write_text(json.dumps(cells, indent=2, default=float) + "\n")
     md = OUT / "observe_cost.md"
     notes = md.read_text().partition(NOTES_MARKER)[2] if md.is_file() else ""
-    md.write_text(markdown(res) + f"\n{NOTES_MARKER}" + (notes or "\n"))
-    t = Table(title=f"observers at {args.devices} devices")
-    for col in ("what", "CPU ms per call", "wall ms (median)", "memory MB"):
-        t.add_column(col)
-    t.add_row("/metrics scrape", f"{metrics['cpu_ms_median']:.1f}", f"{metrics['wall_ms_median']:.1f}",
-              f"+{metrics['rss_added_mb']:.1f}")
-    for mode in ("steady", "live"):
-        x = dashboard[mode]
-        t.add_row(f"dashboard refresh ({mode})", f"{x['cpu_ms_mean']:.1f}", f"{x['wall_ms_median']:.1f}", "")
-    t.add_row("--ui inside the coordinator", "", "", f"+{ui['rss_added_mb']:.0f}")
-    console.print(t)
-    console.print(f"wrote {OUT / 'observe_cost.json'} and {md}")
+    body = (markdown(cells["idle"]) if "idle" in cells else "# Cost of the metrics and the dashboard (PARTIAL)\n")
+    md.write_text(body + "\n" + load_markdown(cells) + f"\n{NOTES_MARKER}" + (notes or "\n"))
 
 
 if __name__ == "__main__":
