@@ -34,10 +34,12 @@ def pki(tmp_path_factory) -> FleetPKI:
 
 
 @pytest.fixture
-def fleet(pki, tmp_path):
+def fleet(pki, tmp_path, request):
+    """A secured broker and a coordinator; a test that asks for `fleet_db` gets its state there (both backends)."""
+    db = request.getfixturevalue("fleet_db") if "fleet_db" in request.fixturenames else tmp_path / "fleet.sqlite"
     broker = start_secure_mosquitto(pki.root)
     coord = FleetCoordinator(FleetConfig(fleet=FLEET, deadline_s=20), broker.address,
-                             FleetState(tmp_path / "fleet.sqlite"), registry=DeviceRegistry(pki.root)).start()
+                             FleetState(db), registry=DeviceRegistry(pki.root)).start()
     coord.ensure_model({"w": np.zeros(4, np.float32)})
     yield pki, broker, coord
     coord.stop()
@@ -151,7 +153,8 @@ def test_messages_need_the_senders_signature_even_on_its_own_topic(fleet) -> Non
     dev1.stop()
 
 
-def test_a_replayed_forget_is_refused_even_after_a_coordinator_restart(fleet, tmp_path) -> None:
+def test_a_replayed_forget_is_refused_even_after_a_coordinator_restart(fleet_db, fleet) -> None:
+    """The replay memory is in the fleet database, SQLite or PostgreSQL, not in the process."""
     pki, broker, coord = fleet
     dev1 = Raw(broker.address, pki, "dev-1", "dev-1")
     topics = P.Topics(FLEET)
@@ -162,7 +165,7 @@ def test_a_replayed_forget_is_refused_even_after_a_coordinator_restart(fleet, tm
     wait_for(lambda: not coord.state.has_device("dev-1"))
     coord.stop()
     coord.state.close()
-    again = FleetCoordinator(FleetConfig(fleet=FLEET), broker.address, FleetState(tmp_path / "fleet.sqlite"),
+    again = FleetCoordinator(FleetConfig(fleet=FLEET), broker.address, FleetState(fleet_db),
                              registry=DeviceRegistry(pki.root)).start()
     try:
         dev1.publish(topics.hello("dev-1"), dev1.signed(_hello("dev-1")))

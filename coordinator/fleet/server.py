@@ -45,6 +45,7 @@ from coordinator.fleet.ingest import BatchWriter
 from coordinator.fleet.pki import coordinator_name
 from coordinator.fleet.privacy import Charge, DPConfig, PrivacyBudgetSpent, dp_sum, epsilon, next_clip
 from coordinator.fleet.registry import DeviceRegistry
+from coordinator.fleet.replay import FleetReplay
 from coordinator.fleet.state import (
     CONFLICT,
     DUPLICATE,
@@ -81,7 +82,6 @@ from edge_client.wire import (
     verify,
 )
 from edge_client.wire import mqtt as M
-from edge_client.wire.memory import MemoryReplay, SqliteReplay
 from edge_client.wire.signing import SIGNED_BY_DEVICE
 
 log = logging.getLogger("fedge.coordinator")
@@ -161,10 +161,6 @@ class FleetCoordinator:
                              "personalised aggregators read single updates, which DP-FedAvg's accountant does not "
                              "cover")
         self.dp_rng: np.random.Generator | None = None  # DP noise: OS entropy unless a test or simulation seeds it
-        # replay memory in the fleet database: a Forget replayed after a restart is still a replay
-        memory = SqliteReplay(state.path) if state.path is not None else MemoryReplay()  # PostgreSQL: this process's
-        self.receiver = Receiver("coordinator", memory=memory, authenticate=self._authenticate,
-                                 max_age_s=REPLAY_WINDOW_S)
         self.traffic = _Traffic()
         self.duplicates = 0
         self._changed = threading.Condition()
@@ -185,6 +181,10 @@ class FleetCoordinator:
         self._published: int | None = None  # the global version this process last published (retained)
         self._batches = 0  # batches the writer committed: the round loop counts updates again only after one
         self.writer = BatchWriter(state, on_batch=self._notify)
+        # replay memory in the fleet database (either backend), written with the writer's batches: a Forget replayed
+        # after a restart is still a replay
+        self.receiver = Receiver("coordinator", memory=FleetReplay(state, self.writer.submit),
+                                 authenticate=self._authenticate, max_age_s=REPLAY_WINDOW_S)
         self.client = M.make_client(client_id or coordinator_name(cfg.fleet), manual_ack=True, mqtt311=broker.mqtt311)
         # one task per selected device is queued at once: 10,000 tasks must not hit paho's queue cap (10,000 by
         # default in make_client). The inflight window stays small: paho walks the in-flight messages on every PUBACK

@@ -34,6 +34,7 @@ import numpy as np
 
 from coordinator.fleet.aggregation import RunningSum, check_finite
 from edge_client.daemon.store import params_from_blob, params_to_blob  # one .npz blob format, shared with devices
+from edge_client.wire.memory import SCHEMA as REPLAY_SCHEMA  # the replay memory's tables (coordinator.fleet.replay)
 
 FLEET_SCHEMA = """
 CREATE TABLE IF NOT EXISTS models (
@@ -168,7 +169,7 @@ class _Sqlite:
         self.db = sqlite3.connect(path, check_same_thread=False, isolation_level=None, timeout=30)
         self.db.execute("PRAGMA journal_mode=WAL")
         self.db.execute("PRAGMA synchronous=FULL")
-        self.db.executescript(FLEET_SCHEMA)
+        self.db.executescript(FLEET_SCHEMA + REPLAY_SCHEMA)
         cols = {t: {r[1] for r in self.db.execute(f"PRAGMA table_info({t})")} for t, _, _ in ADDED_COLUMNS}
         for table, column, kind in ADDED_COLUMNS:
             if column not in cols[table]:
@@ -196,7 +197,7 @@ class _Postgres:
         import psycopg  # the postgres extra; imported only when a postgres URL is given
 
         self.db = psycopg.connect(url, autocommit=True)
-        schema = FLEET_SCHEMA.replace("BLOB", "BYTEA").replace("REAL", "DOUBLE PRECISION")
+        schema = (FLEET_SCHEMA + REPLAY_SCHEMA).replace("BLOB", "BYTEA").replace("REAL", "DOUBLE PRECISION")
         with self.db.transaction():
             self.db.execute("SELECT pg_advisory_xact_lock(7919)")  # two processes creating the schema at once
             for stmt in filter(str.strip, schema.split(";")):
@@ -594,6 +595,35 @@ class FleetState:
                            " delta, epsilon, next_clip FROM privacy" + (" WHERE task=?" if task else "")
                            + " ORDER BY round_id", (task,) if task else ()).fetchall()
         return [PrivacyRow(*r) for r in rows]
+
+    # ------------------------------------------------------------------ replay memory (coordinator.fleet.replay)
+
+    def replay_seen(self, msg_id: str) -> bool:
+        with self._lock:
+            return self._q("SELECT 1 FROM replay_seen WHERE msg_id=?", (msg_id,)).fetchone() is not None
+
+    def remember_replay(self, msg_id: str, received: float, prune: tuple[float, int] | None = None) -> None:
+        """Remember an act-once message id; `prune` (older than, most kept) drops old ids in the same transaction."""
+        with self.transaction():
+            self._q("INSERT INTO replay_seen (msg_id, received) VALUES (?, ?) ON CONFLICT DO NOTHING",
+                    (msg_id, received))
+            if prune is not None:
+                self._q("DELETE FROM replay_seen WHERE received < ? OR msg_id IN (SELECT msg_id FROM replay_seen"
+                        " ORDER BY received DESC LIMIT -1 OFFSET ?)" if self.backend == "sqlite" else
+                        "DELETE FROM replay_seen WHERE received < ? OR msg_id IN (SELECT msg_id FROM replay_seen"
+                        " ORDER BY received DESC OFFSET ?)", prune)
+
+    def replay_last(self, key: str) -> float | None:
+        with self._lock:
+            row = self._q("SELECT value FROM replay_last WHERE key=?", (key,)).fetchone()
+        return None if row is None else float(row[0])
+
+    def advance_replay(self, key: str, value: float) -> None:
+        with self.transaction():
+            self._q("INSERT INTO replay_last (key, value) VALUES (?, ?) ON CONFLICT (key) DO UPDATE SET"
+                    " value=GREATEST(replay_last.value, excluded.value)" if self.backend == "postgres" else
+                    "INSERT INTO replay_last (key, value) VALUES (?, ?) ON CONFLICT (key) DO UPDATE SET"
+                    " value=MAX(value, excluded.value)", (key, value))
 
     # ------------------------------------------------------------------ devices
 
