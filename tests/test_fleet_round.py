@@ -215,6 +215,62 @@ def test_task_vector_strategy_sends_each_device_its_own_aggregate(mosquitto, tin
     assert np.allclose(w.sum(axis=1), 1.0)
 
 
+def test_prototype_strategy_gives_each_device_the_heads_of_devices_like_it_and_places_a_new_one(
+        mosquitto, tiny_export, tmp_path) -> None:
+    """Devices send a feature prototype with their update (the strategy asks through the task options); each gets
+    the prototype-weighted mix of the trained heads; a new device that announces its prototype in its hello trains
+    its first round from the head it was placed at, not from the global head."""
+    from coordinator.fleet.strategies.prototype import mix, place, prototype_weights
+    from edge_client.daemon.client import EdgeClient
+    from edge_client.learning.learner import DeviceLearner, SplitConfig
+    from edge_client.learning.prototype import PROTOTYPE_DIM, feature_prototype
+    from edge_client.runtime.backbone import BackboneRunner
+
+    coord = FleetCoordinator(FleetConfig(fleet="pr", deadline_s=60, local_epochs=1, lr=3e-3, min_devices=3,
+                                         strategy="prototype"),
+                             mosquitto.address, FleetState(tmp_path / "pr.sqlite")).start()
+    pre = slice_head(tiny_export["model"].head_state(), 24)
+    coord.ensure_model(pre)
+    devices = carve_devices(4, seed=3)
+    clients = start_devices(devices[:3], tiny_export["backbone"], mosquitto.address, "pr", horizon=24)
+    try:
+        assert len(coord.wait_for_devices(3, 15)) == 3
+        first = coord.run_round("train")
+        assert first.state == "closed"
+        updates = [P.decode(p) for _, p in coord.state.updates(first.round_id)]
+        by_id = {c.device_id: c for c in clients}
+        for u in updates:  # each prototype is the device's own: 32 floats from its training features
+            assert u.prototype.shape == (PROTOTYPE_DIM,)
+            np.testing.assert_allclose(u.prototype, feature_prototype(by_id[u.device_id].learner.f_train.feats),
+                                       rtol=1e-5)
+        w = prototype_weights(np.stack([u.prototype for u in updates]).astype(np.float64), 0.1)
+        heads = [{k: pre[k].astype(np.float64) + u.delta[k] for k in pre} for u in updates]
+        for i, u in enumerate(updates):
+            expected = mix(heads, w[i])
+            for k in pre:
+                np.testing.assert_allclose(coord.state.personal(u.device_id)[k], expected[k], rtol=1e-4, atol=1e-5)
+
+        series, season, _ = devices[3].source.load()
+        learner = DeviceLearner(BackboneRunner(tiny_export["backbone"]), series, season=season,
+                                split=SplitConfig(horizon=24))
+        newcomer = EdgeClient(devices[3].device_id, "pr", learner, mosquitto.address, seed=9,
+                              announce_prototype=True).start()
+        clients.append(newcomer)
+        assert len(coord.wait_for_devices(4, 15)) == 4
+        placed = place(feature_prototype(learner.f_train.feats), np.stack([u.prototype for u in updates]),
+                       [coord.state.personal(u.device_id) for u in updates])
+        second = coord.run_round("train")
+    finally:
+        for c in clients:
+            c.stop()
+        coord.stop()
+    assert second.state == "closed"
+    m = second.metrics[devices[3].device_id]  # "global" is what the device trained from: the placed head
+    assert m["global_mse"] == pytest.approx(learner.evaluate(placed, "g")["g_mse"], rel=1e-4)
+    assert m["global_mse"] != pytest.approx(learner.evaluate(coord.state.model(first.new_version), "g")["g_mse"],
+                                            rel=1e-4)
+
+
 def _personal_after_round(coord, round_id: int, device_id: str):
     """Round 1 had no personal heads yet: every device started from global v0 + its delta of round 1,
     and the coordinator then stored pre + mixed task vectors; recompute that start from round 1."""

@@ -35,6 +35,7 @@ class ClientUpdate:
     n_samples: int
     delta: Mapping[str, np.ndarray]
     metrics: Mapping[str, float] = field(default_factory=dict)
+    prototype: np.ndarray | None = None  # what the device's data looks like (strategies/prototype.py)
 
 
 def global_norm(delta: Mapping[str, np.ndarray]) -> float:
@@ -222,7 +223,8 @@ def bound_updates(updates: Sequence[ClientUpdate], bounds: Bounds,
         return BoundedRound([], None, (), ())
     plan = plan_bounds([u.device_id for u in updates], [global_norm(u.delta) for u in updates],
                        [u.n_samples for u in updates], bounds, caps)
-    out = [ClientUpdate(u.device_id, n, clip_by_norm(u.delta, plan.norm_bound) if f < 1.0 else u.delta, u.metrics)
+    out = [ClientUpdate(u.device_id, n, clip_by_norm(u.delta, plan.norm_bound) if f < 1.0 else u.delta, u.metrics,
+           getattr(u, "prototype", None))
            for u, f, n in zip(updates, plan.factors, plan.counts, strict=True)]
     return BoundedRound(out, plan.norm_bound, plan.clipped, plan.capped)
 

@@ -58,6 +58,7 @@ from coordinator.fleet.state import (
     UpdateRow,
 )
 from coordinator.fleet.strategies import Aggregate, RoundInputs, fleet_strategy
+from edge_client.learning.prototype import PROTOTYPE_DIM
 from edge_client.wire import (
     DuplicateUpdate,
     Forget,
@@ -76,6 +77,7 @@ from edge_client.wire import (
     Topics,
     UnknownDevice,
     Update,
+    WrongShape,
     decode,
     encode,
     sign,
@@ -174,6 +176,7 @@ class FleetCoordinator:
         self._current: int | None = None
         self._pin: dict[str, str] | None = None
         self._personal: dict[str, dict[str, np.ndarray] | None] = {}
+        self._announced: dict[str, np.ndarray] = {}  # feature prototypes from hellos (a prototype strategy places)
         self._received: dict[int, dict[str, Update]] = {}
         self._closing: set[int] = set()  # rounds whose updates are being aggregated: later ones get a Reject
         self._early_status: dict[str, str] = {}  # statuses of devices not registered (yet): a status registers nobody
@@ -444,9 +447,13 @@ class FleetCoordinator:
                          prox_mu=c["prox_mu"], options={"upload_dtype": c["upload_dtype"],
                                                         **({"personalize": True, **c["personalize"]}
                                                            if c.get("personalize") else {}),
+                                                        **getattr(self.strategy, "task_options", {}),
                                                         **c.get("options", {})})
         if self.strategy.personalised and rec.kind == "train":
             own = self._personal_head(device_id)
+            place = getattr(self.strategy, "place_head", None)
+            if own is None and place is not None and device_id in self._announced:  # a new device, placed
+                own = place(self._announced[device_id])
             if own is not None:
                 task = task.model_copy(update={"params": {k: np.asarray(v, np.float32) for k, v in own.items()}})
         return task
@@ -667,6 +674,10 @@ class FleetCoordinator:
         if self.cfg.allowlist is not None and msg.device_id not in self.cfg.allowlist:
             raise UnknownDevice(f"device {msg.device_id!r} is not on the fleet allowlist")
         early = self._early_status.pop(msg.device_id, None)
+        if msg.prototype is not None:  # kept in memory only: a device announces it again on every connect
+            if msg.prototype.shape != (PROTOTYPE_DIM,):
+                raise WrongShape(f"hello prototype: expected {PROTOTYPE_DIM} numbers, got {msg.prototype.shape}")
+            self._announced[msg.device_id] = np.asarray(msg.prototype, np.float64)
         self.writer.submit(lambda st: st.upsert_device(msg.device_id, domain=msg.domain, profile=msg.profile,
                                                        runtime=msg.runtime, n_train=msg.n_train,
                                                        state=early if retained else "online",

@@ -24,12 +24,15 @@ from collections.abc import Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
+import numpy as np
+
 from edge_client.daemon.outbox import MemoryOutbox, Outbox, OutboxEntry
 from edge_client.identity import Identity
 from edge_client.learning.dp import privatize
 from edge_client.learning.head import Params, as_float32, head_shapes
 from edge_client.learning.learner import DeviceLearner, RoundOutcome
 from edge_client.learning.personalize import PersonalConfig
+from edge_client.learning.prototype import feature_prototype
 from edge_client.runtime.backbone import backbone_mismatch
 from edge_client.wire import (
     GlobalModel,
@@ -75,7 +78,8 @@ class EdgeStats:
 # gate, Meta-FC distortion consistency, learned rule guards) and the personal training settings.
 FLEET_PERSONAL_OPTIONS = frozenset({"rank", "self_distill", "sd_tau_days", "feature_distance", "prox_mu",
                                     "quantile_weight", "epochs", "lr", "batch_size", "gate", "gate_prior_count",
-                                    "consistency", "meta", "distorted_task_weight", "rules"})
+                                    "consistency", "meta", "distorted_task_weight", "rules",
+                                    "naive_prior"})
 
 
 def personal_config(options: Mapping[str, object], local: Mapping[str, object] | None = None) -> PersonalConfig | None:
@@ -143,7 +147,7 @@ def compute_update(learner: DeviceLearner, task: RoundTask, global_params: Param
             metrics.update(learner.evaluate(personal, "personal"))
         return Update(fleet=task.fleet, device_id=device_id, round_id=task.round_id, task=task.task,
                       kind="evaluate", base_version=task.model_version, n_samples=learner.n_eval,
-                      metrics=metrics, round_opened=task.round_opened), None
+                      metrics=metrics, round_opened=task.round_opened, prototype=_prototype(learner, task)), None
     outcome = learner.run_round(
         global_params, epochs=task.local_epochs, lr=task.lr, batch_size=task.batch_size, prox_mu=task.prox_mu,
         seed=seed * 100_003 + task.round_id, upload_dtype=str(task.options.get("upload_dtype", "float16")),
@@ -152,7 +156,13 @@ def compute_update(learner: DeviceLearner, task: RoundTask, global_params: Param
     delta = outcome.delta if dp is None else privatize(outcome.delta, *dp)  # clipped (and noised) on the device
     return Update(fleet=task.fleet, device_id=device_id, round_id=task.round_id, task=task.task,
                   base_version=task.model_version, n_samples=outcome.n_samples, delta=delta,
-                  metrics=outcome.metrics, train_seconds=outcome.seconds, round_opened=task.round_opened), outcome
+                  metrics=outcome.metrics, train_seconds=outcome.seconds, round_opened=task.round_opened,
+                  prototype=_prototype(learner, task)), outcome
+
+
+def _prototype(learner: DeviceLearner, task: RoundTask) -> np.ndarray | None:
+    """The device's feature prototype when the round's strategy asks for one (task option ``prototype``)."""
+    return feature_prototype(learner.f_train.feats) if task.options.get("prototype") else None
 
 
 # Fault injection for crash tests: FEDGE_FAILPOINT=after_outbox SIGKILLs the process right after an
@@ -193,9 +203,11 @@ class EdgeClient:
         replay: ReplayMemory | None = None,
         network: NetworkLoop | None = None,
         personalize: Mapping[str, object] | None = None,
+        announce_prototype: bool = False,
     ) -> None:
         self.device_id = device_id
         self.personalize = dict(personalize or {})  # the device's own [personalize] table (device.toml)
+        self.announce_prototype = announce_prototype  # the hello carries the feature prototype (placement)
         self.network = network  # one network thread shared by many simulated devices; None: paho's own thread
         self.fleet = fleet
         self.task = task
@@ -316,7 +328,9 @@ class EdgeClient:
             fleet=self.fleet, device_id=self.device_id, runtime=self.learner.backbone.runtime_version,
             profile=self.profile, domain=self.domain, n_train=self.learner.n_train, n_eval=self.learner.n_eval,
             model_version=current, capabilities=["train", "evaluate", "fedprox"],
-            backbone_sha256=self.learner.backbone.sha256, bundle_version=self.bundle_version), retain=True)
+            backbone_sha256=self.learner.backbone.sha256, bundle_version=self.bundle_version,
+            prototype=feature_prototype(self.learner.f_train.feats) if self.announce_prototype else None),
+            retain=True)
 
     def publish_status(self, state: str | None = None, detail: str = "") -> None:
         """Retained presence; the daemon's heartbeat calls this with the current state."""

@@ -113,6 +113,9 @@ class DeviceConfig(BaseModel):
     # round's), e.g. rank = 4, self_distill = 0.5, feature_distance = 0.1, gate = true, consistency = 0.1,
     # rules = true; see edge_client.daemon.client.FLEET_PERSONAL_OPTIONS
     personalize: dict[str, bool | int | float] = Field(default_factory=dict)
+    # the hello carries this device's feature prototype (32 floats; what it reveals: docs/privacy.md), so a
+    # `--strategy prototype` coordinator can give it the head of devices like it before it has trained
+    announce_prototype: bool = False
     profile: str = "generic"
     threads: int = Field(default=1, ge=1, le=64)
     horizon: int = Field(default=24, ge=1)

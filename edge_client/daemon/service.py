@@ -349,7 +349,8 @@ class DeviceService:
                                  resource_check=self.resource_check, resource_poll_s=cfg.resources.poll_s,
                                  before_task=self.refresh, after_update=self.after_update,
                                  personal=self.personal_head_from_store(), identity=self.identity,
-                                 replay=SqliteReplay(self.store.path), personalize=cfg.personalize)
+                                 replay=SqliteReplay(self.store.path), personalize=cfg.personalize,
+                                 announce_prototype=cfg.announce_prototype)
         self.client.bundle_version = self.bundle_version
         self._attach_bundles(self.client)
         unsettled = self.store.outbox_unsettled()

@@ -70,8 +70,9 @@ class DeviceLearner:
         self.feature_seconds = time.perf_counter() - t0
         # what distortion consistency and rule guards need besides features (a from_features learner lacks them)
         self.x_train, self.history = x_tr, scaled[:eval_start]
-        self.w_train = Windows(f_train, y_tr, x_tr[:, -1], i_tr % season, np.zeros(len(y_tr)))
-        self.w_eval = Windows(f_eval, y_ev, x_ev[:, -1], i_ev % season, np.zeros(len(y_ev)))
+        self.w_train = Windows(f_train, y_tr, x_tr[:, -1], i_tr % season, np.zeros(len(y_tr)),
+                               W.seasonal_naive(x_tr, horizon, season))
+        self.w_eval = Windows(f_eval, y_ev, x_ev[:, -1], i_ev % season, np.zeros(len(y_ev)), self.naive_eval)
 
     @classmethod
     def from_features(cls, backbone: BackboneRunner, *, f_train: Features, y_train: np.ndarray, f_eval: Features,
@@ -98,7 +99,7 @@ class DeviceLearner:
         nan = np.full(len(y_train), np.nan)
         self.w_train = Windows(f_train, y_train, nan, np.zeros(len(y_train), int), np.zeros(len(y_train)))
         nan = np.full(len(y_eval), np.nan)
-        self.w_eval = Windows(f_eval, y_eval, nan, np.zeros(len(y_eval), int), np.zeros(len(y_eval)))
+        self.w_eval = Windows(f_eval, y_eval, nan, np.zeros(len(y_eval), int), np.zeros(len(y_eval)), naive_eval)
 
     @property
     def n_train(self) -> int:
@@ -192,13 +193,13 @@ class DeviceLearner:
         glob = as_float32(global_params)
         if self.prior is None:
             self.prior = glob
-        served = ServedModel(self.personal_model.params, glob, self.prior)
+        served = ServedModel(self.personal_model.params, glob, self.prior, naive_prior=cfg.naive_prior)
         check = self.w_train.subset(val_idx) if len(val_idx) else None
         if cfg.gate and len(val_idx) >= 4:
             gate_w, check = self.w_train.subset(val_idx[: len(val_idx) // 2]), self.w_train.subset(
                 val_idx[len(val_idx) // 2 :])
             p, q = self.personal_model.predict(gate_w.x)
-            g, z = params_forecast(glob, gate_w.x), params_forecast(self.prior, gate_w.x)
+            g, z = params_forecast(glob, gate_w.x), served.prior_forecast(gate_w)
             served.gate = PZ.fit_gate(PZ.gate_stats(gate_w.x, p, g[0], gate_w.miss), (p, q), g, z, gate_w.y,
                                       len(fit_idx), cfg)
         if cfg.rules and self.history is not None:

@@ -66,6 +66,7 @@ class PersonalConfig:
     gate_c_init: float = 0.8
     gate_entropy: float = 0.01
     gate_epochs: int = 200
+    naive_prior: bool = False  # the gate's prior is the seasonal-naive forecast (edge_client.learning.serving)
     rules: bool = False  # learned rule guards (edge_client.learning.rules) correct the served forecasts
     epochs: int = 5
     lr: float = 3e-3

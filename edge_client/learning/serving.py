@@ -32,12 +32,14 @@ class Windows:
     last: np.ndarray
     phase: np.ndarray
     miss: np.ndarray
+    naive: np.ndarray | None = None  # (N, H) seasonal-naive forecasts: the gate's model-free prior (naive_prior)
 
     def __len__(self) -> int:
         return len(self.y)
 
     def subset(self, idx: np.ndarray) -> Windows:
-        return Windows(self.x.subset(idx), self.y[idx], self.last[idx], self.phase[idx], self.miss[idx])
+        return Windows(self.x.subset(idx), self.y[idx], self.last[idx], self.phase[idx], self.miss[idx],
+                       None if self.naive is None else self.naive[idx])
 
 
 def params_forecast(params: Mapping[str, np.ndarray], x: Features) -> tuple[np.ndarray, np.ndarray]:
@@ -53,6 +55,7 @@ class ServedModel:
     glob: Params
     prior: Params
     gate: PZ.Gate | None = None
+    naive_prior: bool = False  # the gate's prior is the seasonal-naive forecast instead of the prior head
     guard: RuleGuard | None = None
     fallback: bool = False  # the personal predictor validated no better than the global head: serve the global one
     val_personal_mse: float = float("nan")
@@ -62,12 +65,20 @@ class ServedModel:
         """Personal model, gated with global/prior when there is a gate, then rule guards (point only)."""
         point, quant = params_forecast(self.personal, w.x)
         if self.gate is not None:
-            glob, prior = params_forecast(self.glob, w.x), params_forecast(self.prior, w.x)
+            glob, prior = params_forecast(self.glob, w.x), self.prior_forecast(w)
             stats = PZ.gate_stats(w.x, point, glob[0], w.miss)
             point, quant = self.gate.mix(stats, (point, quant), glob, prior)
         if self.guard is not None:
             point = self.guard.correct(point, w.last, w.phase)
         return point, quant
+
+    def prior_forecast(self, w: Windows) -> tuple[np.ndarray, np.ndarray]:
+        """The gate's prior: the prior head, or (naive_prior) the seasonal-naive forecast for every quantile, a
+        model-free forecaster that a random walk or a fresh level shift favour and no head can imitate."""
+        if self.naive_prior and w.naive is not None:
+            q = self.prior["quantile_bias"].shape[0]
+            return w.naive, np.repeat(w.naive[:, None, :], q, axis=1)
+        return params_forecast(self.prior, w.x)
 
     def forecast(self, w: Windows) -> tuple[np.ndarray, np.ndarray]:
         return params_forecast(self.glob, w.x) if self.fallback else self.personal_forecast(w)

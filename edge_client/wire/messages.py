@@ -147,6 +147,11 @@ class Hello(Message):
     # device that does not say encodes exactly as before these fields existed.
     backbone_sha256: str = Field(default="", pattern=r"^([0-9a-f]{64})?$", exclude_if=lambda v: v == "")
     bundle_version: int | None = Field(default=None, ge=0, exclude_if=lambda v: v is None)
+    # A forecasting device that opts in (device.toml announce_prototype) says what its data looks like before it
+    # trains, so a prototype strategy can place it (edge_client/learning/prototype.py); absent otherwise.
+    prototype: Array | None = Field(default=None, exclude_if=lambda v: v is None)
+
+    _prototype = field_validator("prototype")(_prototype_vector)
 
 
 class Status(Message):

@@ -15,6 +15,7 @@ from coordinator.fleet.strategies.fedavg import FedAvg
 from coordinator.fleet.strategies.fedprox import fedprox
 from coordinator.fleet.strategies.krum import MultiKrum
 from coordinator.fleet.strategies.median import CoordinateMedian
+from coordinator.fleet.strategies.prototype import PrototypeAggregation
 from coordinator.fleet.strategies.task_vector import TaskVectorAggregation
 from coordinator.fleet.strategies.trimmed_mean import TrimmedMean
 
@@ -28,6 +29,7 @@ FLEET_STRATEGIES: dict[str, Callable[[float | None, float, float], FleetStrategy
     "task_vector": lambda clip_norm, trim, temperature: TaskVectorAggregation(temperature=temperature),
     "median": lambda clip_norm, trim, temperature: CoordinateMedian(),
     "krum": lambda clip_norm, trim, temperature: MultiKrum(),
+    "prototype": lambda clip_norm, trim, temperature: PrototypeAggregation(temperature=temperature),
 }
 # Whatever the strategy, the server bounds every update first (coordinator.fleet.aggregation.Bounds): an adaptive
 # norm bound and capped sample weights. median, trimmed_mean and krum add robustness to a minority of attackers.

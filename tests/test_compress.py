@@ -1,0 +1,85 @@
+"""Update compression (int8 per-tensor scale, top-k with error feedback) and forecasting prototypes."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from coordinator.fleet.strategies.prototype import place, prototype_weights
+from edge_client.learning.compress import compress, decompress, nbytes
+from edge_client.learning.head import head_shapes
+from edge_client.learning.prototype import PROTOTYPE_DIM, feature_prototype
+
+
+def _delta(seed: int = 0) -> dict[str, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    return {k: rng.normal(0, 0.01, s).astype(np.float32) for k, s in head_shapes(64, 24, 3).items()}
+
+
+def test_int8_is_a_quarter_of_float32_and_rounds_to_half_a_step():
+    d = _delta()
+    packed, residual = compress(d, "int8")
+    assert nbytes(packed) == sum(v.size for v in d.values()) + 4 * len(d)
+    out = decompress(packed)
+    for k, v in d.items():
+        step = np.abs(v).max() / 127
+        assert np.abs(out[k] - v).max() <= step / 2 + 1e-9
+        np.testing.assert_allclose(out[k] + residual[k], v, atol=1e-7)
+
+
+def test_topk_fits_4kb_at_horizon_24_and_error_feedback_sends_everything_eventually():
+    d = _delta()
+    packed, _ = compress(d, "topk", k=0.2)
+    assert nbytes(packed) <= 4096  # 6,240 head numbers: 1,248 int8 values + uint16 positions + 4 scales
+    sent = decompress(packed)
+    assert sum(int(np.count_nonzero(v)) for v in sent.values()) <= 0.2 * 6240 + 4
+    # with the same delta every round, the running total of what arrived approaches rounds x delta
+    total = {k: np.zeros_like(v) for k, v in d.items()}
+    res = None
+    for _ in range(20):
+        packed, res = compress(d, "topk", k=0.2, residual=res)
+        for k, v in decompress(packed).items():
+            total[k] += v
+    for k, v in d.items():
+        np.testing.assert_allclose(total[k] + res[k], 20 * v, atol=1e-5)
+        assert np.abs(res[k]).max() < 3 * np.abs(v).max()  # the residual stays bounded
+
+
+def test_compress_refuses_unknown_methods_and_fractions():
+    with pytest.raises(ValueError, match="unknown compression"):
+        compress(_delta(), "zip")
+    with pytest.raises(ValueError, match="fraction"):
+        compress(_delta(), "topk", k=0.0)
+
+
+def test_prototypes_are_short_deterministic_and_place_a_device_near_its_kind():
+    rng = np.random.default_rng(1)
+    kinds = [rng.normal(size=64) * 3 for _ in range(2)]
+    feats = [kinds[i % 2] + rng.normal(size=(50, 64)) for i in range(6)]
+    protos = np.stack([feature_prototype(f) for f in feats]).astype(np.float64)
+    assert protos.shape == (6, PROTOTYPE_DIM)
+    np.testing.assert_array_equal(feature_prototype(feats[0]), feature_prototype(feats[0]))
+    w = prototype_weights(protos, 0.1, top_m=3)
+    assert np.allclose(w.sum(axis=1), 1.0)
+    for i in range(6):  # weight goes to devices of the same kind
+        assert w[i, [j for j in range(6) if j % 2 == i % 2]].sum() > 0.99
+    heads = [{"point_bias": np.full(3, float(i % 2))} for i in range(6)]
+    newcomer = feature_prototype(kinds[1] + rng.normal(size=(50, 64)))
+    assert np.allclose(place(newcomer, protos, heads, 0.1, top_m=3)["point_bias"], 1.0, atol=0.01)
+    with pytest.raises(ValueError):
+        feature_prototype(np.zeros((0, 64)))
+
+
+def test_a_hello_may_carry_a_prototype_vector_and_nothing_else():
+    from edge_client import wire as P
+
+    hello = P.Hello(fleet="f", device_id="d", runtime="ort", n_train=1, n_eval=1)
+    assert b"prototype" not in P.encode(hello)  # absent unless the device opts in: old bytes unchanged
+    with_proto = hello.model_copy(update={"prototype": np.ones(PROTOTYPE_DIM, np.float32)})
+    assert P.decode(P.encode(with_proto)).prototype.shape == (PROTOTYPE_DIM,)
+    import msgpack
+
+    raw = msgpack.unpackb(P.encode(with_proto), raw=False, ext_hook=lambda c, d: msgpack.ExtType(c, d))
+    raw["prototype"] = msgpack.ExtType(42, msgpack.packb(["float32", [2, 2], np.ones(4, "<f4").tobytes()]))
+    with pytest.raises(P.WrongShape):
+        P.decode(msgpack.packb(raw, use_bin_type=True))
