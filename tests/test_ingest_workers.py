@@ -25,3 +25,17 @@ def test_two_ingest_workers_share_the_updates_through_postgres(postgres_url, tin
         assert closed.fetchone()[0] == 2
     assert {ingester for _, ingester, _ in rows} == {"ingest-0", "ingest-1"}  # the broker split the stream
     assert all(sum(c for r, _, c in rows if r == rid) == 16 for rid in (1, 2))
+
+
+def test_ingest_workers_with_a_fleet_folder_are_refused_with_the_reason(tmp_path) -> None:
+    """Workers neither verify device signatures nor sign their receipts yet: `fedge serve` says so and stops, rather
+    than running a secured fleet whose updates nobody checks."""
+    from coordinator.fleet.pki import FleetPKI
+    from tests.test_cli import fedge
+
+    FleetPKI(tmp_path / "fleet").init("secure", ("127.0.0.1",), 1_000_000)
+    out = fedge("serve", "--fleet-dir", str(tmp_path / "fleet"), "--ingest-workers", "2", "--db",
+                str(tmp_path / "fleet.sqlite"), "--broker", "127.0.0.1:1", timeout=120)
+    assert out.returncode != 0
+    assert "--ingest-workers" in out.stdout + out.stderr and "--fleet-dir" in out.stdout + out.stderr
+    assert not (tmp_path / "fleet.sqlite").exists()  # refused before anything was created
