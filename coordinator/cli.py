@@ -120,6 +120,8 @@ def demo(
     dp_noise: Annotated[float | None, typer.Option(min=0.0, help="DP noise multiplier (instead of calibrating)")
                         ] = None,
     dp_clip: Annotated[float, typer.Option(min=1e-9, help="DP: L2 bound of one device's delta")] = 0.1,
+    secagg: Annotated[bool, typer.Option("--secagg/--no-secagg", help="secure aggregation (SecAgg+) of the rounds")
+                      ] = False,
     verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False,
 ) -> None:
     """Run broker, coordinator and simulated edge devices end to end on real data."""
@@ -158,7 +160,7 @@ def demo(
         run_demo(DemoConfig(devices=devices, rounds=rounds, horizon=horizon, local_epochs=local_epochs, lr=lr,
                             strategy=strategy, prox_mu=prox_mu, data_dir=data_dir, out_dir=out, broker=broker,
                             quick=quick, seed=seed, personalize=personal_pairs, secure=secure,
-                            pretrain_strategy=pretrain_strategy, ui=ui, dp=dp_cfg), console)
+                            pretrain_strategy=pretrain_strategy, ui=ui, dp=dp_cfg, secagg=secagg), console)
     except (ConnectionError, RuntimeError, ValueError) as exc:
         _fail(str(exc))
 
@@ -317,6 +319,10 @@ def serve(
     dp_adaptive_clip: Annotated[float | None, typer.Option(min=0.01, max=0.99, help="DP (central): adapt the clip "
                                                            "to this quantile of the update norms (Andrew et al.)")
                                 ] = None,
+    secagg: Annotated[bool, typer.Option("--secagg/--no-secagg", help="secure aggregation (SecAgg+): the "
+                                         "coordinator learns only the sum of each round's updates")] = False,
+    secagg_range: Annotated[float, typer.Option(min=1e-6, help="secure aggregation: deltas are clipped to ± this "
+                                                "per coordinate before the fixed-point encoding")] = 0.5,
     verbose: Annotated[bool, typer.Option("--verbose", "-v")] = True,
 ) -> None:
     """Coordinate federated rounds for real devices. Killed and restarted with the same --db, it
@@ -354,7 +360,8 @@ def serve(
                           local_epochs=local_epochs, lr=lr, strategy=strategy, clip_norm=clip_norm,
                           personalize=parse_personalize(personalize),
                           bounds=Bounds(norm_multiple or None, weight_multiple or None, max_samples),
-                          shared_ingest=ingest_workers > 0, keep_rounds=keep_rounds,
+                          shared_ingest=ingest_workers > 0, keep_rounds=keep_rounds, secagg=secagg,
+                          secagg_range=secagg_range,
                           dp=dp_config(dp, dp_noise, dp_clip, dp_delta, dp_epsilon_budget, dp_adaptive_clip,
                                        rounds, fraction, min_devices))
         if ingest_workers and (address.mqtt311 or registry is not None):

@@ -63,6 +63,7 @@ class DemoConfig:
     pretrain_strategy: str = "shipped"
     ui: bool = True  # the fleet dashboard on 127.0.0.1 while the demo runs (its address is printed)
     dp: DPConfig | None = None  # user-level differential privacy (coordinator.fleet.privacy); ε shows in the table
+    secagg: bool = False  # secure aggregation (SecAgg+): the coordinator sees only each round's sum
 
 
 @dataclass
@@ -294,7 +295,8 @@ def run_demo(cfg: DemoConfig, console: Console | None = None) -> DemoResult:
     coordinator = FleetCoordinator(
         FleetConfig(fleet=fleet, deadline_s=cfg.deadline_s, local_epochs=cfg.local_epochs, lr=cfg.lr,
                     batch_size=cfg.batch_size, strategy=cfg.strategy, prox_mu=cfg.prox_mu, seed=cfg.seed,
-                    min_devices=cfg.devices, personalize=cfg.personalize, dp=cfg.dp),
+                    min_devices=cfg.devices, personalize=cfg.personalize, dp=cfg.dp,
+                    secagg=cfg.secagg),
         address, FleetState(db), registry=registry)
     clients = []
     dashboard = None

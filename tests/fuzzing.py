@@ -33,6 +33,14 @@ def samples() -> dict[str, P.Message]:
         P.BundleChunk(fleet=FLEET, version=1, file="backbone.onnx", index=0, total=1, sha256="a" * 64, data=b"xyz"),
         P.Reject(fleet=FLEET, device_id="dev-1", ref_msg_id="m" * 16, reason="stale_round"),
         P.Receipt(fleet=FLEET, device_id="dev-1", round_id=1, ref_msg_id="m" * 16),
+        P.SecAggKeys(fleet=FLEET, device_id="dev-1", round_id=1, c_pk=bytes(32), s_pk=bytes(range(32))),
+        P.SecAggRoster(fleet=FLEET, device_id="dev-1", round_id=1, size=12, value_range=0.5, bits=28, threshold=2,
+                       neighbours={"dev-2": (bytes(32), bytes(32), b""), "dev-3": (bytes(32), bytes(32), b"")}),
+        P.SecAggShares(fleet=FLEET, device_id="dev-1", round_id=1, shares={"dev-2": bytes(40), "dev-3": bytes(41)}),
+        P.SecAggInbox(fleet=FLEET, device_id="dev-1", round_id=1, shares={"dev-2": bytes(40)}),
+        P.SecAggMasked(fleet=FLEET, device_id="dev-1", round_id=1, masked=bytes(48)),
+        P.SecAggUnmask(fleet=FLEET, device_id="dev-1", round_id=1, survivors=["dev-1", "dev-2"], dropped=["dev-3"]),
+        P.SecAggReveal(fleet=FLEET, device_id="dev-1", round_id=1, shares={"dev-2": ("b", 1, bytes(66))}),
     ]
     out = {m.type: P.sign(m, KEY) for m in msgs}
     assert set(out) == set(P.MESSAGE_TYPES)
@@ -71,7 +79,7 @@ def mutate(payload: bytes, rng: random.Random) -> bytes:
     """One random mutation of an encoded message (bytes that no longer unpack are cut instead)."""
     try:
         return _mutate(payload, rng)
-    except (ValueError, TypeError, OverflowError, msgpack.ExtraData):
+    except (ValueError, TypeError, OverflowError, IndexError, msgpack.ExtraData):  # IndexError: an emptied map
         return payload[: rng.randrange(len(payload) + 1)]
 
 

@@ -17,6 +17,8 @@ VECTORS = Path(__file__).parent / "data" / "wire_v1"
 EXPECTED = json.loads((VECTORS / "expected.json").read_text())
 ADDED = Path(__file__).parent / "data" / "wire_v1_issue11"  # types and signed forms added by issue #11
 ADDED_EXPECTED = json.loads((ADDED / "expected.json").read_text())
+SECAGG = Path(__file__).parent / "data" / "wire_v1_issue16"  # secure aggregation's types (issue #16)
+SECAGG_EXPECTED = json.loads((SECAGG / "expected.json").read_text())
 
 
 def _plain(value):
@@ -26,7 +28,7 @@ def _plain(value):
         return {"base64": base64.b64encode(value).decode()}
     if isinstance(value, dict):
         return {k: _plain(v) for k, v in value.items()}
-    if isinstance(value, list):
+    if isinstance(value, list | tuple):
         return [_plain(v) for v in value]
     return value
 
@@ -34,18 +36,22 @@ def _plain(value):
 def test_every_message_type_has_a_vector() -> None:
     assert set(EXPECTED) == {p.stem for p in VECTORS.glob("*.msgpack")}
     assert set(ADDED_EXPECTED) == {p.stem for p in ADDED.glob("*.msgpack")}
-    assert set(EXPECTED) | set(ADDED_EXPECTED) == set(P.MESSAGE_TYPES) | set(P.RETIRED_TYPES)
+    assert set(SECAGG_EXPECTED) == {p.stem for p in SECAGG.glob("*.msgpack")}
+    assert (set(EXPECTED) | set(ADDED_EXPECTED) | set(SECAGG_EXPECTED)
+            == set(P.MESSAGE_TYPES) | set(P.RETIRED_TYPES))
 
 
-@pytest.mark.parametrize("name", sorted(ADDED_EXPECTED))
-def test_vectors_added_by_issue_11_decode_re_encode_and_verify(name: str) -> None:
+@pytest.mark.parametrize(("folder", "name"), [(ADDED, n) for n in sorted(ADDED_EXPECTED)]
+                         + [(SECAGG, n) for n in sorted(SECAGG_EXPECTED)])
+def test_vectors_added_later_decode_re_encode_and_verify(folder: Path, name: str) -> None:
     from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
-    payload = (ADDED / f"{name}.msgpack").read_bytes()
+    payload = (folder / f"{name}.msgpack").read_bytes()
     msg = P.decode(payload)
-    assert _plain(msg.model_dump(mode="python")) == ADDED_EXPECTED[name]
+    expected = json.loads((folder / "expected.json").read_text())[name]
+    assert _plain(msg.model_dump(mode="python")) == expected
     assert P.encode(msg) == payload
-    P.verify(msg, Ed25519PublicKey.from_public_bytes(bytes.fromhex((ADDED / "public_key.hex").read_text())))
+    P.verify(msg, Ed25519PublicKey.from_public_bytes(bytes.fromhex((folder / "public_key.hex").read_text())))
 
 
 # Vectors that later rules refuse on purpose, each with the typed reason (issue #11): a float64 array is refused

@@ -30,6 +30,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
+from cryptography.exceptions import InvalidSignature
 
 from coordinator.fleet.aggregation import (
     Bounds,
@@ -46,6 +47,7 @@ from coordinator.fleet.pki import coordinator_name
 from coordinator.fleet.privacy import Charge, DPConfig, PrivacyBudgetSpent, dp_sum, epsilon, next_clip
 from coordinator.fleet.registry import DeviceRegistry
 from coordinator.fleet.replay import FleetReplay
+from coordinator.fleet.secagg import SecAggAbort, SecureRound
 from coordinator.fleet.state import (
     CONFLICT,
     DUPLICATE,
@@ -59,6 +61,7 @@ from coordinator.fleet.state import (
 )
 from coordinator.fleet.strategies import Aggregate, RoundInputs, fleet_strategy
 from edge_client.learning.prototype import PROTOTYPE_DIM
+from edge_client.secagg.masking import from_vector
 from edge_client.wire import (
     DuplicateUpdate,
     Forget,
@@ -73,6 +76,8 @@ from edge_client.wire import (
     Reject,
     RoundClosed,
     RoundTask,
+    SecAggRefused,
+    SignatureMismatch,
     Status,
     Topics,
     UnknownDevice,
@@ -84,6 +89,7 @@ from edge_client.wire import (
     verify,
 )
 from edge_client.wire import mqtt as M
+from edge_client.wire.messages import SECAGG_FROM_DEVICE
 from edge_client.wire.signing import SIGNED_BY_DEVICE
 
 log = logging.getLogger("fedge.coordinator")
@@ -117,6 +123,10 @@ class FleetConfig:
     shared_ingest: bool = False  # updates are stored by `fedge ingest` workers (MQTT v5 shared subscription)
     personalize: tuple[tuple[str, float], ...] = ()  # device-side methods, e.g. (("self_distill", 0.5),)
     dp: DPConfig | None = None  # user-level DP-FedAvg (coordinator.fleet.privacy): clip, noise, accountant, budget
+    # secure aggregation (coordinator.fleet.secagg, SecAgg+): the coordinator learns only the sum of a round's updates
+    secagg: bool = False
+    secagg_range: float = 0.5  # per-coordinate range of the fixed-point encoding (deltas are clipped to ±this)
+    secagg_stage_s: float = 30.0  # how long each stage after the keys waits for the devices still in the round
 
 
 @dataclass
@@ -158,10 +168,10 @@ class FleetCoordinator:
             raise ValueError(f"the fleet folder is for fleet {registry.fleet!r}, not {cfg.fleet!r}")
         self.topics = Topics(cfg.fleet)
         self.strategy = fleet_strategy(cfg.strategy, clip_norm=cfg.clip_norm, tv_temperature=cfg.tv_temperature)
-        if cfg.dp is not None and not (self.strategy.streaming and not self.strategy.personalised):
-            raise ValueError(f"differential privacy runs with fedavg or fedprox, not {cfg.strategy!r}: robust and "
-                             "personalised aggregators read single updates, which DP-FedAvg's accountant does not "
-                             "cover")
+        if (cfg.dp is not None or cfg.secagg) and not (self.strategy.streaming and not self.strategy.personalised):
+            raise ValueError(f"differential privacy and secure aggregation run with fedavg or fedprox, not "
+                             f"{cfg.strategy!r}: robust and personalised aggregators read single updates")
+        self._secure: SecureRound | None = None
         self.dp_rng: np.random.Generator | None = None  # DP noise: OS entropy unless a test or simulation seeds it
         self.traffic = _Traffic()
         self.duplicates = 0
@@ -232,6 +242,8 @@ class FleetCoordinator:
         subs = [(self.topics.all_hellos, 1), (self.topics.all_statuses, 1), (self.topics.all_forgets, 1)]
         if not self.cfg.shared_ingest:  # else `fedge ingest` workers take the updates (coordinator.fleet.ingest_worker)
             subs.append((self.topics.all_updates, 1))
+        if self.cfg.secagg:
+            subs.append((self.topics.all_secagg, 1))
         client.subscribe(subs)
         log.info("coordinator connected to %s:%d (session present: %s)", self.broker.host, self.broker.port,
                  flags.session_present)
@@ -329,6 +341,8 @@ class FleetCoordinator:
             charge = self._privacy_charge(len(selected)) if kind == "train" and self.cfg.dp is not None else None
             if charge is not None:
                 options = {**(options or {}), **self._dp_options(charge)}
+            if self.cfg.secagg and kind == "train":
+                options = {**(options or {}), "secagg": True, "secagg_range": self.cfg.secagg_range}
             rec = self.state.open_round(self.cfg.task, kind, version, selected, quorum, t0 + self.cfg.deadline_s,
                                         {**self._round_config(), "options": dict(options or {})})
             if charge is not None:
@@ -339,6 +353,18 @@ class FleetCoordinator:
             self.state.charge_privacy(dataclasses.replace(charge, round_id=rec.round_id))
         self._set_open(rec)
         base = self._model(rec.base_version)
+        secure = self.cfg.secagg and rec.kind == "train"
+        if secure and resumed:  # the devices' round secrets died with the old process: fail it, open a new one
+            log.warning("round %d: a secure round cannot be resumed after a restart; it fails", rec.round_id)
+            self.state.fail_round(rec.round_id)
+            self._set_open(None)
+            return RoundResult(rec.round_id, rec.kind, rec.base_version, None, rec.selected, {}, {}, 0, 0,
+                               time.time() - t0, True, "failed")
+        if secure:
+            self._secure = SecureRound(self.cfg.fleet, rec.round_id, rec.selected,
+                                       sum(v.size for v in base.values()), self.cfg.secagg_range,
+                                       lambda device, msg, r=rec.round_id: self._send_secagg(r, device, msg),
+                                       self.state, seed=self.cfg.seed, check_keys=self._check_secagg_keys)
         # the round's base is published (retained) once: by the close of the round that made it, or here by the
         # first round of this process. Every subscribed device already has it (a device that connects later gets
         # the retained copy), so sending it again would only double what the broker fans out (25 KB x devices)
@@ -349,6 +375,8 @@ class FleetCoordinator:
         self.traffic.down[rec.round_id] += global_bytes * len(pending)
         for device_id in pending:
             self._send_task(rec, device_id)
+        if secure:
+            return self._secure_close(rec, base, t0)
 
         poll = 0.1 if self.cfg.shared_ingest else 0.5  # other processes store updates: nobody notifies
         while True:
@@ -366,6 +394,11 @@ class FleetCoordinator:
             # counting takes the database lock the writer commits under: at most 20 counts a second, not one per batch
             time.sleep(max(0.0, 0.05 - (time.monotonic() - counted)))
         result = self._close(rec, base, t0, resumed)
+        return self._observed(result)
+
+
+    def _observed(self, result: RoundResult) -> RoundResult:
+        """Hand a finished round to every observer (metrics, dashboards); one that raises is logged, not fatal."""
         for observe in self.round_observers:
             try:
                 observe(result)
@@ -373,6 +406,67 @@ class FleetCoordinator:
                 log.exception("round observer %r failed", observe)
         return result
 
+    # ------------------------------------------------------------------ secure aggregation
+
+    def _send_secagg(self, round_id: int, device_id: str, msg: Message) -> None:
+        self.traffic.down[round_id] += self._send(self.topics.task(device_id), msg, expiry_s=3600)
+
+    def _check_secagg_keys(self, device_id: str, signed: bytes, sig: bytes) -> None:
+        """With a registry, a device's round keys must carry its identity key's signature (no key substitution by
+        anyone on the path); without one, devices are known by their hello and keys are taken as sent."""
+        if self.registry is None:
+            return
+        try:
+            self.registry.device(device_id).public_key.verify(sig, signed)
+        except (InvalidSignature, ValueError):
+            raise SignatureMismatch(f"device {device_id}'s secure-aggregation keys are not signed by it") from None
+
+    def _on_secagg(self, msg: Message, payload: bytes) -> None:
+        secure = self._secure
+        if secure is None:
+            raise SecAggRefused(f"{msg.type} for round {msg.round_id}: no secure round is open")
+        secure.on_message(msg, payload)
+
+    def _secure_close(self, rec: RoundRecord, base: dict[str, np.ndarray], t0: float) -> RoundResult:
+        """Run the secure round's stages and close it from the unmasked sum alone: the mean over the survivors, or
+        under differential privacy over the devices asked, with the central noise added to the sum here."""
+        secure = self._secure
+        assert secure is not None
+        new_version, state, agg_s = None, "failed", 0.0
+        survivors: list[str] = []
+        try:
+            total, survivors = secure.run(rec.deadline, self.cfg.secagg_stage_s)
+            t_agg = time.time()
+            sums = from_vector(total, base)
+            denom = float(len(survivors))
+            row = self._ledger_row(rec.round_id) if self.cfg.dp is not None else None
+            if self.cfg.dp is not None and row is not None:
+                denom = float(row.n_expected)
+                if self.cfg.dp.placement == "central":
+                    sums, _ = dp_sum([sums], None, self.cfg.dp.delta_noise(row.n_expected) * row.clip, self.dp_rng)
+            agg = self.strategy.finish(base, {k: v / denom for k, v in sums.items()})  # type: ignore[attr-defined]
+            meta = self._model_meta() | ({"dp_epsilon": row.epsilon, "dp_delta": row.delta} if row else {})
+            new_version = self.state.close_round(rec.round_id, agg.global_params, rec.task, meta=meta)
+            if new_version is not None:
+                self._adopt(new_version, agg.global_params, {})
+                self.publish_global(new_version, self._model(new_version), rec.round_id)
+                state = "closed"
+            agg_s = time.time() - t_agg
+        except (SecAggAbort, NonFiniteModel) as exc:
+            log.error("round %d: secure aggregation aborted, global unchanged: %s", rec.round_id, exc)
+            self.receiver.rejected["secagg_abort"] += 1
+            self.state.fail_round(rec.round_id)
+        finally:
+            self._secure = None
+            self._set_open(None)
+        self.traffic.up[rec.round_id] += sum(secure.bytes_up.values())
+        self.state.prune(self.cfg.keep_rounds)
+        charged = self._ledger_row(rec.round_id) if self.cfg.dp is not None else None
+        result = RoundResult(rec.round_id, rec.kind, rec.base_version, new_version, rec.selected,
+                             {d: {} for d in survivors}, {}, self.traffic.up[rec.round_id],
+                             self.traffic.down[rec.round_id], time.time() - t0, False, state, agg_s,
+                             charged.epsilon if charged else None)
+        return self._observed(result)
 
     # ------------------------------------------------------------------ differential privacy
 
@@ -644,6 +738,9 @@ class FleetCoordinator:
         try:
             if isinstance(msg, Update):
                 return self._on_update(msg, message.payload, ack)
+            if isinstance(msg, SECAGG_FROM_DEVICE):
+                self._on_secagg(msg, message.payload)
+                return False
             if isinstance(msg, Hello):
                 return self._on_hello(msg, retained=bool(message.retain), ack=ack)
             if isinstance(msg, Forget):

@@ -27,6 +27,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from edge_client.daemon.outbox import MemoryOutbox, Outbox, OutboxEntry
+from edge_client.daemon.secure import SecureSession
 from edge_client.identity import Identity
 from edge_client.learning.dp import privatize
 from edge_client.learning.head import Params, as_float32, head_shapes
@@ -58,6 +59,7 @@ from edge_client.wire import (
 )
 from edge_client.wire import mqtt as M
 from edge_client.wire.memory import ReplayMemory
+from edge_client.wire.messages import SECAGG_FROM_COORDINATOR
 from edge_client.wire.mqtt_loop import NetworkLoop
 from edge_client.wire.signing import SIGNED_BY_COORDINATOR, SIGNED_BY_DEVICE
 
@@ -223,6 +225,10 @@ class EdgeClient:
         if identity is not None and identity.name != device_id:
             raise ValueError(f"the identity is {identity.name!r}'s, not {device_id!r}'s")
         self.receiver = Receiver(f"device {device_id}", memory=replay, authenticate=self._authenticate)
+        # secure rounds (task option ``secagg``): the update leaves this device only masked (edge_client.secagg)
+        self.secure = SecureSession(device_id, fleet, self._publish_secagg,
+                                    identity_key=identity.key if identity is not None else None,
+                                    refused=lambda err: self.receiver.reject(err, self.topics.task(device_id)))
         self.stats = EdgeStats()
         # the last two global models accepted (params as float32): what tasks train from, kept as messages
         # so they can be checked again after a backbone change
@@ -418,6 +424,8 @@ class EdgeClient:
                 self.stats.receipts += 1
                 self.receipts.release()
                 log.info("device %s: the coordinator stored the update for round %d", self.device_id, msg.round_id)
+        elif isinstance(msg, SECAGG_FROM_COORDINATOR):
+            self._worker.submit(self.secure.handle, msg)  # key agreement and masks: off paho's network thread
         elif isinstance(msg, Reject):
             entry = self.outbox.outbox_settle(msg.ref_msg_id, "rejected")
             log.warning("device %s: coordinator rejected %s%s: %s (%s)", self.device_id, msg.ref_msg_id,
@@ -493,6 +501,10 @@ class EdgeClient:
                         return
             self.publish_status("training", f"round {task.round_id}")
             update = self._compute(task)
+            if task.options.get("secagg") and task.kind == "train":  # masked, through the secure session
+                self.secure.start(task, update)
+                self.publish_status("idle")
+                return
             payload = encode(self._signed(update))
             topic = self.topics.update(task.round_id, self.device_id)
             with self._ack_lock:  # a reconnect flushing the outbox right now must leave this one to us
@@ -564,6 +576,9 @@ class EdgeClient:
             self.outbox.outbox_mark(entry.round_id, entry.msg_id, "sent")
         if early:
             self._acked(key)
+
+    def _publish_secagg(self, msg: Message) -> None:
+        self._publish(self.topics.secagg(msg.round_id or 0, self.device_id), msg)
 
     def _publish(self, topic: str, msg: Message, *, retain: bool = False) -> None:
         payload = encode(self._signed(msg))

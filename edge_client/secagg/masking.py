@@ -8,6 +8,8 @@ n·(2^bits - 1) < 2^32, so the server recovers Σ exactly from the masked sum an
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 import numpy as np
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms
 
@@ -39,3 +41,20 @@ def prg(seed: bytes, size: int, nonce: bytes) -> np.ndarray:
     """`size` uint32 from the ChaCha20 keystream of a 32-byte seed (`nonce`: 16 bytes naming the round and use)."""
     enc = Cipher(algorithms.ChaCha20(seed, nonce), mode=None).encryptor()
     return np.frombuffer(enc.update(bytes(4 * size)), dtype="<u4").astype(DTYPE)
+
+
+def to_vector(delta: Mapping[str, np.ndarray]) -> np.ndarray:
+    """One float64 vector of a delta, keys in sorted order: what a device masks (see :func:`from_vector`)."""
+    return np.concatenate([np.asarray(delta[k], np.float64).ravel() for k in sorted(delta)])
+
+
+def from_vector(vector: np.ndarray, like: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """The inverse of :func:`to_vector`: arrays shaped as `like` (a head), keys in sorted order."""
+    out, at = {}, 0
+    for k in sorted(like):
+        n = int(np.prod(like[k].shape))
+        out[k] = np.asarray(vector[at:at + n], np.float64).reshape(like[k].shape)
+        at += n
+    if at != vector.size:
+        raise ValueError(f"a vector of {vector.size} values for a head of {at}")
+    return out

@@ -104,3 +104,10 @@ class Revoked(ProtocolError):
     """A device whose identity the fleet revoked."""
 
     reason = "revoked"
+
+
+class SecAggRefused(ProtocolError):
+    """A secure-aggregation message that does not fit the round's stage: not asked for, out of order, from a device
+    outside the round, a share that does not decrypt, or a request a device must refuse (edge_client.secagg)."""
+
+    reason = "secagg_refused"

@@ -285,12 +285,102 @@ class Receipt(Message):
     ref_msg_id: str = Field(min_length=8, max_length=64)
 
 
+# --------------------------------------------------------------------------- secure aggregation (SecAgg+)
+# edge_client.secagg.protocol describes the four stages. Device -> coordinator on rounds/{round}/secagg/{device};
+# coordinator -> device on the device's task topic. Keys and shares are opaque bytes of bounded length: the protocol
+# layer checks what they contain (a share that does not decrypt is a typed refusal there).
+
+MAX_SECAGG_VECTOR = 1 << 17  # quantised parameters per masked input (512 KB of uint32: the payload limit)
+X25519Key = Annotated[bytes, Field(min_length=32, max_length=32)]
+KeySignature = Annotated[bytes, Field(max_length=64)]  # ed25519 over the keys; empty without an identity
+Ciphertext = Annotated[bytes, Field(min_length=16, max_length=512)]
+ShareBytes = Annotated[bytes, Field(min_length=1, max_length=66)]
+
+
+class SecAggKeys(Message):
+    """Stage 1 (device): the public halves of the round's two X25519 key pairs, signed with the identity key."""
+
+    type: Literal["secagg_keys"] = "secagg_keys"
+    device_id: DeviceId
+    round_id: Count
+    c_pk: X25519Key
+    s_pk: X25519Key
+    key_sig: KeySignature = b""
+
+
+class SecAggRoster(Message):
+    """Stage 1 (coordinator): what the round masks and the keys of this device's neighbours."""
+
+    type: Literal["secagg_roster"] = "secagg_roster"
+    device_id: DeviceId
+    round_id: Count
+    size: int = Field(ge=1, le=MAX_SECAGG_VECTOR)
+    value_range: float = Field(gt=0, le=1e6)
+    bits: int = Field(ge=1, le=31)
+    threshold: int = Field(ge=1, le=4096)
+    neighbours: dict[DeviceId, tuple[X25519Key, X25519Key, KeySignature]] = Field(max_length=4096)
+
+
+class SecAggShares(Message):
+    """Stage 2 (device): its encrypted Shamir shares, one per neighbour."""
+
+    type: Literal["secagg_shares"] = "secagg_shares"
+    device_id: DeviceId
+    round_id: Count
+    shares: dict[DeviceId, Ciphertext] = Field(max_length=4096)
+
+
+class SecAggInbox(Message):
+    """Stage 2 (coordinator): the shares other devices encrypted for this one (sender -> ciphertext)."""
+
+    type: Literal["secagg_inbox"] = "secagg_inbox"
+    device_id: DeviceId
+    round_id: Count
+    shares: dict[DeviceId, Ciphertext] = Field(max_length=4096)
+
+
+class SecAggMasked(Message):
+    """Stage 3 (device): the masked quantised update, little-endian uint32 -- the only payload the coordinator
+    stores of a secure round."""
+
+    type: Literal["secagg_masked"] = "secagg_masked"
+    device_id: DeviceId
+    round_id: Count
+    masked: bytes = Field(min_length=4, max_length=4 * MAX_SECAGG_VECTOR)
+
+
+class SecAggUnmask(Message):
+    """Stage 4 (coordinator): whose masked input arrived, and who shared keys but sent none."""
+
+    type: Literal["secagg_unmask"] = "secagg_unmask"
+    device_id: DeviceId
+    round_id: Count
+    survivors: list[DeviceId] = Field(max_length=4096)
+    dropped: list[DeviceId] = Field(max_length=4096)
+
+
+class SecAggReveal(Message):
+    """Stage 4 (device): for each neighbour, one share -- of its self-mask seed ("b", it survived) or of its mask key
+    ("s", it dropped) -- as (kind, x, y)."""
+
+    type: Literal["secagg_reveal"] = "secagg_reveal"
+    device_id: DeviceId
+    round_id: Count
+    shares: dict[DeviceId, tuple[Literal["b", "s"], Annotated[int, Field(ge=1, le=4096)], ShareBytes]] = Field(
+        max_length=4096)
+
+
+SECAGG_FROM_DEVICE = (SecAggKeys, SecAggShares, SecAggMasked, SecAggReveal)
+SECAGG_FROM_COORDINATOR = (SecAggRoster, SecAggInbox, SecAggUnmask)
+
 MESSAGE_TYPES: dict[str, type[Message]] = {
     cls.model_fields["type"].default: cls
-    for cls in (Hello, Status, Forget, RoundTask, Update, GlobalModel, BundleManifest, BundleChunk, Reject, Receipt)
+    for cls in (Hello, Status, Forget, RoundTask, Update, GlobalModel, BundleManifest, BundleChunk, Reject, Receipt,
+                *SECAGG_FROM_DEVICE, *SECAGG_FROM_COORDINATOR)
 }
 AnyMessage = Annotated[
-    Hello | Status | Forget | RoundTask | Update | GlobalModel | BundleManifest | BundleChunk | Reject | Receipt,
+    Hello | Status | Forget | RoundTask | Update | GlobalModel | BundleManifest | BundleChunk | Reject | Receipt
+    | SecAggKeys | SecAggRoster | SecAggShares | SecAggInbox | SecAggMasked | SecAggUnmask | SecAggReveal,
     Field(discriminator="type"),
 ]
 # Types this schema version once had and no longer accepts: decoding one is a typed refusal that says why.

@@ -23,8 +23,10 @@ SIGNATURE_CONTEXT = b"fedge-msg-v1\x00"
 _UNLIMITED = Limits(max_payload_bytes=1 << 30)  # the signed form is never larger than the message itself
 
 # Who signs which message type: what a device must check the coordinator's key on, and the coordinator a device's.
-SIGNED_BY_COORDINATOR = frozenset({"global_model", "task", "reject", "receipt"})
-SIGNED_BY_DEVICE = frozenset({"hello", "status", "update", "forget"})
+SIGNED_BY_COORDINATOR = frozenset({"global_model", "task", "reject", "receipt", "secagg_roster", "secagg_inbox",
+                                   "secagg_unmask"})
+SIGNED_BY_DEVICE = frozenset({"hello", "status", "update", "forget", "secagg_keys", "secagg_shares", "secagg_masked",
+                              "secagg_reveal"})
 
 
 def signing_bytes(msg: Message) -> bytes:

@@ -46,6 +46,10 @@ class Topics:
     def update(self, round_id: int, device_id: str) -> str:
         return f"{self.root}/rounds/{int(round_id)}/updates/{check_name(device_id, 'device id')}"
 
+    def secagg(self, round_id: int, device_id: str) -> str:
+        """Where a device sends its secure-aggregation messages of a round (keys, shares, masked input, reveal)."""
+        return f"{self.root}/rounds/{int(round_id)}/secagg/{check_name(device_id, 'device id')}"
+
     def global_model(self, task: str) -> str:
         return f"{self.root}/models/{check_name(task, 'task')}/global"
 
@@ -63,6 +67,10 @@ class Topics:
     @property
     def all_updates(self) -> str:
         return f"{self.root}/rounds/+/updates/+"
+
+    @property
+    def all_secagg(self) -> str:
+        return f"{self.root}/rounds/+/secagg/+"
 
     @property
     def all_hellos(self) -> str:
@@ -85,7 +93,7 @@ class Topics:
         rest = parts[base:]
         if len(rest) == 3 and rest[0] == "devices":
             return rest[1]
-        if len(rest) == 4 and rest[0] == "rounds" and rest[2] == "updates":
+        if len(rest) == 4 and rest[0] == "rounds" and rest[2] in ("updates", "secagg"):
             return rest[3]
         return None
 
