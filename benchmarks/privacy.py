@@ -13,7 +13,9 @@ devices' held-back windows after the last round, against the shipped head untouc
 
 Cost cells (devices n): one SecAgg+ round over the same head size, in one process (edge_client.secagg.local: every
 device and the server run the real protocol code; messages are passed by hand), against a plain round's encoded
-float16 Update and its FedAvg sum. Bytes per device are what the device sends; CPU is process time.
+float16 Update and its FedAvg sum. Bytes per device are what the device sends; CPU is process time. MQTT cells
+(10 and 100 devices): a plain and a secure round of real EdgeClients and FleetCoordinator over a private Mosquitto,
+bytes per device and round wall time (CPU is not separable there: everything shares one process).
 
 Writes privacy.json (checkpointed cells, skipped on rerun), privacy.md (hand-written notes below the marker line are
 kept) and privacy.png.
@@ -115,6 +117,51 @@ def cost_cell(n: int, size: int, seed: int) -> dict:
             "plain_server_cpu_s": plain_server, "secagg_wall_s": wall, "transport": "in-process"}
 
 
+def mqtt_cost_cell(n: int, backbone: Path, initial: dict, data_dir: str | None, seed: int) -> dict:
+    """A plain round and a secure round of n real EdgeClients (shipped backbone, one epoch) over a private Mosquitto:
+    bytes each device sent (update payloads; for SecAgg+ all four stages) and the round's wall time."""
+    import tempfile
+
+    from coordinator.fleet.broker import start_mosquitto
+    from coordinator.fleet.server import FleetConfig, FleetCoordinator
+    from coordinator.fleet.simulation import start_devices
+    from coordinator.fleet.state import FleetState
+
+    broker = start_mosquitto()
+    fleet = f"privacy-cost-{n}"
+    clients = []
+    try:
+        with tempfile.TemporaryDirectory() as tmp:
+            state = FleetState(Path(tmp) / "fleet.sqlite")
+            out: dict = {"devices": n, "transport": "MQTT (Mosquitto, one process)"}
+            for secure in (False, True):
+                cfg = FleetConfig(fleet=fleet, deadline_s=600, local_epochs=1, lr=3e-3, min_devices=n,
+                                  secagg=secure, secagg_stage_s=120, seed=seed)
+                coord = FleetCoordinator(cfg, broker.address, state).start()
+                try:
+                    coord.ensure_model(initial)
+                    if not clients:
+                        clients = start_devices(carve_devices(n, data_dir, seed=0), backbone, broker.address, fleet,
+                                                horizon=HORIZON)
+                    if len(coord.wait_for_devices(n, 120)) < n:
+                        raise RuntimeError(f"only some of {n} devices said hello")
+                    t0 = time.perf_counter()
+                    res = coord.run_round("train")
+                    wall = time.perf_counter() - t0
+                    assert res.state == "closed", res.state
+                    key = "secagg" if secure else "plain"
+                    out[f"{key}_bytes_per_device"] = res.bytes_up / n
+                    out[f"{key}_round_s"] = wall
+                finally:
+                    coord.stop()
+            state.close()
+            return out
+    finally:
+        for c in clients:
+            c.stop()
+        broker.stop()
+
+
 def markdown(state: dict) -> str:
     util, cost, cfg = state["utility"], state["cost"], state["config"]
     lines = [f"## Privacy–utility: forecasting fleet, shipped backbone, {cfg['devices']} devices, {cfg['rounds']} "
@@ -140,6 +187,14 @@ def markdown(state: dict) -> str:
         lines.append(f"| {c['devices']} | {c['transport']} | {c['secagg_bytes_per_device']:,.0f} | "
                      f"{c['plain_bytes_per_device']:,.0f} | {c['secagg_device_cpu_s']:.4f} | "
                      f"{c['secagg_server_cpu_s']:.3f} | {c['plain_server_cpu_s']:.4f} | {c['secagg_wall_s']:.2f} |")
+    mqtt = sorted(state.get("mqtt", {}).values(), key=lambda c: c["devices"])
+    if mqtt:
+        lines += ["", "Over a real broker (Mosquitto; devices, coordinator and broker share this machine's 2 cores; "
+                  "one epoch of training per device is inside each round's time):", "",
+                  "| devices | bytes sent per device: SecAgg+ | plain Update | round wall s: SecAgg+ | plain |",
+                  "|---:|---:|---:|---:|---:|"]
+        lines += [f"| {c['devices']} | {c['secagg_bytes_per_device']:,.0f} | {c['plain_bytes_per_device']:,.0f} | "
+                  f"{c['secagg_round_s']:.2f} | {c['plain_round_s']:.2f} |" for c in mqtt]
     return "\n".join(lines) + "\n"
 
 
@@ -185,6 +240,7 @@ def main() -> None:
     ap.add_argument("--lr", type=float, default=3e-3)
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     ap.add_argument("--cost-devices", type=int, nargs="+", default=[10, 100, 1000])
+    ap.add_argument("--mqtt-devices", type=int, nargs="*", default=[10, 100])
     ap.add_argument("--data-dir", default=None)
     ap.add_argument("--out", type=Path, default=Path("docs/results"))
     args = ap.parse_args()
@@ -224,6 +280,15 @@ def main() -> None:
             c = state["cost"][str(n)]
             console.print(f"SecAgg+ {n} devices: {c['secagg_bytes_per_device']:,.0f} B/device (plain "
                           f"{c['plain_bytes_per_device']:,.0f}), server CPU {c['secagg_server_cpu_s']:.3f} s")
+    state.setdefault("mqtt", {})
+    for n in args.mqtt_devices:
+        if str(n) not in state["mqtt"]:
+            state["mqtt"][str(n)] = mqtt_cost_cell(n, artifacts / "backbone.onnx", initial, args.data_dir, seed=n)
+            save()
+            c = state["mqtt"][str(n)]
+            console.print(f"MQTT {n} devices: SecAgg+ {c['secagg_bytes_per_device']:,.0f} B/device in "
+                          f"{c['secagg_round_s']:.1f} s, plain {c['plain_bytes_per_device']:,.0f} B in "
+                          f"{c['plain_round_s']:.1f} s")
     save()
     md = args.out / "privacy.md"
     notes = md.read_text().partition(NOTES_MARKER)[2] if md.is_file() else ""

@@ -20,7 +20,7 @@ def degree(n: int, factor: float = DEFAULT_FACTOR) -> int:
     Why 6·log2(n): a device's secrets come back only if a majority (t) of its k neighbours is still there at the
     end, so k must leave room for dropouts. With 30 % of the devices gone, a neighbourhood of k keeps 0.7·k on
     average; k = 40 (n = 100) or 60 (n = 1,000) keeps at least t = k/2 + 1 for all but ~1 % or ~0.1 % of the
-    devices, where k = 2·log2(n) would fail one device in six. Flower's SecAgg+ defaults to 30 shares per device."""
+    devices, where k = 2·log2(n) would fail one device in six."""
     if n <= 5:
         return n - 1
     k = 2 * math.ceil(factor * math.log2(n) / 2)
