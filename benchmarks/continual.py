@@ -24,6 +24,7 @@ Each (method, seed) cell is checkpointed under runs/continual/ and skipped on a 
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import os
 import platform
@@ -243,6 +244,10 @@ def run_cell(method: Method, runner: BackboneRunner, devs: list[Device], pre: Pa
     fleet_heads: list[tuple[np.ndarray, Params]] = []  # (prototype, head) of the last round's devices
     strategy = fleet_strategy(method.fed if method.fed != "none" else "fedavg", tv_temperature=0.1)
     placement: dict[str, float] = {}
+    ret = next(i for i, d in enumerate(devs) if d.spec.drift == "return")
+    leave, back = len(devs[0].chunks) // 3 - 1, 2 * len(devs[0].chunks) // 3 - 1
+    snapshot: object = None  # the return device's served model after its last pattern-A round
+    forgetting: dict[str, float] = {}
     for t in range(n_rounds):
         updates = []
         for k, dev in enumerate(devs):
@@ -253,6 +258,8 @@ def run_cell(method: Method, runner: BackboneRunner, devs: list[Device], pre: Pa
                 placement = _placement(dev, t, glob, fleet_heads, lrn)
             if not method.train:
                 mse[k, t] = lrn.evaluate(glob, "x")["x_mse"]
+                if k == ret and t == back:
+                    forgetting = {"after_mse": mse[k, t], "snapshot_mse": mse[k, t]}
                 continue
             lrn.personal_model, lrn.prior = carried.get(name, (None, None))
             if method.fed == "none":  # local only: continue from the device's own head
@@ -277,6 +284,10 @@ def run_cell(method: Method, runner: BackboneRunner, devs: list[Device], pre: Pa
             if not method.serve_global:
                 mse[k, t] = out.metrics["personal_mse"]
                 fallback[k, t] = out.metrics.get("personal_fallback", np.nan)
+                if k == ret and t == leave:  # pattern A is about to leave: keep what the device serves now
+                    snapshot = copy.deepcopy(lrn.served) if lrn.served is not None else out.personal
+                if k == ret and t == back:  # pattern A is back (chunk t+1): the snapshot vs the model after B
+                    forgetting = {"after_mse": mse[k, t], "snapshot_mse": lrn.evaluate(snapshot, "x")["x_mse"]}
         if method.fed != "none" and updates:
             agg = strategy.aggregate_round(RoundInputs(glob, updates, lambda: as_float32(pre),
                                                        lambda d: starts.get(d)))
@@ -288,7 +299,13 @@ def run_cell(method: Method, runner: BackboneRunner, devs: list[Device], pre: Pa
                     if t >= dev.spec.joins:
                         test = dev.chunks[t + 1].test
                         mse[k, t] = W.mse(head_forecast(glob, test.x)[0], test.y)
-    return {"mse": mse.tolist(), "fallback": fallback.tolist(),
+                if t == leave:
+                    snapshot = glob
+                if t == back:
+                    test = devs[ret].chunks[t + 1].test
+                    forgetting = {"after_mse": mse[ret, t], "snapshot_mse": W.mse(head_forecast(snapshot, test.x)[0],
+                                                                                 test.y)}
+    return {"mse": mse.tolist(), "fallback": fallback.tolist(), "forgetting": forgetting,
             "upload_bytes": float(np.mean(up_bytes)) if up_bytes else 0.0, "placement": placement}
 
 
@@ -335,11 +352,6 @@ def summarise(cells: dict[str, list[dict]], ref: dict, devs: list[Device]) -> di
     kinds = np.array([d.spec.kind for d in devs])
     per_method: dict[str, dict] = {}
     glob_dev = np.mean([np.nanmean(np.array(c["mse"]), axis=1) for c in cells["fedavg"]], axis=0)
-    ret = next(i for i, d in enumerate(devs) if d.spec.drift == "return")
-    n_rounds = len(devs[0].chunks) - 1
-    b0, b1 = (len(devs[0].chunks) // 3), (2 * len(devs[0].chunks) // 3)
-    # prequential: round t is scored on chunk t+1. Pattern A's last test before it leaves: chunk b0-1 (round
-    # b0-2); the first test after it returns: chunk b1 (round b1-1), trained last on pattern B.
     rows = {name: [np.array(c["mse"]) for c in cs] for name, cs in cells.items()}
     rows["seasonal naive"] = [np.array(ref["naive"])]
     rows["AutoETS"] = [np.array(ref["autoets"])]
@@ -353,9 +365,12 @@ def summarise(cells: dict[str, list[dict]], ref: dict, devs: list[Device]) -> di
         out["per_device"] = dev_means.mean(axis=0).tolist()
         out["worse_than_global_2pct"] = [devs[i].spec.name for i in range(len(devs))
                                          if dev_means[:, i].mean() > 1.02 * glob_dev[i]]
-        f = np.array([m[ret, b1 - 1] - m[ret, b0 - 2] for m in mats])
-        out["forgetting"] = (float(f.mean()), float(f.std()))
-        out["return_mse"] = float(np.mean([m[ret, b1 - 1] for m in mats]))
+        if name in cells:  # the model after pattern B minus the snapshot from A's last round, on A's return
+            f = np.array([c["forgetting"]["after_mse"] - c["forgetting"]["snapshot_mse"] for c in cells[name]])
+            out["forgetting"] = (float(f.mean()), float(f.std()))
+            out["return_mse"] = float(np.mean([c["forgetting"]["after_mse"] for c in cells[name]]))
+        else:
+            out["forgetting"] = (float("nan"), float("nan"))
         if name in cells:
             out["upload_bytes"] = cells[name][0]["upload_bytes"]
             fb = np.array([c["fallback"] for c in cells[name]], float)
@@ -364,8 +379,33 @@ def summarise(cells: dict[str, list[dict]], ref: dict, devs: list[Device]) -> di
             if pl:
                 out["placement"] = {k: float(np.mean([p[k] for p in pl])) for k in pl[0]}
         per_method[name] = out
-    assert n_rounds >= b1
     return per_method
+
+
+def prototype_reveals(devs: list[Device]) -> dict[str, float]:
+    """What a coordinator can read from prototypes: how often the nearest other device-chunk prototype (cosine)
+    comes from the same dataset (domain identification), and whether the same device's own earlier chunk is the
+    nearest (linking a device across rounds), against chance."""
+    protos, dom, owner = [], [], []
+    for i, d in enumerate(devs):
+        for c in d.chunks:
+            if len(c.train):
+                protos.append(feature_prototype(c.train.x.feats))
+                dom.append(d.spec.dataset)
+                owner.append(i)
+    p = np.asarray(protos, np.float64)
+    p = p - p.mean(axis=0)
+    p /= np.maximum(np.linalg.norm(p, axis=1, keepdims=True), 1e-12)
+    sim = p @ p.T
+    np.fill_diagonal(sim, -np.inf)
+    nn = sim.argmax(axis=1)
+    dom_a, own_a = np.array(dom), np.array(owner)
+    same_dom = float(np.mean(dom_a[nn] == dom_a))
+    same_dev = float(np.mean(own_a[nn] == own_a))
+    chance_dom = float(np.mean([(np.sum(dom_a == x) - 1) / (len(dom_a) - 1) for x in dom_a]))
+    chance_dev = float(np.mean([(np.sum(own_a == x) - 1) / (len(own_a) - 1) for x in own_a]))
+    return {"nearest_same_dataset": same_dom, "chance_same_dataset": chance_dom,
+            "nearest_same_device": same_dev, "chance_same_device": chance_dev, "n": len(p)}
 
 
 def _pm(v: tuple[float, float]) -> str:
@@ -387,6 +427,7 @@ def markdown(summary: dict, meta: dict, notes: dict[str, str], verdicts: list[st
         dev_lines.append(f"| {d.spec.name} | {d.spec.kind} | "
                          + " | ".join(f"{summary[n]['per_device'][i]:.3f}" for n in names) + " |")
     pl = next((r["placement"] for r in summary.values() if "placement" in r), None)
+    rv = meta["prototype_reveals"]
     text = [
         "# Continual fleet benchmark (issue 14)", "",
         f"Generated by `benchmarks/continual.py` on {meta['machine']} in {meta['wall_s']:.0f} s "
@@ -395,8 +436,10 @@ def markdown(summary: dict, meta: dict, notes: dict[str, str], verdicts: list[st
         f"steps each (round t trains on chunk t's windows, stride 2, and is scored on chunk t+1 with non-overlapping "
         f"windows: {meta['rounds']} rounds), horizon {H}, {meta['seeds']} seeds (mean ± std over seeds of the mean "
         f"device MSE over rounds; scaled units). Personal training: {meta['personal']}.", "",
-        "Forgetting: on the device whose pattern leaves and returns (`etth1-OT returns`), MSE on the first chunk "
-        "after pattern A returns minus MSE on A's last chunk before it left. `fallback`: share of device-rounds in "
+        "Forgetting: on the device whose pattern leaves and returns (`etth1-OT returns`: pattern A, then three chunks "
+        "of pattern B, then A again), MSE on the first chunk after A returns of the model the device serves after "
+        "the B rounds minus that of the model it served after A's last round (both scored on the same later "
+        "windows; > 0: B erased something A needed). `fallback`: share of device-rounds in "
         "which the personal predictor validated no better than the global head and the global head was served.",
         "", *lines, "",
         "## Targets", "", *[f"- {v}" for v in verdicts], "",
@@ -404,6 +447,12 @@ def markdown(summary: dict, meta: dict, notes: dict[str, str], verdicts: list[st
         (f"`fx-CHF` joins at round {pl['round']:.0f} with data but no training: FedAvg global head MSE "
          f"{pl['global_mse']:.4f}, prototype-placed head {pl.get('prototype_mse', float('nan')):.4f} (its next "
          "chunk)." if pl else "no placement measured"), "",
+        "## What a prototype reveals", "",
+        f"Over {rv['n']} device-chunk prototypes, the nearest other prototype comes from the same dataset "
+        f"{rv['nearest_same_dataset']:.0%} of the time (chance {rv['chance_same_dataset']:.0%}) and from the same "
+        f"device {rv['nearest_same_device']:.0%} (chance {rv['chance_same_device']:.0%}): "
+        "a prototype tells the coordinator what kind of series a device has and links its rounds "
+        "(docs/privacy.md).", "",
         "## Per device (mean MSE over rounds and seeds)", "", *dev_lines, "",
         "![per-device MSE relative to the FedAvg global head](continual.png)", "", MARKER, old,
     ]
@@ -523,6 +572,7 @@ def main(argv: list[str] | None = None) -> dict:
                       f"{np.nanmean(np.array(cell['mse'])):.4f}", flush=True)
             cells.setdefault(m.name, []).append(cell)
     summary = summarise(cells, ref, devs)
+    reveals = prototype_reveals(devs)
     meta = {
         "machine": f"{platform.machine()} {platform.system()}, {os.cpu_count()} cores (shared), 1 ORT/BLAS thread",
         "wall_s": time.perf_counter() - t0, "cells_run": ran, "cells_resumed": resumed,
@@ -531,7 +581,7 @@ def main(argv: list[str] | None = None) -> dict:
         "chunks": args.chunks, "chunk_len": args.chunk_len, "rounds": args.chunks - 1, "seeds": args.seeds,
         "personal": f"rank-4 adapter + head, Adam lr 3e-3, {args.epochs} epochs, batch 32; the upload is the plain "
                     f"head fine-tune's float16 delta",
-        "devices": [asdict(d.spec) for d in devs], "config": asdict(base),
+        "devices": [asdict(d.spec) for d in devs], "config": asdict(base), "prototype_reveals": reveals,
     }
     notes = {m.name: m.note for m in chosen} | {
         "seasonal naive": "repeat the last season", "AutoETS": "statsforecast AutoETS refit on each test context"}

@@ -281,9 +281,11 @@ def serve(
     horizon: Annotated[int, typer.Option(min=1)] = 24,
     local_epochs: Annotated[int, typer.Option(min=1)] = 2,
     lr: Annotated[float, typer.Option(min=1e-6, max=1.0)] = 3e-3,
-    strategy: Annotated[str, typer.Option(help="fedavg | fedprox | trimmed_mean | median | krum | task_vector")
-                        ] = "fedavg",
-    personalize: Annotated[str, typer.Option(help="device methods, e.g. 'rank=4,self_distill=0.5'")] = "",
+    strategy: Annotated[str, typer.Option(help="fedavg | fedprox | trimmed_mean | median | krum | task_vector | "
+                                               "prototype")] = "fedavg",
+    personalize: Annotated[str, typer.Option(help="device methods, e.g. 'rank=4,self_distill=0.5,gate,rules'")] = "",
+    upload_dtype: Annotated[str, typer.Option(help="how devices send deltas: float16 | float32 | int8 (one scale per "
+                                                   "tensor) | topk (top 20 %, int8, error feedback)")] = "float16",
     clip_norm: Annotated[float | None, typer.Option(min=0.0, help="absolute norm bound on top of the adaptive one")
                          ] = None,
     norm_multiple: Annotated[float, typer.Option(min=0.0, help="clip each update to this multiple of the round's "
@@ -356,9 +358,13 @@ def serve(
                                             fleet_dir / "coordinator.key")
         fleet = fleet or "default"
         fleet_strategy(strategy)
+        from edge_client.daemon.client import UPLOAD_DTYPES
+
+        if upload_dtype not in UPLOAD_DTYPES:
+            raise ValueError(f"unknown --upload-dtype {upload_dtype!r}; choose {', '.join(UPLOAD_DTYPES)}")
         cfg = FleetConfig(fleet=fleet, min_devices=min_devices, fraction=fraction, deadline_s=deadline,
                           local_epochs=local_epochs, lr=lr, strategy=strategy, clip_norm=clip_norm,
-                          personalize=parse_personalize(personalize),
+                          personalize=parse_personalize(personalize), upload_dtype=upload_dtype,
                           bounds=Bounds(norm_multiple or None, weight_multiple or None, max_samples),
                           shared_ingest=ingest_workers > 0, keep_rounds=keep_rounds, secagg=secagg,
                           secagg_range=secagg_range,

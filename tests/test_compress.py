@@ -83,3 +83,50 @@ def test_a_hello_may_carry_a_prototype_vector_and_nothing_else():
     raw["prototype"] = msgpack.ExtType(42, msgpack.packb(["float32", [2, 2], np.ones(4, "<f4").tobytes()]))
     with pytest.raises(P.WrongShape):
         P.decode(msgpack.packb(raw, use_bin_type=True))
+
+
+def test_packed_updates_decode_to_their_values_and_hostile_ones_get_typed_refusals():
+    import msgpack
+
+    from edge_client import wire as P
+    from edge_client.learning.compress import compress
+
+    d = _delta()
+    for method in ("int8", "topk"):
+        parts, _ = compress(d, method)
+        packed = {k: P.PackedArray(values=c.values, scale=c.scale, shape=list(c.shape), index=c.index)
+                  for k, c in parts.items()}
+        u = P.Update(fleet="f", device_id="d", round_id=1, base_version=0, n_samples=5, packed=packed)
+        raw = P.encode(u)
+        assert len(raw) < (6240 + 1024 if method == "int8" else 4096 + 1024)
+        back = P.decode(raw)
+        for k, v in decompress(parts).items():
+            np.testing.assert_array_equal(back.delta[k], v)
+    plain = P.encode(P.Update(fleet="f", device_id="d", round_id=1, base_version=0, n_samples=5,
+                              delta={"a": np.zeros(3, np.float16)}))
+    assert b"packed" not in plain  # an uncompressed update encodes exactly as before
+
+    def tamper(**change) -> bytes:
+        m = msgpack.unpackb(raw, raw=False, ext_hook=lambda c, b: msgpack.ExtType(c, b))
+        name = next(iter(m["packed"]))
+        m["packed"][name].update(change)
+        return msgpack.packb(m, use_bin_type=True)
+
+    def arr(a: np.ndarray) -> msgpack.ExtType:
+        return msgpack.ExtType(42, msgpack.packb([a.dtype.name, list(a.shape), a.tobytes()]))
+
+    for bad, error in ((dict(scale=-1.0), P.InvalidMessage), (dict(scale=float("nan")), P.ProtocolError),
+                       (dict(index=arr(np.array([5, 3], np.uint16))), P.WrongShape),
+                       (dict(index=arr(np.array([10**6], np.uint32))), P.WrongShape),
+                       (dict(values=arr(np.ones(3, np.float32))), P.WrongDtype),
+                       (dict(shape=[10**7]), P.ProtocolError)):
+        with pytest.raises(error):
+            P.decode(tamper(**bad))
+    m = msgpack.unpackb(raw, raw=False, ext_hook=lambda c, b: msgpack.ExtType(c, b))
+    m["delta"] = {"a": arr(np.zeros(3, np.float16))}
+    with pytest.raises(P.WrongShape):  # both delta and packed
+        P.decode(msgpack.packb(m, use_bin_type=True))
+    m = msgpack.unpackb(plain, raw=False, ext_hook=lambda c, b: msgpack.ExtType(c, b))
+    m["delta"] = {"a": arr(np.zeros(3, np.int8))}
+    with pytest.raises(P.WrongDtype):  # int8 is only for packed values
+        P.decode(msgpack.packb(m, use_bin_type=True))

@@ -29,6 +29,7 @@ import numpy as np
 from edge_client.daemon.outbox import MemoryOutbox, Outbox, OutboxEntry
 from edge_client.daemon.secure import SecureSession
 from edge_client.identity import Identity
+from edge_client.learning.compress import compress
 from edge_client.learning.dp import privatize
 from edge_client.learning.head import Params, as_float32, head_shapes
 from edge_client.learning.learner import DeviceLearner, RoundOutcome
@@ -42,6 +43,7 @@ from edge_client.wire import (
     InvalidMessage,
     Message,
     ModelMismatch,
+    PackedArray,
     ProtocolError,
     Receipt,
     Receiver,
@@ -127,6 +129,12 @@ def _option(name: str, value: object) -> object:
     return kind(value)
 
 
+# How a device sends its delta (task option ``upload_dtype``, `fedge serve --upload-dtype`): float16/float32, int8
+# with one scale per tensor, or the top TOPK_FRACTION entries as int8 with positions and error feedback (what was
+# not sent is added to the next round's delta; edge_client.learning.compress).
+UPLOAD_DTYPES = ("float16", "float32", "int8", "topk")
+TOPK_FRACTION = 0.2
+
 MAX_PENDING_TASKS = 4  # tasks waiting for their global head; 400 forged tasks once grew this by 191 MB
 
 
@@ -150,14 +158,24 @@ def compute_update(learner: DeviceLearner, task: RoundTask, global_params: Param
         return Update(fleet=task.fleet, device_id=device_id, round_id=task.round_id, task=task.task,
                       kind="evaluate", base_version=task.model_version, n_samples=learner.n_eval,
                       metrics=metrics, round_opened=task.round_opened, prototype=_prototype(learner, task)), None
+    upload = str(task.options.get("upload_dtype", "float16"))
+    if upload not in UPLOAD_DTYPES:
+        raise InvalidMessage(f"unknown upload_dtype {upload!r}; choose {', '.join(UPLOAD_DTYPES)}")
     outcome = learner.run_round(
         global_params, epochs=task.local_epochs, lr=task.lr, batch_size=task.batch_size, prox_mu=task.prox_mu,
-        seed=seed * 100_003 + task.round_id, upload_dtype=str(task.options.get("upload_dtype", "float16")),
+        seed=seed * 100_003 + task.round_id, upload_dtype=upload if upload in ("float16", "float32") else "float32",
         personal=personal_config(task.options, local_personalize), now_day=task.ts / 86400.0)
     dp = dp_options(task.options)
     delta = outcome.delta if dp is None else privatize(outcome.delta, *dp)  # clipped (and noised) on the device
+    packed = None
+    if upload in ("int8", "topk"):  # compressed after DP: the noise is what gets compressed, never the raw delta
+        parts, learner.upload_residual = compress(delta, upload, TOPK_FRACTION,
+                                                  learner.upload_residual if upload == "topk" else None)
+        packed = {k: PackedArray(values=c.values, scale=c.scale, shape=list(c.shape), index=c.index)
+                  for k, c in parts.items()}
+        delta = {}
     return Update(fleet=task.fleet, device_id=device_id, round_id=task.round_id, task=task.task,
-                  base_version=task.model_version, n_samples=outcome.n_samples, delta=delta,
+                  base_version=task.model_version, n_samples=outcome.n_samples, delta=delta, packed=packed,
                   metrics=outcome.metrics, train_seconds=outcome.seconds, round_opened=task.round_opened,
                   prototype=_prototype(learner, task)), outcome
 

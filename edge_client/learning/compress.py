@@ -23,7 +23,7 @@ METHODS = ("none", "int8", "topk")
 
 @dataclass(frozen=True)
 class Compressed:
-    """One tensor: int8 values, a float32 scale, and for top-k the flat uint16/uint32 positions of the values."""
+    """One tensor: flat int8 values, a float32 scale, and for top-k the flat uint16/uint32 positions of the values."""
 
     values: np.ndarray
     scale: float
@@ -54,7 +54,7 @@ def compress(delta: Mapping[str, np.ndarray], method: str = "int8", k: float = 0
     for name, d in delta.items():
         x = np.asarray(d, np.float32) + (np.asarray(residual[name], np.float32) if residual else 0.0)
         if method == "int8":
-            q, scale = _quantise(x)
+            q, scale = _quantise(x.ravel())
             out[name] = Compressed(q, scale, x.shape)
         else:
             flat = x.ravel()

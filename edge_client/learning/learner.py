@@ -94,6 +94,7 @@ class DeviceLearner:
         self.personal_model: PZ.PersonalModel | None = None  # survives rounds: the self-distillation teacher
         self.prior: Params | None = None  # the FVG-PT gate's prior: the first global head this learner trained from
         self.served: ServedModel | None = None  # what the device forecasts with after a personalised round
+        self.upload_residual: Params | None = None  # top-k error feedback: what earlier uploads left out
         self.x_train: np.ndarray | None = None
         self.history: np.ndarray | None = None
         nan = np.full(len(y_train), np.nan)
@@ -170,9 +171,12 @@ class DeviceLearner:
         return RoundOutcome(delta, len(fit_idx), metrics, time.perf_counter() - t0, kept)
 
     def _fit_val(self) -> tuple[np.ndarray, np.ndarray]:
-        """Training windows to fit on and the newest ones held out to choose/validate the personal model."""
+        """Training windows to fit on and the newest ones held out to choose/validate the personal model, with a gap
+        of `horizon` windows between them so that no validation target was also a training target (at stride 1;
+        wider strides leave a wider gap): a validation split that overlaps training flatters the personal model."""
         n_val = int(self.n_train * self.split.val_fraction) if self.n_train >= 40 else 0
-        return np.arange(self.n_train - n_val), np.arange(self.n_train - n_val, self.n_train)
+        gap = min(self.split.horizon, max(self.n_train - 2 * n_val, 0)) if n_val else 0
+        return np.arange(self.n_train - n_val - gap), np.arange(self.n_train - n_val, self.n_train)
 
     def _fit_personal(self, global_params: Mapping[str, np.ndarray], cfg: PZ.PersonalConfig, now_day: float,
                       seed: int) -> ServedModel:

@@ -58,8 +58,10 @@ class ServedModel:
     naive_prior: bool = False  # the gate's prior is the seasonal-naive forecast instead of the prior head
     guard: RuleGuard | None = None
     fallback: bool = False  # the personal predictor validated no better than the global head: serve the global one
+    serve_naive: bool = False  # naive_prior: seasonal naive validated better than both (a random walk): serve it
     val_personal_mse: float = float("nan")
     val_global_mse: float = float("nan")
+    val_naive_mse: float = float("nan")
 
     def personal_forecast(self, w: Windows) -> tuple[np.ndarray, np.ndarray]:
         """Personal model, gated with global/prior when there is a gate, then rule guards (point only)."""
@@ -81,11 +83,15 @@ class ServedModel:
         return params_forecast(self.prior, w.x)
 
     def forecast(self, w: Windows) -> tuple[np.ndarray, np.ndarray]:
+        if self.serve_naive and w.naive is not None:
+            return self.prior_forecast(w)
         return params_forecast(self.glob, w.x) if self.fallback else self.personal_forecast(w)
 
     def metrics(self) -> dict[str, float]:
         out = {"personal_fallback": float(self.fallback), "val_personal_mse": self.val_personal_mse,
-               "val_global_mse": self.val_global_mse}
+               "val_global_mse": self.val_global_mse, "val_naive_mse": self.val_naive_mse}
+        if self.naive_prior:
+            out["served_naive"] = float(self.serve_naive)
         if self.gate is not None:
             out.update(gate_c=float(self.gate.c), gate_kappa=float(self.gate.kappa))
         if self.guard is not None:
@@ -95,7 +101,9 @@ class ServedModel:
 
 def validate(served: ServedModel, val: Windows | None) -> ServedModel:
     """Decide the fallback on held-out windows: the personal predictor is served only if it has strictly lower
-    MSE there than the global head."""
+    MSE there than the global head. With ``naive_prior``, seasonal naive is a third candidate, served when it
+    validates better than both (a device whose series is a random walk: no linear head on the backbone's
+    features repeats the last value as well)."""
     if val is None or len(val) == 0:
         served.fallback = True
         return served
@@ -107,4 +115,7 @@ def validate(served: ServedModel, val: Windows | None) -> ServedModel:
     if guard_state is not None:
         served.guard.hits, served.guard.checked_values, served.guard.corrected_windows = guard_state
     served.fallback = not served.val_personal_mse < served.val_global_mse
+    if served.naive_prior and val.naive is not None:
+        served.val_naive_mse = W.mse(val.naive, val.y)
+        served.serve_naive = served.val_naive_mse < min(served.val_personal_mse, served.val_global_mse)
     return served

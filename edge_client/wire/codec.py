@@ -26,13 +26,13 @@ from edge_client.wire.errors import (
     WrongDtype,
     WrongShape,
 )
-from edge_client.wire.limits import ALLOWED_DTYPES, ARRAY_EXT_CODE, DEFAULT_LIMITS, SCHEMA_VERSION, Limits
+from edge_client.wire.limits import ARRAY_EXT_CODE, DEFAULT_LIMITS, SCHEMA_VERSION, WIRE_DTYPES, Limits
 from edge_client.wire.messages import ANY_MESSAGE, MESSAGE_TYPES, RETIRED_TYPES, Message
 
 
 def pack_ext(obj: Any) -> msgpack.ExtType:
     if isinstance(obj, np.ndarray):
-        if obj.dtype.name not in ALLOWED_DTYPES:
+        if obj.dtype.name not in WIRE_DTYPES:
             raise WrongDtype(f"cannot send dtype {obj.dtype.name}")
         le = np.ascontiguousarray(obj, dtype=obj.dtype.newbyteorder("<"))
         return msgpack.ExtType(ARRAY_EXT_CODE, msgpack.packb([obj.dtype.name, list(obj.shape), le.tobytes()]))
@@ -42,7 +42,7 @@ def pack_ext(obj: Any) -> msgpack.ExtType:
 
 
 # dtype name -> (little-endian wire dtype, native dtype), built once: a coordinator decodes thousands of arrays a second
-_WIRE_DTYPES = {name: (np.dtype(name).newbyteorder("<"), np.dtype(name).newbyteorder("=")) for name in ALLOWED_DTYPES}
+_WIRE_DTYPES = {name: (np.dtype(name).newbyteorder("<"), np.dtype(name).newbyteorder("=")) for name in WIRE_DTYPES}
 
 
 def ext_hook(limits: Limits) -> Callable[[int, bytes], np.ndarray]:
@@ -53,7 +53,7 @@ def ext_hook(limits: Limits) -> Callable[[int, bytes], np.ndarray]:
             dtype_name, shape, raw = msgpack.unpackb(data, raw=False)
         except Exception as exc:  # any failure inside the extension is a malformed array
             raise MalformedMessage(f"malformed array extension: {exc}") from None
-        if not isinstance(dtype_name, str) or dtype_name not in ALLOWED_DTYPES:
+        if not isinstance(dtype_name, str) or dtype_name not in WIRE_DTYPES:
             raise WrongDtype(f"array dtype {dtype_name!r} is not allowed")
         if (
             not isinstance(shape, list)

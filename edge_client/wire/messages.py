@@ -21,6 +21,8 @@ from pydantic import (
     PlainValidator,
     TypeAdapter,
     field_validator,
+    model_serializer,
+    model_validator,
 )
 from pydantic_core import PydanticCustomError
 
@@ -30,6 +32,7 @@ from edge_client.wire.limits import (
     MAX_PROTOTYPE_DIM,
     MAX_SAMPLES,
     MAX_WIRE_INT,
+    PACKED_DTYPES,
     SCHEMA_VERSION,
 )
 from edge_client.wire.topics import NAME_RE
@@ -56,6 +59,56 @@ Array = Annotated[
     PlainSerializer(lambda a: a, return_type=Any),
 ]
 Arrays = dict[str, Array]
+
+
+def _validate_packed_part(value: Any) -> np.ndarray:
+    if not isinstance(value, np.ndarray) or value.dtype.name not in PACKED_DTYPES or value.ndim != 1:
+        raise PydanticCustomError("wrong_dtype", "packed values/index must be 1-D int8/uint16/uint32, got {what}",
+                                  {"what": getattr(getattr(value, "dtype", None), "name", type(value).__name__)})
+    return value
+
+
+PackedPart = Annotated[Any, PlainValidator(_validate_packed_part), PlainSerializer(lambda a: a, return_type=Any)]
+
+
+class PackedArray(BaseModel):
+    """One compressed delta tensor (edge_client.learning.compress): int8 values times one positive scale, dense
+    (no index: every entry in order) or top-k (the strictly increasing flat positions of the values)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False, arbitrary_types_allowed=True)
+
+    values: PackedPart
+    scale: float = Field(gt=0.0)
+    shape: list[Annotated[int, Field(ge=0, le=DEFAULT_LIMITS.max_array_elements)]] = Field(max_length=8)
+    index: PackedPart | None = None
+
+    @model_validator(mode="after")
+    def _consistent(self) -> PackedArray:
+        size = int(np.prod(self.shape, dtype=np.int64)) if self.shape else 1
+        if self.values.dtype != np.int8:
+            raise PydanticCustomError("wrong_dtype", "packed values must be int8, got {d}",
+                                      {"d": self.values.dtype.name})
+        if size > DEFAULT_LIMITS.max_array_elements:
+            raise PydanticCustomError("wrong_shape", "packed shape {s} is too large", {"s": self.shape})
+        if self.index is None:
+            if len(self.values) != size:
+                raise PydanticCustomError("wrong_shape", "{n} packed values for shape {s}",
+                                          {"n": len(self.values), "s": self.shape})
+        else:
+            idx = self.index.astype(np.int64)
+            if self.index.dtype == np.int8 or len(idx) != len(self.values) or len(idx) > size or (
+                    len(idx) and (idx[0] < 0 or idx[-1] >= size or np.any(np.diff(idx) <= 0))):
+                raise PydanticCustomError("wrong_shape", "packed index must be increasing positions inside shape {s}",
+                                          {"s": self.shape})
+        return self
+
+    def dequantize(self) -> np.ndarray:
+        vals = self.values.astype(np.float32) * np.float32(self.scale)
+        if self.index is None:
+            return vals.reshape(self.shape)
+        out = np.zeros(int(np.prod(self.shape, dtype=np.int64)), np.float32)
+        out[self.index.astype(np.int64)] = vals
+        return out.reshape(self.shape)
 
 
 def _prototype_vector(value: np.ndarray | None) -> np.ndarray | None:
@@ -217,7 +270,27 @@ class Update(Message):
     # FCUCR: the user's prototype (one vector summarising recent history; no item ids), or None
     prototype: Array | None = None
 
+    # A compressed delta (int8 per-tensor scale, or top-k): when present it is the delta; `delta` is then filled
+    # with its float32 values on decoding and left out of the payload.
+    packed: dict[Annotated[str, Field(max_length=64)], PackedArray] | None = Field(
+        default=None, exclude_if=lambda v: v is None, max_length=DEFAULT_LIMITS.max_arrays)
+
     _prototype = field_validator("prototype")(_prototype_vector)
+
+    @model_validator(mode="after")
+    def _unpack(self) -> Update:
+        if self.packed is not None:
+            if self.delta:
+                raise PydanticCustomError("wrong_shape", "an update carries either delta or packed, not both", {})
+            object.__setattr__(self, "delta", {k: p.dequantize() for k, p in self.packed.items()})
+        return self
+
+    @model_serializer(mode="wrap")
+    def _without_unpacked(self, handler: Any) -> dict[str, Any]:
+        data = handler(self)
+        if self.packed is not None:
+            data.pop("delta", None)
+        return data
 
     @field_validator("delta")
     @classmethod
