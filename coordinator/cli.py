@@ -139,6 +139,9 @@ def demo(
         resolve_data_dir(data_dir)
         personal_pairs = parse_personalize(personalize)
         dp_cfg = dp_config(dp, dp_noise, dp_clip, None, dp_epsilon_budget, None, rounds, 1.0, devices)
+        from coordinator.fleet.server import FleetConfig, check_private_strategy
+
+        check_private_strategy(FleetConfig(strategy=strategy, dp=dp_cfg, secagg=secagg))
     except (ValueError, DatasetNotFound) as exc:
         _fail(str(exc))
     if task not in ("tsfm", "rec"):
@@ -334,7 +337,7 @@ def serve(
     from coordinator.fleet.aggregation import Bounds
     from coordinator.fleet.privacy import PrivacyBudgetSpent
     from coordinator.fleet.registry import DeviceRegistry
-    from coordinator.fleet.server import FleetConfig, FleetCoordinator
+    from coordinator.fleet.server import FleetConfig, FleetCoordinator, check_private_strategy
     from coordinator.fleet.state import FleetState
     from coordinator.fleet.strategies import fleet_strategy
     from edge_client.learning.head import HEAD_KEYS, slice_head
@@ -370,6 +373,7 @@ def serve(
                           secagg_range=secagg_range,
                           dp=dp_config(dp, dp_noise, dp_clip, dp_delta, dp_epsilon_budget, dp_adaptive_clip,
                                        rounds, fraction, min_devices))
+        check_private_strategy(cfg)
         if ingest_workers and (address.mqtt311 or registry is not None):
             raise ValueError("--ingest-workers needs MQTT v5 shared subscriptions (not mqtt3://) and, for now, no "
                              "--fleet-dir (the workers do not sign or verify yet)")

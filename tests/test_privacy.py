@@ -168,3 +168,15 @@ def test_distributed_dp_devices_upload_clipped_noised_deltas(mosquitto, tiny_exp
             np.testing.assert_allclose(new[k], expected.astype(np.float32), rtol=1e-5, atol=1e-6)
     finally:
         _stop(coord, clients)
+
+
+@pytest.mark.parametrize(("args", "message"), [
+    (["--dp", "central"], "needs --dp-noise or --dp-epsilon-budget"),
+    (["--dp", "sideways", "--dp-noise", "1"], "placement"),
+    (["--dp", "distributed", "--dp-noise", "1", "--dp-adaptive-clip", "0.5"], "central placement only"),
+    (["--dp", "central", "--dp-noise", "1", "--strategy", "median"], "fedavg or fedprox"),
+])
+def test_serve_refuses_dp_settings_it_cannot_honour(tmp_path, args: list[str], message: str) -> None:
+    out = CliRunner().invoke(app, ["serve", "--db", str(tmp_path / "f.sqlite"), "--broker", "127.0.0.1:1",
+                                   "--wait-devices", "1", *args])
+    assert out.exit_code == 2 and message in " ".join(out.output.split())

@@ -7,6 +7,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from coordinator.fleet.privacy import DPConfig
 from coordinator.fleet.server import FleetConfig, FleetCoordinator
 from coordinator.fleet.simulation import carve_devices, start_devices
 from coordinator.fleet.state import FleetState
@@ -19,9 +20,9 @@ pytestmark = pytest.mark.broker
 RANGE = 0.5
 
 
-def _fleet(mosquitto, tiny_export, tmp_path, n: int, fleet: str):  # type: ignore[no-untyped-def]
+def _fleet(mosquitto, tiny_export, tmp_path, n: int, fleet: str, dp: DPConfig | None = None):  # type: ignore[no-untyped-def]
     coord = FleetCoordinator(FleetConfig(fleet=fleet, deadline_s=60, local_epochs=1, lr=3e-3, min_devices=n,
-                                         secagg=True, secagg_range=RANGE, secagg_stage_s=3.0),
+                                         secagg=True, secagg_range=RANGE, secagg_stage_s=3.0, dp=dp),
                              mosquitto.address, FleetState(tmp_path / "fleet.sqlite")).start()
     coord.ensure_model(slice_head(tiny_export["model"].head_state(), 24))
     clients = start_devices(carve_devices(n, seed=2), tiny_export["backbone"], mosquitto.address, fleet, horizon=24)
@@ -107,5 +108,23 @@ def test_thirty_percent_dropping_at_every_stage_completes_or_fails_cleanly(mosqu
             np.testing.assert_allclose(flatten(new) - flatten(base), mean, atol=1e-4)
         stored = [P.decode(p) for _, p in coord.state.updates(res.round_id)]
         assert all(isinstance(m, P.SecAggMasked) for m in stored)
+    finally:
+        _stop(coord, clients)
+
+
+def test_distributed_dp_under_secure_aggregation_is_charged_and_never_seen_unnoised(mosquitto, tiny_export,
+                                                                                  tmp_path) -> None:
+    dp = DPConfig(placement="distributed", noise_multiplier=1.0, clip=0.05)
+    coord, clients, sent = _fleet(mosquitto, tiny_export, tmp_path, 4, "sa4", dp)
+    try:
+        _, base = coord.current_model()
+        res = coord.run_round("train")
+        assert res.state == "closed" and res.epsilon is not None and res.epsilon > 0
+        for v in sent.values():  # what each device masked was already clipped and noised on the device
+            assert np.linalg.norm(v) > 0.05 * 1.5
+        _, new = coord.current_model()
+        mean = sum(np.clip(v, -RANGE, RANGE) for v in sent.values()) / 4  # divided by the devices asked
+        np.testing.assert_allclose(flatten(new) - flatten(base), mean, atol=2 * RANGE / ((1 << max_bits(4)) - 1) + 1e-6)
+        assert coord.state.latest_model_meta("tsfm")[1]["dp_epsilon"] == pytest.approx(res.epsilon)
     finally:
         _stop(coord, clients)

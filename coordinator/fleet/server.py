@@ -59,7 +59,7 @@ from coordinator.fleet.state import (
     StatusRow,
     UpdateRow,
 )
-from coordinator.fleet.strategies import Aggregate, RoundInputs, fleet_strategy
+from coordinator.fleet.strategies import Aggregate, FleetStrategy, RoundInputs, fleet_strategy
 from edge_client.learning.prototype import PROTOTYPE_DIM
 from edge_client.secagg.masking import from_vector
 from edge_client.wire import (
@@ -129,6 +129,15 @@ class FleetConfig:
     secagg_stage_s: float = 30.0  # how long each stage after the keys waits for the devices still in the round
 
 
+def check_private_strategy(cfg: FleetConfig, strategy: FleetStrategy | None = None) -> None:
+    """DP and secure aggregation need a strategy that only sums (fedavg, fedprox): robust and personalised
+    aggregators read single updates, which neither the accountant nor SecAgg+ covers. ValueError otherwise."""
+    strategy = strategy if strategy is not None else fleet_strategy(cfg.strategy)
+    if (cfg.dp is not None or cfg.secagg) and not (strategy.streaming and not strategy.personalised):
+        raise ValueError(f"differential privacy and secure aggregation run with fedavg or fedprox, not "
+                         f"{cfg.strategy!r}: robust and personalised aggregators read single updates")
+
+
 @dataclass
 class RoundResult:
     round_id: int
@@ -168,9 +177,7 @@ class FleetCoordinator:
             raise ValueError(f"the fleet folder is for fleet {registry.fleet!r}, not {cfg.fleet!r}")
         self.topics = Topics(cfg.fleet)
         self.strategy = fleet_strategy(cfg.strategy, clip_norm=cfg.clip_norm, tv_temperature=cfg.tv_temperature)
-        if (cfg.dp is not None or cfg.secagg) and not (self.strategy.streaming and not self.strategy.personalised):
-            raise ValueError(f"differential privacy and secure aggregation run with fedavg or fedprox, not "
-                             f"{cfg.strategy!r}: robust and personalised aggregators read single updates")
+        check_private_strategy(cfg, self.strategy)
         self._secure: SecureRound | None = None
         self.dp_rng: np.random.Generator | None = None  # DP noise: OS entropy unless a test or simulation seeds it
         self.traffic = _Traffic()
