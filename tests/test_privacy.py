@@ -180,3 +180,21 @@ def test_serve_refuses_dp_settings_it_cannot_honour(tmp_path, args: list[str], m
     out = CliRunner().invoke(app, ["serve", "--db", str(tmp_path / "f.sqlite"), "--broker", "127.0.0.1:1",
                                    "--wait-devices", "1", *args])
     assert out.exit_code == 2 and message in " ".join(out.output.split())
+
+
+@pytest.mark.broker
+def test_adaptive_clipping_moves_the_next_rounds_clip_and_devices_get_it(mosquitto, tiny_export, tmp_path) -> None:
+    dp = DPConfig(noise_multiplier=0.5, clip=1e-4, adaptive=True, target_quantile=0.5, clip_lr=0.5, count_noise=0.3)
+    coord, clients = _fleet(mosquitto, tiny_export, tmp_path / "fleet.sqlite", dp, "dp3")
+    try:
+        coord.dp_rng = np.random.default_rng(0)
+        for _ in range(2):
+            assert coord.run_round("train").state == "closed"
+        first, second = coord.state.privacy_ledger("tsfm")
+        # every norm is far above 1e-4: none unclipped, so C grows by about exp(0.5 · 0.5) per round
+        assert first.clip == 1e-4 and second.clip == first.next_clip > first.clip
+        assert second.next_clip > second.clip
+        tasks = [coord.state.round(r).config["options"]["dp_clip"] for r in (1, 2)]
+        assert tasks == [first.clip, second.clip]  # what each round's devices were told to clip to
+    finally:
+        _stop(coord, clients)
