@@ -591,7 +591,9 @@ class FleetCoordinator:
                     state = "failed"
                 if new_version is not None:
                     self._adopt(new_version, agg.global_params, agg.personal)
-                    self.publish_global(new_version, self._model(new_version), rec.round_id)
+                    size = self.publish_global(new_version, self._model(new_version), rec.round_id)
+                    # every device gets the new head now (retained), and not again when the next round opens
+                    self.traffic.down[rec.round_id] += size * len(rec.selected)
             else:
                 log.warning("round %d: %d of %d updates by the deadline, quorum %d not met; global unchanged",
                             rec.round_id, len(reports), len(rec.selected), rec.quorum)

@@ -12,7 +12,9 @@ so even in simulation no raw series passes through coordinator code.
 from __future__ import annotations
 
 import logging
+import os
 import random
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -125,6 +127,7 @@ def start_devices(
     devices of this process: a session per device costs ~20 MB and its start-up) and connect it."""
     clients = []
     runner = BackboneRunner(backbone, threads=threads)
+    slots = threading.BoundedSemaphore(os.cpu_count() or 1)  # the devices of this process train a core's worth each
     for i, dev in enumerate(devices):
         series, season, domain = dev.source.load()
         learner = DeviceLearner(runner, series, season=season, split=SplitConfig(horizon=horizon))
@@ -132,6 +135,6 @@ def start_devices(
         address = broker if identity is None else broker.with_identity(identity.ca_file, identity.cert_file,
                                                                        identity.key_file)
         client = EdgeClient(dev.device_id, fleet, learner, address, domain=domain, seed=seed + i,
-                            identity=identity).start()
+                            identity=identity, compute_slots=slots).start()
         clients.append(client)
     return clients

@@ -224,8 +224,13 @@ class EdgeClient:
         network: NetworkLoop | None = None,
         personalize: Mapping[str, object] | None = None,
         announce_prototype: bool = False,
+        compute_slots: threading.Semaphore | None = None,
     ) -> None:
         self.device_id = device_id
+        # simulated fleets: a semaphore shared by the devices of one process, so at most that many train at once (as
+        # many as there are cores; OpenBLAS also corrupts its heap when more threads than it was built for call it at
+        # once, which 200 simulated devices did). A real device trains alone: None.
+        self.compute_slots = compute_slots
         self.personalize = dict(personalize or {})  # the device's own [personalize] table (device.toml)
         self.announce_prototype = announce_prototype  # the hello carries the feature prototype (placement)
         self.network = network  # one network thread shared by many simulated devices; None: paho's own thread
@@ -518,7 +523,8 @@ class EdgeClient:
                                  task.round_id, task.model_version)
                         return
             self.publish_status("training", f"round {task.round_id}")
-            update = self._compute(task)
+            with self.compute_slots or contextlib.nullcontext():
+                update = self._compute(task)
             if task.options.get("secagg") and task.kind == "train":  # masked, through the secure session
                 self.secure.start(task, update)
                 self.publish_status("idle")
