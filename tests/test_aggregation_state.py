@@ -284,3 +284,19 @@ def test_streamed_bounded_mean_equals_bounding_every_update_and_reads_only_the_b
         np.testing.assert_allclose(streamed[k], expected[k], rtol=1e-6, atol=1e-7)  # `expected` went through float32
     if clip is None:
         assert set(fetched) == {"evil", "h3"}  # the clipped attacker and the capped count, nobody else
+
+
+def test_running_sum_blobs_are_exact_and_old_npz_rows_still_read() -> None:
+    """The per-batch sum blob is msgpack of float64 bytes; a row written as .npz before that (a round left open
+    across an upgrade) still reads, bit for bit."""
+    from coordinator.fleet.state import sums_from_blob, sums_to_blob
+    from edge_client.daemon.store import params_to_blob
+
+    rng = np.random.default_rng(3)
+    sums = {"w": rng.normal(size=(3, 24, 64)) * 1e6, "b": np.array([1e-300, -0.0, 5e-324])}
+    for blob in (sums_to_blob(sums), params_to_blob(sums)):
+        back = sums_from_blob(blob)
+        assert set(back) == set(sums)
+        for k in sums:
+            assert back[k].dtype == np.float64 and back[k].tobytes() == sums[k].tobytes()
+            back[k] += 1.0  # writable: a running sum adds into it

@@ -30,6 +30,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import msgpack
 import numpy as np
 
 from coordinator.fleet.aggregation import RunningSum, check_finite
@@ -143,6 +144,26 @@ class PrivacyRow:
 # what storing an update did: stored; the same message again (DUPLICATE: answer it with a receipt again); another
 # message for a (round, device) that already has one (CONFLICT); the round is not open (NOT_OPEN)
 STORED, DUPLICATE, CONFLICT, NOT_OPEN = "stored", "duplicate", "conflict", "not_open"
+
+
+SUMS_MAGIC = b"fedge-sums-1\n"
+_F64 = np.dtype("<f8")
+
+
+def sums_to_blob(sums: Mapping[str, np.ndarray]) -> bytes:
+    """A running sum as stored with every batch: msgpack of {name: [shape, little-endian float64 bytes]} behind a
+    magic line (exact). Not an .npz: writing a zip archive per batch was 13 % of the batch writer's time at 10,000
+    devices."""
+    return SUMS_MAGIC + msgpack.packb({k: [list(np.shape(v)), np.ascontiguousarray(v, _F64).tobytes()]
+                                       for k, v in sums.items()}, use_bin_type=True)
+
+
+def sums_from_blob(blob: bytes) -> dict[str, np.ndarray]:
+    """Either format: sums_to_blob's, or the .npz of rows written before it (a round left open across an upgrade)."""
+    if not blob.startswith(SUMS_MAGIC):
+        return params_from_blob(blob)
+    return {k: np.frombuffer(raw, _F64).astype(np.float64).reshape(shape)
+            for k, (shape, raw) in msgpack.unpackb(blob[len(SUMS_MAGIC):], raw=False).items()}
 
 
 def is_postgres(url: str | Path) -> bool:
@@ -512,7 +533,7 @@ class FleetState:
                 self._q("INSERT INTO round_sums (round_id, ingester, count, weight, sums) VALUES (?, ?, ?, ?, ?)"
                         " ON CONFLICT (round_id, ingester) DO UPDATE SET count=excluded.count,"
                         " weight=excluded.weight, sums=excluded.sums",
-                        (rid, ingester, total.count, total.weight, params_to_blob(total.sums)))
+                        (rid, ingester, total.count, total.weight, sums_to_blob(total.sums)))
                 for old in [k for k in self._sums if k[1] == ingester and k[0] != rid]:
                     del self._sums[old]
                 self._sums[(rid, ingester)] = total
@@ -530,13 +551,13 @@ class FleetState:
             return held
         (blob,) = self._q("SELECT sums FROM round_sums WHERE round_id=? AND ingester=?",
                           (round_id, ingester)).fetchone()
-        return RunningSum(params_from_blob(bytes(blob)), row[1], row[0])
+        return RunningSum(sums_from_blob(bytes(blob)), row[1], row[0])
 
     def _round_sum(self, round_id: int) -> RunningSum:
         total = RunningSum()
         for count, weight, blob in self._q("SELECT count, weight, sums FROM round_sums WHERE round_id=?"
                                            " ORDER BY ingester", (round_id,)).fetchall():
-            total = total.merge(RunningSum(params_from_blob(bytes(blob)), weight, count))
+            total = total.merge(RunningSum(sums_from_blob(bytes(blob)), weight, count))
         return total
 
     def round_sum(self, round_id: int) -> RunningSum:
