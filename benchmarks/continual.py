@@ -247,6 +247,7 @@ def run_cell(method: Method, runner: BackboneRunner, devs: list[Device], pre: Pa
     ret = next(i for i, d in enumerate(devs) if d.spec.drift == "return")
     leave, back = len(devs[0].chunks) // 3 - 1, 2 * len(devs[0].chunks) // 3 - 1
     snapshot: object = None  # the return device's served model after its last pattern-A round
+    model_snapshot: Params | None = None  # and its personal model (adapter + head), served or not
     forgetting: dict[str, float] = {}
     for t in range(n_rounds):
         updates = []
@@ -286,8 +287,13 @@ def run_cell(method: Method, runner: BackboneRunner, devs: list[Device], pre: Pa
                 fallback[k, t] = out.metrics.get("personal_fallback", np.nan)
                 if k == ret and t == leave:  # pattern A is about to leave: keep what the device serves now
                     snapshot = copy.deepcopy(lrn.served) if lrn.served is not None else out.personal
+                    model_snapshot = dict(lrn.personal_model.params) if lrn.personal_model is not None else None
                 if k == ret and t == back:  # pattern A is back (chunk t+1): the snapshot vs the model after B
                     forgetting = {"after_mse": mse[k, t], "snapshot_mse": lrn.evaluate(snapshot, "x")["x_mse"]}
+                    if model_snapshot is not None and lrn.personal_model is not None:  # the personal model itself,
+                        forgetting.update(  # served or not (what self-distillation protects)
+                            model_after_mse=lrn.evaluate(lrn.personal_model.params, "x")["x_mse"],
+                            model_snapshot_mse=lrn.evaluate(model_snapshot, "x")["x_mse"])
         if method.fed != "none" and updates:
             agg = strategy.aggregate_round(RoundInputs(glob, updates, lambda: as_float32(pre),
                                                        lambda d: starts.get(d)))
@@ -369,6 +375,9 @@ def summarise(cells: dict[str, list[dict]], ref: dict, devs: list[Device]) -> di
             f = np.array([c["forgetting"]["after_mse"] - c["forgetting"]["snapshot_mse"] for c in cells[name]])
             out["forgetting"] = (float(f.mean()), float(f.std()))
             out["return_mse"] = float(np.mean([c["forgetting"]["after_mse"] for c in cells[name]]))
+            mf = [c["forgetting"]["model_after_mse"] - c["forgetting"]["model_snapshot_mse"] for c in cells[name]
+                  if "model_after_mse" in c["forgetting"]]
+            out["model_forgetting"] = (float(np.mean(mf)), float(np.std(mf))) if mf else None
         else:
             out["forgetting"] = (float("nan"), float("nan"))
         if name in cells:
@@ -408,6 +417,10 @@ def prototype_reveals(devs: list[Device]) -> dict[str, float]:
             "nearest_same_device": same_dev, "chance_same_device": chance_dev, "n": len(p)}
 
 
+def _fg(v: tuple[float, float] | None) -> str:
+    return "–" if v is None else f"{v[0]:+.4f} ± {v[1]:.4f}"
+
+
 def _pm(v: tuple[float, float]) -> str:
     return f"{v[0]:.4f} ± {v[1]:.4f}"
 
@@ -415,11 +428,13 @@ def _pm(v: tuple[float, float]) -> str:
 def markdown(summary: dict, meta: dict, notes: dict[str, str], verdicts: list[str], devs: list[Device],
              old: str) -> str:
     lines = ["| method | in-distribution | drifted | new domain | all | forgetting (Δ MSE at return) | "
-             "upload B/round | fallback | what |", "|---|---:|---:|---:|---:|---:|---:|---:|---|"]
+             "personal-model forgetting | upload B/round | fallback | what |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
     for name, r in summary.items():
         fb = r.get("fallback_rate")
         lines.append(f"| {name} | {_pm(r['in-distribution'])} | {_pm(r['drifted'])} | {_pm(r['new-domain'])} | "
-                     f"{_pm(r['all'])} | {r['forgetting'][0]:+.4f} | {r.get('upload_bytes', 0):.0f} | "
+                     f"{_pm(r['all'])} | {r['forgetting'][0]:+.4f} | {_fg(r.get('model_forgetting'))} | "
+                     f"{r.get('upload_bytes', 0):.0f} | "
                      f"{'–' if fb is None else f'{fb:.0%}'} | {notes.get(name, '')} |")
     names = list(summary)
     dev_lines = ["| device | kind | " + " | ".join(names) + " |", "|---|---|" + "---:|" * len(names)]
@@ -439,7 +454,8 @@ def markdown(summary: dict, meta: dict, notes: dict[str, str], verdicts: list[st
         "Forgetting: on the device whose pattern leaves and returns (`etth1-OT returns`: pattern A, then three chunks "
         "of pattern B, then A again), MSE on the first chunk after A returns of the model the device serves after "
         "the B rounds minus that of the model it served after A's last round (both scored on the same later "
-        "windows; > 0: B erased something A needed). `fallback`: share of device-rounds in "
+        "windows; > 0: B erased something A needed); `personal-model forgetting`: the same for the device's personal "
+        "adapter + head, whether or not it was served. `fallback`: share of device-rounds in "
         "which the personal predictor validated no better than the global head and the global head was served.",
         "", *lines, "",
         "## Targets", "", *[f"- {v}" for v in verdicts], "",
@@ -478,6 +494,12 @@ def verdicts(summary: dict) -> list[str]:
     out.append(f"no device > 2 % worse than the global head with `{best_all}` (best overall): "
                f"{'MET' if not worse else 'NOT met: ' + ', '.join(worse)}")
     sd, base = summary.get("self_distill"), summary.get("adapter")
+    if sd and base and sd.get("model_forgetting") and base.get("model_forgetting"):
+        b, d = base["model_forgetting"], sd["model_forgetting"]
+        ok = b[0] > 0 and d[0] + d[1] < b[0] - b[1]
+        out.append(f"personal-model forgetting (the adapter + head itself, served or not): adapter {_fg(b)}, with "
+                   f"self-distillation {_fg(d)}: {'MET' if ok else 'NOT met'} (forgetting occurs and "
+                   "self-distillation reduces it beyond seed spread)")
     if sd and base:
         occurs = base["forgetting"][0] > 0
         reduces = sd["forgetting"][0] < base["forgetting"][0]
