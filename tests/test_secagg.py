@@ -148,3 +148,46 @@ def test_a_device_refuses_to_reveal_both_secrets_or_to_too_few_survivors() -> No
     forged[sender] = forged[sender][:-1] + bytes([forged[sender][-1] ^ 1])
     with pytest.raises(SecAggError, match="does not decrypt"):
         devices[names[1]].masked_input(np.zeros(SIZE, DTYPE), forged)  # a relay that alters a share
+
+
+def test_with_identities_a_device_refuses_neighbour_keys_its_neighbour_did_not_sign(tmp_path) -> None:
+    """A coordinator (or anyone on the path) that swaps a neighbour's keys for its own is caught by the device: keys
+    must carry the neighbour's signature, checked with a certificate the fleet CA issued to that neighbour."""
+    from cryptography.hazmat.primitives.serialization import Encoding
+
+    from coordinator.fleet.pki import FleetPKI
+    from edge_client import wire as P
+    from edge_client.daemon.secure import SecureSession
+    from edge_client.identity import Identity, load_certificate
+
+    pki = FleetPKI(tmp_path / "fleet")
+    pki.init("f")
+    names = ["a", "b", "c"]
+    ids = {n: Identity.load(pki.enroll(n)) for n in names}
+    der = {n: load_certificate(ids[n].cert_file).public_bytes(Encoding.DER) for n in names}
+    task = P.RoundTask(fleet="f", device_id="a", round_id=3, model_version=0, deadline_ts=2e9)
+    update = P.Update(fleet="f", device_id="a", round_id=3, base_version=0, n_samples=1,
+                      delta={"w": np.zeros(SIZE, np.float16)})
+    spec = RoundSpec("f", 3, SIZE, RANGE, 28)
+    peers = {n: SecAggDevice(n, spec, identity_key=ids[n].key) for n in ("b", "c")}
+    keys = {n: d.advertise() for n, d in peers.items()}
+
+    def run(roster: dict, certs: dict) -> tuple[list, list]:
+        sent, refused = [], []
+        session = SecureSession("a", "f", sent.append, identity_key=ids["a"].key,
+                                ca=load_certificate(ids["a"].ca_file), refused=refused.append)
+        session.start(task, update)
+        session.handle(P.SecAggRoster(fleet="f", device_id="a", round_id=3, size=SIZE, value_range=RANGE, bits=28,
+                                      threshold=2, neighbours=roster, certs=certs))
+        return sent, refused
+
+    sent, refused = run(keys, der)
+    assert not refused and [m.type for m in sent] == ["secagg_keys", "secagg_shares"]
+    assert len(sent[0].key_sig) == 64  # its own keys went out signed
+    mallory = SecAggDevice("b", spec)  # fresh keys, no identity: what a key-substituting relay would send
+    c_pk, s_pk, _ = mallory.advertise()
+    forged = {**keys, "b": (c_pk, s_pk, keys["c"][2])}  # b's slot, with another device's signature
+    for roster, certs in ((forged, der), (keys, {"b": der["b"], "c": der["b"]}), (keys, {"c": der["c"]})):
+        sent, refused = run(roster, certs)
+        assert [m.type for m in sent] == ["secagg_keys"] and len(refused) == 1  # no shares for anyone
+        assert refused[0].reason == "secagg_refused"

@@ -260,3 +260,44 @@ def test_fleet_and_broker_commands_write_what_a_deployment_needs(tmp_path) -> No
     assert "user meter-17\ntopic deny #" in (tmp_path / "broker" / "acl").read_text()
     with pytest.raises(P.Revoked):
         DeviceRegistry(d).device("meter-17")
+
+
+def test_a_secure_round_in_a_fleet_with_identities_signs_checks_and_sums(pki, tiny_export, tmp_path) -> None:
+    """SecAgg+ behind TLS, the broker's ACL and signed messages: devices publish on their own secagg topics, the
+    coordinator checks each device's key signature against the registry, each device checks its neighbours' keys
+    against their certificates, and the round closes with the mean of what the devices masked."""
+    import dataclasses
+
+    from coordinator.fleet.simulation import carve_devices, start_devices
+    from edge_client.learning.head import slice_head
+    from edge_client.secagg.masking import to_vector
+
+    names = ["dev-1", "dev-2", "dev-3"]
+    broker = start_secure_mosquitto(pki.root)
+    coord = FleetCoordinator(FleetConfig(fleet=FLEET, deadline_s=60, local_epochs=1, min_devices=3, secagg=True,
+                                         secagg_stage_s=10), broker.address, FleetState(tmp_path / "f.sqlite"),
+                             registry=DeviceRegistry(pki.root)).start()
+    sims = [dataclasses.replace(s, device_id=n) for s, n in zip(carve_devices(3, seed=3), names, strict=True)]
+    clients = []
+    try:
+        coord.ensure_model(slice_head(tiny_export["model"].head_state(), 24))
+        clients = start_devices(sims, tiny_export["backbone"], broker.address, FLEET, horizon=24,
+                                identities=[Identity.load(pki.root / "enroll" / n, n) for n in names])
+        sent = {}
+        for c in clients:
+            start = c.secure.start
+            c.secure.start = lambda task, update, start=start, d=c.device_id: (
+                sent.__setitem__(d, to_vector(update.delta)), start(task, update))
+        assert len(coord.wait_for_devices(3, 20)) == 3
+        _, base = coord.current_model()
+        res = coord.run_round("train")
+        assert res.state == "closed" and sorted(res.metrics) == names
+        assert not any(c.receiver.rejected for c in clients) and not coord.receiver.rejected
+        _, new = coord.current_model()
+        mean = sum(np.clip(v, -0.5, 0.5) for v in sent.values()) / 3
+        np.testing.assert_allclose(to_vector(new) - to_vector(base), mean, atol=1e-6)
+    finally:
+        for c in clients:
+            c.stop()
+        coord.stop()
+        broker.stop()

@@ -7,9 +7,10 @@ What it enforces at the broker, before any payload reaches fedge:
   the holder of the coordinator's key can take over the coordinator's persistent session, and no device can use
   another's client id.
 - An ACL with ``%u`` patterns: a device publishes only on its own hello/status/forget topics and its own update
-  topics, and reads only its own task topic and the fleet's models; the coordinator reads and writes the fleet's
-  tree. A revoked device is denied everything (``fedge fleet revoke`` rewrites the ACL and the CRL and sends SIGHUP:
-  Mosquitto reloads both without a restart; the CRL refuses its next connection, the ACL its open one).
+  and secure-aggregation topics, and reads only its own task topic and the fleet's models; the coordinator reads and
+  writes the fleet's tree. A revoked device is denied everything (``fedge fleet revoke`` rewrites the ACL and the CRL
+  and sends SIGHUP: Mosquitto reloads both without a restart; the CRL refuses its next connection, the ACL its open
+  one).
 - Persistence on (queued updates survive a broker restart), and queue limits sized for the fleet: the coordinator's
   session must hold a few rounds of updates from every device while it is away.
 """
@@ -36,6 +37,7 @@ def acl_text(fleet: str, coordinator: str, revoked: Sequence[str] = ()) -> str:
               f"pattern write {root}/devices/%u/status",
               f"pattern write {root}/devices/%u/forget",
               f"pattern write {root}/rounds/+/updates/%u",
+              f"pattern write {root}/rounds/+/secagg/%u",  # secure aggregation's four stages (SecAgg+)
               f"pattern read {root}/devices/%u/task",
               f"pattern read {root}/models/#", ""]
     return "\n".join(lines)

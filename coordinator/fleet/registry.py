@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
+from cryptography.hazmat.primitives.serialization import Encoding
 
 from edge_client.identity import IdentityError, load_certificate, load_private_key, verified_public_key
 from edge_client.wire import Revoked, UnknownDevice
@@ -77,3 +78,8 @@ class DeviceRegistry:
             if device_id not in self._devices:
                 raise UnknownDevice(f"device {device_id!r} is not enrolled in fleet {self.fleet!r}")
             return self._devices[device_id]
+
+    def certificate_der(self, device_id: str) -> bytes:
+        """The enrolled device's certificate (DER): what its secure-aggregation neighbours check its keys with."""
+        self.device(device_id)  # enrolled and not revoked
+        return load_certificate(self.root / "devices" / f"{device_id}.crt").public_bytes(Encoding.DER)

@@ -41,12 +41,14 @@ class SecureRound:
 
     def __init__(self, fleet: str, round_id: int, selected: tuple[str, ...], size: int, value_range: float,
                  send: Callable[[str, Message], None], state: FleetState, *, seed: int = 0,
-                 check_keys: Callable[[str, bytes, bytes], None] | None = None) -> None:
+                 check_keys: Callable[[str, bytes, bytes], None] | None = None,
+                 cert_of: Callable[[str], bytes] | None = None) -> None:
         self.fleet, self.round_id, self.selected = fleet, round_id, frozenset(selected)
         self.spec = RoundSpec(fleet, round_id, size, value_range, max_bits(len(selected)))
         self.server = SecAggServer(self.spec)
         self.send, self.state, self.seed = send, state, seed
         self.check_keys = check_keys
+        self.cert_of = cert_of  # a fleet with identities: each roster carries the neighbours' certificates
         self.stage = "keys"
         self.bytes_up: dict[str, int] = {}
         self._changed = threading.Condition()
@@ -103,7 +105,8 @@ class SecureRound:
         for device, neighbours in rosters.items():
             self.send(device, SecAggRoster(fleet=self.fleet, device_id=device, round_id=self.round_id,
                                            size=self.spec.size, value_range=self.spec.value_range,
-                                           bits=self.spec.bits, threshold=srv.t, neighbours=neighbours))
+                                           bits=self.spec.bits, threshold=srv.t, neighbours=neighbours,
+                                           certs={v: self.cert_of(v) for v in neighbours} if self.cert_of else {}))
         self._wait(set(rosters), lambda: srv.shared, time.time() + stage_s)
         inboxes = srv.forwarded()
         self._enter("masked")

@@ -371,7 +371,8 @@ class FleetCoordinator:
             self._secure = SecureRound(self.cfg.fleet, rec.round_id, rec.selected,
                                        sum(v.size for v in base.values()), self.cfg.secagg_range,
                                        lambda device, msg, r=rec.round_id: self._send_secagg(r, device, msg),
-                                       self.state, seed=self.cfg.seed, check_keys=self._check_secagg_keys)
+                                       self.state, seed=self.cfg.seed, check_keys=self._check_secagg_keys,
+                                       cert_of=self.registry.certificate_der if self.registry is not None else None)
         # the round's base is published (retained) once: by the close of the round that made it, or here by the
         # first round of this process. Every subscribed device already has it (a device that connects later gets
         # the retained copy), so sending it again would only double what the broker fans out (25 KB x devices)

@@ -28,7 +28,7 @@ import numpy as np
 
 from edge_client.daemon.outbox import MemoryOutbox, Outbox, OutboxEntry
 from edge_client.daemon.secure import SecureSession
-from edge_client.identity import Identity
+from edge_client.identity import Identity, load_certificate
 from edge_client.learning.compress import compress
 from edge_client.learning.dp import privatize
 from edge_client.learning.head import Params, as_float32, head_shapes
@@ -251,6 +251,7 @@ class EdgeClient:
         # secure rounds (task option ``secagg``): the update leaves this device only masked (edge_client.secagg)
         self.secure = SecureSession(device_id, fleet, self._publish_secagg,
                                     identity_key=identity.key if identity is not None else None,
+                                    ca=load_certificate(identity.ca_file) if identity is not None else None,
                                     refused=lambda err: self.receiver.reject(err, self.topics.task(device_id)))
         self.stats = EdgeStats()
         # the last two global models accepted (params as float32): what tasks train from, kept as messages

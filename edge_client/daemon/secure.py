@@ -16,8 +16,11 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
+from cryptography import x509
+from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
+from edge_client.identity import IdentityError, verified_public_key
 from edge_client.secagg.masking import quantise, to_vector
 from edge_client.secagg.protocol import PeerCheck, RoundSpec, SecAggDevice, SecAggError
 from edge_client.wire import (
@@ -50,11 +53,13 @@ class SecureSession:
     client when it has an identity)."""
 
     def __init__(self, device_id: str, fleet: str, publish: Callable[[Message], None],
-                 identity_key: Ed25519PrivateKey | None = None, check_peer: PeerCheck | None = None,
+                 identity_key: Ed25519PrivateKey | None = None, ca: x509.Certificate | None = None,
                  refused: Callable[[SecAggRefused], None] | None = None) -> None:
+        """With an identity (its key and the fleet CA) every neighbour's keys must come with a certificate from the
+        fleet CA naming that neighbour, and carry that neighbour's signature; without one, keys are taken as relayed."""
         self.device_id, self.fleet = device_id, fleet
         self.publish = publish
-        self.identity_key, self.check_peer = identity_key, check_peer
+        self.identity_key, self.ca = identity_key, ca
         self.refused = refused
         self._rounds: dict[int, _Round] = {}
         self._lock = threading.Lock()
@@ -65,7 +70,7 @@ class SecureSession:
             self._rounds = {r: v for r, v in self._rounds.items() if r >= task.round_id - 1}  # older rounds: gone
             self._rounds[task.round_id] = _Round(task, to_vector(update.delta))
         spec = RoundSpec(self.fleet, task.round_id, 0, 1.0, 1)  # size and range come with the roster
-        device = SecAggDevice(self.device_id, spec, identity_key=self.identity_key, check_peer=self.check_peer)
+        device = SecAggDevice(self.device_id, spec, identity_key=self.identity_key)
         self._rounds[task.round_id].device = device
         c_pk, s_pk, sig = device.advertise()
         self.publish(SecAggKeys(fleet=self.fleet, device_id=self.device_id, round_id=task.round_id, c_pk=c_pk,
@@ -103,8 +108,26 @@ class SecureSession:
         assert device is not None
         device.spec = RoundSpec(self.fleet, msg.round_id, msg.size, msg.value_range, msg.bits)
         state.quantised = quantise(state.vector, msg.value_range, msg.bits)
+        if self.ca is not None:
+            device.check_peer = self._peer_check(msg.certs)
         shares = device.share(msg.neighbours, msg.threshold)
         self.publish(SecAggShares(fleet=self.fleet, device_id=self.device_id, round_id=msg.round_id, shares=shares))
+
+    def _peer_check(self, certs: dict[str, bytes]) -> PeerCheck:
+        ca = self.ca
+        assert ca is not None
+
+        def check(peer: str, signed: bytes, sig: bytes) -> None:
+            if peer not in certs:
+                raise SecAggRefused(f"the roster carries no certificate for neighbour {peer}")
+            try:
+                key = verified_public_key(x509.load_der_x509_certificate(certs[peer]), ca, expected_cn=peer)
+                key.verify(sig, signed)
+            except (IdentityError, InvalidSignature, ValueError) as exc:
+                raise SecAggRefused(f"neighbour {peer}'s keys are not signed by its certified key: "
+                                    f"{type(exc).__name__}") from None
+
+        return check
 
     def _refuse(self, msg: Message, err: SecAggRefused) -> None:
         log.warning("device %s: refused %s of round %s: %s", self.device_id, msg.type, msg.round_id, err)

@@ -392,6 +392,9 @@ class SecAggRoster(Message):
     bits: int = Field(ge=1, le=31)
     threshold: int = Field(ge=1, le=4096)
     neighbours: dict[DeviceId, tuple[X25519Key, X25519Key, KeySignature]] = Field(max_length=4096)
+    # the neighbours' X.509 certificates (DER) in fleets with identities: the device checks each against its fleet
+    # CA and each neighbour's key signature with it, so not even the coordinator can substitute a key
+    certs: dict[DeviceId, Annotated[bytes, Field(max_length=4096)]] = Field(default_factory=dict, max_length=4096)
 
 
 class SecAggShares(Message):
