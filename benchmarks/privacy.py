@@ -162,6 +162,49 @@ def mqtt_cost_cell(n: int, backbone: Path, initial: dict, data_dir: str | None, 
         broker.stop()
 
 
+def rec_world(data_dir: str | None) -> dict:
+    """MovieLens-100K in 4 periods, the demo's SASRec (pretrained on period 0, cached), its ONNX encoder, the test
+    sets and the configuration benchmarks/recommender.py chose for FedAvg."""
+    from dataclasses import replace
+
+    from coordinator.demo import DEFAULT_CACHE
+    from coordinator.models.recommender import SASRecConfig
+    from coordinator.recsys.data import continual_split, load_ml100k
+    from coordinator.recsys.demo import BENCHMARK_RESULTS
+    from coordinator.recsys.simulation import RecSimConfig, build_test_sets
+    from coordinator.recsys.training import RecTrainSettings, pretrained_sasrec
+    from edge_client.recsys.encoder import load_encoder
+    from export.recommender_export import export_recommender
+
+    cache = DEFAULT_CACHE / "recommender"
+    split = continual_split(load_ml100k(data_dir), n_periods=4, pretrain_frac=0.5)
+    model, meta = pretrained_sasrec(split, SASRecConfig(n_items=split.n_items),
+                                    RecTrainSettings(epochs=400, patience=20, seed=0, threads=1), cache_dir=cache)
+    encoder, items = load_encoder(export_recommender(model, cache / f"export-{meta['key']}").out_dir)
+    return {"split": split, "encoder": encoder, "items": items, "tests": build_test_sets(split, encoder),
+            "config": replace(RecSimConfig.chosen(BENCHMARK_RESULTS, "fedavg"), seed=0)}
+
+
+def rec_cell(world: dict, eps: float | None, clip: float | None) -> dict:
+    """FedAvg of the recommender's shared adapter through the 4 periods, plain (eps None) or user-level DP-FedAvg:
+    every user active in a period takes part (q = 1), 4 rounds, δ = 1/users."""
+    from dataclasses import replace
+
+    from coordinator.recsys.simulation import run_federated_rec
+
+    split = world["split"]
+    n, rounds = len(split.logs), split.n_periods
+    z = 0.0 if eps is None else calibrate_noise(eps, 1.0 / n, 1.0, rounds)
+    cfg = world["config"] if eps is None else replace(world["config"], dp_clip=clip, dp_noise=z)
+    res = run_federated_rec("fedavg", split, world["encoder"], world["items"], world["tests"], cfg)
+    summary = res.summary()
+    return {"eps_target": "none" if eps is None else eps, "noise_multiplier": z, "clip": clip,
+            "epsilon": epsilon([Charge(1.0, z)] * rounds, 1.0 / n) if eps is not None else math.inf,
+            "users": n, "next_ndcg": summary["next_ndcg"], "final_ndcg": summary["final_ndcg"],
+            "median_update_norm": float(np.median([st.median_update_norm for st in res.stages])),
+            "wall_s": summary["wall_s"]}
+
+
 def markdown(state: dict) -> str:
     util, cost, cfg = state["utility"], state["cost"], state["config"]
     lines = [f"## Privacy–utility: forecasting fleet, shipped backbone, {cfg['devices']} devices, {cfg['rounds']} "
@@ -187,6 +230,24 @@ def markdown(state: dict) -> str:
         lines.append(f"| {c['devices']} | {c['transport']} | {c['secagg_bytes_per_device']:,.0f} | "
                      f"{c['plain_bytes_per_device']:,.0f} | {c['secagg_device_cpu_s']:.4f} | "
                      f"{c['secagg_server_cpu_s']:.3f} | {c['plain_server_cpu_s']:.4f} | {c['secagg_wall_s']:.2f} |")
+    rec = state.get("rec", {})
+    if rec:
+        first = next(iter(rec.values()))
+        lines += ["", f"## Privacy–utility: recommender (MovieLens-100K, {first['users']} users = devices, FedAvg of "
+                  "the shared adapter over 4 periods, every active user each period, δ = 1/users, seed 0)", "",
+                  "NDCG@10, full ranking: *next* = each period's model on the next period's test items, *final* = the "
+                  "last model on every period's (mean over periods). The clip is the median update norm of the plain "
+                  "run.", "", "| server | target ε | noise z | clip C | ε spent | next NDCG@10 | final NDCG@10 |",
+                  "|---|---:|---:|---:|---:|---:|---:|"]
+        for label in ["none", *[str(e) for e in EPSILONS]]:
+            c = rec.get(label)
+            if c is None:
+                continue
+            name = "plain FedAvg" if label == "none" else ("DP-FedAvg, clipped, no noise" if label == "inf"
+                                                            else "DP-FedAvg (central noise)")
+            lines.append(f"| {name} | {'—' if label == 'none' else label} | {c['noise_multiplier']:.3g} | "
+                         f"{'—' if c['clip'] is None else format(c['clip'], '.3g')} | {c['epsilon']:.3g} | "
+                         f"{c['next_ndcg']:.4f} | {c['final_ndcg']:.4f} |")
     mqtt = sorted(state.get("mqtt", {}).values(), key=lambda c: c["devices"])
     if mqtt:
         lines += ["", "Over a real broker (Mosquitto; devices, coordinator and broker share this machine's 2 cores; "
@@ -241,6 +302,7 @@ def main() -> None:
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     ap.add_argument("--cost-devices", type=int, nargs="+", default=[10, 100, 1000])
     ap.add_argument("--mqtt-devices", type=int, nargs="*", default=[10, 100])
+    ap.add_argument("--no-rec", action="store_true", help="skip the recommender's cells")
     ap.add_argument("--data-dir", default=None)
     ap.add_argument("--out", type=Path, default=Path("docs/results"))
     args = ap.parse_args()
@@ -280,6 +342,20 @@ def main() -> None:
             c = state["cost"][str(n)]
             console.print(f"SecAgg+ {n} devices: {c['secagg_bytes_per_device']:,.0f} B/device (plain "
                           f"{c['plain_bytes_per_device']:,.0f}), server CPU {c['secagg_server_cpu_s']:.3f} s")
+    state.setdefault("rec", {})
+    if not args.no_rec and any(str(e) not in state["rec"] for e in ("none", *EPSILONS)):
+        with console.status("recommender: MovieLens-100K, SASRec (cached), ONNX encoder"):
+            world = rec_world(args.data_dir)
+        for e in (None, *EPSILONS):
+            label = "none" if e is None else str(e)
+            if label in state["rec"]:
+                continue
+            clip = None if e is None else state["rec"]["none"]["median_update_norm"]
+            state["rec"][label] = rec_cell(world, e, clip)
+            save()
+            c = state["rec"][label]
+            console.print(f"recommender ε {label}: z {c['noise_multiplier']:.3g}, next NDCG@10 {c['next_ndcg']:.4f}, "
+                          f"final {c['final_ndcg']:.4f} ({c['wall_s']:.0f} s)")
     state.setdefault("mqtt", {})
     for n in args.mqtt_devices:
         if str(n) not in state["mqtt"]:

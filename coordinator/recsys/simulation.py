@@ -35,7 +35,8 @@ from typing import Any
 import numpy as np
 from threadpoolctl import threadpool_limits
 
-from coordinator.fleet.aggregation import ClientUpdate
+from coordinator.fleet.aggregation import ClientUpdate, apply, global_norm
+from coordinator.fleet.privacy import dp_sum
 from coordinator.fleet.strategies.fedavg import FedAvg
 from coordinator.models.recommender import SASRec, encode_prefixes
 from coordinator.recsys.data import ContinualSplit, UserLog, hit_ndcg, ranks
@@ -135,6 +136,7 @@ class StageLog:
     bytes_down: int = 0
     wall_s: float = 0.0
     mean_distill_weight: float = 0.0
+    median_update_norm: float = 0.0  # L2 norm of the uploaded shared-adapter deltas (what a DP clip is set from)
     scores: dict[int, tuple[float, float]] = field(default_factory=dict)  # s -> (HR, NDCG)
     ranks: dict[int, np.ndarray] = field(default_factory=dict)  # s -> rank of each TestSet user's target
     preq: Prequential | None = None  # this period's interactions scored by the models of the previous period
@@ -218,9 +220,17 @@ class RecSimConfig:
     proto_temperature: float = 0.1
     finetune: RecTrainSettings = field(default_factory=lambda: RecTrainSettings(epochs=3))
     seed: int = 0
+    # user-level DP-FedAvg on the shared adapter (coordinator.fleet.privacy): clip each user's delta to dp_clip, add
+    # N(0, (dp_noise·dp_clip)²) to the period's sum, divide by the users who trained; None: plain FedAvg
+    dp_clip: float | None = None
+    dp_noise: float = 0.0
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        """The config as stored with results; without DP exactly as before DP existed (cached cells stay valid)."""
+        out = asdict(self)
+        if self.dp_clip is None:
+            del out["dp_clip"], out["dp_noise"]
+        return out
 
     @classmethod
     def chosen(cls, results: str | os.PathLike[str], method: str, seed: int = 0) -> RecSimConfig:
@@ -305,6 +315,7 @@ def _run_federated_rec(name: str, split: ContinualSplit, encoder: SequenceEncode
         devices[str(uid)] = dev
     server = PrototypeServer(cfg.top_m, cfg.proto_temperature)
     strategy = FedAvg()
+    dp_rng = np.random.default_rng(cfg.seed * 7919 + 1)  # simulation: seeded DP noise, reproducible cells
     result = MethodResult(name)
     for t in range(1, split.n_periods + 1):
         start = time.perf_counter()
@@ -338,8 +349,14 @@ def _run_federated_rec(name: str, split: ContinualSplit, encoder: SequenceEncode
                 stage.bytes_up += _nbytes(msg)
                 updates.append(ClientUpdate(str(uid), msg["n_samples"], msg["delta"]))
         stage.mean_distill_weight = float(np.mean(weights)) if weights else 0.0
+        if updates:
+            stage.median_update_norm = float(np.median([global_norm(u.delta) for u in updates]))
         if spec.federated and updates:
-            global_shared = strategy.aggregate(global_shared, updates)
+            if cfg.dp_clip is not None:
+                sums, _ = dp_sum([u.delta for u in updates], cfg.dp_clip, cfg.dp_noise * cfg.dp_clip, dp_rng)
+                global_shared = apply(global_shared, {k: v / len(updates) for k, v in sums.items()})
+            else:
+                global_shared = strategy.aggregate(global_shared, updates)
             for dev in devices.values():
                 dev.set_shared(global_shared)
             stage.bytes_down += _nbytes(global_shared) * len(updates)  # counted for the devices that trained
