@@ -25,9 +25,7 @@ import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
-import dp_accounting
 import numpy as np
-from dp_accounting.rdp import RdpAccountant
 
 from coordinator.fleet.aggregation import Params
 from edge_client.learning.dp import clip_l2
@@ -90,6 +88,9 @@ def epsilon(charges: Sequence[Charge], delta: float) -> float:
     """ε at `delta` of all `charges` composed (RDP accountant of dp-accounting); inf when any round had no noise."""
     if any(c.noise_multiplier <= 0 and c.sampling_rate > 0 for c in charges):
         return math.inf
+    import dp_accounting  # here, not at the top: it costs a coordinator without DP ~76 MB (scipy)
+    from dp_accounting.rdp import RdpAccountant
+
     counts: dict[Charge, int] = {}
     for c in charges:
         counts[c] = counts.get(c, 0) + 1
@@ -105,6 +106,8 @@ def calibrate_noise(target_epsilon: float, delta: float, sampling_rate: float, r
     (dp-accounting's calibration, bisection over z); 0 for ε = inf."""
     if math.isinf(target_epsilon):
         return 0.0
+    import dp_accounting
+    from dp_accounting.rdp import RdpAccountant
 
     def event(z: float) -> dp_accounting.DpEvent:
         return dp_accounting.SelfComposedDpEvent(
