@@ -39,6 +39,18 @@ def fleet(mosquitto, tiny_export, tmp_path):
     coord.stop()
 
 
+def _assert_bounded_fedavg(coord, base, stored) -> None:
+    """The new global head is the FedAvg of what the devices sent, after the default bounds (adaptive norm clip,
+    capped weights)."""
+    bounded = bound_updates([ClientUpdate(u.device_id, u.n_samples, u.delta) for u in stored], coord.cfg.bounds)
+    n = np.array([u.n_samples for u in bounded.updates], np.float64)
+    _, new = coord.current_model()
+    for k in base:
+        expected = base[k] + sum(w * np.asarray(u.delta[k], np.float64)
+                                 for w, u in zip(n / n.sum(), bounded.updates, strict=True))
+        np.testing.assert_allclose(new[k], expected, rtol=1e-5, atol=1e-6)
+
+
 def test_one_round_with_three_devices_aggregates_exact_fedavg(fleet) -> None:
     coord, clients = fleet
     base_version, base = coord.current_model()
@@ -48,14 +60,7 @@ def test_one_round_with_three_devices_aggregates_exact_fedavg(fleet) -> None:
     assert sorted(result.metrics) == sorted(c.device_id for c in clients)
     stored = [P.decode(p) for _, p in coord.state.updates(result.round_id)]
     assert len(stored) == 3
-    # FedAvg of what the devices sent, after the default bounds (adaptive norm clip, capped weights)
-    bounded = bound_updates([ClientUpdate(u.device_id, u.n_samples, u.delta) for u in stored], coord.cfg.bounds)
-    n = np.array([u.n_samples for u in bounded.updates], np.float64)
-    _, new = coord.current_model()
-    for k in base:
-        expected = base[k] + sum(w * np.asarray(u.delta[k], np.float64)
-                                 for w, u in zip(n / n.sum(), bounded.updates, strict=True))
-        np.testing.assert_allclose(new[k], expected, rtol=1e-5, atol=1e-6)
+    _assert_bounded_fedavg(coord, base, stored)
     for u in stored:  # what left each device: deltas and metrics, float16, under the 32 KB budget
         assert set(u.delta) == set(base) and all(v.dtype == np.float16 for v in u.delta.values())
         assert {"global_mse", "personal_mse", "naive_mse"} <= set(u.metrics)
@@ -321,13 +326,7 @@ def test_compressed_uploads_are_small_and_aggregate_exactly_what_arrived(fleet, 
         assert u.packed is not None and set(u.delta) == set(base)
         assert all(v.dtype == np.float32 for v in u.delta.values())
         assert len(raw) < (n_params + 2048 if upload == "int8" else 0.2 * 3 * n_params + 2048)
-    bounded = bound_updates([ClientUpdate(u.device_id, u.n_samples, u.delta) for u in stored], coord.cfg.bounds)
-    n = np.array([u.n_samples for u in bounded.updates], np.float64)
-    _, new = coord.current_model()
-    for k in base:
-        expected = base[k] + sum(w * np.asarray(u.delta[k], np.float64)
-                                 for w, u in zip(n / n.sum(), bounded.updates, strict=True))
-        np.testing.assert_allclose(new[k], expected, rtol=1e-5, atol=1e-6)
+    _assert_bounded_fedavg(coord, base, stored)
     if upload == "topk":
         assert all(c.learner.upload_residual is not None for c in clients)  # error feedback kept for next round
 
