@@ -25,6 +25,7 @@ from pathlib import Path
 import numpy as np
 from threadpoolctl import threadpool_limits
 
+from coordinator.fleet.aggregation import Bounds
 from coordinator.fleet.broker import raise_fd_limit
 from coordinator.fleet.server import FleetConfig, FleetCoordinator, RoundResult
 from coordinator.fleet.state import FleetState, RoundRecord
@@ -46,6 +47,12 @@ from edge_client.wire.mqtt import BrokerAddress
 from edge_client.wire.mqtt_loop import NetworkLoop
 
 log = logging.getLogger("fedge.coordinator.rec")
+
+# The recommender's FedAvg weighs every user by their period's training targets, heavy users most (the method the
+# simulation and benchmarks/recommender.py measure). The fleet's default adaptive bounds would cap a count at twice
+# the round's median and clip deltas at twice the median norm: at 943 users both bite (heavy users, lr 1e-2), and
+# the fleet would then run a different method from the one benchmarked (rec_fleet found the ranks differing).
+PLAIN_FEDAVG = Bounds(norm_multiple=None, weight_multiple=None, max_samples=None)
 
 
 def device_id(user: int) -> str:
@@ -200,7 +207,7 @@ def _run_federated_mqtt(name: str, split: ContinualSplit, encoder: SequenceEncod
     initial = initial_shared(name, items, cfg)
     coordinator = RecFleetCoordinator(
         FleetConfig(fleet=fleet, task=TASK, deadline_s=deadline_s, quorum_fraction=1.0, upload_dtype="float32",
-                    seed=cfg.seed), broker, FleetState(db), method=name, dim=dim, top_m=cfg.top_m,
+                    seed=cfg.seed, bounds=PLAIN_FEDAVG), broker, FleetState(db), method=name, dim=dim, top_m=cfg.top_m,
         temperature=cfg.proto_temperature)
     clients: list[RecEdgeClient] = []
     raise_fd_limit()  # one socket per device in this process (the default soft limit is 1024)
