@@ -359,6 +359,8 @@ class FleetCoordinator:
             charge = self._privacy_charge(len(rec.selected), check_budget=False)
             self.state.charge_privacy(dataclasses.replace(charge, round_id=rec.round_id))
         self._set_open(rec)
+        with self._changed:  # forgetting a device holds this lock too: the set stays exact
+            self._known.update(self.state.known_devices(rec.selected))  # not one query per first update
         base = self._model(rec.base_version)
         secure = self.cfg.secagg and rec.kind == "train"
         if secure and resumed:  # the devices' round secrets died with the old process: fail it, open a new one

@@ -704,6 +704,12 @@ class FleetState:
         with self._lock:
             return self._q("SELECT COUNT(*) FROM devices WHERE state IN ('online', 'idle', 'training')").fetchone()[0]
 
+    def known_devices(self, device_ids: Sequence[str]) -> set[str]:
+        """Which of these devices are registered (one query per 500 ids)."""
+        with self._lock:
+            return {r[0] for r in self._in("SELECT device_id FROM devices WHERE device_id IN ({})", (),
+                                           sorted(set(device_ids)))}
+
     def has_device(self, device_id: str) -> bool:
         with self._lock:
             return self._q("SELECT 1 FROM devices WHERE device_id=?", (device_id,)).fetchone() is not None
