@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import time
+
 import numpy as np
 import pytest
 
@@ -253,6 +255,22 @@ def test_batch_writer_applies_in_order_and_calls_back_after_commit(tmp_path) -> 
     assert seen == [None, STORED, STORED, DUPLICATE, 2]
     assert writer.batches == 1  # five writes, one transaction
     writer.stop()
+    st.close()
+
+
+def test_a_write_after_the_writer_stopped_is_never_committed_and_nothing_waits_for_it(tmp_path) -> None:
+    """paho can deliver a message while the coordinator disconnects, after the writer's thread ended: the write is
+    not applied (so not acknowledged: the broker delivers it again), and neither flush nor a second stop hangs."""
+    st = FleetState(tmp_path / "f.sqlite")
+    writer = BatchWriter(st, linger_s=0.0)
+    seen: list[object] = []
+    writer.submit(lambda s: "before", seen.append)
+    writer.stop()
+    writer.submit(lambda s: "after", seen.append)
+    t0 = time.monotonic()
+    assert writer.flush(30) is False
+    writer.stop()
+    assert time.monotonic() - t0 < 5 and seen == ["before"]
     st.close()
 
 

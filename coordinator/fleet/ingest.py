@@ -58,6 +58,7 @@ class BatchWriter:
         self._submitted = 0
         self._completed = 0
         self._progress = threading.Condition()
+        self._ended = False  # the thread has returned: nothing submitted from now on is ever committed
         self._thread = threading.Thread(target=self._run, name=f"fedge-writer-{ingester}", daemon=True)
         self._thread.start()
 
@@ -67,17 +68,29 @@ class BatchWriter:
         self._queue.put(_Item(what, done))
 
     def flush(self, timeout_s: float = 60.0) -> bool:
-        """Wait until everything submitted so far is committed (and its callbacks ran)."""
+        """Wait until everything submitted so far is committed (and its callbacks ran). False when it was not:
+        the timeout passed, or the writer had stopped (what came after is never acknowledged, so the broker
+        delivers it again to the next session)."""
         with self._progress:
             target = self._submitted
-            return self._progress.wait_for(lambda: self._completed >= target, timeout_s)
+            self._progress.wait_for(lambda: self._completed >= target or self._ended, timeout_s)
+            return self._completed >= target
 
     def stop(self) -> None:
+        """Commit what is queued, then end the thread. A second call returns at once."""
         self.flush()
         self._queue.put(None)
         self._thread.join(10)
 
     def _run(self) -> None:
+        try:
+            self._drain()
+        finally:
+            with self._progress:
+                self._ended = True
+                self._progress.notify_all()
+
+    def _drain(self) -> None:
         while True:
             first = self._queue.get()
             if first is None:

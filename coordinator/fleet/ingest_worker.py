@@ -70,10 +70,10 @@ class IngestWorker:
         return self
 
     def stop(self) -> None:
-        self.writer.stop()
+        self.writer.flush()  # commits (and acknowledges) what is queued while the session can still PUBACK
         self.client.disconnect()
         self.client.loop_stop()
-        self.writer.stop()
+        self.writer.stop()  # what paho delivered while disconnecting is committed, never acknowledged
         self.state.close()
 
     def _on_connect(self, client, userdata, flags, reason_code, properties) -> None:  # type: ignore[no-untyped-def]

@@ -227,7 +227,7 @@ class FleetCoordinator:
         return self
 
     def stop(self) -> None:
-        self.writer.stop()  # commits (and acknowledges) what is queued
+        self.writer.flush()  # commits (and acknowledges) what is queued while the session can still PUBACK
         self.client.disconnect()
         self.client.loop_stop()
         self.writer.stop()  # anything paho delivered while disconnecting is committed, never acknowledged
