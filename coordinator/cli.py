@@ -575,11 +575,12 @@ def loadtest(
     s = result.summary()
     t = Table(title=f"fedge loadtest: {devices} devices, {result.rounds_done} rounds ({result.broker}, "
                     f"{result.state_backend}, {result.procs} device processes)")
-    for col in ("online s", "round p50 s", "p95 s", "max s", "updates/s", "coord CPU s", "coord RSS MB",
-                "broker RSS MB", "KB/round", "lost", "dup"):
+    for col in ("online s", "round p50 s", "p95 s", "max s", "updates/s", "coord CPU s", "broker CPU s",
+                "devices CPU s", "coord RSS MB", "broker RSS MB", "KB/round", "lost", "dup"):
         t.add_column(col, justify="right")
     t.add_row(f"{s['online_s']:.1f}", f"{s['round_p50_s']:.2f}", f"{s['round_p95_s']:.2f}", f"{s['round_max_s']:.2f}",
-              f"{s['ingest_per_s']:.0f}", f"{s['coordinator_cpu_s']:.1f}", f"{s['coordinator_peak_rss_mb']:.0f}",
+              f"{s['ingest_per_s']:.0f}", f"{s['coordinator_cpu_s']:.1f}", f"{s['broker_cpu_s']:.1f}",
+              f"{s['devices_cpu_s']:.1f}", f"{s['coordinator_peak_rss_mb']:.0f}",
               f"{s['broker_peak_rss_mb']:.0f}", f"{s['bytes_per_round'] / 1024:.0f}", str(s["lost"]),
               str(s["duplicated"]))
     console.print(t)
