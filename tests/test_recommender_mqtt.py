@@ -252,3 +252,20 @@ def test_a_restarted_coordinator_rebuilds_the_prototype_server_and_p_tilde(split
         assert changed  # the others' mixes no longer draw on the forgotten user's prototype
     finally:
         second.state.close()
+
+
+@pytest.mark.broker
+def test_uneven_users_get_plain_fedavg_as_in_the_simulation(rec_log, bundle, mosquitto, tmp_path):
+    """All 40 synthetic users, whose target counts differ by more than twice the median: the fleet's default adaptive
+    bounds would cap and clip them (a different aggregate from the simulation's, as rec_fleet found at 943 users);
+    the recommender's fleet runs the benchmarked plain FedAvg, so the shared adapter still matches bit for bit."""
+    everyone = continual_split(interactions_from_array(rec_log), n_periods=3, pretrain_frac=0.4)
+    cfg = RecSimConfig(adapter=RecAdapterConfig(rank=4, steps=5, lr=1e-2), top_m=3, seed=2)
+    encoder, items = load_encoder(bundle["dir"])
+    local = run_federated_rec("fedavg", everyone, encoder, items, build_test_sets(everyone, encoder), cfg)
+    wire = run_federated_mqtt("fedavg", everyone, encoder, items, cfg, mosquitto.address, tmp_path / "fleet.sqlite",
+                              fleet="rec-uneven", deadline_s=60)
+    for a, b in zip(local.stages, wire.stages, strict=True):
+        assert all(np.array_equal(b.ranks[s], a.ranks[s]) for s in a.ranks)
+    for k, v in local.final_global.items():
+        np.testing.assert_array_equal(wire.final_global[k], v)
