@@ -15,7 +15,11 @@ Cost cells (devices n): one SecAgg+ round over the same head size, in one proces
 device and the server run the real protocol code; messages are passed by hand), against a plain round's encoded
 float16 Update and its FedAvg sum. Bytes per device are what the device sends; CPU is process time. MQTT cells
 (10 and 100 devices): a plain and a secure round of real EdgeClients and FleetCoordinator over a private Mosquitto,
-bytes per device and round wall time (CPU is not separable there: everything shares one process).
+bytes per device and round wall time (CPU is not separable there: everything shares one process). Flower cells
+(10 and 100 clients; needs fedge[bench]): Flower's own SecAgg+ against its plain FedAvg on the same head and inputs
+(benchmarks/flower_secagg.py, in a subprocess), for the secure / plain ratios next to fedge's.
+
+Recommender cells (ε x seed, --rec-seeds): FedAvg of the shared adapter on MovieLens-100K, plain or DP-FedAvg.
 
 Writes privacy.json (checkpointed cells, skipped on rerun), privacy.md (hand-written notes below the marker line are
 kept) and privacy.png.
@@ -162,6 +166,34 @@ def mqtt_cost_cell(n: int, backbone: Path, initial: dict, data_dir: str | None, 
         broker.stop()
 
 
+def flower_cell(n: int, model: Path, rounds: int = 3) -> dict:
+    """Flower's SecAgg+ and its plain FedAvg at n clients (benchmarks/flower_secagg.py, one subprocess each: Ray),
+    the same head size and the same random-delta clients as ``cost_cell``. The first fit round starts Ray's actors,
+    so the warm rounds after it are reported (mean)."""
+    import subprocess
+    import sys
+    import tempfile
+
+    out: dict = {"devices": n, "transport": "Flower simulation (Ray, 2 CPUs)", "rounds_timed": rounds - 1}
+    with tempfile.TemporaryDirectory() as tmp:
+        for secure in (False, True):
+            res = Path(tmp) / f"{secure}.json"
+            cmd = [sys.executable, str(Path(__file__).with_name("flower_secagg.py")), "--clients", str(n),
+                   "--rounds", str(rounds), "--model", str(model), "--out", str(res)] + (["--secagg"] if secure else [])
+            proc = subprocess.run(cmd, capture_output=True, text=True)
+            if proc.returncode != 0:
+                raise RuntimeError(f"Flower {n} clients secagg={secure} failed:\n{proc.stdout[-2000:]}"
+                                   f"{proc.stderr[-3000:]}")
+            data = json.loads(res.read_text())
+            warm = data["rounds"][1:]
+            key = "secagg" if secure else "plain"
+            out[f"{key}_round_s"] = float(np.mean([r["round_s"] for r in warm]))
+            out[f"{key}_server_cpu_s"] = float(np.mean([r["server_cpu_s"] for r in warm]))
+            out[f"{key}_bytes_per_device"] = float(np.mean([r["bytes_per_client"] for r in warm]))
+            out["flwr"] = data["flwr"]
+    return out
+
+
 def rec_world(data_dir: str | None) -> dict:
     """MovieLens-100K in 4 periods, the demo's SASRec (pretrained on period 0, cached), its ONNX encoder, the test
     sets and the configuration benchmarks/recommender.py chose for FedAvg."""
@@ -185,9 +217,10 @@ def rec_world(data_dir: str | None) -> dict:
             "config": replace(RecSimConfig.chosen(BENCHMARK_RESULTS, "fedavg"), seed=0)}
 
 
-def rec_cell(world: dict, eps: float | None, clip: float | None) -> dict:
+def rec_cell(world: dict, eps: float | None, clip: float | None, seed: int) -> dict:
     """FedAvg of the recommender's shared adapter through the 4 periods, plain (eps None) or user-level DP-FedAvg:
-    every user active in a period takes part (q = 1), 4 rounds, δ = 1/users."""
+    every user active in a period takes part (q = 1), 4 rounds, δ = 1/users. The seed sets the adapter's
+    initialisation, the users' local shuffles and the DP noise (the pretrained SASRec and its encoder are shared)."""
     from dataclasses import replace
 
     from coordinator.recsys.simulation import run_federated_rec
@@ -195,10 +228,11 @@ def rec_cell(world: dict, eps: float | None, clip: float | None) -> dict:
     split = world["split"]
     n, rounds = len(split.logs), split.n_periods
     z = 0.0 if eps is None else calibrate_noise(eps, 1.0 / n, 1.0, rounds)
-    cfg = world["config"] if eps is None else replace(world["config"], dp_clip=clip, dp_noise=z)
+    cfg = replace(world["config"], seed=seed)
+    cfg = cfg if eps is None else replace(cfg, dp_clip=clip, dp_noise=z)
     res = run_federated_rec("fedavg", split, world["encoder"], world["items"], world["tests"], cfg)
     summary = res.summary()
-    return {"eps_target": "none" if eps is None else eps, "noise_multiplier": z, "clip": clip,
+    return {"eps_target": "none" if eps is None else eps, "seed": seed, "noise_multiplier": z, "clip": clip,
             "epsilon": epsilon([Charge(1.0, z)] * rounds, 1.0 / n) if eps is not None else math.inf,
             "users": n, "next_ndcg": summary["next_ndcg"], "final_ndcg": summary["final_ndcg"],
             "median_update_norm": float(np.median([st.median_update_norm for st in res.stages])),
@@ -233,21 +267,27 @@ def markdown(state: dict) -> str:
     rec = state.get("rec", {})
     if rec:
         first = next(iter(rec.values()))
+        n_seeds = len({c.get("seed", 0) for c in rec.values()})
         lines += ["", f"## Privacy–utility: recommender (MovieLens-100K, {first['users']} users = devices, FedAvg of "
-                  "the shared adapter over 4 periods, every active user each period, δ = 1/users, seed 0)", "",
+                  "the shared adapter over 4 periods, every active user each period, δ = 1/users, "
+                  f"{n_seeds} seeds)", "",
                   "NDCG@10, full ranking: *next* = each period's model on the next period's test items, *final* = the "
-                  "last model on every period's (mean over periods). The clip is the median update norm of the plain "
-                  "run.", "", "| server | target ε | noise z | clip C | ε spent | next NDCG@10 | final NDCG@10 |",
-                  "|---|---:|---:|---:|---:|---:|---:|"]
+                  "last model on every period's (mean over periods); mean ± std over seeds (the seed sets the "
+                  "adapter's initialisation, local shuffles and DP noise; the pretrained SASRec is shared). The clip "
+                  "is the median update norm of the plain run of seed 0, fixed for every seed.", "",
+                  "| server | target ε | noise z | clip C | ε spent | next NDCG@10 | final NDCG@10 | seeds |",
+                  "|---|---:|---:|---:|---:|---:|---:|---:|"]
         for label in ["none", *[str(e) for e in EPSILONS]]:
-            c = rec.get(label)
-            if c is None:
+            rows = [c for c in rec.values() if str(c["eps_target"]) == label]
+            if not rows:
                 continue
+            c = rows[0]
+            nxt, fin = np.array([r["next_ndcg"] for r in rows]), np.array([r["final_ndcg"] for r in rows])
             name = "plain FedAvg" if label == "none" else ("DP-FedAvg, clipped, no noise" if label == "inf"
                                                             else "DP-FedAvg (central noise)")
             lines.append(f"| {name} | {'—' if label == 'none' else label} | {c['noise_multiplier']:.3g} | "
                          f"{'—' if c['clip'] is None else format(c['clip'], '.3g')} | {c['epsilon']:.3g} | "
-                         f"{c['next_ndcg']:.4f} | {c['final_ndcg']:.4f} |")
+                         f"{nxt.mean():.4f} ± {nxt.std():.4f} | {fin.mean():.4f} ± {fin.std():.4f} | {len(rows)} |")
     mqtt = sorted(state.get("mqtt", {}).values(), key=lambda c: c["devices"])
     if mqtt:
         lines += ["", "Over a real broker (Mosquitto; devices, coordinator and broker share this machine's 2 cores; "
@@ -256,6 +296,28 @@ def markdown(state: dict) -> str:
                   "|---:|---:|---:|---:|---:|"]
         lines += [f"| {c['devices']} | {c['secagg_bytes_per_device']:,.0f} | {c['plain_bytes_per_device']:,.0f} | "
                   f"{c['secagg_round_s']:.2f} | {c['plain_round_s']:.2f} |" for c in mqtt]
+    flower = sorted(state.get("flower", {}).values(), key=lambda c: c["devices"])
+    if flower:
+        lines += ["", "## SecAgg+ overhead: fedge against Flower's SecAgg+, both measured here", "",
+                  f"Flower {flower[0]['flwr']} (`SecAggPlusWorkflow` + `secaggplus_mod`, simulation over Ray on this "
+                  "machine's 2 cores) against its own plain FedAvg on the same path (`benchmarks/flower_secagg.py`), "
+                  "the same head size, the same neighbour count and threshold as fedge, clients returning a random "
+                  "delta (no training), mean of the warm rounds; fedge's side is the in-process cost cells above "
+                  "(same inputs). Ratios are secure / plain of the same framework; bytes are what a client sends "
+                  "(Flower: float32 arrays in protobuf; fedge: float16 in msgpack).", "",
+                  "| devices | Flower bytes/client: SecAgg+ | plain | ratio | Flower round s: SecAgg+ | plain | ratio "
+                  "| Flower server CPU s: SecAgg+ | plain | ratio | fedge bytes ratio | fedge server CPU ratio |",
+                  "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+        for c in flower:
+            f = state["cost"].get(str(c["devices"]))
+            fb = f"{f['secagg_bytes_per_device'] / f['plain_bytes_per_device']:.2f}" if f else "—"
+            fc = f"{f['secagg_server_cpu_s'] / f['plain_server_cpu_s']:.1f}" if f else "—"
+            lines.append(f"| {c['devices']} | {c['secagg_bytes_per_device']:,.0f} | {c['plain_bytes_per_device']:,.0f}"
+                         f" | {c['secagg_bytes_per_device'] / c['plain_bytes_per_device']:.2f} | "
+                         f"{c['secagg_round_s']:.2f} | {c['plain_round_s']:.2f} | "
+                         f"{c['secagg_round_s'] / c['plain_round_s']:.1f} | {c['secagg_server_cpu_s']:.3f} | "
+                         f"{c['plain_server_cpu_s']:.3f} | {c['secagg_server_cpu_s'] / c['plain_server_cpu_s']:.1f} "
+                         f"| {fb} | {fc} |")
     return "\n".join(lines) + "\n"
 
 
@@ -302,6 +364,9 @@ def main() -> None:
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     ap.add_argument("--cost-devices", type=int, nargs="+", default=[10, 100, 1000])
     ap.add_argument("--mqtt-devices", type=int, nargs="*", default=[10, 100])
+    ap.add_argument("--rec-seeds", type=int, nargs="*", default=[0, 1, 2], help="the recommender's seeds (none: skip)")
+    ap.add_argument("--flower-devices", type=int, nargs="*", default=[10, 100],
+                    help="Flower SecAgg+ vs plain FedAvg cells (needs fedge[bench]; none: skip)")
     ap.add_argument("--no-rec", action="store_true", help="skip the recommender's cells")
     ap.add_argument("--data-dir", default=None)
     ap.add_argument("--out", type=Path, default=Path("docs/results"))
@@ -343,19 +408,23 @@ def main() -> None:
             console.print(f"SecAgg+ {n} devices: {c['secagg_bytes_per_device']:,.0f} B/device (plain "
                           f"{c['plain_bytes_per_device']:,.0f}), server CPU {c['secagg_server_cpu_s']:.3f} s")
     state.setdefault("rec", {})
-    if not args.no_rec and any(str(e) not in state["rec"] for e in ("none", *EPSILONS)):
+    for key in [k for k in state["rec"] if "|" not in k]:  # cells written before seeds existed were seed 0
+        state["rec"][f"{key}|0"] = state["rec"].pop(key) | {"seed": 0}
+    rec_todo = [] if args.no_rec else [(e, s) for s in args.rec_seeds for e in (None, *EPSILONS)
+                                       if f"{'none' if e is None else e}|{s}" not in state["rec"]]
+    if rec_todo:
         with console.status("recommender: MovieLens-100K, SASRec (cached), ONNX encoder"):
             world = rec_world(args.data_dir)
-        for e in (None, *EPSILONS):
+        for e, s in rec_todo:
             label = "none" if e is None else str(e)
-            if label in state["rec"]:
-                continue
-            clip = None if e is None else state["rec"]["none"]["median_update_norm"]
-            state["rec"][label] = rec_cell(world, e, clip)
+            if e is not None and "none|0" not in state["rec"]:
+                state["rec"]["none|0"] = rec_cell(world, None, None, 0)
+            clip = None if e is None else state["rec"]["none|0"]["median_update_norm"]
+            state["rec"][f"{label}|{s}"] = rec_cell(world, e, clip, s)
             save()
-            c = state["rec"][label]
-            console.print(f"recommender ε {label}: z {c['noise_multiplier']:.3g}, next NDCG@10 {c['next_ndcg']:.4f}, "
-                          f"final {c['final_ndcg']:.4f} ({c['wall_s']:.0f} s)")
+            c = state["rec"][f"{label}|{s}"]
+            console.print(f"recommender ε {label} seed {s}: z {c['noise_multiplier']:.3g}, next NDCG@10 "
+                          f"{c['next_ndcg']:.4f}, final {c['final_ndcg']:.4f} ({c['wall_s']:.0f} s)")
     state.setdefault("mqtt", {})
     for n in args.mqtt_devices:
         if str(n) not in state["mqtt"]:
@@ -365,6 +434,15 @@ def main() -> None:
             console.print(f"MQTT {n} devices: SecAgg+ {c['secagg_bytes_per_device']:,.0f} B/device in "
                           f"{c['secagg_round_s']:.1f} s, plain {c['plain_bytes_per_device']:,.0f} B in "
                           f"{c['plain_round_s']:.1f} s")
+    state.setdefault("flower", {})
+    for n in args.flower_devices:
+        if str(n) not in state["flower"]:
+            state["flower"][str(n)] = flower_cell(n, artifacts)
+            save()
+            c = state["flower"][str(n)]
+            console.print(f"Flower {n} clients: SecAgg+ {c['secagg_round_s']:.2f} s, "
+                          f"{c['secagg_bytes_per_device']:,.0f} B/client; plain {c['plain_round_s']:.2f} s, "
+                          f"{c['plain_bytes_per_device']:,.0f} B")
     save()
     md = args.out / "privacy.md"
     notes = md.read_text().partition(NOTES_MARKER)[2] if md.is_file() else ""
