@@ -18,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from typer.testing import CliRunner
+from click.testing import CliRunner
 
 from coordinator.fleet.broker import free_port, start_mosquitto
 from coordinator.fleet.server import FleetConfig, FleetCoordinator

@@ -5,8 +5,11 @@
     fedge-edge status --config device.toml     what the device's store holds, without connecting
     fedge-edge forget-me --config device.toml  delete the personal state (and, with --samples, the data)
 
-Runs with numpy + onnxruntime + paho-mqtt + msgpack + pydantic only: no torch anywhere on this path.
-The long-running part is :class:`edge_client.daemon.service.DeviceService`; this module is the command line.
+Runs with numpy + a backbone runtime (onnxruntime or LiteRT) + paho-mqtt + msgpack + pydantic + cryptography
+only: no torch anywhere on this path. The command line is click (typer's own base, ~0.4 MB), not typer: typer
+requires rich and pygments (~6 MB), which the device install (<= 100 MB, issue 14) does not carry; the
+coordinator's `fedge` CLI keeps typer + rich (the `coordinator` extra). The long-running part is
+:class:`edge_client.daemon.service.DeviceService`; this module is the command line.
 """
 
 from __future__ import annotations
@@ -16,22 +19,27 @@ import logging
 import signal
 import threading
 from pathlib import Path
-from typing import Annotated
 
-import typer
+import click
 
 from edge_client.daemon.config import DeviceConfig
 
-app = typer.Typer(help="fedge edge device daemon.", no_args_is_help=True, add_completion=False,
-                  pretty_exceptions_enable=False)
 log = logging.getLogger("fedge.daemon")
 
-ConfigOpt = Annotated[Path, typer.Option("--config", "-c", help="device TOML file")]
+
+@click.group(help="fedge edge device daemon.", no_args_is_help=True,
+             context_settings={"help_option_names": ["-h", "--help"]})
+def app() -> None:
+    pass
+
+
+config_option = click.option("--config", "-c", "config", required=True, type=click.Path(path_type=Path),
+                             help="device TOML file")
 
 
 def _fail(message: str) -> None:
-    typer.echo(f"error: {message}", err=True)
-    raise typer.Exit(2)
+    click.echo(f"error: {message}", err=True)
+    raise click.exceptions.Exit(2)
 
 
 def _config(config: Path, level: str) -> DeviceConfig:
@@ -72,25 +80,27 @@ def _setup(config: Path, level: str):  # type: ignore[no-untyped-def]
 
 
 @app.command()
-def info(config: ConfigOpt, log_level: str = "warning") -> None:
+@config_option
+@click.option("--log-level", default="warning", show_default=True)
+def info(config: Path, log_level: str) -> None:
     """Load the model and the device's data and print what the device would train on."""
     cfg, learner, domain = _setup(config, log_level)
     spec = learner.backbone.spec
-    typer.echo(f"device {cfg.device_id} (fleet {cfg.fleet}, profile {cfg.profile}, domain {domain})")
-    typer.echo(f"backbone {learner.backbone.path}: {learner.backbone.runtime}, context {spec.context}, "
+    click.echo(f"device {cfg.device_id} (fleet {cfg.fleet}, profile {cfg.profile}, domain {domain})")
+    click.echo(f"backbone {learner.backbone.path}: {learner.backbone.runtime}, context {spec.context}, "
                f"{spec.feature_dim} features, sha256 {learner.backbone.sha256[:16]}")
-    typer.echo(f"windows: {learner.n_train} train, {learner.n_eval} held back; horizon {cfg.horizon}; "
+    click.echo(f"windows: {learner.n_train} train, {learner.n_eval} held back; horizon {cfg.horizon}; "
                f"features in {learner.feature_seconds:.2f} s")
     base = learner.baseline_metrics()
-    typer.echo(f"seasonal naive on the held-back window: MSE {base['naive_mse']:.4f}, MAE {base['naive_mae']:.4f}")
+    click.echo(f"seasonal naive on the held-back window: MSE {base['naive_mse']:.4f}, MAE {base['naive_mae']:.4f}")
 
 
 @app.command()
-def run(
-    config: ConfigOpt,
-    max_rounds: Annotated[int, typer.Option(min=0, help="exit after this many updates (0: run until stopped)")] = 0,
-    log_level: str = "info",
-) -> None:
+@config_option
+@click.option("--max-rounds", type=click.IntRange(min=0), default=0, show_default=True,
+              help="exit after this many updates (0: run until stopped)")
+@click.option("--log-level", default="info", show_default=True)
+def run(config: Path, max_rounds: int, log_level: str) -> None:
     """Join the fleet and answer round tasks until SIGTERM/SIGINT (or --max-rounds updates).
 
     A broker that is down is retried with backoff; updates wait in the store's outbox."""
@@ -122,35 +132,34 @@ def _when(ts: float | None) -> str:
     return dt.datetime.fromtimestamp(float(ts)).isoformat(sep=" ", timespec="seconds")
 
 
-@app.command()
-def status(config: ConfigOpt) -> None:
-    """Print what the device's store holds (readings, rounds, outbox, personal state, bundles)."""
-    from rich.console import Console
-    from rich.table import Table
+def key_value_table(title: str, rows: list[tuple[str, str]]) -> str:
+    """A titled two-column table in plain text (keys bold on a terminal): the device prints it without rich."""
+    width = max(len(k) for k, _ in rows)
+    lines = [click.style(title, bold=True), "-" * min(120, max(len(title), *(width + 2 + len(v) for _, v in rows)))]
+    lines += [f"{click.style(k.ljust(width), bold=True)}  {v}" for k, v in rows]
+    return "\n".join(lines)
 
+
+@app.command()
+@config_option
+def status(config: Path) -> None:
+    """Print what the device's store holds (readings, rounds, outbox, personal state, bundles)."""
     from edge_client.daemon.service import state_dir_busy
     from edge_client.daemon.status import status_rows
 
     cfg = _config(config, "warning")
     state = cfg.state_path()
-    table = Table(title=f"fedge-edge {cfg.device_id} (fleet {cfg.fleet})", show_header=False)
-    table.add_column("", style="bold")
-    table.add_column("")
-    table.add_row("state dir", f"{state} ({'daemon running' if state_dir_busy(state) else 'no daemon running'})"
-                  if state.is_dir() else f"{state} (empty: the daemon has not run yet)")
-    for key, value in status_rows(cfg, _when):
-        table.add_row(key, value)
-    Console(width=120).print(table)
+    rows = [("state dir", f"{state} ({'daemon running' if state_dir_busy(state) else 'no daemon running'})"
+             if state.is_dir() else f"{state} (empty: the daemon has not run yet)"), *status_rows(cfg, _when)]
+    click.echo(key_value_table(f"fedge-edge {cfg.device_id} (fleet {cfg.fleet})", rows))
 
 
 @app.command("forget-me")
-def forget_me(
-    config: ConfigOpt,
-    samples: Annotated[bool, typer.Option("--samples", help="also delete the stored readings")] = False,
-    yes: Annotated[bool, typer.Option("--yes", "-y", help="do not ask for confirmation")] = False,
-    local_only: Annotated[bool, typer.Option("--local-only", help="do not ask the coordinator to delete what it "
-                                             "stored from this device")] = False,
-) -> None:
+@config_option
+@click.option("--samples", is_flag=True, help="also delete the stored readings")
+@click.option("--yes", "-y", is_flag=True, help="do not ask for confirmation")
+@click.option("--local-only", is_flag=True, help="do not ask the coordinator to delete what it stored from this device")
+def forget_me(config: Path, samples: bool, yes: bool, local_only: bool) -> None:
     """Delete this device's personal state: personal head, stored updates (outbox), round history,
     and with --samples the readings too; then ask the coordinator (over the broker) to delete the
     updates, prototypes and registration it stored from this device. The daemon must be stopped first."""
@@ -168,21 +177,21 @@ def forget_me(
     if not local_only:
         what += (" and " if what else "") + f"what the coordinator of fleet {cfg.fleet} stored from this device"
     if not what:
-        typer.echo(f"nothing to delete: no store in {state}")
+        click.echo(f"nothing to delete: no store in {state}")
         return
-    if not yes and not typer.confirm(f"Delete the {what} of {cfg.device_id}?"):
-        typer.echo("nothing deleted")
-        raise typer.Exit(1)
+    if not yes and not click.confirm(f"Delete the {what} of {cfg.device_id}?"):
+        click.echo("nothing deleted")
+        raise click.exceptions.Exit(1)
     if has_store:
         for line in forget(state, samples=samples):
-            typer.echo(line)
+            click.echo(line)
     else:
-        typer.echo(f"no store in {state}: nothing kept on this device")
+        click.echo(f"no store in {state}: nothing kept on this device")
     if not local_only:
         try:
-            typer.echo(tell_coordinator(cfg))
+            click.echo(tell_coordinator(cfg))
         except (ConnectionError, ValueError) as exc:
             log.error("forget-me: the coordinator was not told: %s", exc)
-            typer.echo(f"error: the coordinator was not told ({exc}); run `fedge-edge forget-me` again when the "
+            click.echo(f"error: the coordinator was not told ({exc}); run `fedge-edge forget-me` again when the "
                        "broker is reachable (what is on this device is already deleted)", err=True)
-            raise typer.Exit(1) from None
+            raise click.exceptions.Exit(1) from None

@@ -69,7 +69,11 @@ class _OrtBackbone:
     """ONNX Runtime session with the same small interface as :class:`edge_client.runtime.litert.LiteRTBackbone`."""
 
     def __init__(self, path: Path, threads: int) -> None:
-        import onnxruntime as ort
+        try:
+            import onnxruntime as ort
+        except ImportError:  # a LiteRT-only install (fedge[tflite] / fedge[litert]) has no ONNX Runtime
+            raise ModelLoadError(f"{path} is an ONNX backbone but ONNX Runtime is not installed: "
+                                 "pip install 'fedge[onnx]', or use a .tflite backbone") from None
 
         self.session = ort_session(path, threads)
         self.metadata = self.session.get_modelmeta().custom_metadata_map

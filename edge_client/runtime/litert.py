@@ -162,7 +162,7 @@ def load_interpreter_class() -> tuple[Any, str]:
         except PackageNotFoundError:
             return interpreter.Interpreter, package
     raise ImportError("no LiteRT interpreter installed: pip install 'fedge[litert]' (ai-edge-litert), or "
-                      "tflite-runtime on images with numpy < 2")
+                      "'fedge[tflite]' (tflite-runtime, numpy < 2)")
 
 
 def litert_available() -> bool:

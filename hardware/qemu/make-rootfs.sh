@@ -27,9 +27,9 @@ PIP="${PIP:-python3 -m pip}"
 SITE="$ROOTFS/opt/fedge/site-packages"          # the harness puts this on the emulated PYTHONPATH
 QEMU="$(dirname "$ROOTFS")/qemu-aarch64"         # where hardware/emulation.py looks for it
 QEMU_SUITE="${FEDGE_QEMU_SUITE:-trixie}"
-# The device install of pyproject.toml's default dependencies (no torch), plus the LiteRT interpreter
-# for .tflite backbones.
-DEVICE_DEPS=(numpy onnxruntime "paho-mqtt>=2.0" msgpack "pydantic>=2.6" cryptography typer rich ai-edge-litert)
+# The device install of pyproject.toml's default dependencies (no torch) with both backbone runtimes
+# (fedge[onnx,litert]): the harness runs every format.
+DEVICE_DEPS=(numpy onnxruntime "paho-mqtt>=2.0" msgpack "pydantic>=2.6" cryptography click ai-edge-litert)
 # bookworm's glibc is 2.36: accept every manylinux tag up to it (ai-edge-litert 2.x is manylinux_2_27 only)
 PLATFORMS=(--platform manylinux2014_aarch64)
 for v in 17 24 26 27 28 31 34 35 36; do PLATFORMS+=(--platform "manylinux_2_${v}_aarch64"); done
