@@ -558,6 +558,9 @@ def loadtest(
     out: Annotated[Path, typer.Option(help="work folder: fleet database, coordinator log, result JSON")]
     = Path("runs/loadtest"),
     data_dir: Annotated[str | None, typer.Option()] = None,
+    secure: Annotated[bool, typer.Option("--secure", help="a secure fleet: device identities from a fleet CA (cached "
+                                         "in --out), TLS with client certificates, the fleet's ACL, signed messages")]
+    = False,
     seed: int = 0,
 ) -> None:
     """Measure a fleet: N emulated devices (each its own MQTT session, identity and data slice, training a real
@@ -567,12 +570,15 @@ def loadtest(
 
     _logging(False)
     cfg = LoadConfig(devices=devices, rounds=rounds, procs=procs, broker=broker, state=state, deadline_s=deadline,
-                     local_epochs=local_epochs, work_dir=out, data_dir=data_dir, seed=seed)
+                     local_epochs=local_epochs, work_dir=out, data_dir=data_dir, secure=secure, seed=seed)
     try:
         result = run_loadtest(cfg, progress=lambda text: console.print(f"[dim]{text}[/dim]"))
     except (RuntimeError, ValueError, ConnectionError, FileNotFoundError) as exc:
         _fail(str(exc))
     s = result.summary()
+    if secure:
+        console.print(f"[dim]{result.enrolled_now} identities enrolled now in {result.enrol_s:.1f} s "
+                      f"(the rest from the cache)[/dim]")
     t = Table(title=f"fedge loadtest: {devices} devices, {result.rounds_done} rounds ({result.broker}, "
                     f"{result.state_backend}, {result.procs} device processes)")
     for col in ("online s", "round p50 s", "p95 s", "max s", "updates/s", "coord CPU s", "broker CPU s",
@@ -585,7 +591,8 @@ def loadtest(
               str(s["duplicated"]))
     console.print(t)
     out.mkdir(parents=True, exist_ok=True)
-    (out / f"loadtest-{devices}.json").write_text(json.dumps(result_dict(result), indent=2, default=str))
+    name = f"loadtest-{devices}{'-secure' if secure else ''}.json"
+    (out / name).write_text(json.dumps(result_dict(result), indent=2, default=str))
     if s["lost"] or s["duplicated"]:
         _fail(f"{s['lost']} lost and {s['duplicated']} duplicated updates")
 

@@ -37,3 +37,21 @@ def test_twenty_emulated_devices_complete_rounds_with_nothing_lost_or_duplicated
     assert all(up > 20 * 1000 for up in result.bytes_up)  # real float16 deltas went up
     assert result.coordinator_peak_rss_mb > 0 and result.broker_peak_rss_mb > 0
     assert result.rejected == {}
+
+
+def test_a_secure_fleet_of_emulated_devices_completes_rounds_with_nothing_lost(tiny_export, tmp_path) -> None:
+    """Secure mode: enrolled identities, TLS with client certificates and the fleet's ACL at the broker, signed
+    messages both ways (a device whose signature or the coordinator's failed would show in `rejected`, or its
+    update would be missing); the enrolment is cached for the next run."""
+    from coordinator.loadtest.identities import enrolled_fleet
+
+    cfg = LoadConfig(devices=6, rounds=2, procs=2, n_train=48, n_eval=4, deadline_s=120, work_dir=tmp_path,
+                     cache_dir=tmp_path / "cache", model_dir=tiny_export["dir"], bank_windows=300,
+                     online_timeout_s=120, secure=True)
+    result = run_loadtest(cfg)
+    assert result.secure and result.enrolled_now == 6
+    assert result.rounds_done == 2 and result.updates == [6, 6]
+    assert result.lost == 0 and result.duplicated == 0 and result.rejected == {}
+    assert "TLS" in result.broker
+    _, again = enrolled_fleet(tmp_path / "fleet-load", "load", [f"emu-{i:05d}" for i in range(7)])
+    assert again == 1  # the six from the run were cached

@@ -111,11 +111,12 @@ def start_mosquitto(port: int | None = None, extra_config: list[str] | None = No
     return _run_mosquitto(conf, port, tmp, BrokerAddress("127.0.0.1", port), extra_config)
 
 
-def start_secure_mosquitto(fleet_dir: Path, devices: int = 64) -> RunningBroker:
+def start_secure_mosquitto(fleet_dir: Path, devices: int = 64, extra_config: list[str] | None = None) -> RunningBroker:
     """Mosquitto on a free loopback port with the production configuration `fedge broker config` writes for the
     fleet in `fleet_dir` (TLS, client certificates, ACL, persistence); the address carries the fleet CA and the
     coordinator's certificate. Its config, ACL and pid file are in ``broker.workdir`` (``fedge fleet revoke
-    --broker-pid``)."""
+    --broker-pid``). `extra_config` lines are appended (Mosquitto 2.0: a later line overrides an earlier one); the
+    load harness uses them to give the secure broker the same queue and inflight settings as its plain one."""
     from coordinator.fleet.broker_config import BrokerConfig, write_broker_config
 
     port = free_port()
@@ -124,9 +125,11 @@ def start_secure_mosquitto(fleet_dir: Path, devices: int = 64) -> RunningBroker:
     me = getpass.getuser()  # a private broker runs as whoever starts it (it must read the fleet's keys)
     conf = write_broker_config(fleet_dir, work, BrokerConfig(port=port, bind="127.0.0.1", devices=devices, run_as=me),
                                log_dest=f"file {work / 'mosquitto.log'}")
+    if extra_config:
+        conf.write_text(conf.read_text() + "\n".join([*extra_config, ""]))
     address = BrokerAddress("127.0.0.1", port).with_identity(fleet_dir / "ca.crt", fleet_dir / "coordinator.crt",
                                                              fleet_dir / "coordinator.key")
-    return _run_mosquitto(conf, port, tmp, address, [])
+    return _run_mosquitto(conf, port, tmp, address, list(extra_config or []))
 
 
 def start_fleet_broker(folder: Path, fleet: str, device_ids: list[str]) -> tuple[RunningBroker, dict[str, Path]]:

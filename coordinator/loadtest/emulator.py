@@ -15,6 +15,12 @@ message id when the coordinator asks again, status ``training``/``idle`` around 
 process, because it is the same for every device: the backbone file's spec and the decoding of identical
 global-model payloads (validated once per distinct payload, then each device checks it fits its head).
 
+Secure mode (``WorkerSpec.identities``, the ``enroll`` folder of a fleet from :mod:`coordinator.loadtest.identities`):
+each device loads its own enrollment bundle, connects over TLS with its own client certificate (the broker's ACL
+username), signs its hello, statuses, last will and updates with its key, and refuses any task, reject or global
+model without the coordinator's signature, as ``fedge-edge`` does (a global model's signature is checked once per
+distinct payload, like its decoding). The TLS handshake is paho's, blocking, one device at a time per process.
+
 The process reports to its parent over a pipe: connections, every update the broker acknowledged (round,
 device, message id: what the harness checks for loss and duplication), bytes per round, training time.
 """
@@ -25,6 +31,7 @@ import contextlib
 import logging
 import random
 import selectors
+import ssl
 import time
 from collections import Counter, deque
 from dataclasses import dataclass, field
@@ -33,12 +40,15 @@ from typing import Any
 from coordinator.fleet.broker import raise_fd_limit
 from coordinator.loadtest.bank import DeviceSlice, FeatureBank
 from edge_client.daemon.client import compute_update
+from edge_client.identity import Identity
 from edge_client.learning.head import as_float32, head_shapes
 from edge_client.learning.learner import DeviceLearner, SplitConfig
 from edge_client.runtime.backbone import BackboneRunner
 from edge_client.wire import (
     GlobalModel,
     Hello,
+    IdentityMismatch,
+    Message,
     ProtocolError,
     Receiver,
     Reject,
@@ -48,8 +58,11 @@ from edge_client.wire import (
     check_arrays,
     decode,
     encode,
+    sign,
+    verify,
 )
 from edge_client.wire import mqtt as M
+from edge_client.wire.signing import SIGNED_BY_COORDINATOR, SIGNED_BY_DEVICE
 
 log = logging.getLogger("fedge.loadtest")
 
@@ -69,6 +82,7 @@ class WorkerSpec:
     seed: int = 0
     work_slice_s: float = 0.05  # training per loop turn before the sockets are served again
     report_every_s: float = 0.5
+    identities: str = ""  # secure mode: a fleet's enroll folder (<id>/<id>.key, .crt, ca.crt, coordinator.crt)
 
 
 @dataclass
@@ -90,10 +104,13 @@ class _Device:
     """One emulated device: its MQTT client, learner, outbox and the globals it received."""
 
     def __init__(self, proc: _Process, device_id: str, learner: DeviceLearner, seed: int,
-                 broker: M.BrokerAddress) -> None:
+                 broker: M.BrokerAddress, identity: Identity | None = None) -> None:
         self.proc, self.device_id, self.learner, self.seed, self.broker = proc, device_id, learner, seed, broker
+        self.identity = identity
+        if identity is not None:  # TLS with its own certificate: the broker's ACL knows it by its common name
+            self.broker = broker.with_identity(identity.ca_file, identity.cert_file, identity.key_file)
         topics = proc.topics
-        self.receiver = Receiver(f"device {device_id}")
+        self.receiver = Receiver(f"device {device_id}", authenticate=self._authenticate)
         self.versions: set[int] = set()
         self.pending: dict[int, RoundTask] = {}
         self.outbox: dict[int, tuple[str, str, bytes, int, float]] = {}  # round -> msg id, topic, payload, base, op
@@ -101,10 +118,11 @@ class _Device:
         self.personal = None
         self.connected = False
         self.retry_at = 0.0
-        offline = encode(Status(fleet=proc.spec.fleet, device_id=device_id, state="offline", detail="connection lost"))
+        offline = encode(self._signed(Status(fleet=proc.spec.fleet, device_id=device_id, state="offline",
+                                             detail="connection lost")))
         c = self.client = M.make_client(f"fedge-{proc.spec.fleet}-dev-{device_id}",
                                         will=(topics.status(device_id), offline),
-                                        mqtt311=broker.mqtt311)
+                                        mqtt311=self.broker.mqtt311)
         c.on_connect, c.on_message, c.on_publish, c.on_disconnect = (self._on_connect, self._on_message,
                                                                        self._on_publish, self._on_disconnect)
         sel = proc.selector
@@ -113,6 +131,19 @@ class _Device:
         c.on_socket_register_write = lambda _c, _u, sock: sel.modify(
             sock, selectors.EVENT_READ | selectors.EVENT_WRITE, self)
         c.on_socket_unregister_write = lambda _c, _u, sock: _modify_read(sel, sock, self)
+
+    # ------------------------------------------------------------------ identity
+
+    def _signed(self, msg: Message) -> Message:
+        return sign(msg, self.identity.key) if self.identity is not None else msg
+
+    def _authenticate(self, msg: Message) -> None:
+        """What `fedge-edge` checks (edge_client.daemon.client): only coordinator messages, and with an identity
+        only with the coordinator's signature."""
+        if msg.type in SIGNED_BY_DEVICE:
+            raise IdentityMismatch(f"the coordinator does not send {msg.type} messages")
+        if self.identity is not None and msg.type in SIGNED_BY_COORDINATOR:
+            verify(msg, self.identity.coordinator_key, "the coordinator's")
 
     # ------------------------------------------------------------------ MQTT
 
@@ -124,10 +155,10 @@ class _Device:
         st, t = self.proc.stats, self.proc.topics
         st.connected += 1
         client.subscribe([(t.task(self.device_id), 1), (t.global_model(self.proc.spec.task), 1)])
-        self._publish(t.hello(self.device_id), encode(Hello(
+        self._publish(t.hello(self.device_id), encode(self._signed(Hello(
             fleet=self.proc.spec.fleet, device_id=self.device_id, runtime=self.learner.backbone.runtime_version,
             profile="emulated", domain=self.proc.domains[self.device_id], n_train=self.learner.n_train,
-            n_eval=self.learner.n_eval, capabilities=["train", "evaluate", "fedprox"])), retain=True)
+            n_eval=self.learner.n_eval, capabilities=["train", "evaluate", "fedprox"]))), retain=True)
         self._status("online")
         for round_id, (msg_id, topic, payload, _, _) in self.outbox.items():  # what a lost connection left unacked
             if (round_id, msg_id) not in self.inflight.values():
@@ -196,7 +227,7 @@ class _Device:
                                          device_id=self.device_id, seed=self.seed)
         if outcome is not None:
             self.personal = outcome.personal
-        payload = encode(update)
+        payload = encode(self._signed(update))
         self.proc.stats.train_s += time.perf_counter() - t0
         topic = self.proc.topics.update(task.round_id, self.device_id)
         self.outbox[task.round_id] = (update.msg_id, topic, payload, task.model_version, task.round_opened)
@@ -212,12 +243,22 @@ class _Device:
         self.proc.stats.bytes_up[round_id] += len(payload)
 
     def _status(self, state: str, detail: str = "") -> None:
-        self._publish(self.proc.topics.status(self.device_id), encode(Status(
-            fleet=self.proc.spec.fleet, device_id=self.device_id, state=state, detail=detail)), retain=True)
+        self._publish(self.proc.topics.status(self.device_id), encode(self._signed(Status(
+            fleet=self.proc.spec.fleet, device_id=self.device_id, state=state, detail=detail))), retain=True)
 
     def _publish(self, topic: str, payload: bytes, retain: bool = False) -> None:
         M.publish(self.client, topic, payload, retain=retain)
         self.proc.stats.other_up += len(payload)
+
+
+def _drain_tls(client: Any) -> None:
+    """Read what TLS already decrypted: those bytes are in the SSL object, not the socket, so the selector would not
+    report them (paho's own loop checks ``pending()`` the same way)."""
+    sock = client.socket()
+    while isinstance(sock, ssl.SSLSocket) and sock.pending() > 0:
+        if client.loop_read() != 0:
+            return
+        sock = client.socket()
 
 
 def _unregister(sel: selectors.BaseSelector, sock: Any) -> None:
@@ -251,12 +292,16 @@ class _Process:
         split = SplitConfig(horizon=spec.horizon)
         self.domains = {}
         self.devices = []
+        self.coordinator_key = None  # secure mode: what global models must be signed with
         for i, (dev_id, sl) in enumerate(zip(spec.device_ids, spec.slices, strict=True)):
             data = bank.device_data(sl)
             self.domains[dev_id] = bank.series[sl.series].domain
             learner = DeviceLearner.from_features(self.backbone, split=split, **data)
+            identity = Identity.load(f"{spec.identities}/{dev_id}", dev_id) if spec.identities else None
+            if identity is not None:
+                self.coordinator_key = identity.coordinator_key
             self.devices.append(_Device(self, dev_id, learner, spec.seed + spec.index * 1_000_003 + i,
-                                        spec.brokers[i % len(spec.brokers)]))
+                                        spec.brokers[i % len(spec.brokers)], identity))
 
     def global_model(self, payload: bytes) -> GlobalModel | None:
         """Decode and check a global head once per distinct payload (every device receives the same bytes)."""
@@ -266,6 +311,8 @@ class _Process:
                 msg = decode(payload)
                 if not isinstance(msg, GlobalModel):
                     raise ProtocolError(f"{msg.type} on the global model topic")
+                if self.coordinator_key is not None:
+                    verify(msg, self.coordinator_key, "the coordinator's")
                 check_arrays(msg.params, self.head_shapes, what="global")
                 if msg.backbone_id and self.backbone.spec.model_id and msg.backbone_id != self.backbone.spec.model_id:
                     raise ProtocolError(f"global head for backbone {msg.backbone_id}")
@@ -297,6 +344,7 @@ class _Process:
                 dev = key.data
                 if mask & selectors.EVENT_READ:
                     dev.client.loop_read()
+                    _drain_tls(dev.client)
                 if mask & selectors.EVENT_WRITE:
                     dev.client.loop_write()
             until = time.perf_counter() + self.spec.work_slice_s

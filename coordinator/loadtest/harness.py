@@ -7,6 +7,14 @@ times and stored updates from the fleet database, acknowledged updates and bytes
 memory of the coordinator and the broker from /proc. Lost updates (acknowledged by the broker to a device,
 never stored) and duplicated ones (counted twice in an aggregate) must both be 0.
 
+Secure mode (``LoadConfig.secure``, ``fedge loadtest --secure``): the fleet as it runs on a real network. N device
+identities enrolled with a fleet CA (cached in the work folder, :mod:`coordinator.loadtest.identities`), the broker
+with the configuration ``fedge broker config`` writes (TLS listener, ``require_certificate``, the certificate's
+name as username and client id, the fleet's ``%u`` ACL, its CRL) plus the same queue and inflight settings as the
+plain run, ``fedge serve --fleet-dir`` (the registry: every device message's signature checked, every control
+message signed), and devices that connect with their own certificates and sign what devices sign. Persistence is
+left off as in the plain run, so the difference between the two is TLS, the ACL and the signatures.
+
 Usable as a library (:func:`run_loadtest`, :class:`LoadConfig`) so benchmarks and other features (TLS and
 ACLs, metrics exporters) can measure their cost at scale with the same harness.
 """
@@ -14,6 +22,7 @@ ACLs, metrics exporters) can measure their cost at scale with the same harness.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import hashlib
 import json
 import logging
@@ -34,10 +43,11 @@ from typing import Any
 import numpy as np
 
 from coordinator.demo import DEFAULT_CACHE
-from coordinator.fleet.broker import RunningBroker, raise_fd_limit, start_mosquitto
+from coordinator.fleet.broker import RunningBroker, raise_fd_limit, start_mosquitto, start_secure_mosquitto
 from coordinator.fleet.state import is_postgres
 from coordinator.loadtest.bank import FeatureBank, build_bank
 from coordinator.loadtest.emulator import WorkerSpec, worker_main
+from coordinator.loadtest.identities import enrolled_fleet
 from edge_client.wire.mqtt import BrokerAddress
 
 log = logging.getLogger("fedge.loadtest")
@@ -71,6 +81,7 @@ class LoadConfig:
     online_timeout_s: float = 600.0
     serve_args: tuple[str, ...] = ()  # extra `fedge serve` options (e.g. TLS or ACL settings of a later release)
     profile: bool = False  # sample the coordinator with py-spy (all threads) into the work folder
+    secure: bool = False  # TLS + client certificates + the fleet's ACL + signed messages (a private mosquitto only)
     seed: int = 0
 
 
@@ -99,6 +110,9 @@ class LoadResult:
     load_before: tuple[float, float, float] = (0.0, 0.0, 0.0)
     rejected: dict[str, int] = field(default_factory=dict)
     fd_limit: int = 0
+    secure: bool = False
+    enrolled_now: int = 0  # secure mode: identities enrolled by this run (0: all came from the cache)
+    enrol_s: float = 0.0  # secure mode: seconds spent enrolling them (not part of any other measure)
     notes: list[str] = field(default_factory=list)
 
     def summary(self) -> dict[str, Any]:
@@ -213,18 +227,33 @@ def run_loadtest(cfg: LoadConfig, progress: Callable[[str], None] | None = None)
     bank = FeatureBank.load(bank_dir)
     slices, overlap = bank.plan(cfg.devices, cfg.n_train, cfg.n_eval)
     procs = cfg.procs or max(2, -(-cfg.devices // 2500))
+    ids = [f"emu-{i:05d}" for i in range(cfg.devices)]
+    fleet_dir: Path | None = None
+    enrolled_now, enrol_s = 0, 0.0
+    if cfg.secure:
+        if cfg.broker != "mosquitto":
+            raise ValueError("secure mode starts its own broker (TLS, certificates, ACL): use broker='mosquitto'")
+        say(f"enrolling {cfg.devices} device identities with the fleet CA (cached in the work folder)")
+        t0 = time.perf_counter()
+        pki, enrolled_now = enrolled_fleet(work / f"fleet-{cfg.fleet}", cfg.fleet, ids)
+        enrol_s, fleet_dir = time.perf_counter() - t0, pki.root.resolve()
     load_before = os.getloadavg()
 
     broker: RunningBroker | None = None
-    if cfg.broker == "mosquitto":
+    if cfg.broker == "mosquitto" and fleet_dir is not None:
+        broker = start_secure_mosquitto(fleet_dir, cfg.devices,
+                                        extra_config=[*load_broker_config(cfg.devices), "persistence false"])
+        address, broker_label = broker.address, "mosquitto (private, TLS + certificates + ACL)"
+        nodes = [BrokerAddress(address.host, address.port, tls=True, ca_file=str(fleet_dir / "ca.crt"))]
+    elif cfg.broker == "mosquitto":
         broker = start_mosquitto(extra_config=load_broker_config(cfg.devices))
         address, broker_label = broker.address, "mosquitto (private)"
         nodes = [address]
     else:
         nodes = [BrokerAddress.parse(b.strip()) for b in cfg.broker.split(",") if b.strip()]
         broker_label = f"external {cfg.broker}"
-    nodes = [BrokerAddress(n.host, n.port, keepalive=120, mqtt311=n.mqtt311) for n in nodes]
-    address = nodes[0]
+    nodes = [dataclasses.replace(n, keepalive=120) for n in nodes]
+    address = dataclasses.replace(address, keepalive=120) if broker is not None else nodes[0]
     state_url = cfg.state or str(work / f"fleet-{cfg.devices}.sqlite")
     if not is_postgres(state_url):
         for stale in Path(state_url).parent.glob(Path(state_url).name + "*"):
@@ -236,12 +265,11 @@ def run_loadtest(cfg: LoadConfig, progress: Callable[[str], None] | None = None)
     try:
         ctx = mp.get_context("spawn")
         per = -(-cfg.devices // procs)
-        ids = [f"emu-{i:05d}" for i in range(cfg.devices)]
         for w in range(procs):
             part = slice(w * per, min(cfg.devices, (w + 1) * per))
             spec = WorkerSpec(w, tuple(ids[part]), tuple(slices[part]), str(bank_dir), str(model_dir / "backbone.onnx"),
                               tuple(nodes), cfg.fleet, cfg.horizon, connects_per_s=cfg.connects_per_s / procs,
-                              seed=cfg.seed)
+                              seed=cfg.seed, identities=str(fleet_dir / "enroll") if fleet_dir else "")
             parent, child = ctx.Pipe()
             p = ctx.Process(target=worker_main, args=(spec, child), daemon=True)
             p.start()
@@ -257,7 +285,7 @@ def run_loadtest(cfg: LoadConfig, progress: Callable[[str], None] | None = None)
                "--broker", str(address), "--fleet", cfg.fleet, "--rounds", str(cfg.rounds),
                "--min-devices", str(cfg.devices), "--deadline", str(cfg.deadline_s), "--horizon", str(cfg.horizon),
                "--local-epochs", str(cfg.local_epochs), "--lr", str(cfg.lr), "--wait-devices",
-               str(cfg.online_timeout_s), *cfg.serve_args]
+               str(cfg.online_timeout_s), *(["--fleet-dir", str(fleet_dir)] if fleet_dir else []), *cfg.serve_args]
         serve = subprocess.Popen(cmd, stdout=log_file, stderr=subprocess.STDOUT, preexec_fn=raise_fd_limit)
         watch_c = _ProcWatch(serve.pid)
         if cfg.profile:
@@ -318,6 +346,7 @@ def run_loadtest(cfg: LoadConfig, progress: Callable[[str], None] | None = None)
             result.devices_cpu_s = sum(w.cpu_s - s0 for w, s0 in zip(watch_w, start, strict=True))
         result.broker, result.procs, result.slice_overlap = broker_label, procs, overlap
         result.load_before, result.fd_limit = load_before, fd_limit
+        result.secure, result.enrolled_now, result.enrol_s = cfg.secure, enrolled_now, enrol_s
         result.state_backend = "postgres" if is_postgres(state_url) else "sqlite"
         return result
     finally:
