@@ -1,7 +1,8 @@
 """Fleet scale (issue 12): what one coordinator, one broker and N emulated devices cost on this machine, and how that
 compares with Flower's simulation on the same head-only task.
 
-    python benchmarks/fleet_scale.py [--sizes 100 1000 10000] [--flower 10 100 1000] [--rounds 3] [--out docs/results]
+    python benchmarks/fleet_scale.py [--sizes 100 1000 10000] [--secure 1000 10000] [--flower 10 100 1000]
+                                     [--rounds 3] [--out docs/results]
 
 Cells (each checkpointed under --work and skipped on a rerun unless --fresh; results rewritten after every cell):
 * ``agg``: 10,000 real updates (float16 deltas of the fleet head, encoded as on the wire) aggregated by the
@@ -10,6 +11,10 @@ Cells (each checkpointed under --work and skipped on a rerun unless --fresh; res
 * ``fedge-N``: `fedge loadtest` (coordinator.loadtest.harness) with N devices: a private Mosquitto sized for the
   run, `fedge serve` as its own process (SQLite), N emulated devices in a few processes; the largest size is also
   profiled (py-spy, every thread of the coordinator).
+* ``fedge-secure-N``: the same with ``--secure`` (coordinator.loadtest.harness): N identities from the fleet CA
+  (cached under --work), the broker with TLS, client certificates and the fleet's ACL, `fedge serve --fleet-dir`
+  (signatures checked and made), devices connecting with their own certificates and signing; run right after
+  ``fedge-N`` so both see about the same load. The table beside it is the cost of TLS + ACL + signatures at scale.
 * ``flower-N``: benchmarks/flower_baseline.py, Flower's simulation (Ray) with N clients on the same slices, the same
   learner and FedAvg. Flower's first round (Ray start-up) is excluded from its round times; fedge's is not.
 
@@ -135,7 +140,9 @@ def _short(frame: str) -> str:
 
 
 def summarise(cells: dict) -> dict:
-    fedge = {int(k.split("-")[1]): v for k, v in cells.items() if k.startswith("fedge-") and "summary" in v}
+    fedge = {int(k.split("-")[1]): v for k, v in cells.items()
+             if k.startswith("fedge-") and not k.startswith("fedge-secure-") and "summary" in v}
+    secure = {int(k.split("-")[2]): v for k, v in cells.items() if k.startswith("fedge-secure-") and "summary" in v}
     flower = {int(k.split("-")[1]): v for k, v in cells.items() if k.startswith("flower-") and "round_p50_s" in v}
     ratio = {n: flower[n]["round_p50_s"] / fedge[n]["summary"]["round_p50_s"] for n in fedge if n in flower}
     agg = cells.get("agg", {})
@@ -144,12 +151,14 @@ def summarise(cells: dict) -> dict:
         "10,000 devices <= 30 s per round (p50)": _check(fedge.get(10000), lambda s: s["round_p50_s"], 30.0),
         "10,000 updates aggregated <= 1 s (decode + streaming sum, CPU seconds)":
             (agg["fedavg"]["total_cpu_s"], agg["fedavg"]["total_cpu_s"] <= 1.0) if agg else None,
-        "0 lost, 0 duplicated (every size)":
-            (sum(v["summary"]["lost"] + v["summary"]["duplicated"] for v in fedge.values()),
-             all(v["summary"]["lost"] == 0 == v["summary"]["duplicated"] for v in fedge.values())) if fedge else None,
+        "0 lost, 0 duplicated (every size, plain and secure)":
+            (sum(v["summary"]["lost"] + v["summary"]["duplicated"] for v in [*fedge.values(), *secure.values()]),
+             all(v["summary"]["lost"] == 0 == v["summary"]["duplicated"] for v in [*fedge.values(), *secure.values()]))
+            if fedge else None,
         ">= 5x faster per round than Flower at 1,000": (ratio[1000], ratio[1000] >= 5.0) if 1000 in ratio else None,
     }
     return {"fedge": {n: v["summary"] for n, v in sorted(fedge.items())},
+            "secure": {n: v["summary"] for n, v in sorted(secure.items())},
             "flower": {n: v["round_p50_s"] for n, v in sorted(flower.items())},
             "ratio_flower_over_fedge": dict(sorted(ratio.items())), "checks": checks}
 
@@ -192,6 +201,27 @@ def write(cells: dict, out: Path, meta: dict) -> None:
         ratio = summary["ratio_flower_over_fedge"].get(n)
         md.append(f"| {n:,} | {f:.2f} | {'—' if mine is None else f'{mine:.2f}'} | "
                   f"{'—' if ratio is None else f'{ratio:.1f}x'} |")
+    if summary["secure"]:
+        md += ["", "Cost of a secure fleet (`fedge loadtest --secure`: TLS 1.2 with a client certificate per device "
+               "from "
+               "the fleet CA, ed25519 keys, the broker's `require_certificate` and `%u` ACL, every device message "
+               "signed and checked by the coordinator's registry, every control message signed and checked by the "
+               "devices), each secure cell run right after the plain one of the same size. Wire KB/round: bytes the "
+               "broker read and wrote (sockets, so TLS records included), per round.", "",
+               "| devices | mode | online s | round p50 s | p95 s | coord CPU s | broker CPU s | devices CPU s | "
+               "coord RSS MB | broker RSS MB | devices RSS MB | payload KB/round | wire KB/round | lost | dup | load |",
+               "|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+        for n, sec in summary["secure"].items():
+            for mode, s, cell in (("plain", summary["fedge"].get(n), cells.get(f"fedge-{n}")),
+                                  ("secure", sec, cells[f"fedge-secure-{n}"])):
+                if s is None:
+                    continue
+                md.append(f"| {n:,} | {mode} | {s['online_s']:.1f} | {s['round_p50_s']:.2f} | "
+                          f"{s['round_p95_s']:.2f} | {s['coordinator_cpu_s']:.1f} | {_cpu(s.get('broker_cpu_s'))} | "
+                          f"{_cpu(s.get('devices_cpu_s'))} | {s['coordinator_peak_rss_mb']:.0f} | "
+                          f"{s['broker_peak_rss_mb']:.0f} | {_cpu(s.get('devices_peak_rss_mb'))} | "
+                          f"{s['bytes_per_round'] / 1024:.0f} | {_kb(s.get('broker_wire_bytes_per_round'))} | "
+                          f"{s['lost']} | {s['duplicated']} | {cell['load_before'][0]:.1f} |")
     agg = cells.get("agg")
     if agg:
         md += ["", f"Aggregation of {agg['updates']:,} updates ({agg['params']:,} parameters, {agg['update_bytes']:,} "
@@ -207,7 +237,7 @@ def write(cells: dict, out: Path, meta: dict) -> None:
     for name, value in summary["checks"].items():
         md.append(f"| {name} | {'not run' if value is None else f'{value[0]:.2f}'} | "
                   f"{'—' if value is None else ('yes' if value[1] else '**no**')} |")
-    profiled = sorted((int(k.split("-")[1]), k) for k in cells if k.startswith("fedge-") and cells[k].get("profile"))
+    profiled = sorted((int(k.split("-")[-1]), k) for k in cells if k.startswith("fedge-") and cells[k].get("profile"))
     prof = cells[profiled[-1][1]]["profile"] if profiled else None
     if prof:
         md += ["", f"Coordinator profile at the largest size ({prof['samples']:,} py-spy samples at 50 Hz, all "
@@ -218,6 +248,10 @@ def write(cells: dict, out: Path, meta: dict) -> None:
     kept = path.read_text().split(MARKER, 1)[1].lstrip("\n") if path.exists() and MARKER in path.read_text() else ""
     path.write_text("\n".join(md) + kept)
     plot(summary, out / "fleet_scale.png")
+
+
+def _kb(value: float | None) -> str:
+    return "—" if not value else f"{value / 1024:.0f}"
 
 
 def _cpu(value: float | None) -> str:
@@ -255,6 +289,8 @@ def plot(summary: dict, path: Path) -> None:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--sizes", type=int, nargs="*", default=[100, 1000, 10000])
+    ap.add_argument("--secure", type=int, nargs="*", default=[1000, 10000],
+                    help="sizes also run as a secure fleet (fedge-secure-N, right after fedge-N)")
     ap.add_argument("--flower", type=int, nargs="*", default=[10, 100, 1000])
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--out", type=Path, default=ROOT / "docs" / "results")
@@ -278,8 +314,11 @@ def main() -> None:
 
     bank_dir = build_bank(model_dir / "backbone.onnx", cfg.horizon, cfg.cache_dir, cfg.data_dir)
     small = [n for n in args.sizes if n <= 1000]  # the compared sizes first, close in time to Flower's cells
-    plan = ["agg", *[f"fedge-{n}" for n in small], *[f"flower-{n}" for n in args.flower],
-            *[f"fedge-{n}" for n in args.sizes if n > 1000]]
+    def fedge_cells(sizes: list[int]) -> list[str]:
+        return [c for n in sizes for c in (f"fedge-{n}", *([f"fedge-secure-{n}"] if n in args.secure else []))]
+
+    plan = ["agg", *fedge_cells(small), *[f"flower-{n}" for n in args.flower],
+            *fedge_cells([n for n in args.sizes if n > 1000])]
     cells = {p.stem: json.loads(p.read_text()) for p in cells_dir.glob("*.json")}
     for name in plan:
         if name in cells and not args.fresh and (args.only is None or name not in args.only):
@@ -292,12 +331,13 @@ def main() -> None:
         if name == "agg":
             cell = aggregation_cell(model_dir)
         elif name.startswith("fedge-"):
-            n = int(name.split("-")[1])
-            biggest = n == max(args.sizes)
+            n = int(name.split("-")[-1])
+            secure = name.startswith("fedge-secure-")
+            biggest = n == max(args.sizes) and not secure  # the profile is the plain coordinator's
             # a deadline no round reaches here: an update the broker acknowledged and the coordinator did not
             # store then counts as lost, never as merely late
             res = run_loadtest(LoadConfig(devices=n, rounds=args.rounds, work_dir=args.work, data_dir=args.data_dir,
-                                          profile=biggest, deadline_s=max(300.0, 0.2 * n),
+                                          profile=biggest, secure=secure, deadline_s=max(300.0, 0.2 * n),
                                           online_timeout_s=max(600.0, 0.1 * n)),
                                progress=lambda text: console.print(f"[dim]{text}[/dim]"))
             cell = result_dict(res)

@@ -107,6 +107,8 @@ class LoadResult:
     device_train_s: float  # total seconds (wall, per task) the emulated devices spent training and encoding
     broker_cpu_s: float = float("nan")  # user+system CPU of the private broker during the rounds
     devices_cpu_s: float = float("nan")  # user+system CPU of all device processes during the rounds
+    devices_peak_rss_mb: float = float("nan")  # sum over the device processes of each one's peak RSS
+    broker_io_bytes: int = 0  # bytes the broker read and wrote (sockets: on the wire, TLS included) in the rounds
     load_before: tuple[float, float, float] = (0.0, 0.0, 0.0)
     rejected: dict[str, int] = field(default_factory=dict)
     fd_limit: int = 0
@@ -122,7 +124,8 @@ class LoadResult:
                 "ingest_per_s": float(np.median(self.ingest_per_s)) if self.ingest_per_s else 0.0,
                 "coordinator_cpu_s": self.coordinator_cpu_s, "coordinator_peak_rss_mb": self.coordinator_peak_rss_mb,
                 "broker_peak_rss_mb": self.broker_peak_rss_mb, "broker_cpu_s": self.broker_cpu_s,
-                "devices_cpu_s": self.devices_cpu_s,
+                "devices_cpu_s": self.devices_cpu_s, "devices_peak_rss_mb": self.devices_peak_rss_mb,
+                "broker_wire_bytes_per_round": self.broker_io_bytes / max(1, len(self.round_s)),
                 "bytes_per_round": int(np.mean([u + d for u, d in zip(self.bytes_up, self.bytes_down, strict=True)]))
                 if self.bytes_up else 0, "lost": self.lost, "duplicated": self.duplicated}
 
@@ -160,12 +163,14 @@ def load_broker_config(devices: int) -> list[str]:
 
 
 class _ProcWatch:
-    """Peak RSS (VmHWM) and CPU time of a process, sampled from /proc while it runs."""
+    """Peak RSS (VmHWM), CPU time and bytes through read/write calls (sockets included: for the broker, what went
+    over the wire, TLS records and all) of a process, sampled from /proc while it runs."""
 
     def __init__(self, pid: int) -> None:
         self.pid = pid
         self.peak_rss_kb = 0
         self.cpu_s = 0.0
+        self.io_bytes = 0
 
     def sample(self) -> None:
         with contextlib.suppress(OSError, ValueError, IndexError):
@@ -174,6 +179,8 @@ class _ProcWatch:
                     self.peak_rss_kb = max(self.peak_rss_kb, int(line.split()[1]))
             fields = Path(f"/proc/{self.pid}/stat").read_text().rsplit(")", 1)[1].split()
             self.cpu_s = (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+            io = dict(line.split(": ") for line in Path(f"/proc/{self.pid}/io").read_text().splitlines())
+            self.io_bytes = int(io["rchar"]) + int(io["wchar"])
 
 
 class _Db:
@@ -303,6 +310,7 @@ def run_loadtest(cfg: LoadConfig, progress: Callable[[str], None] | None = None)
         cpu_at_first_round = None
         watch_w = [_ProcWatch(p.pid) for p, _ in workers]
         others_at_first_round: list[float] | None = None  # broker, then each device process
+        broker_io_at_first_round = 0
         last_say = 0.0
         while serve.poll() is None:
             watch_c.sample()
@@ -318,6 +326,7 @@ def run_loadtest(cfg: LoadConfig, progress: Callable[[str], None] | None = None)
             if cpu_at_first_round is None and db.scalar("SELECT COUNT(*) FROM rounds"):
                 cpu_at_first_round = watch_c.cpu_s
                 others_at_first_round = [w.cpu_s for w in ([watch_b] if watch_b else []) + watch_w]
+                broker_io_at_first_round = watch_b.io_bytes if watch_b else 0
             if time.time() - last_say > 5:
                 done = db.scalar("SELECT COUNT(*) FROM rounds WHERE state != 'open'") or 0
                 say(f"{reports.connected()} connected, {done}/{cfg.rounds} rounds closed, "
@@ -342,10 +351,12 @@ def run_loadtest(cfg: LoadConfig, progress: Callable[[str], None] | None = None)
         if others_at_first_round is not None:
             if watch_b:
                 result.broker_cpu_s = watch_b.cpu_s - others_at_first_round[0]
+                result.broker_io_bytes = watch_b.io_bytes - broker_io_at_first_round
             start = others_at_first_round[1:] if watch_b else others_at_first_round
             result.devices_cpu_s = sum(w.cpu_s - s0 for w, s0 in zip(watch_w, start, strict=True))
         result.broker, result.procs, result.slice_overlap = broker_label, procs, overlap
         result.load_before, result.fd_limit = load_before, fd_limit
+        result.devices_peak_rss_mb = sum(w.peak_rss_kb for w in watch_w) / 1024
         result.secure, result.enrolled_now, result.enrol_s = cfg.secure, enrolled_now, enrol_s
         result.state_backend = "postgres" if is_postgres(state_url) else "sqlite"
         return result
