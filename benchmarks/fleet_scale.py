@@ -237,7 +237,8 @@ def write(cells: dict, out: Path, meta: dict) -> None:
     for name, value in summary["checks"].items():
         md.append(f"| {name} | {'not run' if value is None else f'{value[0]:.2f}'} | "
                   f"{'—' if value is None else ('yes' if value[1] else '**no**')} |")
-    profiled = sorted((int(k.split("-")[-1]), k) for k in cells if k.startswith("fedge-") and cells[k].get("profile"))
+    profiled = sorted((int(k.split("-")[1]), k) for k in cells
+                      if k.startswith("fedge-") and not k.startswith("fedge-secure-") and cells[k].get("profile"))
     prof = cells[profiled[-1][1]]["profile"] if profiled else None
     if prof:
         md += ["", f"Coordinator profile at the largest size ({prof['samples']:,} py-spy samples at 50 Hz, all "
@@ -333,7 +334,7 @@ def main() -> None:
         elif name.startswith("fedge-"):
             n = int(name.split("-")[-1])
             secure = name.startswith("fedge-secure-")
-            biggest = n == max(args.sizes) and not secure  # the profile is the plain coordinator's
+            biggest = n == max(args.sizes)  # profiled, plain and secure alike (py-spy's cost is in both)
             # a deadline no round reaches here: an update the broker acknowledged and the coordinator did not
             # store then counts as lost, never as merely late
             res = run_loadtest(LoadConfig(devices=n, rounds=args.rounds, work_dir=args.work, data_dir=args.data_dir,
