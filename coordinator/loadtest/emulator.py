@@ -47,7 +47,6 @@ from edge_client.runtime.backbone import BackboneRunner
 from edge_client.wire import (
     GlobalModel,
     Hello,
-    IdentityMismatch,
     Message,
     ProtocolError,
     Receiver,
@@ -62,7 +61,7 @@ from edge_client.wire import (
     verify,
 )
 from edge_client.wire import mqtt as M
-from edge_client.wire.signing import SIGNED_BY_COORDINATOR, SIGNED_BY_DEVICE
+from edge_client.wire.signing import check_from_coordinator
 
 log = logging.getLogger("fedge.loadtest")
 
@@ -138,12 +137,8 @@ class _Device:
         return sign(msg, self.identity.key) if self.identity is not None else msg
 
     def _authenticate(self, msg: Message) -> None:
-        """What `fedge-edge` checks (edge_client.daemon.client): only coordinator messages, and with an identity
-        only with the coordinator's signature."""
-        if msg.type in SIGNED_BY_DEVICE:
-            raise IdentityMismatch(f"the coordinator does not send {msg.type} messages")
-        if self.identity is not None and msg.type in SIGNED_BY_COORDINATOR:
-            verify(msg, self.identity.coordinator_key, "the coordinator's")
+        """What `fedge-edge` checks (edge_client.daemon.client): the same function."""
+        check_from_coordinator(msg, self.identity.coordinator_key if self.identity is not None else None)
 
     # ------------------------------------------------------------------ MQTT
 

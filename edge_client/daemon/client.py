@@ -39,7 +39,6 @@ from edge_client.runtime.backbone import backbone_mismatch
 from edge_client.wire import (
     GlobalModel,
     Hello,
-    IdentityMismatch,
     InvalidMessage,
     Message,
     ModelMismatch,
@@ -57,13 +56,12 @@ from edge_client.wire import (
     decode,
     encode,
     sign,
-    verify,
 )
 from edge_client.wire import mqtt as M
 from edge_client.wire.memory import ReplayMemory
 from edge_client.wire.messages import SECAGG_FROM_COORDINATOR
 from edge_client.wire.mqtt_loop import NetworkLoop
-from edge_client.wire.signing import SIGNED_BY_COORDINATOR, SIGNED_BY_DEVICE
+from edge_client.wire.signing import check_from_coordinator
 
 log = logging.getLogger("fedge.edge")
 
@@ -289,10 +287,7 @@ class EdgeClient:
     def _authenticate(self, msg: Message) -> None:
         """Only what a coordinator sends is accepted here, and with an identity only with the coordinator's
         signature (a broker without an ACL, or a forged publisher, cannot steer the device)."""
-        if msg.type in SIGNED_BY_DEVICE:
-            raise IdentityMismatch(f"the coordinator does not send {msg.type} messages")
-        if self.identity is not None and msg.type in SIGNED_BY_COORDINATOR:
-            verify(msg, self.identity.coordinator_key, "the coordinator's")
+        check_from_coordinator(msg, self.identity.coordinator_key if self.identity is not None else None)
 
     @property
     def globals(self) -> dict[int, Params]:

@@ -15,7 +15,7 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
 from edge_client.wire.codec import encode
-from edge_client.wire.errors import SignatureMismatch, Unsigned
+from edge_client.wire.errors import IdentityMismatch, SignatureMismatch, Unsigned
 from edge_client.wire.limits import Limits
 from edge_client.wire.messages import Message
 
@@ -46,3 +46,12 @@ def verify(msg: Message, public_key: Ed25519PublicKey, signer: str = "the sender
         public_key.verify(bytes(msg.sig), signing_bytes(msg))
     except (InvalidSignature, ValueError):
         raise SignatureMismatch(f"{msg.type} {msg.msg_id}: the signature is not {signer}'s") from None
+
+
+def check_from_coordinator(msg: Message, coordinator_key: Ed25519PublicKey | None) -> None:
+    """A device's check of what it receives (``fedge-edge`` and the load harness's emulated devices): only message
+    types a coordinator sends, and with an identity (`coordinator_key`) only with the coordinator's signature."""
+    if msg.type in SIGNED_BY_DEVICE:
+        raise IdentityMismatch(f"the coordinator does not send {msg.type} messages")
+    if coordinator_key is not None and msg.type in SIGNED_BY_COORDINATOR:
+        verify(msg, coordinator_key, "the coordinator's")
