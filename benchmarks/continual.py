@@ -194,6 +194,7 @@ def methods(base: PZ.PersonalConfig) -> list[Method]:
     sd, fo = dict(self_distill=1.0), dict(feature_distance=0.5)
     naive_gate = dict(gate=True, naive_prior=True, gate_prior_count=20.0)
     best = replace(base, **sd, **fo, **naive_gate, rules=True)
+    track = dict(track_record=0.5, track_margin=0.02)
     return [
         Method("shipped", "none", train=False, note="the shipped model's head, no training"),
         Method("local", "none", personal=base, note="local-only continual adapter + head, no federation"),
@@ -216,6 +217,11 @@ def methods(base: PZ.PersonalConfig) -> list[Method]:
         Method("prototype_best", "prototype", personal=best,
                note="prototype + self-distillation + FedOA + gate (naive prior) + rules"),
         Method("fedavg_best", personal=best, note="FedAvg + self-distillation + FedOA + gate (naive prior) + rules"),
+        Method("gate_track", personal=replace(base, gate=True, **track),
+               note="gate, served predictor chosen by a prequential track record (β 0.5, margin 2 %; candidates: "
+                    "last round's personal predictor, global head, shipped head)"),
+        Method("best_track", personal=replace(best, **track),
+               note="fedavg_best, served predictor chosen by the track record (naive a candidate too)"),
     ]
 
 
@@ -262,7 +268,8 @@ def run_cell(method: Method, runner: BackboneRunner, devs: list[Device], pre: Pa
                 if k == ret and t == back:
                     forgetting = {"after_mse": mse[k, t], "snapshot_mse": mse[k, t]}
                 continue
-            lrn.personal_model, lrn.prior = carried.get(name, (None, None))
+            lrn.personal_model, lrn.prior, lrn.track, lrn.last_served = carried.get(name, (None,) * 4)
+            lrn.fresh = np.arange(lrn.n_train)  # a round's windows are all new (the chunk after the last one)
             if method.fed == "none":  # local only: continue from the device's own head
                 own = lrn.personal_model.params if lrn.personal_model is not None else glob
                 start = {key: own[key] for key in glob}
@@ -271,7 +278,7 @@ def run_cell(method: Method, runner: BackboneRunner, devs: list[Device], pre: Pa
             personal = replace(method.personal, seed=seed) if method.personal is not None else None
             out = lrn.run_round(start, epochs=epochs, lr=3e-3, batch_size=32, seed=seed * 1000 + 17 * t + k,
                                 personal=personal, now_day=float(t))
-            carried[name] = (lrn.personal_model, lrn.prior)
+            carried[name] = (lrn.personal_model, lrn.prior, lrn.track, lrn.last_served)
             delta = out.delta
             if method.compression != "none":
                 packed, residual[name] = compress(delta, method.compression, 0.2,

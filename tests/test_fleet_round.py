@@ -346,6 +346,8 @@ METHOD_CHECKS = {
                     lambda c, m: _trained_parts(c).get("consistency", 0) > 0 and "meta_test" in _trained_parts(c)),
     "rules": ((("rank", 2.0), ("rules", 1.0)), lambda c, m: c.learner.served.guard is not None
               and "rule_hit_rate" in m),
+    "track_record": ((("rank", 2.0), ("track_record", 0.5)), lambda c, m: "served_prior" in m
+                     and {"global", "prior", "personal"} <= set(c.learner.track.scores)),
 }
 
 
@@ -370,7 +372,8 @@ def test_every_device_method_runs_in_fleet_rounds_and_never_serves_worse_than_gl
             assert m["val_personal_mse"] < m["val_global_mse"]
             assert c.personal is served.personal
         else:
-            assert all(np.array_equal(c.personal[k], served.glob[k]) for k in served.glob)
+            kept = served.prior if served.serve_prior else served.glob
+            assert all(np.array_equal(c.personal[k], kept[k]) for k in kept)
         assert np.isfinite(m["personal_mse"])
     evaluated = coord.run_round("evaluate")  # an evaluate round scores the same served predictor
     for c in clients:

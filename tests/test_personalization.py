@@ -272,3 +272,43 @@ def test_a_personal_predictor_that_validates_worse_is_never_served(tiny_export):
     out = learner.run_round(head, epochs=1, lr=1e-3, batch_size=32, personal=P.PersonalConfig(rank=2, lr=3e-3,
                                                                                               epochs=3))
     assert out.metrics["personal_fallback"] == 0.0 or out.metrics["val_personal_mse"] >= out.metrics["val_global_mse"]
+
+
+def test_track_record_weights_rounds_and_leaves_the_global_head_only_by_a_margin():
+    from edge_client.learning.serving import TrackRecord
+
+    tr = TrackRecord(beta=0.5, margin=0.02)
+    tr.update({"prior": 0.5})
+    assert tr.choose() is None  # no record of the global head yet: the in-chunk validation decides
+    tr.update({"global": 1.0, "prior": 0.99, "personal": float("nan")})
+    assert tr.scores == {"prior": pytest.approx(0.745), "global": 1.0} and tr.choose() == "prior"
+    tr.update({"global": 1.0, "prior": 1.5, "personal": 0.985})
+    assert tr.scores["prior"] == pytest.approx(1.1225) and tr.choose() == "global"  # personal 0.985: within 2 %
+    tr.update({"global": 1.0, "personal": 0.5})
+    assert tr.scores["personal"] == pytest.approx(0.7425) and tr.choose() == "personal"
+    with pytest.raises(ValueError):
+        P.PersonalConfig(track_record=1.0)
+
+
+def test_track_record_serves_the_prior_head_when_it_forecast_the_new_data_best(tiny_export):
+    """Before training, a device scores last round's personal predictor, the new global head and the prior
+    (its first global head) on its newest windows; a wrecked global head and personal model lose to the prior,
+    which the device then serves (and reports as ``served_prior``)."""
+    from edge_client.learning.head import slice_head
+    from edge_client.learning.learner import DeviceLearner, SplitConfig
+    from edge_client.runtime.backbone import BackboneRunner
+
+    t = np.arange(900)
+    series = 10 + 3 * np.sin(2 * np.pi * t / 24) + np.random.default_rng(0).normal(0, 0.3, t.size)
+    learner = DeviceLearner(BackboneRunner(tiny_export["backbone"]), series, season=24, split=SplitConfig())
+    head = learner.run_round(slice_head(tiny_export["model"].head_state(), 24), epochs=20, lr=3e-3,
+                             batch_size=32).personal
+    cfg = P.PersonalConfig(rank=2, lr=50.0, epochs=3, track_record=0.5)  # the personal model is wrecked
+    first = learner.run_round(head, epochs=1, lr=1e-3, batch_size=32, personal=cfg)
+    assert first.metrics["served_prior"] == 0.0 and set(learner.track.scores) == {"global"}
+    bad = {k: v + np.random.default_rng(1).normal(0, 1.0, v.shape).astype(np.float32) for k, v in head.items()}
+    out = learner.run_round(bad, epochs=1, lr=1e-3, batch_size=32, personal=cfg)
+    assert learner.served.serve_prior and out.metrics["served_prior"] == 1.0
+    assert min(learner.track.scores, key=learner.track.scores.get) == "prior"
+    assert out.metrics["personal_mse"] == pytest.approx(learner.evaluate(head, "x")["x_mse"])
+    assert all(np.array_equal(out.personal[k], np.asarray(head[k], np.float32)) for k in head)

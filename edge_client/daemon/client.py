@@ -81,7 +81,7 @@ class EdgeStats:
 FLEET_PERSONAL_OPTIONS = frozenset({"rank", "self_distill", "sd_tau_days", "feature_distance", "prox_mu",
                                     "quantile_weight", "epochs", "lr", "batch_size", "gate", "gate_prior_count",
                                     "consistency", "meta", "distorted_task_weight", "rules",
-                                    "naive_prior"})
+                                    "naive_prior", "track_record", "track_margin"})
 
 
 def personal_config(options: Mapping[str, object], local: Mapping[str, object] | None = None) -> PersonalConfig | None:

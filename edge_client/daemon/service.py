@@ -219,6 +219,7 @@ class DeviceService:
         if self.learner is not None and self.learner.backbone is self.runner:
             learner.personal_model = self.learner.personal_model  # the self-distillation teacher stays
             learner.prior = self.learner.prior  # and the gate's prior
+            learner.track, learner.last_served = self.learner.track, self.learner.last_served  # and the track record
             learner.upload_residual = self.learner.upload_residual  # and top-k's error feedback
         elif self._personal_fits():  # a restart: the teacher comes back from the store
             params = self.store.load_personal(PERSONAL_MODEL)

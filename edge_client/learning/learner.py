@@ -18,7 +18,7 @@ from edge_client.learning import personalize as PZ
 from edge_client.learning import windows as W
 from edge_client.learning.head import Features, LossConfig, Params, as_float32, param_delta, train_head
 from edge_client.learning.rules import RuleGuard
-from edge_client.learning.serving import ServedModel, Windows, params_forecast, validate
+from edge_client.learning.serving import ServedModel, TrackRecord, Windows, params_forecast, validate
 from edge_client.runtime.backbone import BackboneRunner
 
 
@@ -95,6 +95,9 @@ class DeviceLearner:
         self.prior: Params | None = None  # the FVG-PT gate's prior: the first global head this learner trained from
         self.served: ServedModel | None = None  # what the device forecasts with after a personalised round
         self.upload_residual: Params | None = None  # top-k error feedback: what earlier uploads left out
+        self.track: TrackRecord | None = None  # track_record: how each candidate forecast data it never trained on
+        self.last_served: ServedModel | None = None  # last round's predictor, scored by the track record
+        self.fresh: np.ndarray | None = None  # training windows no earlier round saw (None: the validation windows)
         self.x_train: np.ndarray | None = None
         self.history: np.ndarray | None = None
         nan = np.full(len(y_train), np.nan)
@@ -165,7 +168,8 @@ class DeviceLearner:
         self.served = None
         if personal is not None:  # a personal adapter model with the selected methods replaces the plain head
             self.served = self._fit_personal(global_params, personal, now_day, seed)
-            kept = self.served.glob if self.served.fallback else self.served.personal
+            kept = (self.served.prior if self.served.serve_prior else self.served.glob) if self.served.fallback \
+                else self.served.personal
             metrics.update(self.evaluate(self.served, "personal"))
             metrics.update(self.served.metrics())
         return RoundOutcome(delta, len(fit_idx), metrics, time.perf_counter() - t0, kept)
@@ -185,6 +189,11 @@ class DeviceLearner:
         the FedOA reference. Trained on the older training windows; the newest ones fit the FVG-PT gate (older
         half) and decide whether the personal predictor is served at all (newer half, or all without a gate)."""
         fit_idx, val_idx = self._fit_val()
+        glob = as_float32(global_params)
+        if cfg.track_record > 0:  # before training: score last round's candidates on data none trained on
+            self.track = self.track or TrackRecord(cfg.track_record, cfg.track_margin)
+            fresh = self.fresh if self.fresh is not None else val_idx
+            self.track.score(self.last_served, glob, self.prior, self.w_train.subset(fresh))
         start = PZ.init_params(global_params, cfg.rank)
         if self.personal_model is not None:
             start.update({k: v for k, v in self.personal_model.params.items() if k in PZ.ADAPTER_KEYS})
@@ -194,7 +203,6 @@ class DeviceLearner:
         self.personal_model = model.fit(fit.x, fit.y, start=start, now_day=now_day,
                                         global_params=PZ.init_params(global_params, cfg.rank),
                                         distorted=self._distorted_views(fit_idx, cfg, seed), seed=seed)
-        glob = as_float32(global_params)
         if self.prior is None:
             self.prior = glob
         served = ServedModel(self.personal_model.params, glob, self.prior, naive_prior=cfg.naive_prior)
@@ -208,7 +216,9 @@ class DeviceLearner:
                                       len(fit_idx), cfg)
         if cfg.rules and self.history is not None:
             served.guard = RuleGuard.fit(self.history, season=self.season)
-        return validate(served, check)
+        served = validate(served, check)
+        self.last_served = served
+        return self.track.apply(served) if cfg.track_record > 0 and self.track is not None else served
 
     def _distorted_views(self, idx: np.ndarray, cfg: PZ.PersonalConfig, seed: int) -> tuple[Features, ...]:
         """Backbone features of the training contexts under each training distortion (Meta-FC); none when the

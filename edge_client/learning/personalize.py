@@ -68,10 +68,16 @@ class PersonalConfig:
     gate_epochs: int = 200
     naive_prior: bool = False  # the gate's prior is the seasonal-naive forecast (edge_client.learning.serving)
     rules: bool = False  # learned rule guards (edge_client.learning.rules) correct the served forecasts
+    track_record: float = 0.0  # β of the prequential track record that picks what to serve (0: off; serving.py)
+    track_margin: float = 0.02  # a candidate other than the global head must beat its record by this fraction
     epochs: int = 5
     lr: float = 3e-3
     batch_size: int = 32
     seed: int = 0
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.track_record < 1.0 or not 0.0 <= self.track_margin < 1.0:
+            raise ValueError("track_record and track_margin must lie in [0, 1)")
 
     @property
     def uses_distortions(self) -> bool:

@@ -12,7 +12,7 @@ one is better.
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -59,6 +59,7 @@ class ServedModel:
     guard: RuleGuard | None = None
     fallback: bool = False  # the personal predictor validated no better than the global head: serve the global one
     serve_naive: bool = False  # naive_prior: seasonal naive validated better than both (a random walk): serve it
+    serve_prior: bool = False  # track record: the prior (shipped) head has forecast this device's new data best
     val_personal_mse: float = float("nan")
     val_global_mse: float = float("nan")
     val_naive_mse: float = float("nan")
@@ -85,6 +86,8 @@ class ServedModel:
     def forecast(self, w: Windows) -> tuple[np.ndarray, np.ndarray]:
         if self.serve_naive and w.naive is not None:
             return self.prior_forecast(w)
+        if self.serve_prior:
+            return params_forecast(self.prior, w.x)
         return params_forecast(self.glob, w.x) if self.fallback else self.personal_forecast(w)
 
     def metrics(self) -> dict[str, float]:
@@ -92,6 +95,7 @@ class ServedModel:
                "val_global_mse": self.val_global_mse, "val_naive_mse": self.val_naive_mse}
         if self.naive_prior:
             out["served_naive"] = float(self.serve_naive)
+        out["served_prior"] = float(self.serve_prior)
         if self.gate is not None:
             out.update(gate_c=float(self.gate.c), gate_kappa=float(self.gate.kappa))
         if self.guard is not None:
@@ -119,3 +123,55 @@ def validate(served: ServedModel, val: Windows | None) -> ServedModel:
         served.val_naive_mse = W.mse(val.naive, val.y)
         served.serve_naive = served.val_naive_mse < min(served.val_personal_mse, served.val_global_mse)
     return served
+
+
+@dataclass
+class TrackRecord:
+    """Prequential choice of what a device serves (``track_record`` = β > 0).
+
+    Why: validation windows cut from the chunk a model trained on flatter it under drift (issue 14: devices fell
+    back in 22–55 % of rounds and still ended worse than the global head). Each round, *before* training, the device
+    scores last round's personal predictor, the new global head, the prior (shipped) head and, with
+    ``naive_prior``, seasonal naive on its newest windows, which none of them trained on, and keeps an
+    exponentially weighted MSE per candidate: r ← β r + (1 − β) mse. It then serves the candidate with the lowest
+    record, but anything other than the global head only if its record is lower than the global head's by
+    ``margin`` (a fraction): a device leaves the fleet's head only on evidence from data it had not seen."""
+
+    beta: float
+    margin: float
+    scores: dict[str, float] = field(default_factory=dict)
+
+    def update(self, mse: Mapping[str, float]) -> None:
+        for name, v in mse.items():
+            if np.isfinite(v):
+                old = self.scores.get(name)
+                self.scores[name] = float(v) if old is None else self.beta * old + (1 - self.beta) * float(v)
+
+    def choose(self) -> str | None:
+        """The candidate to serve; None while there is no record of the global head (first round)."""
+        if "global" not in self.scores:
+            return None
+        best = min(self.scores, key=self.scores.__getitem__)
+        return best if self.scores[best] < (1 - self.margin) * self.scores["global"] else "global"
+
+    def score(self, last: ServedModel | None, glob: Params, prior: Params | None, w: Windows) -> None:
+        """Record how last round's personal predictor and the current heads forecast windows none trained on."""
+        if len(w) == 0:
+            return
+        mse = {"global": W.mse(params_forecast(glob, w.x)[0], w.y)}
+        if prior is not None:
+            mse["prior"] = W.mse(params_forecast(prior, w.x)[0], w.y)
+        if last is not None:
+            mse["personal"] = W.mse(last.personal_forecast(w)[0], w.y)
+        if last is not None and last.naive_prior and w.naive is not None:
+            mse["naive"] = W.mse(w.naive, w.y)
+        self.update(mse)
+
+    def apply(self, served: ServedModel) -> ServedModel:
+        """Override the in-chunk validation's decision with the record's choice (kept when there is no record)."""
+        choice = self.choose()
+        if choice is not None:
+            served.fallback = choice != "personal"
+            served.serve_prior = choice == "prior"
+            served.serve_naive = choice == "naive"
+        return served
