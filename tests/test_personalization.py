@@ -280,9 +280,12 @@ def test_track_record_weights_rounds_and_leaves_the_global_head_only_by_a_margin
     tr = TrackRecord(beta=0.5, margin=0.02)
     tr.update({"prior": 0.5})
     assert tr.choose() is None  # no record of the global head yet: the in-chunk validation decides
+    tr.update({"global": 1.0, "personal": 0.1})
+    assert tr.choose() == "global"  # personal has one scored round only
     tr.update({"global": 1.0, "prior": 0.99, "personal": float("nan")})
-    assert tr.scores == {"prior": pytest.approx(0.745), "global": 1.0} and tr.choose() == "prior"
-    tr.update({"global": 1.0, "prior": 1.5, "personal": 0.985})
+    assert tr.scores == {"prior": pytest.approx(0.745), "global": 1.0, "personal": 0.1}
+    assert tr.choose(frozenset({"personal"})) == "prior" and tr.counts == {"prior": 2, "global": 2, "personal": 1}
+    tr.update({"global": 1.0, "prior": 1.5, "personal": 1.87})
     assert tr.scores["prior"] == pytest.approx(1.1225) and tr.choose() == "global"  # personal 0.985: within 2 %
     tr.update({"global": 1.0, "personal": 0.5})
     assert tr.scores["personal"] == pytest.approx(0.7425) and tr.choose() == "personal"
@@ -307,6 +310,8 @@ def test_track_record_serves_the_prior_head_when_it_forecast_the_new_data_best(t
     first = learner.run_round(head, epochs=1, lr=1e-3, batch_size=32, personal=cfg)
     assert first.metrics["served_prior"] == 0.0 and set(learner.track.scores) == {"global"}
     bad = {k: v + np.random.default_rng(1).normal(0, 1.0, v.shape).astype(np.float32) for k, v in head.items()}
+    out = learner.run_round(bad, epochs=1, lr=1e-3, batch_size=32, personal=cfg)
+    assert not learner.served.serve_prior  # one scored round is not yet a record
     out = learner.run_round(bad, epochs=1, lr=1e-3, batch_size=32, personal=cfg)
     assert learner.served.serve_prior and out.metrics["served_prior"] == 1.0
     assert min(learner.track.scores, key=learner.track.scores.get) == "prior"

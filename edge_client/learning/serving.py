@@ -135,24 +135,32 @@ class TrackRecord:
     ``naive_prior``, seasonal naive on its newest windows, which none of them trained on, and keeps an
     exponentially weighted MSE per candidate: r ← β r + (1 − β) mse. It then serves the candidate with the lowest
     record, but anything other than the global head only if its record is lower than the global head's by
-    ``margin`` (a fraction): a device leaves the fleet's head only on evidence from data it had not seen."""
+    ``margin`` (a fraction), after at least ``min_count`` scored rounds, and this round's personal model only if it
+    also passed its own validation (else the next best): a device leaves the fleet's head only on evidence from data
+    it had not seen. (One scored round was too little: a returning pattern's device served a personal model that had
+    won one chunk and lost the next by 3x.)"""
 
     beta: float
     margin: float
     scores: dict[str, float] = field(default_factory=dict)
+    counts: dict[str, int] = field(default_factory=dict)
+    min_count: int = 2  # scored rounds before a candidate may replace the global head
 
     def update(self, mse: Mapping[str, float]) -> None:
         for name, v in mse.items():
             if np.isfinite(v):
                 old = self.scores.get(name)
                 self.scores[name] = float(v) if old is None else self.beta * old + (1 - self.beta) * float(v)
+                self.counts[name] = self.counts.get(name, 0) + 1
 
-    def choose(self) -> str | None:
+    def choose(self, exclude: frozenset[str] = frozenset()) -> str | None:
         """The candidate to serve; None while there is no record of the global head (first round)."""
         if "global" not in self.scores:
             return None
-        best = min(self.scores, key=self.scores.__getitem__)
-        return best if self.scores[best] < (1 - self.margin) * self.scores["global"] else "global"
+        scores = {k: v for k, v in self.scores.items() if k not in exclude
+                  and (k == "global" or self.counts.get(k, 0) >= self.min_count)}
+        best = min(scores, key=scores.__getitem__)
+        return best if scores[best] < (1 - self.margin) * scores["global"] else "global"
 
     def score(self, last: ServedModel | None, glob: Params, prior: Params | None, w: Windows) -> None:
         """Record how last round's personal predictor and the current heads forecast windows none trained on."""
@@ -170,6 +178,8 @@ class TrackRecord:
     def apply(self, served: ServedModel) -> ServedModel:
         """Override the in-chunk validation's decision with the record's choice (kept when there is no record)."""
         choice = self.choose()
+        if choice == "personal" and served.fallback:  # this round's model failed its own validation: not it
+            choice = self.choose(frozenset({"personal"}))
         if choice is not None:
             served.fallback = choice != "personal"
             served.serve_prior = choice == "prior"
