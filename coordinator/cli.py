@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import logging
+import signal
 import subprocess
 import sys
 import time
@@ -341,7 +342,8 @@ def serve(
     verbose: Annotated[bool, typer.Option("--verbose", "-v")] = True,
 ) -> None:
     """Coordinate federated rounds for real devices. Killed and restarted with the same --db, it
-    resumes the open round and keeps every update it already had."""
+    resumes the open round and keeps every update it already had. Ctrl-C or SIGTERM stops it within a
+    second: a round that is collecting updates stays open (what arrived is committed) and resumes next time."""
     import numpy as np
 
     from coordinator.fleet.aggregation import Bounds
@@ -421,6 +423,13 @@ def serve(
     except (ConnectionError, OSError, RuntimeError, ValueError) as exc:
         _stop_all(workers)
         _fail(str(exc))
+    from coordinator.fleet.server import RoundInterrupted
+
+    def stop_on_signal(signum: int, _frame: object) -> None:  # the round loop notices within half a second
+        coordinator.request_stop()
+
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(signum, stop_on_signal)
     try:
         sha = spec.get("files", {}).get("backbone.onnx", {}).get("sha256", "")
         coordinator.ensure_model(initial, {"backbone_sha256": sha, "backbone_id": str(spec.get("model_id", ""))})
@@ -429,15 +438,20 @@ def serve(
             if time.time() - started > 120 or any(w.poll() is not None for w in workers):
                 _fail(f"{len(state.subscribed_since(started))} of {ingest_workers} ingest workers subscribed")
             time.sleep(0.2)
-        while state.finished_rounds() < rounds:
+        while state.finished_rounds() < rounds and not coordinator.stop_requested:
             if not coordinator.state.open_rounds(cfg.task):
                 online = coordinator.wait_for_devices(min_devices, wait_devices)
+                if coordinator.stop_requested:
+                    break
                 if len(online) < min_devices:
                     _fail(f"only {len(online)} of {min_devices} devices said hello within {wait_devices:.0f} s")
             try:
                 res = coordinator.run_round("train")
             except PrivacyBudgetSpent as exc:
                 console.print(f"[bold]{exc}[/bold]: training stops here")
+                break
+            except RoundInterrupted as exc:
+                console.print(f"stopped by a signal: {exc}")
                 break
             console.print(f"round {res.round_id} {res.state}: {len(res.metrics)}/{len(res.selected)} updates, "
                           f"v{res.base_version} -> v{res.new_version}, {res.bytes_up / 1024:.1f} KB up, "

@@ -55,3 +55,30 @@ def test_bad_arguments_exit_2_with_a_clear_message(args: tuple[str, ...], messag
     assert proc.returncode == 2, proc.stdout + proc.stderr
     assert message in (proc.stdout + proc.stderr)
     assert "Traceback" not in proc.stdout + proc.stderr
+
+
+@pytest.mark.broker
+@pytest.mark.parametrize("sig", ["SIGINT", "SIGTERM"])
+def test_serve_stops_on_a_signal_at_once_without_a_traceback(mosquitto, tmp_path, sig) -> None:
+    """Ctrl-C or SIGTERM while `fedge serve` waits for devices: it returns within seconds, exit 0, no traceback
+    (it used to raise KeyboardInterrupt wherever it was, and could leave a lock held for the writer to wait on)."""
+    import signal
+    import time
+
+    serve = subprocess.Popen([sys.executable, "-c", "from coordinator.cli import app; app()", "serve", "--db",
+                              str(tmp_path / "fleet.sqlite"), "--broker", f"127.0.0.1:{mosquitto.address.port}", "--fleet", "sig",
+                              "--min-devices", "1", "--wait-devices", "120"],
+                             cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.time() + 60
+        while not (tmp_path / "fleet.sqlite").exists() and time.time() < deadline:
+            time.sleep(0.2)
+        time.sleep(2.0)  # connected and waiting for devices
+        t0 = time.monotonic()
+        serve.send_signal(getattr(signal, sig))
+        out, err = serve.communicate(timeout=30)
+        assert time.monotonic() - t0 < 10
+        assert serve.returncode == 0 and "Traceback" not in err and "devices said hello" not in out + err, out + err
+    finally:
+        if serve.poll() is None:
+            serve.kill()

@@ -12,7 +12,7 @@ import paho.mqtt.client as paho
 import pytest
 
 from coordinator.fleet.aggregation import ClientUpdate, bound_updates
-from coordinator.fleet.server import FleetConfig, FleetCoordinator
+from coordinator.fleet.server import FleetConfig, FleetCoordinator, RoundInterrupted
 from coordinator.fleet.simulation import carve_devices, start_devices
 from coordinator.fleet.state import FleetState
 from edge_client import wire as P
@@ -396,3 +396,21 @@ def test_a_new_backbone_keeps_heads_of_the_same_export_and_drops_the_rest(fleet)
     client._backbone_identity = lambda: ("tsfm-an0ther", "0" * 64)  # what the newly loaded backbone reports
     client.backbone_changed()
     assert 50 not in client.globals and client.receiver.rejected["model_mismatch"] > before
+
+
+def test_a_stop_request_leaves_the_collecting_round_open_and_a_new_run_resumes_it(fleet) -> None:
+    """`fedge serve` on Ctrl-C / SIGTERM: the round loop returns within a poll, the round stays open with what
+    arrived, and the next run_round resumes that round instead of opening another."""
+    coord, clients = fleet
+    for c in clients:  # the devices answer after the stop request
+        c.learner.run_round = _delayed(c.learner.run_round, 2.0)
+    timer = threading.Timer(0.3, coord.request_stop)
+    timer.start()
+    t0 = time.monotonic()
+    with pytest.raises(RoundInterrupted) as stopped:
+        coord.run_round("train")
+    assert time.monotonic() - t0 < 1.8  # before any device answered: the stop did not wait for the round
+    assert [r.round_id for r in coord.state.open_rounds(coord.cfg.task)] == [stopped.value.round_id]
+    coord._stop_requested.clear()  # a restarted process starts without the request
+    resumed = coord.run_round("train")
+    assert resumed.round_id == stopped.value.round_id and resumed.resumed and resumed.state == "closed"

@@ -156,6 +156,15 @@ class RoundResult:
     epsilon: float | None = None  # the fleet's ε once this round is counted (differential privacy on)
 
 
+class RoundInterrupted(Exception):
+    """The owner asked the coordinator to stop while a round was collecting updates. The round stays open in the
+    fleet state (its updates are committed): the next start resumes it."""
+
+    def __init__(self, round_id: int) -> None:
+        super().__init__(f"round {round_id} left open: it resumes when the coordinator starts again")
+        self.round_id = round_id
+
+
 @dataclass
 class _Traffic:
     up: Counter[int] = field(default_factory=Counter)  # round id -> bytes
@@ -183,6 +192,10 @@ class FleetCoordinator:
         self.traffic = _Traffic()
         self.duplicates = 0
         self._changed = threading.Condition()
+        # set from a signal handler (no lock taken there): the round loop and the device wait poll it. Why not let
+        # SIGINT raise KeyboardInterrupt: an exception at an arbitrary bytecode can leave a lock held (a `with`
+        # entered but not yet protected), and the writer then waits on it for ever at shutdown
+        self._stop_requested = threading.Event()
         self._open: RoundRecord | None = None
         self._expected_shapes: dict[str, tuple[int, ...]] = {}
         self._reference_norm = 0.0  # the open round's base head norm: a far larger delta never enters the raw sum
@@ -305,10 +318,19 @@ class FleetCoordinator:
 
     # ------------------------------------------------------------------ devices
 
+    def request_stop(self) -> None:
+        """Ask the round loop to return soon (safe from a signal handler: it only sets an event). A round that is
+        collecting updates raises :class:`RoundInterrupted` within half a second and stays open for resume."""
+        self._stop_requested.set()
+
+    @property
+    def stop_requested(self) -> bool:
+        return self._stop_requested.is_set()
+
     def wait_for_devices(self, n: int, timeout_s: float) -> list[str]:
         deadline = time.time() + timeout_s
         with self._changed:
-            while self.state.count_online() < n and time.time() < deadline:
+            while self.state.count_online() < n and time.time() < deadline and not self.stop_requested:
                 self._changed.wait(0.2)
         return list(self.state.devices(online_only=True))
 
@@ -398,6 +420,8 @@ class FleetCoordinator:
                 on_progress(n_reported, len(rec.selected))  # outside the lock: a slow callback must not block paho
             if n_reported >= len(rec.selected) or time.time() >= rec.deadline:
                 break
+            if self.stop_requested:
+                raise RoundInterrupted(rec.round_id)
             with self._changed:  # until a batch committed since the count (or the poll interval passed)
                 self._changed.wait_for(lambda s=seen: self._batches != s,
                                        min(poll, max(0.01, rec.deadline - time.time())))
