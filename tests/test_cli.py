@@ -66,7 +66,8 @@ def test_serve_stops_on_a_signal_at_once_without_a_traceback(mosquitto, tmp_path
     import time
 
     serve = subprocess.Popen([sys.executable, "-c", "from coordinator.cli import app; app()", "serve", "--db",
-                              str(tmp_path / "fleet.sqlite"), "--broker", f"127.0.0.1:{mosquitto.address.port}", "--fleet", "sig",
+                              str(tmp_path / "fleet.sqlite"), "--broker", f"127.0.0.1:{mosquitto.address.port}",
+                              "--fleet", "sig",
                               "--min-devices", "1", "--wait-devices", "120"],
                              cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
