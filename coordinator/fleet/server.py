@@ -430,7 +430,6 @@ class FleetCoordinator:
         result = self._close(rec, base, t0, resumed)
         return self._observed(result)
 
-
     def _observed(self, result: RoundResult) -> RoundResult:
         """Hand a finished round to every observer (metrics, dashboards); one that raises is logged, not fatal."""
         for observe in self.round_observers:
@@ -468,19 +467,18 @@ class FleetCoordinator:
         assert secure is not None
         new_version, state, agg_s = None, "failed", 0.0
         survivors: list[str] = []
+        row = self._ledger_row(rec.round_id) if self.cfg.dp is not None else None  # charged when the round opened
         try:
             total, survivors = secure.run(rec.deadline, self.cfg.secagg_stage_s)
             t_agg = time.time()
             sums = from_vector(total, base)
             denom = float(len(survivors))
-            row = self._ledger_row(rec.round_id) if self.cfg.dp is not None else None
             if self.cfg.dp is not None and row is not None:
                 denom = float(row.n_expected)
                 if self.cfg.dp.placement == "central":
                     sums, _ = dp_sum([sums], None, self.cfg.dp.delta_noise(row.n_expected) * row.clip, self.dp_rng)
             agg = self.strategy.finish(base, {k: v / denom for k, v in sums.items()})  # type: ignore[attr-defined]
-            meta = self._model_meta() | ({"dp_epsilon": row.epsilon, "dp_delta": row.delta} if row else {})
-            new_version = self.state.close_round(rec.round_id, agg.global_params, rec.task, meta=meta)
+            new_version = self.state.close_round(rec.round_id, agg.global_params, rec.task, meta=self._dp_meta(row))
             if new_version is not None:
                 self._adopt(new_version, agg.global_params, {})
                 self.publish_global(new_version, self._model(new_version), rec.round_id)
@@ -495,14 +493,18 @@ class FleetCoordinator:
             self._set_open(None)
         self.traffic.up[rec.round_id] += sum(secure.bytes_up.values())
         self.state.prune(self.cfg.keep_rounds)
-        charged = self._ledger_row(rec.round_id) if self.cfg.dp is not None else None
         result = RoundResult(rec.round_id, rec.kind, rec.base_version, new_version, rec.selected,
                              {d: {} for d in survivors}, {}, self.traffic.up[rec.round_id],
                              self.traffic.down[rec.round_id], time.time() - t0, False, state, agg_s,
-                             charged.epsilon if charged else None)
+                             row.epsilon if row else None)
         return self._observed(result)
 
     # ------------------------------------------------------------------ differential privacy
+
+    def _dp_meta(self, row: PrivacyRow | None) -> dict[str, Any]:
+        """A new version's meta; under DP it records the privacy spent (the dashboard and Prometheus'
+        fedge_privacy_epsilon read it there)."""
+        return self._model_meta() | ({"dp_epsilon": row.epsilon, "dp_delta": row.delta} if row is not None else {})
 
     def _ledger_row(self, round_id: int) -> PrivacyRow | None:
         return next((r for r in self.state.privacy_ledger(self.cfg.task) if r.round_id == round_id), None)
@@ -548,9 +550,7 @@ class FleetCoordinator:
         noise = dp.delta_noise(row.n_expected) * row.clip if central else 0.0
         sums, norms = dp_sum(deltas, row.clip if central else None, noise, self.dp_rng)
         agg = self.strategy.finish(base, {k: v / row.n_expected for k, v in sums.items()})  # type: ignore[attr-defined]
-        # the model records the privacy it has spent (dashboard, Prometheus' fedge_privacy_epsilon read it there)
-        version = self.state.close_round(rec.round_id, agg.global_params, rec.task,
-                                         meta={**self._model_meta(), "dp_epsilon": row.epsilon, "dp_delta": row.delta})
+        version = self.state.close_round(rec.round_id, agg.global_params, rec.task, meta=self._dp_meta(row))
         if dp.adaptive:
             self.state.set_next_clip(rec.round_id, next_clip(row.clip, norms, dp, row.n_expected, self.dp_rng))
         log.info("round %d: DP-FedAvg (%s) of %d updates, clip %.3g, noise std %.3g; ε = %.3g at δ = %.2g",
