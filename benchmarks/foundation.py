@@ -3,6 +3,7 @@ same number of training windows, the standard long-horizon protocol, zero-/few-s
 
     python benchmarks/foundation.py run [--groups ship main lodo seed ...] [--seeds 0 1 2]
     python benchmarks/foundation.py report          # rewrite docs/results/foundation.{md,json,png}
+    python benchmarks/foundation.py restore         # finished cells from docs/results/foundation.json -> runs/
 
 Cells: one (strategy, hyper-parameters, seed, corpus) training run each, at the default model size
 (TSFMConfig.tiny: context 512, d_model 64, 3 layers, feature_dim 64; head horizon 336). A cell trains
@@ -262,11 +263,49 @@ def few_shot(cell: Cell, model: Any, names: list[str], threads: int) -> dict[str
     return out
 
 
+def restore(results: Path | None = None, cells_dir: Path | None = None) -> list[str]:
+    """Write every finished cell's record (and the baselines) from the committed results JSON back to
+    ``cells_dir`` as ``<id>.json`` / ``baselines-<name>.json``; never overwrites a file that is there.
+
+    Why: runs/foundation/ is ignored by git and lost between sessions, while docs/results/foundation.json
+    (committed) holds each finished cell's full record. Restoring it lets a rerun in a fresh checkout skip
+    every finished cell instead of retraining it, and keeps `report` from rewriting the results from an
+    empty cell directory. Returns the names written."""
+    results = OUT / "foundation.json" if results is None else results
+    cells_dir = CELLS if cells_dir is None else cells_dir
+    if not results.is_file():
+        return []
+    data = json.loads(results.read_text())
+    cells_dir.mkdir(parents=True, exist_ok=True)
+    records = {f"{c['id']}.json": c for c in data.get("cells", [])}
+    records.update({f"baselines-{n}.json": b for n, b in data.get("baselines", {}).items()})
+    written = []
+    for name, rec in records.items():
+        path = cells_dir / name
+        if path.exists():
+            continue
+        tmp = path.with_suffix(".restore.tmp")
+        tmp.write_text(json.dumps(rec, default=float))
+        try:  # link, not replace: a worker that finishes the same cell meanwhile keeps its own record
+            os.link(tmp, path)
+            written.append(name)
+        except FileExistsError:
+            pass
+        finally:
+            tmp.unlink(missing_ok=True)
+    return written
+
+
 def run(args: argparse.Namespace) -> None:
     torch.set_num_threads(args.threads)
     CELLS.mkdir(parents=True, exist_ok=True)
+    restored = restore()
+    if restored:
+        print(f"restored {len(restored)} finished records from {OUT / 'foundation.json'}", flush=True)
     for cell in plan(args.groups, args.seeds):
         done = CELLS / f"{cell.id}.json"
+        if not done.is_file():  # finished in an earlier session: its record is in the committed JSON
+            restore()
         if done.is_file() or not claim(cell):
             continue
         try:
@@ -391,8 +430,10 @@ def report(args: argparse.Namespace | None = None) -> None:
     """Rewrite docs/results/foundation.{json,md,png} from the finished cells; text from MARKER on in
     the Markdown is hand-written and kept."""
     OUT.mkdir(parents=True, exist_ok=True)
+    CELLS.mkdir(parents=True, exist_ok=True)
     with open(RUNS / "report.lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
+        restore()  # a fresh checkout must not rewrite the results from an empty cell directory
         cells = load_cells()
         base = {p.name[len("baselines-"):-5]: json.loads(p.read_text()) for p in CELLS.glob("baselines-*.json")}
         (OUT / "foundation.json").write_text(json.dumps(
@@ -651,7 +692,7 @@ def write_model_card(card: dict[str, Any]) -> None:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("command", choices=("run", "report", "baselines", "ship", "card"))
+    ap.add_argument("command", choices=("run", "report", "baselines", "ship", "card", "restore"))
     ap.add_argument("--cell", help="ship: the cell whose model becomes the shipped artifact")
     ap.add_argument("--no-tflite", action="store_true", help="ship: skip the TFLite conversion")
     ap.add_argument("--groups", nargs="*", default=["ship", "main:0", "real", "lodo", "main", "seed:0", "sweep",
@@ -670,6 +711,9 @@ def main() -> None:
         torch.set_num_threads(args.threads)
         baselines([*HOURLY, "exchange_rate"])
         report(args)
+    elif args.command == "restore":
+        names = restore()
+        print(f"restored {len(names)} records to {CELLS}" + (": " + ", ".join(names) if names else ""))
     elif args.command == "card":  # re-render docs/model-card.md from the shipped card.json
         write_model_card(shipped.card())
     elif args.command == "ship":

@@ -1,0 +1,70 @@
+"""`benchmarks/foundation.py restore`: the finished cells' records committed in docs/results/foundation.json
+come back as cell files, so a rerun in a fresh checkout skips them instead of retraining (runs/ is ignored
+by git and lost between sessions), and a record already on disk is never overwritten."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
+
+import foundation
+
+
+def _results(path: Path) -> dict:
+    data = {"meta": {}, "baselines": {"etth1": {"seasonal_naive": {"H96": {"mse": 0.512}}}},
+            "cells": [{"id": "fedavg-share0.2-seed0", "val_mse": 0.616, "cell": {"seed": 0}},
+                      {"id": "fedprox-share0.2-seed0", "val_mse": 0.6025, "cell": {"seed": 0}}]}
+    path.write_text(json.dumps(data))
+    return data
+
+
+def test_restore_writes_missing_records_and_keeps_existing(tmp_path: Path) -> None:
+    results, cells = tmp_path / "foundation.json", tmp_path / "cells"
+    data = _results(results)
+    cells.mkdir()
+    (cells / "fedprox-share0.2-seed0.json").write_text('{"id": "fedprox-share0.2-seed0", "val_mse": 0.5}')
+
+    written = foundation.restore(results, cells)
+
+    assert sorted(written) == ["baselines-etth1.json", "fedavg-share0.2-seed0.json"]
+    assert json.loads((cells / "fedavg-share0.2-seed0.json").read_text()) == data["cells"][0]
+    assert json.loads((cells / "baselines-etth1.json").read_text()) == data["baselines"]["etth1"]
+    assert json.loads((cells / "fedprox-share0.2-seed0.json").read_text())["val_mse"] == 0.5  # not overwritten
+    assert sorted(p.name for p in cells.iterdir()) == ["baselines-etth1.json", "fedavg-share0.2-seed0.json",
+                                                       "fedprox-share0.2-seed0.json"]  # no temp files left
+    assert foundation.restore(results, cells) == []  # idempotent
+
+
+def test_restore_without_results_file_writes_nothing(tmp_path: Path) -> None:
+    assert foundation.restore(tmp_path / "missing.json", tmp_path / "cells") == []
+    assert not (tmp_path / "cells").exists()
+
+
+def test_run_skips_a_cell_whose_record_is_only_in_the_results(tmp_path: Path, monkeypatch) -> None:
+    """`run` restores before training: a finished cell is never claimed, trained or evaluated again."""
+    out, cells = tmp_path / "results", tmp_path / "runs" / "cells"
+    out.mkdir()
+    cell = foundation.plan(["main:0"], [0])[1]  # fedavg seed 0
+    _results(out / "foundation.json")
+    assert cell.id == "fedavg-share0.2-seed0"
+    monkeypatch.setattr(foundation, "OUT", out)
+    monkeypatch.setattr(foundation, "CELLS", cells)
+    monkeypatch.setattr(foundation, "RUNS", tmp_path / "runs")
+    trained: list[str] = []
+
+    def train_cell(c: foundation.Cell, threads: int) -> None:
+        trained.append(c.id)
+        raise RuntimeError(f"retrained {c.id}")
+
+    monkeypatch.setattr(foundation, "train_cell", train_cell)
+    monkeypatch.setattr(foundation, "report", lambda args=None: None)
+    monkeypatch.setattr(foundation, "plan", lambda groups, seeds: [cell])
+    args = foundation.argparse.Namespace(groups=["main:0"], seeds=[0], threads=1)
+
+    foundation.run(args)
+
+    assert trained == []
+    assert (cells / f"{cell.id}.json").is_file()
