@@ -383,10 +383,11 @@ def test_device_toml_refuses_unknown_or_mistyped_personalize_options(tmp_path):
 
 def test_personal_model_survives_a_daemon_restart_on_the_same_backbone_only(mosquitto, tiny_export, tmp_path):
     """The personal model (next round's self-distillation teacher, and the head the device forecasts with) is
-    stored once after a personalised round and comes back after a restart; on another backbone it is not
-    reused."""
+    stored once, in the learning state, after a personalised round and comes back after a restart; on another
+    backbone it is not reused."""
     from edge_client.daemon.config import DeviceConfig
-    from edge_client.daemon.service import PERSONAL_MODEL, DeviceService
+    from edge_client.daemon.service import PERSONAL_STATE, DeviceService
+    from edge_client.learning import state as LS
 
     fleet = "personal"
     cfg = _device(tmp_path, mosquitto.address, fleet, tiny_export["backbone"])
@@ -403,21 +404,122 @@ def test_personal_model_survives_a_daemon_restart_on_the_same_backbone_only(mosq
             daemon.kill()
         coord.stop()
     with DeviceStore(tmp_path / "state") as store:
-        saved = store.load_personal(PERSONAL_MODEL)
-        assert saved is not None and store.personal_names() == [PERSONAL_MODEL]  # the head is the model's
-        assert store.get_meta("personal_day") is not None
+        assert store.personal_names() == [PERSONAL_STATE]  # the head is the model's: not stored twice
 
     device = DeviceConfig.from_toml(cfg)
     service = DeviceService(device, BrokerAddress.parse(device.broker))  # the daemon, restarted
     try:
         service.runner = service.load_backbone()
-        teacher = service.build_learner().personal_model
-        assert teacher is not None and set(teacher.params) == set(saved)
-        for k, v in saved.items():
+        saved = LS.decode(service.store.load_personal_blob(PERSONAL_STATE), service.head_spec()).personal_model
+        assert saved is not None and saved.trained_at_day is not None
+        service.learner = service.build_learner()
+        teacher = service.learner.personal_model
+        assert teacher is not None and set(teacher.params) == set(saved.params)
+        assert teacher.trained_at_day == saved.trained_at_day
+        for k, v in saved.params.items():
             np.testing.assert_array_equal(teacher.params[k], v)
         head = service.personal_head_from_store()
-        assert head is not None and all(np.array_equal(head[k], v) for k, v in saved.items())
-        service.store.set_meta("personal_backbone", "0" * 64)  # as if it had been trained on another backbone
+        assert head is not None and all(np.array_equal(head[k], v) for k, v in saved.params.items())
+        service.learner = None
+        service.runner = type(service.runner)(tiny_export["backbone"])
+        service.runner.sha256 = "0" * 64  # as if another backbone had been installed
         assert service.build_learner().personal_model is None
+    finally:
+        service.close()
+
+
+def _twin(tmp_path: Path, broker: BrokerAddress, fleet: str, backbone: Path, name: str, extra: str) -> Path:
+    """A device config like _device's (same readings) with its own id and state directory."""
+    (tmp_path / name).mkdir()
+    cfg = _device(tmp_path / name, broker, fleet, backbone, extra)
+    cfg.write_text(cfg.read_text().replace(f'device_id = "{DEVICE}"', f'device_id = "{name}"'))
+    return cfg
+
+
+def _sent(state_dir: Path, round_id: int) -> P.Update:
+    with DeviceStore(state_dir) as store:
+        entry = store.outbox_for_round(round_id)
+    assert entry is not None, f"no update for round {round_id} in {state_dir}"
+    return P.decode(entry.payload)
+
+
+def test_learning_state_survives_a_daemon_restart_mid_fleet(mosquitto, tiny_export, tmp_path):
+    """Two devices with the same readings and settings (gate, rule guards, track record, top-k uploads with error
+    feedback) answer two rounds; one is restarted; the third round's uploads and metrics are still identical, so the
+    restarted one came back with the same prior, served predictor, track record and top-k residual. Before the
+    learning state was stored, the restart dropped all of them (the residual alone changes the upload)."""
+    from edge_client.daemon.service import PERSONAL_STATE
+    from edge_client.learning import state as LS
+
+    fleet, table = "restart", "[personalize]\nrank = 2\ngate = true\nrules = true\ntrack_record = 0.5\n"
+    cfgs = {n: _twin(tmp_path, mosquitto.address, fleet, tiny_export["backbone"], n, table) for n in ("dev-a", "dev-b")}
+    coord = _coordinator(mosquitto.address, fleet, tmp_path, tiny_export, upload_dtype="topk")
+    procs = {n: _start(c) for n, c in cfgs.items()}
+    try:
+        assert sorted(coord.wait_for_devices(2, 60)) == sorted(cfgs)
+        for _ in range(2):
+            assert coord.run_round("train", devices=sorted(cfgs)).state == "closed"
+        rc, out = _terminate(procs["dev-b"])
+        assert rc == 0, out
+
+        def state(name: str) -> LS.LearnerState:  # the stored learning state (dev-a's daemon still runs)
+            from edge_client.runtime.backbone import BackboneRunner
+
+            runner = BackboneRunner(tiny_export["backbone"])
+            spec = LS.HeadSpec(runner.sha256, runner.spec.feature_dim, 24, len(runner.spec.quantiles))
+            with DeviceStore(tmp_path / name / "state") as store:
+                return LS.decode(store.load_personal_blob(PERSONAL_STATE), spec)
+
+        a, b = state("dev-a"), state("dev-b")
+        assert a.served is not None and a.served.gate is not None and a.served.guard is not None
+        assert a.track is not None and a.track.counts and a.upload_residual is not None and a.prior is not None
+        assert (a.track.scores, a.track.counts) == (b.track.scores, b.track.counts)
+        pairs = ((a.upload_residual, b.upload_residual), (a.prior, b.prior), (a.served.personal, b.served.personal))
+        for x, y in pairs:
+            assert all(np.array_equal(x[k], y[k]) for k in x)
+        procs["dev-b"] = _start(cfgs["dev-b"])  # the restart
+        assert coord.run_round("train", devices=sorted(cfgs)).state == "closed"
+        for n in cfgs:
+            rc, out = _terminate(procs[n])
+            assert rc == 0, out
+            if n == "dev-b":
+                assert "learning state restored: personal_model, prior, served, last_served, track, upload_residual" \
+                    in out, out
+    finally:
+        for proc in procs.values():
+            if proc.poll() is None:
+                proc.kill()
+        coord.stop()
+    ua, ub = _sent(tmp_path / "dev-a" / "state", 3), _sent(tmp_path / "dev-b" / "state", 3)
+    assert ua.metrics == ub.metrics and ua.packed is not None and ub.packed is not None
+    for k, pa in ua.packed.items():
+        pb = ub.packed[k]
+        assert pa.scale == pb.scale and np.array_equal(pa.values, pb.values) and np.array_equal(pa.index, pb.index)
+    a, b = state("dev-a"), state("dev-b")
+    assert all(np.array_equal(a.upload_residual[k], b.upload_residual[k]) for k in a.upload_residual)
+
+
+def test_a_corrupt_learning_state_is_refused_and_the_device_starts_fresh_with_its_outbox(tiny_export, tmp_path,
+                                                                                          caplog):
+    """A damaged learning state (bits flipped on the SD card, a store from a future version) is refused with a log
+    line saying why; the device starts with a fresh state and its unsent update stays in the outbox."""
+    from edge_client.daemon.config import DeviceConfig
+    from edge_client.daemon.service import PERSONAL_STATE, DeviceService
+
+    cfg = DeviceConfig.from_toml(_device(tmp_path, BrokerAddress.parse("127.0.0.1:1"), "corrupt",
+                                         tiny_export["backbone"]))
+    with DeviceStore(tmp_path / "state") as store:
+        store.outbox_put(4, "m-4", "fedge/corrupt/updates/4/meter-7", b"stored update")
+        store.save_personal_blob(PERSONAL_STATE, b"PK\x03\x04 not really a zip")
+    service = DeviceService(cfg, BrokerAddress.parse(cfg.broker))
+    try:
+        service.runner = service.load_backbone()
+        service.start_ingest()
+        with caplog.at_level("ERROR", logger="fedge.service"):
+            learner = service.build_learner()
+        assert learner is not None and learner.personal_model is None and learner.upload_residual is None
+        assert learner.track is None and learner.prior is None and learner.served is None
+        assert "stored learning state refused, starting fresh" in caplog.text and "not a readable" in caplog.text
+        assert [(e.round_id, e.payload) for e in service.store.outbox_unsettled()] == [(4, b"stored update")]
     finally:
         service.close()

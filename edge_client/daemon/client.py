@@ -184,7 +184,8 @@ def _prototype(learner: DeviceLearner, task: RoundTask) -> np.ndarray | None:
 
 
 # Fault injection for crash tests: FEDGE_FAILPOINT=after_outbox SIGKILLs the process right after an
-# update is stored in the outbox and before it is published (the window a power cut can hit).
+# update is stored in the outbox (with the learning state that produced it) and before it is published (the window a
+# power cut can hit).
 FAILPOINT_ENV = "FEDGE_FAILPOINT"
 
 # A round task waits while the device's resource check gives a reason not to train (low memory, high load).
@@ -522,6 +523,9 @@ class EdgeClient:
             with self.compute_slots or contextlib.nullcontext():
                 update = self._compute(task)
             if task.options.get("secagg") and task.kind == "train":  # masked, through the secure session
+                if self.after_update is not None:  # the round's learning state is kept as in a plain round
+                    with self.outbox.transaction():
+                        self.after_update(task, update)
                 self.secure.start(task, update)
                 self.publish_status("idle")
                 return
@@ -529,11 +533,12 @@ class EdgeClient:
             topic = self.topics.update(task.round_id, self.device_id)
             with self._ack_lock:  # a reconnect flushing the outbox right now must leave this one to us
                 self._handed_to_paho.add(update.msg_id)
-            self.outbox.outbox_put(task.round_id, update.msg_id, topic, payload)
+            with self.outbox.transaction():  # the update and the learning state that produced it, or neither
+                self.outbox.outbox_put(task.round_id, update.msg_id, topic, payload)
+                if self.after_update is not None:
+                    self.after_update(task, update)
             if os.environ.get(FAILPOINT_ENV) == "after_outbox":
                 os.kill(os.getpid(), signal.SIGKILL)
-            if self.after_update is not None:
-                self.after_update(task, update)
             self._send(OutboxEntry(task.round_id, update.msg_id, topic, payload, "pending", 0))
             self.publish_status("idle")
         except Exception:

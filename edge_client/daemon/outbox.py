@@ -7,8 +7,10 @@ or its process, sends the identical message (same id) again and the coordinator 
 
 from __future__ import annotations
 
+import contextlib
 import threading
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Literal, Protocol
 
@@ -36,6 +38,7 @@ class Outbox(Protocol):
     def outbox_settle(self, msg_id: str, state: OutboxState) -> OutboxEntry | None: ...
     def outbox_for_round(self, round_id: int) -> OutboxEntry | None: ...
     def outbox_unsettled(self, older_than_s: float = 0.0) -> list[OutboxEntry]: ...
+    def transaction(self) -> contextlib.AbstractContextManager[None]: ...
 
 
 class MemoryOutbox:
@@ -46,6 +49,11 @@ class MemoryOutbox:
         self._entries: dict[int, OutboxEntry] = {}
         self._touched: dict[int, float] = {}
         self._lock = threading.Lock()
+
+    @contextlib.contextmanager
+    def transaction(self) -> Iterator[None]:
+        """Nothing to make atomic: this outbox, like the learner it serves, dies with the process."""
+        yield
 
     def outbox_put(self, round_id: int, msg_id: str, topic: str, payload: bytes) -> None:
         with self._lock:

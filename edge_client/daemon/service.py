@@ -28,6 +28,7 @@ from edge_client.daemon.client import EdgeClient
 from edge_client.daemon.config import DeviceConfig
 from edge_client.daemon.store import DeviceStore
 from edge_client.learning import personalize as PZ
+from edge_client.learning import state as LS
 from edge_client.learning.learner import DeviceLearner, SplitConfig
 from edge_client.runtime.backbone import BackboneRunner, ModelLoadError
 from edge_client.wire import RoundTask, Topics, Update
@@ -37,11 +38,15 @@ from edge_client.wire.memory import SqliteReplay
 log = logging.getLogger("fedge.service")
 
 LOCK_NAME = "daemon.lock"
-# Personal state is stored once: the personal model (adapter + head: what a personalised device forecasts with,
-# and next round's self-distillation teacher) under "model"; a plain personal head under "head" only when it is
-# not that model's (a round without personalisation after personalised ones).
+# Personal state is stored once: the learning state (edge_client.learning.state: the personal model -- adapter + head,
+# what a personalised device forecasts with and next round's self-distillation teacher -- the gate's prior, the served
+# predictor with its gate and rule guards, the track record and top-k's residual) under "learner"; the head the
+# device forecasts with under "head" only when it is not the personal model's (a round without personalisation after
+# personalised ones, a fallback to the global head). Stores of earlier versions kept the personal model alone under
+# "model": read once, then replaced by "learner".
 PERSONAL_HEAD = "head"
-PERSONAL_MODEL = "model"
+PERSONAL_STATE = "learner"
+LEGACY_PERSONAL_MODEL = "model"
 
 
 class StateDirBusy(RuntimeError):
@@ -216,16 +221,10 @@ class DeviceService:
         except ValueError as exc:
             log.info("waiting for data: %d readings stored (%s)", n, exc)
             return None
-        if self.learner is not None and self.learner.backbone is self.runner:
-            learner.personal_model = self.learner.personal_model  # the self-distillation teacher stays
-            learner.prior = self.learner.prior  # and the gate's prior
-            learner.track, learner.last_served = self.learner.track, self.learner.last_served  # and the track record
-            learner.upload_residual = self.learner.upload_residual  # and top-k's error feedback
-        elif self._personal_fits():  # a restart: the teacher comes back from the store
-            params = self.store.load_personal(PERSONAL_MODEL)
-            if params is not None:
-                learner.personal_model = PZ.PersonalModel(params, PZ.PersonalConfig(),
-                                                          trained_at_day=self.store.get_meta("personal_day"))
+        if self.learner is not None and self.learner.backbone is self.runner:  # new readings: the state stays
+            LS.LearnerState.of(self.learner).apply(learner)
+        else:  # a restart (or another backbone, whose state was dropped): the state comes back from the store
+            self.stored_state().apply(learner)
         self._built_at = n
         self.store.set_meta("backbone_sha256", self.runner.sha256)
         log.info("learner built on %d readings: %d train windows, %d held back", n, learner.n_train, learner.n_eval)
@@ -264,23 +263,56 @@ class DeviceService:
             self.store.set_meta("last_deferred", {"round": task.round_id, "reason": reason, "ts": time.time()})
         return reason
 
+    def head_spec(self) -> LS.HeadSpec:
+        """What a stored learning state must fit: this backbone and this device's head."""
+        assert self.runner is not None
+        spec = self.runner.spec
+        return LS.HeadSpec(self.runner.sha256, spec.feature_dim, self.cfg.horizon, len(spec.quantiles))
+
+    def stored_state(self) -> LS.LearnerState:
+        """The learning state the store holds for this backbone; an empty one (a fresh start, logged with the reason)
+        when there is none or it is refused: corrupt, another format version, backbone or head. Never raises: a bad
+        state file must not keep a device out of its fleet, and the outbox is another table, untouched."""
+        blob = self.store.load_personal_blob(PERSONAL_STATE)
+        if blob is None:
+            return self._legacy_state()
+        try:
+            state = LS.decode(blob, self.head_spec())
+        except LS.StateRefused as exc:
+            log.error("stored learning state refused, starting fresh (personal model, gate, rule guards, track record "
+                      "and top-k residual reset; the outbox is kept): %s", exc)
+            return LS.LearnerState()
+        log.info("learning state restored: %s", ", ".join(k for k, v in vars(state).items() if v is not None) or "-")
+        return state
+
+    def _legacy_state(self) -> LS.LearnerState:
+        """A store written before the learning state existed: its personal model alone, when it fits the backbone."""
+        params = self.store.load_personal(LEGACY_PERSONAL_MODEL) if self._personal_fits() else None
+        if params is None:
+            return LS.LearnerState()
+        return LS.LearnerState(PZ.PersonalModel(params, PZ.PersonalConfig(),
+                                                trained_at_day=self.store.get_meta("personal_day")))
+
     def _personal_fits(self) -> bool:
         """Personal state is only reused on the backbone whose features it was trained on."""
         return self.runner is not None and self.store.get_meta("personal_backbone") == self.runner.sha256
 
     def personal_head_from_store(self) -> dict | None:
-        """What this device forecast with before a restart: its plain personal head, else its personal model."""
+        """What this device forecast with before a restart: its stored head, else its (restored) personal model."""
         if not self._personal_fits():
             return None
         head = self.store.load_personal(PERSONAL_HEAD)
-        return head if head is not None else self.store.load_personal(PERSONAL_MODEL)
+        model = self.learner.personal_model if self.learner is not None else None
+        return head if head is not None else (model.params if model is not None else None)
 
     def after_update(self, task: RoundTask, update: Update) -> None:
+        """What the round left, written (by the client) in the transaction that stores the update in the outbox."""
         assert self.client is not None and self.runner is not None
         model = self.learner.personal_model if self.learner is not None else None
-        if model is not None:  # its config is the next round's; only parameters and data time persist
-            self.store.save_personal(PERSONAL_MODEL, model.params)
-            self.store.set_meta("personal_day", model.trained_at_day)
+        if self.learner is not None:  # the personal model's config is the next round's: it is not stored
+            self.store.save_personal_blob(PERSONAL_STATE, LS.encode(LS.LearnerState.of(self.learner),
+                                                                    self.head_spec()))
+            self.store.delete_personal(LEGACY_PERSONAL_MODEL)
         if self.client.personal is not None:
             if model is not None and self.client.personal is model.params:
                 self.store.delete_personal(PERSONAL_HEAD)  # the model above is the head: not stored twice

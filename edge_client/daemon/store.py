@@ -11,7 +11,9 @@ may lose a reading, an update or the personal model. What is kept here:
   round, say). Until one of the last two, the entry is published again byte for byte, same message id (after a
   crash, a reconnect, or a long wait for the receipt), and the coordinator, which stores one update per round and
   device, counts it once and answers with a receipt again.
-- ``personal``: the device's personal head and other named parameter sets.
+- ``personal``: the device's personal head and its learning state (edge_client.learning.state: personal model,
+  gate prior, served predictor, track record, top-k residual), written in the same transaction as the update it
+  produced (:meth:`DeviceStore.transaction`).
 - ``meta``: small facts for ``fedge-edge status`` (last round, last global version, counters).
 - ``ingest``: per-source read positions (file offset, inode) and good/bad line counters.
 
@@ -21,12 +23,13 @@ threads can share one connection.
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import sqlite3
 import threading
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -116,6 +119,21 @@ class DeviceStore:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+    @contextlib.contextmanager
+    def transaction(self) -> Iterator[None]:
+        """What is written inside commits together or not at all. Why: an update in the outbox and the learning
+        state that produced it (top-k's residual) must not part: a crash between the two would later re-send the
+        update while the residual had moved on (or train again from a residual that the sent update had already
+        used), and compression would no longer be unbiased. Holds the store's lock throughout: other threads wait."""
+        with self._lock:
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                yield
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
+            self._db.execute("COMMIT")
 
     def _q(self, sql: str, args: Iterable[Any] = ()) -> list[tuple]:
         with self._lock:
@@ -242,12 +260,20 @@ class DeviceStore:
     # ------------------------------------------------------------------ personal state and meta
 
     def save_personal(self, name: str, params: Mapping[str, np.ndarray]) -> None:
-        self._q("INSERT OR REPLACE INTO personal (name, params, updated) VALUES (?, ?, ?)",
-                (name, params_to_blob(params), time.time()))
+        self.save_personal_blob(name, params_to_blob(params))
 
     def load_personal(self, name: str) -> dict[str, np.ndarray] | None:
+        blob = self.load_personal_blob(name)
+        return None if blob is None else params_from_blob(blob)
+
+    def save_personal_blob(self, name: str, blob: bytes) -> None:
+        """A named personal entry as bytes its owner encodes (the learning state: edge_client.learning.state)."""
+        self._q("INSERT OR REPLACE INTO personal (name, params, updated) VALUES (?, ?, ?)", (name, bytes(blob),
+                                                                                            time.time()))
+
+    def load_personal_blob(self, name: str) -> bytes | None:
         rows = self._q("SELECT params FROM personal WHERE name=?", (name,))
-        return params_from_blob(rows[0][0]) if rows else None
+        return bytes(rows[0][0]) if rows else None
 
     def personal_names(self) -> list[str]:
         return [r[0] for r in self._q("SELECT name FROM personal ORDER BY name")]
