@@ -128,3 +128,52 @@ def test_dbe_bias_stays_local() -> None:
     assert set(upload.payload) == {"feature_mean"}
     sent = [*upload.update.delta.values(), *upload.payload.values()]
     assert not any(a.shape == bias.shape and np.allclose(a, bias) for a in sent)
+
+
+def test_prototype_alignment_is_not_minimised_by_collapsing_features() -> None:
+    """The constant-feature minimiser: shrinking every feature toward the prototypes used to drive the
+    unnormalised term to ~0; relative to the batch spread, collapse makes it larger, not smaller."""
+    from coordinator.pretrain.strategies.bilevel import prototype_alignment
+
+    g = torch.Generator().manual_seed(0)
+    barycenter = torch.randn(4, 8, generator=g)
+    features = barycenter[torch.arange(32) % 4] + 0.5 * torch.randn(32, 8, generator=g)
+    spread_out = prototype_alignment(features, barycenter)
+    centre = barycenter.mean(0)
+    collapsed = prototype_alignment(centre + 0.01 * (features - centre), barycenter)
+    assert collapsed > 10 * spread_out
+    own = barycenter[torch.arange(32) % 4]
+    aligned = prototype_alignment(own + 0.5 * (features - own), barycenter)
+    assert aligned < spread_out  # moving clusters toward their prototypes still lowers it
+
+
+def test_bilevel_warm_start_is_fedavg_then_regularised(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Before `warm_start` the local loss is the task loss alone and the server uses n_k weights; after
+    it, the GRL (with its ramp restarted at the switch) and the domain-aware weights act."""
+    from coordinator.pretrain.strategies import bilevel
+
+    strategy = make_strategy("bilevel", n_protos=3, warm_start=0.5)
+    assert strategy.ramp(0.5) == 0.0 and strategy.ramp(1.0) > 0.99
+    settings = FederatedSettings(strategy="bilevel", rounds=2, local_steps=2, batch_size=8, lr=3e-3,
+                                 hparams=(("n_protos", 3), ("warm_start", 0.5)))
+    torch.manual_seed(0)
+    model, worker = TSFM(CFG), TSFM(CFG)
+    server: dict = {}
+    clients = [strategy.init_client(model, s) for s in SILOS]
+    assert set(clients[0]) == {"dom_weight", "dom_bias"} and clients[1] == {}  # 2 sub-datasets vs 1
+    gammas: list[float] = []
+    monkeypatch.setattr(bilevel, "grl", lambda x, gamma: gammas.append(gamma) or x)
+    n = np.array([s.n_samples for s in SILOS], np.float64)
+    for rnd in range(2):
+        global_params = {k: torch.from_numpy(v) for k, v in params_of(model).items()}
+        uploads = [local_training(strategy, worker, s, c, server, global_params, settings, rnd, k)
+                   for k, (s, c) in enumerate(zip(SILOS, clients, strict=True))]
+        assert [float(u.payload["active"]) for u in uploads] == [float(rnd == 1)] * 3
+        new = strategy.server_update(params_of(model), uploads, server, rnd)
+        model.load_state_dict({k: torch.from_numpy(v) for k, v in new.items()})
+        if rnd == 0:
+            assert gammas == [], "no gradient reversal during the warm start"
+            assert np.allclose(server["weights"].numpy(), n / n.sum()), "FedAvg weights during the warm start"
+    # round 1, two steps each on energy and nature (finance has one sub-dataset: no classifier); ramp from 0
+    assert len(gammas) == 4 and gammas[0] == gammas[2] == 0.0 < gammas[1] == gammas[3]
+    assert not np.allclose(server["weights"].numpy(), n / n.sum())

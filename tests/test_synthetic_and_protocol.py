@@ -67,6 +67,9 @@ def test_synthetic_silo_windows_and_kinds(tmp_path) -> None:
     from coordinator.pretrain.silos import build_silos
 
     real = build_silos(("energy",), 48 + 24, train_rows=400)
+    # sub-dataset ids are the silo's datasets (ETTh1, electricity), not dataset x channel
+    assert real[0].n_sub == 2 and set(np.unique(real[0].sub_ids)) == {0, 1}
+    assert np.all(np.diff(real[0].sub_ids) >= 0)  # ETTh1's windows first, then electricity's
     s = SyntheticSettings(length=96, window_stride=8, share=0.1, kernelsynth_fraction=0.5)
     silo = synthetic_silo(s, real, 72, cache_dir=tmp_path)
     share = silo.n_samples / (silo.n_samples + sum(r.n_samples for r in real))

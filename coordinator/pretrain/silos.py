@@ -1,9 +1,12 @@
 """Domain silos for federated TSFM pretraining: each domain is one client that holds only its own
 training windows, the way separate data owners (a utility, a bank, a weather service) would.
 
-A silo's windows carry a *sub-dataset id* (dataset x channel): the intra-domain heterogeneity
-that the bi-level strategy's domain classifier works on. One domain is held out of pretraining
-so that zero-shot and few-shot transfer can be measured on data no client ever saw.
+A silo's windows carry a *sub-dataset id* (which of the silo's datasets a window comes from): the
+intra-domain heterogeneity that the bi-level strategy's domain classifier works on. Dataset, not
+channel: a channel's identity (oil temperature vs load, one household vs another) is what the
+forecast needs, so invariance to it fights the task; the paper's sub-datasets are datasets. One
+domain is held out of pretraining so that zero-shot and few-shot transfer can be measured on data
+no client ever saw.
 """
 
 from __future__ import annotations
@@ -35,7 +38,7 @@ class Silo:
     domain: str
     datasets: tuple[str, ...]
     pool: WindowPool
-    sub_ids: np.ndarray  # (N,) int64, sub-dataset (dataset x channel) of each window
+    sub_ids: np.ndarray  # (N,) int64, index into `datasets` of each window's dataset
     n_sub: int
 
     @property
@@ -68,8 +71,8 @@ def build_silo(
     window_stride: int = 1, train_rows: int | None = None,
 ) -> Silo:
     """Training windows (targets inside the train split) of all channels of a domain's datasets."""
-    chunks, starts, subs, offset, sub = [], [], [], 0, 0
-    for name in DOMAIN_SILOS[domain]:
+    chunks, starts, subs, offset = [], [], [], 0
+    for sub, name in enumerate(DOMAIN_SILOS[domain]):
         scaled, (train_end, _, _) = scaled_series(name, data_dir)
         if train_rows is not None:
             train_end = min(train_end, train_rows)
@@ -80,11 +83,10 @@ def build_silo(
             subs.append(np.full(len(s), sub, np.int64))
             chunks.append(part)
             offset += len(part)
-            sub += 1
     pool = WindowPool(np.concatenate(chunks), np.concatenate(starts), span)
     if len(pool.starts) == 0:
         raise ValueError(f"domain {domain}: no training window of {span} rows")
-    return Silo(domain, DOMAIN_SILOS[domain], pool, np.concatenate(subs), sub)
+    return Silo(domain, DOMAIN_SILOS[domain], pool, np.concatenate(subs), len(DOMAIN_SILOS[domain]))
 
 
 def build_silos(

@@ -69,8 +69,11 @@ class QuantizedTSFM(nn.Module):
 class FeDPM(Strategy):
     name = "fedpm"
 
-    def __init__(self, shared_slots: int = 32, personal_slots: int = 32, beta_c: float = 0.25, omega: float = 0.5,
+    def __init__(self, shared_slots: int = 128, personal_slots: int = 128, beta_c: float = 0.25, omega: float = 0.5,
                  align: float = 0.1, kmeans_iters: int = 10) -> None:
+        # 128 + 128 slots: the paper's memory of Q = 256 entries, split evenly (ALGORITHMS.md §3). The global
+        # model quantises every patch token to one of the Q_s shared entries, so Q_s bounds what it can say;
+        # 32 (the earlier default, kept as a sweep point) was the bottleneck the toy-budget run paid for.
         self.q_s, self.q_p, self.beta_c, self.omega = shared_slots, personal_slots, beta_c, omega
         self.align, self.kmeans_iters = align, kmeans_iters
 
