@@ -28,6 +28,8 @@ import json
 import math
 import os
 import platform
+import signal
+import sys
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -298,34 +300,69 @@ def restore(results: Path | None = None, cells_dir: Path | None = None) -> list[
     return written
 
 
+def cell_estimate_s(cell: Cell) -> float:
+    """Expected wall time of a cell: the median of the finished cells at the same budget (train + eval;
+    restored records included), scaled by the budget when none has it; 30 min when nothing is known."""
+    recs = load_cells()
+    same = [r["wall_s"] for r in recs if r["windows_seen"] == cell.windows and "wall_s" in r]
+    if same:
+        return float(np.median(same))
+    per_window = [r["wall_s"] / r["windows_seen"] for r in recs if "wall_s" in r and r["windows_seen"]]
+    return float(np.median(per_window)) * cell.windows if per_window else 1800.0
+
+
+def until_epoch(hhmm: str | None) -> float | None:
+    """`--until HH:MM` (UTC, today; tomorrow if already past) as a Unix time."""
+    if not hhmm:
+        return None
+    h, m = (int(v) for v in hhmm.split(":"))
+    now = time.time()
+    t = now - now % 86400 + 3600 * h + 60 * m
+    return t if t > now else t + 86400
+
+
 def run(args: argparse.Namespace) -> None:
     torch.set_num_threads(args.threads)
     CELLS.mkdir(parents=True, exist_ok=True)
+    # SIGTERM ends the worker through the `finally` below, so its cell lock goes with it (a round checkpoint
+    # resumes the cell in the next run).
+    previous = signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     restored = restore()
     if restored:
         print(f"restored {len(restored)} finished records from {OUT / 'foundation.json'}", flush=True)
-    for cell in plan(args.groups, args.seeds):
-        done = CELLS / f"{cell.id}.json"
-        if not done.is_file():  # finished in an earlier session: its record is in the committed JSON
-            restore()
-        if done.is_file() or not claim(cell):
-            continue
-        try:
-            t0 = time.perf_counter()
-            print(f"[{time.strftime('%H:%M:%S')}] cell {cell.id}", flush=True)
-            model, meta = train_cell(cell, args.threads)
-            t1 = time.perf_counter()
-            scores = evaluate_cell(cell, model, args.threads)
-            record = {"cell": asdict(cell), "id": cell.id, **{k: v for k, v in meta.items() if k != "cell"},
-                      "scores": scores, "eval_s": time.perf_counter() - t1, "wall_s": time.perf_counter() - t0}
-            tmp = done.with_suffix(".tmp")
-            tmp.write_text(json.dumps(record, default=float))
-            os.replace(tmp, done)
-            print(f"[{time.strftime('%H:%M:%S')}] done {cell.id}: val {meta['val_mse']:.4f}, ETTh1 H96 "
-                  f"{scores['in_domain'].get('etth1', {}).get('H96', {}).get('mse', float('nan')):.4f}", flush=True)
-        finally:
-            (CELLS / f"{cell.id}.lock").unlink(missing_ok=True)
-        report(args)
+    try:
+        until = until_epoch(getattr(args, "until", None))
+        for cell in plan(args.groups, args.seeds):
+            done = CELLS / f"{cell.id}.json"
+            if not done.is_file():  # finished in an earlier session: its record is in the committed JSON
+                restore()
+            if done.is_file():
+                continue
+            resuming = (CELLS / f"{cell.id}.round.pt").is_file() or (CELLS / f"{cell.id}.pt").is_file()
+            if until is not None and not resuming and time.time() + cell_estimate_s(cell) > until:
+                print(f"[{time.strftime('%H:%M:%S')}] stop: {cell.id} (~{cell_estimate_s(cell) / 60:.0f} min) "
+                      f"would not finish before {args.until} UTC", flush=True)
+                break
+            if not claim(cell):
+                continue
+            try:
+                t0 = time.perf_counter()
+                print(f"[{time.strftime('%H:%M:%S')}] cell {cell.id}", flush=True)
+                model, meta = train_cell(cell, args.threads)
+                t1 = time.perf_counter()
+                scores = evaluate_cell(cell, model, args.threads)
+                record = {"cell": asdict(cell), "id": cell.id, **{k: v for k, v in meta.items() if k != "cell"},
+                          "scores": scores, "eval_s": time.perf_counter() - t1, "wall_s": time.perf_counter() - t0}
+                tmp = done.with_suffix(".tmp")
+                tmp.write_text(json.dumps(record, default=float))
+                os.replace(tmp, done)
+                print(f"[{time.strftime('%H:%M:%S')}] done {cell.id}: val {meta['val_mse']:.4f}, ETTh1 H96 "
+                      f"{scores['in_domain'].get('etth1', {}).get('H96', {}).get('mse', float('nan')):.4f}", flush=True)
+            finally:
+                (CELLS / f"{cell.id}.lock").unlink(missing_ok=True)
+            report(args)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def baselines(names: list[str]) -> dict[str, Any]:
@@ -702,6 +739,8 @@ def main() -> None:
                     help="groups in priority order; 'group:1,2' restricts a group to those seeds")
     ap.add_argument("--seeds", type=int, nargs="*", default=[0, 1, 2])
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--until", metavar="HH:MM", help="run: start no new cell that would not finish by then "
+                    "(UTC; estimate: median wall time of the finished cells at the same budget)")
     args = ap.parse_args()
     CELLS.mkdir(parents=True, exist_ok=True)
     if args.command == "run":

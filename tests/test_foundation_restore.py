@@ -68,3 +68,27 @@ def test_run_skips_a_cell_whose_record_is_only_in_the_results(tmp_path: Path, mo
 
     assert trained == []
     assert (cells / f"{cell.id}.json").is_file()
+
+
+def test_run_starts_no_cell_that_would_not_finish_before_until(tmp_path: Path, monkeypatch, capsys) -> None:
+    """`--until`: the estimate is the median wall time of finished cells at the same budget; a new cell that
+    would end after the deadline is not started (so no session leaves a half-trained cell behind)."""
+    cells = tmp_path / "runs" / "cells"
+    cells.mkdir(parents=True)
+    for i, wall in enumerate((1200.0, 1500.0, 9000.0)):
+        (cells / f"c{i}.json").write_text(json.dumps({"id": f"c{i}", "windows_seen": foundation.WINDOWS,
+                                                      "wall_s": wall}))
+    monkeypatch.setattr(foundation, "OUT", tmp_path)
+    monkeypatch.setattr(foundation, "CELLS", cells)
+    cell = foundation.plan(["seed:0"], [0])[0]
+    assert foundation.cell_estimate_s(cell) == 1500.0
+    assert foundation.cell_estimate_s(foundation.Cell("x", "x", "centralized", 0, windows=2 * foundation.WINDOWS)) \
+        == 2 * 1500.0  # no record at that budget: scaled per window
+    now = foundation.time.time()
+    hhmm = foundation.time.strftime("%H:%M", foundation.time.gmtime(now + 1200))  # 20 min from now
+    assert 0 < foundation.until_epoch(hhmm) - now <= 1260
+    monkeypatch.setattr(foundation, "train_cell", lambda c, threads: (_ for _ in ()).throw(RuntimeError(c.id)))
+    monkeypatch.setattr(foundation, "plan", lambda groups, seeds: [cell])
+    foundation.run(foundation.argparse.Namespace(groups=["seed:0"], seeds=[0], threads=1, until=hhmm))
+    assert "would not finish" in capsys.readouterr().out
+    assert not (cells / f"{cell.id}.lock").exists()
