@@ -5,6 +5,7 @@ files actually score on the standard protocol, measured the way a device compute
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -126,3 +127,70 @@ def test_pretrain_shipped_runs_the_recipe(tmp_path, monkeypatch: pytest.MonkeyPa
     assert model.config == shipped.tsfm_config()
     text = console.export_text()
     assert "ETTh1 test H96 MSE" in text and f"shipped {shipped.VERSION}" in text
+
+
+@pytest.fixture(scope="module")
+def packed(tmp_path_factory) -> Path:
+    """The shipped folder packed the way setup.py packs it into the wheel."""
+    from coordinator.pretrain.archive import pack
+
+    return pack(shipped.ARTIFACT_DIR, tmp_path_factory.mktemp("wheel") / f"{shipped.VERSION}.tar.xz")
+
+
+def test_wheel_archive_is_reproducible_and_smaller_than_the_folder(packed, tmp_path) -> None:
+    from coordinator.pretrain.archive import pack
+
+    again = pack(shipped.ARTIFACT_DIR, tmp_path / packed.name)
+    assert again.read_bytes() == packed.read_bytes()  # same folder, same bytes: same wheel
+    folder = sum(p.stat().st_size for p in shipped.ARTIFACT_DIR.iterdir() if p.is_file())
+    assert packed.stat().st_size < 0.5 * folder  # the formats share their weights; xz stores them once
+
+
+def test_installed_archive_gives_back_every_shipped_file_byte_for_byte(packed, tmp_path, monkeypatch) -> None:
+    """An installed wheel has the archive, not the folder: the coordinator unpacks it once into its cache and
+    `fedge export` writes the same sha256-checked files as from a checkout."""
+    from coordinator.cli import app
+
+    monkeypatch.setattr(shipped, "ARTIFACT_DIR", tmp_path / "site" / shipped.VERSION)  # not there, as in a wheel
+    monkeypatch.setattr(shipped, "ARCHIVE", packed)
+    monkeypatch.setenv("FEDGE_CACHE", str(tmp_path / "cache"))
+    folder = shipped.artifact_dir()
+    assert folder.is_relative_to(tmp_path / "cache")
+    originals = sorted(p.name for p in (Path(__file__).resolve().parents[1] / "coordinator" / "pretrained"
+                                        / shipped.VERSION).iterdir())
+    for name in originals:
+        assert sha256_file(folder / name) == sha256_file(
+            Path(__file__).resolve().parents[1] / "coordinator" / "pretrained" / shipped.VERSION / name), name
+    assert shipped.artifact_dir() == folder  # unpacked once, then reused
+    assert shipped.card()["model_id"] == json.loads((folder / "spec.json").read_text())["model_id"]
+    result = CliRunner().invoke(app, ["export", "--out", str(tmp_path / "model")])
+    assert result.exit_code == 0, result.output
+    assert sha256_file(tmp_path / "model" / "backbone.int8.tflite") == sha256_file(folder / "backbone.int8.tflite")
+
+
+def test_archive_with_a_path_outside_its_folder_or_damaged_is_refused(packed, tmp_path, monkeypatch) -> None:
+    import io
+    import lzma
+    import tarfile
+
+    from coordinator.pretrain.archive import unpacked
+
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w") as tar:
+        info = tarfile.TarInfo("../escape.txt")
+        info.size = 2
+        tar.addfile(info, io.BytesIO(b"hi"))
+    evil = tmp_path / "evil.tar.xz"
+    evil.write_bytes(lzma.compress(buf.getvalue()))
+    with pytest.raises(ValueError, match="unexpected member"):
+        unpacked(evil, tmp_path / "cache")
+    assert not (tmp_path / "escape.txt").exists() and not (tmp_path / "cache" / "evil").exists()
+    damaged = tmp_path / packed.name
+    data = bytearray(packed.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    damaged.write_bytes(bytes(data))
+    monkeypatch.setattr(shipped, "ARTIFACT_DIR", tmp_path / "site" / shipped.VERSION)
+    monkeypatch.setattr(shipped, "ARCHIVE", damaged)
+    monkeypatch.setenv("FEDGE_CACHE", str(tmp_path / "cache2"))
+    with pytest.raises(shipped.ShippedModelMissing, match="unreadable"):
+        shipped.artifact_dir()

@@ -1,7 +1,10 @@
 """The pretrained TSFM that ships inside the package: what `fedge demo`, `fedge export` and `fedge serve`
 use when given no model, so a fresh install needs no pretraining and no data directory.
 
-The artifact is a versioned folder of package data, ``coordinator/pretrained/<VERSION>/``:
+The artifact is a versioned folder, ``coordinator/pretrained/<VERSION>/`` in the repository (a checkout or an
+editable install reads it there); a built wheel carries it as one ``<VERSION>.tar.xz`` (about 3 MB instead of 8 MB
+in every install, devices included: ``coordinator.pretrain.archive``), unpacked once into ``~/.cache/fedge`` when
+first used:
 
 * ``model.pt`` -- the torch checkpoint (coordinator side: export, fleet heads, fine-tuning);
 * ``backbone.onnx``, ``backbone.int8.onnx``, ``backbone.tflite``, ``backbone.int8.tflite``, ``head.onnx``,
@@ -16,13 +19,16 @@ The artifact is a versioned folder of package data, ``coordinator/pretrained/<VE
 from __future__ import annotations
 
 import json
+import lzma
 import os
 import shutil
+import tarfile
 from pathlib import Path
 from typing import Any
 
 VERSION = "tsfm-tiny-v1"
 ARTIFACT_DIR = Path(__file__).resolve().parents[1] / "pretrained" / VERSION
+ARCHIVE = ARTIFACT_DIR.with_name(VERSION + ".tar.xz")  # what an installed wheel carries instead of the folder
 CHECKPOINT_NAME = "model.pt"
 CARD_NAME = "card.json"
 DEVICE_FILES = ("backbone.onnx", "backbone.int8.onnx", "backbone.tflite", "backbone.int8.tflite", "head.onnx",
@@ -46,10 +52,20 @@ class ShippedModelMissing(FileNotFoundError):
 
 
 def artifact_dir() -> Path:
-    """The shipped folder; ShippedModelMissing if the checkpoint is not there."""
-    if not (ARTIFACT_DIR / CHECKPOINT_NAME).is_file():
-        raise ShippedModelMissing(f"the shipped model {VERSION} is missing from {ARTIFACT_DIR}")
-    return ARTIFACT_DIR
+    """The shipped folder: the repository's, else the installed archive unpacked (cached); ShippedModelMissing if
+    neither holds the checkpoint."""
+    if (ARTIFACT_DIR / CHECKPOINT_NAME).is_file():
+        return ARTIFACT_DIR
+    if ARCHIVE.is_file():
+        from coordinator.pretrain.archive import unpacked
+
+        try:
+            folder = unpacked(ARCHIVE)
+        except (OSError, EOFError, ValueError, lzma.LZMAError, tarfile.TarError) as exc:
+            raise ShippedModelMissing(f"the shipped model archive {ARCHIVE} is unreadable: {exc}") from None
+        if (folder / CHECKPOINT_NAME).is_file():
+            return folder
+    raise ShippedModelMissing(f"the shipped model {VERSION} is missing from {ARTIFACT_DIR.parent}")
 
 
 def shipped_checkpoint() -> Path:
