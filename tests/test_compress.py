@@ -130,3 +130,31 @@ def test_packed_updates_decode_to_their_values_and_hostile_ones_get_typed_refusa
     m["delta"] = {"a": arr(np.zeros(3, np.int8))}
     with pytest.raises(P.WrongDtype):  # int8 is only for packed values
         P.decode(msgpack.packb(m, use_bin_type=True))
+
+
+def test_a_forecasting_prototype_is_clipped_and_noised_when_the_task_asks():
+    """Task options proto_clip / proto_noise make the device send its prototype through the Gaussian mechanism
+    (edge_client.learning.dp.privatize_prototype), the same as a recommender device's."""
+    import time
+    from types import SimpleNamespace
+
+    from edge_client.daemon.client import _prototype
+    from edge_client.wire import InvalidMessage, RoundTask
+
+    feats = np.random.default_rng(0).normal(3.0, 1.0, (80, 64))
+    learner = SimpleNamespace(f_train=SimpleNamespace(feats=feats))
+
+    def task(**options):  # type: ignore[no-untyped-def]
+        return RoundTask(fleet="f", device_id="d", round_id=1, task="tsfm", kind="train", model_version=0,
+                         deadline_ts=time.time() + 60, options=options)
+
+    exact = _prototype(learner, task(prototype=True))
+    np.testing.assert_array_equal(exact, feature_prototype(feats))
+    assert _prototype(learner, task()) is None
+    clip = float(np.linalg.norm(exact)) / 4
+    clipped = _prototype(learner, task(prototype=True, proto_clip=clip))
+    np.testing.assert_allclose(clipped, exact / 4, rtol=1e-5)
+    noisy = _prototype(learner, task(prototype=True, proto_clip=clip, proto_noise=1.0))
+    assert noisy.dtype == np.float32 and noisy.shape == (PROTOTYPE_DIM,) and not np.allclose(noisy, clipped)
+    with pytest.raises(InvalidMessage):
+        _prototype(learner, task(prototype=True, proto_clip=-1.0))

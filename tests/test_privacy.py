@@ -18,16 +18,18 @@ from coordinator.fleet.privacy import (
     DPConfig,
     PrivacyBudgetSpent,
     calibrate_noise,
+    calibrate_prototype_noise,
     dp_sum,
     epsilon,
     next_clip,
+    prototype_epsilon,
 )
 from coordinator.fleet.server import FleetConfig, FleetCoordinator
 from coordinator.fleet.simulation import carve_devices, start_devices
 from coordinator.fleet.state import FleetState, PrivacyRow
 from edge_client import wire as P
-from edge_client.daemon.client import dp_options
-from edge_client.learning.dp import clip_l2, privatize
+from edge_client.daemon.client import dp_options, prototype_dp_options
+from edge_client.learning.dp import clip_l2, privatize, privatize_prototype
 from edge_client.learning.head import slice_head
 
 
@@ -71,6 +73,29 @@ def test_a_device_clips_and_adds_its_share_of_the_noise() -> None:
     for bad in ({"dp_clip": -1}, {"dp_clip": "x"}, {"dp_clip": 1.0, "dp_noise_std": float("nan")}):
         with pytest.raises(P.InvalidMessage):
             dp_options(bad)
+
+
+def test_a_prototype_is_clipped_and_noised_on_the_device_and_accounted_per_release() -> None:
+    """The Gaussian mechanism on a prototype: norm ≤ C without noise, noise of std σ·C with it; ε is the RDP
+    accountant's for noise multiplier σ/2 (replace-one: sensitivity 2C), composed over the releases."""
+    big, small = np.full(64, 0.5), np.full(64, 0.01)
+    assert np.linalg.norm(privatize_prototype(big, 1.0, 0.0)) == pytest.approx(1.0, rel=1e-6)
+    np.testing.assert_allclose(privatize_prototype(small, 1.0, 0.0), small.astype(np.float32))  # inside the ball
+    many = np.array([privatize_prototype(big, 1.0, 2.0, np.random.default_rng(i)) for i in range(200)])
+    assert many.dtype == np.float32 and np.std(many - big / np.linalg.norm(big)) == pytest.approx(2.0, rel=0.05)
+    with pytest.raises(ValueError):
+        privatize_prototype(big, 0.0, 1.0)
+    assert prototype_epsilon(3.0, 4, 1e-3) == pytest.approx(epsilon([Charge(1.0, 1.5)] * 4, 1e-3))
+    assert prototype_epsilon(3.0, 1, 1e-3) < prototype_epsilon(3.0, 4, 1e-3) < prototype_epsilon(2.0, 4, 1e-3)
+    assert prototype_epsilon(0.0, 4, 1e-3) == math.inf
+    sigma = calibrate_prototype_noise(3.0, 1e-3, 4)
+    assert prototype_epsilon(sigma, 4, 1e-3) == pytest.approx(3.0, rel=0.02)
+    assert prototype_dp_options({"proto_clip": 0.5, "proto_noise": 2}) == (0.5, 2.0)
+    assert prototype_dp_options({"method": "fcucr"}) is None
+    for bad in ({"proto_clip": 0}, {"proto_clip": "x"}, {"proto_clip": 1.0, "proto_noise": -1.0},
+                {"proto_clip": 1.0, "proto_noise": float("inf")}):
+        with pytest.raises(P.InvalidMessage):
+            prototype_dp_options(bad)
 
 
 def test_adaptive_clip_follows_the_target_quantile_of_the_norms() -> None:

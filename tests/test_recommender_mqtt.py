@@ -10,6 +10,7 @@ from __future__ import annotations
 import threading
 import time
 import uuid
+from dataclasses import replace
 
 import msgpack
 import numpy as np
@@ -37,11 +38,19 @@ def split(rec_log):
 
 
 @pytest.mark.broker
-@pytest.mark.parametrize("method", ["fcucr", "fedavg"])
+@pytest.mark.parametrize("method", ["fcucr", "fedavg", "fcucr-clipped"])
 def test_mqtt_rounds_match_the_in_process_simulation(method, split, bundle, mosquitto, tmp_path):
+    """fcucr-clipped: every uploaded prototype clipped to a norm most exceed (prototype DP with σ = 0, the only
+    deterministic setting), which the coordinator's task options must carry to the devices."""
     encoder, items = load_encoder(bundle["dir"])
-    local = run_federated_rec(method, split, encoder, items, build_test_sets(split, encoder), CFG)
-    wire = run_federated_mqtt(method, split, encoder, items, CFG, mosquitto.address, tmp_path / "fleet.sqlite",
+    cfg = replace(CFG, proto_clip=0.05, proto_noise=0.0) if method == "fcucr-clipped" else CFG
+    method = method.removesuffix("-clipped")
+    tests = build_test_sets(split, encoder)
+    local = run_federated_rec(method, split, encoder, items, tests, cfg)
+    if cfg.proto_clip is not None:  # the clip bites: FCUCR's scores move with it
+        exact = run_federated_rec(method, split, encoder, items, tests, CFG)
+        assert [st.scores for st in exact.stages] != [st.scores for st in local.stages]
+    wire = run_federated_mqtt(method, split, encoder, items, cfg, mosquitto.address, tmp_path / "fleet.sqlite",
                               fleet=f"rec-{method}", deadline_s=60)
     assert [st.period for st in wire.stages] == [1, 2, 3]
     for a, b in zip(local.stages, wire.stages, strict=True):
@@ -136,6 +145,7 @@ def test_device_refuses_malformed_prototypes_and_keeps_working(split, bundle, mo
             (_raw_task(base, np.ones((2, d), np.float32)), "wrong_shape"),
             (_raw_task(base, b"\x00" * 64), "invalid"),
             (encode(_fresh(base, options={"method": "fedavg", "period": 1})), "invalid"),
+            (encode(_fresh(base, options={"method": "fcucr", "period": 1, "proto_clip": -1.0})), "invalid"),
         ]
         for payload, _ in bad:
             raw.publish(topics.task("alice"), payload)

@@ -118,6 +118,20 @@ def calibrate_noise(target_epsilon: float, delta: float, sampling_rate: float, r
         dp_accounting.LowerEndpointAndGuess(0.05, 1.0), tol=1e-3))
 
 
+def prototype_epsilon(noise_multiplier: float, releases: int, delta: float) -> float:
+    """ε at `delta` of one user's `releases` prototypes, each clipped to C and noised with std σ·C on the device
+    (edge_client.learning.dp.privatize_prototype). A prototype is released alone, so the unit is replace-one: the
+    user's data changes arbitrarily and the clipped prototype moves by at most 2C, i.e. a Gaussian mechanism of noise
+    multiplier σ/2; no sampling (a user releases in every period it is active); composed by the same RDP accountant
+    as DP-FedAvg's rounds. inf without noise."""
+    return epsilon([Charge(1.0, noise_multiplier / 2.0)] * releases, delta) if releases else 0.0
+
+
+def calibrate_prototype_noise(target_epsilon: float, delta: float, releases: int) -> float:
+    """The prototype noise multiplier σ with which `releases` prototypes of one user spend at most `target_epsilon`."""
+    return 2.0 * calibrate_noise(target_epsilon, delta, 1.0, releases)
+
+
 def dp_sum(deltas: Sequence[Mapping[str, np.ndarray]], clip: float | None, noise_std: float,
            rng: np.random.Generator | None = None) -> tuple[Params, list[float]]:
     """Σ_k clip_C(Δ_k) + N(0, noise_std²) per coordinate, and each delta's norm before clipping (adaptive

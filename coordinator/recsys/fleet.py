@@ -221,7 +221,7 @@ def _run_federated_mqtt(name: str, split: ContinualSplit, encoder: SequenceEncod
         online = coordinator.wait_for_devices(len(everyone), timeout_s=60)
         if len(online) < len(everyone):
             raise RuntimeError(f"only {len(online)} of {len(everyone)} recommender devices came online")
-        options = {"method": name}
+        options = {"method": name, **cfg.prototype_options()}
         stage: StageLog | None = None
         start = time.perf_counter()
         for t in range(1, split.n_periods + 2):

@@ -120,12 +120,31 @@ def _scores(pred3: np.ndarray, counts: np.ndarray) -> dict[str, float]:
 def measure(split: ContinualSplit, encoder: SequenceEncoder, items_table: np.ndarray, genres: np.ndarray,
             recent: int = 20, seed: int = 0) -> dict[str, Any]:
     """{attack: {"all" | "not the crowd's favourite": scores}} for baseline, decode and probe."""
+    up = uploaded_prototypes(split, encoder, items_table, genres, recent)
+    x0, y0 = coordinator_training_set(split, encoder, items_table, genres, recent, seed=seed)
+    return attack(up, x0, y0, items_table, genres, recent)
+
+
+def noised(up: Uploads, x0: np.ndarray, clip: float, noise_multiplier: float, seed: int
+           ) -> tuple[Uploads, np.ndarray]:
+    """The uploads as devices with prototype DP send them (edge_client.learning.dp.privatize_prototype, the device
+    code), and the coordinator's own prototypes passed through the same public mechanism: an attacker who knows C and
+    σ trains its probe on inputs as noisy as the ones it will read (the stronger attacker)."""
+    from edge_client.learning.dp import privatize_prototype
+
+    rng = np.random.default_rng(seed)
+    protos = np.array([privatize_prototype(p, clip, noise_multiplier, rng) for p in up.prototypes])
+    own = np.array([privatize_prototype(p, clip, noise_multiplier, rng) for p in x0])
+    return Uploads(protos, up.true_counts, up.users, up.periods), own
+
+
+def attack(up: Uploads, x0: np.ndarray, y0: np.ndarray, items_table: np.ndarray, genres: np.ndarray,
+           recent: int = 20) -> dict[str, Any]:
+    """The three guesses (baseline, decode, probe) of every uploaded prototype, scored against the truth."""
     from sklearn.linear_model import LogisticRegression
     from sklearn.pipeline import make_pipeline
     from sklearn.preprocessing import StandardScaler
 
-    up = uploaded_prototypes(split, encoder, items_table, genres, recent)
-    x0, y0 = coordinator_training_set(split, encoder, items_table, genres, recent, seed=seed)
     prior = np.bincount(y0, minlength=len(GENRES)).astype(np.float64)
     crowd3 = np.tile(top_k(prior, 3), (len(up.prototypes), 1))  # the baseline: the population's favourites
 

@@ -224,13 +224,28 @@ class RecSimConfig:
     # N(0, (dp_noise·dp_clip)²) to the period's sum, divide by the users who trained; None: plain FedAvg
     dp_clip: float | None = None
     dp_noise: float = 0.0
+    # the Gaussian mechanism on each uploaded prototype (edge_client.learning.dp.privatize_prototype): clip to
+    # proto_clip, add N(0, (proto_noise·proto_clip)²) per coordinate on the device; None: exact prototypes
+    proto_clip: float | None = None
+    proto_noise: float = 0.0
 
     def to_dict(self) -> dict[str, Any]:
         """The config as stored with results; without DP exactly as before DP existed (cached cells stay valid)."""
         out = asdict(self)
         if self.dp_clip is None:
             del out["dp_clip"], out["dp_noise"]
+        if self.proto_clip is None:
+            del out["proto_clip"], out["proto_noise"]
         return out
+
+    @property
+    def proto_dp(self) -> tuple[float, float] | None:
+        """What RecDevice.proto_dp takes, and the MQTT path's task options (prototype_options)."""
+        return None if self.proto_clip is None else (self.proto_clip, self.proto_noise)
+
+    def prototype_options(self) -> dict[str, float]:
+        """Task options that make the fleet's devices noise their prototypes as this config does (none if exact)."""
+        return {} if self.proto_clip is None else {"proto_clip": self.proto_clip, "proto_noise": self.proto_noise}
 
     @classmethod
     def chosen(cls, results: str | os.PathLike[str], method: str, seed: int = 0) -> RecSimConfig:
@@ -308,7 +323,7 @@ def _run_federated_rec(name: str, split: ContinualSplit, encoder: SequenceEncode
     devices: dict[str, RecDevice] = {}
     for i, (uid, log) in enumerate(sorted(split.logs.items())):
         dev = RecDevice(str(uid), encoder, items, cfg.adapter, shared_keys=spec.shared, use_gate=spec.gate,
-                        seed=cfg.seed * 100_003 + i, item_adapter=spec.item_adapter)
+                        seed=cfg.seed * 100_003 + i, item_adapter=spec.item_adapter, proto_dp=cfg.proto_dp)
         dev.set_shared(global_shared)
         p0 = log.period == 0
         dev.receive(log.items[p0], log.ts[p0])  # the user's own past, already on the device
@@ -316,6 +331,7 @@ def _run_federated_rec(name: str, split: ContinualSplit, encoder: SequenceEncode
     server = PrototypeServer(cfg.top_m, cfg.proto_temperature)
     strategy = FedAvg()
     dp_rng = np.random.default_rng(cfg.seed * 7919 + 1)  # simulation: seeded DP noise, reproducible cells
+    proto_rng = np.random.default_rng(cfg.seed * 7919 + 2)  # and seeded prototype noise, a stream of its own
     result = MethodResult(name)
     for t in range(1, split.n_periods + 1):
         start = time.perf_counter()
@@ -328,7 +344,7 @@ def _run_federated_rec(name: str, split: ContinualSplit, encoder: SequenceEncode
         stage.preq = prequential(split, t, lambda u, log, pos: devices[u].scores(pos))
         if spec.prototypes:
             for uid in active:  # float32 both ways: exactly what the MQTT path carries
-                p = devices[str(uid)].prototype().astype(np.float32)
+                p = devices[str(uid)].upload_prototype(proto_rng)
                 server.submit(str(uid), p)
                 stage.bytes_up += p.nbytes
             for uid, p_tilde in server.neighbours([str(u) for u in active]).items():

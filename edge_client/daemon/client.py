@@ -30,7 +30,7 @@ from edge_client.daemon.outbox import MemoryOutbox, Outbox, OutboxEntry
 from edge_client.daemon.secure import SecureSession
 from edge_client.identity import Identity, load_certificate
 from edge_client.learning.compress import compress
-from edge_client.learning.dp import privatize
+from edge_client.learning.dp import PROTOTYPE_DP_OPTIONS, privatize, privatize_prototype
 from edge_client.learning.head import Params, as_float32, head_shapes
 from edge_client.learning.learner import DeviceLearner, RoundOutcome
 from edge_client.learning.personalize import PersonalConfig
@@ -115,6 +115,23 @@ def dp_options(options: Mapping[str, object]) -> tuple[float, float] | None:
     return clip, std
 
 
+def prototype_dp_options(options: Mapping[str, object]) -> tuple[float, float] | None:
+    """(clip C, noise multiplier σ) when a task asks for noised prototypes (options ``proto_clip``, ``proto_noise``:
+    edge_client.learning.dp.privatize_prototype; a forecasting device's prototype in its update, a recommender
+    device's in its evaluate update), None otherwise; anything but a positive finite clip and a finite σ >= 0 is
+    refused."""
+    clip_key, noise_key = PROTOTYPE_DP_OPTIONS
+    if clip_key not in options:
+        return None
+    try:
+        clip, sigma = float(options[clip_key]), float(options.get(noise_key, 0.0))  # type: ignore[arg-type]
+    except (TypeError, ValueError):
+        raise InvalidMessage(f"{clip_key} and {noise_key} must be numbers") from None
+    if not (math.isfinite(clip) and clip > 0 and math.isfinite(sigma) and sigma >= 0):
+        raise InvalidMessage(f"bad prototype DP options: clip {clip}, noise multiplier {sigma}")
+    return clip, sigma
+
+
 def _option(name: str, value: object) -> object:
     """One option as the PersonalConfig field's type; a bool field takes true/false or 0/1 only."""
     kind = type(getattr(PersonalConfig, name))
@@ -179,8 +196,12 @@ def compute_update(learner: DeviceLearner, task: RoundTask, global_params: Param
 
 
 def _prototype(learner: DeviceLearner, task: RoundTask) -> np.ndarray | None:
-    """The device's feature prototype when the round's strategy asks for one (task option ``prototype``)."""
-    return feature_prototype(learner.f_train.feats) if task.options.get("prototype") else None
+    """The device's feature prototype when the round's strategy asks for one (task option ``prototype``), clipped
+    and noised on the device when the task also says ``proto_clip`` (and ``proto_noise``)."""
+    if not task.options.get("prototype"):
+        return None
+    p, dp = feature_prototype(learner.f_train.feats), prototype_dp_options(task.options)
+    return p if dp is None else privatize_prototype(p, *dp)
 
 
 # Fault injection for crash tests: FEDGE_FAILPOINT=after_outbox SIGKILLs the process right after an

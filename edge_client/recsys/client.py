@@ -37,7 +37,7 @@ from collections.abc import Mapping
 
 import numpy as np
 
-from edge_client.daemon.client import EdgeClient
+from edge_client.daemon.client import EdgeClient, prototype_dp_options
 from edge_client.learning.head import Params
 from edge_client.recsys.adapter import full_scores, represent
 from edge_client.recsys.data import UserLog, hit_ndcg, prequential_totals, ranks
@@ -140,6 +140,7 @@ class RecLearner:
                 raise WrongShape(f"task.prototype: expected shape ({d},), got {tuple(task.prototype.shape)}")
         if task.kind == "train" and len(self.log.train_positions(period)) == 0:
             raise InvalidMessage(f"asked to train on period {period}, which has no training target here")
+        prototype_dp_options(task.options)  # refused on arrival, not when the prototype is due
         return period
 
     def _start(self, task: RoundTask, global_params: Mapping[str, np.ndarray]) -> int:
@@ -169,7 +170,8 @@ class RecLearner:
             self.scored_until = period
         metrics["active"] = float(active)
         metrics["new_targets"] = float(len(self.log.train_positions(period)))
-        prototype = self.device.prototype().astype(np.float32) if active and self.spec.prototypes else None
+        self.device.proto_dp = prototype_dp_options(task.options)
+        prototype = self.device.upload_prototype() if active and self.spec.prototypes else None
         return Update(fleet=task.fleet, device_id=task.device_id, round_id=task.round_id, task=task.task,
                       kind="evaluate", base_version=task.model_version, n_samples=len(periods), metrics=metrics,
                       prototype=prototype)

@@ -44,6 +44,7 @@ from typing import Any
 
 import numpy as np
 
+from edge_client.learning.dp import privatize_prototype
 from edge_client.learning.head import Adam, Params
 from edge_client.recsys.adapter import (
     REC_ADAPTER_KEYS,
@@ -133,6 +134,7 @@ class RecDevice:
     use_gate: bool = True
     seed: int = 0
     item_adapter: bool = False
+    proto_dp: tuple[float, float] | None = None  # (clip C, noise multiplier σ) of uploaded prototypes; None: exact
     history: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))
     history_ts: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))
     personal: Params = field(default_factory=dict)
@@ -206,6 +208,13 @@ class RecDevice:
         pos = np.arange(max(1, n - self.cfg.recent + 1), n + 1)
         return self.reprs(pos).astype(np.float64).mean(axis=0) if len(pos) else np.zeros(self.items.shape[1])
 
+    def upload_prototype(self, rng: np.random.Generator | None = None) -> np.ndarray:
+        """The prototype as it leaves the device (float32): with ``proto_dp`` = (C, σ) clipped to L2 norm C and
+        noised with std σ·C (edge_client.learning.dp.privatize_prototype; OS entropy unless a generator is given,
+        as simulations do), else exact. The prototype used on the device itself is never noised."""
+        p = self.prototype()
+        return p.astype(np.float32) if self.proto_dp is None else privatize_prototype(p, *self.proto_dp, rng=rng)
+
     def _teacher(self, h: np.ndarray, positions: np.ndarray) -> Teacher | None:
         if self.snapshot is None or self.cfg.lambda_sd <= 0:
             return None
@@ -248,7 +257,7 @@ class RecDevice:
             "delta": {k: (self.shared[k] - self._upload_base[k]).astype(np.float32) for k in self._upload_base},
         }
         if with_prototype:
-            msg["prototype"] = self.prototype().astype(np.float32)
+            msg["prototype"] = self.upload_prototype()
         return msg
 
     # ------------------------------------------------------------------ the user's control
