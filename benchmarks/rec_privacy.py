@@ -76,6 +76,8 @@ def run_cell(label: str, seed: int, world: dict[str, Any], clip: float) -> dict[
     out: dict[str, Any] = {"label": label, "seed": seed, "sigma": sigma, "clip": None if sigma is None else clip,
                            "epsilon_release": math.inf if not sigma else prototype_epsilon(sigma, 1, delta),
                            "epsilon_total": math.inf if not sigma else prototype_epsilon(sigma, releases, delta)}
+    if label == "no-proto":  # nothing released
+        out.update(epsilon_release=0.0, epsilon_total=0.0)
     if label != "no-proto":  # no-proto: nothing uploaded, nothing to attack
         up, x0 = world["uploads"], world["x0"]
         if sigma is not None:
