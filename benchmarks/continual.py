@@ -9,6 +9,10 @@ on the backbone ``fedge demo`` ships (coordinator/pretrained/tsfm-tiny-v1, ONNX 
 Protocol: every device's series is cut into ``--chunks`` consecutive chunks; round t trains on the windows whose
 targets lie in chunk t (only the new data: a device keeps no old windows) and is scored on chunk t+1, strictly
 later than anything trained on (prequential), with non-overlapping test windows (stride = horizon = 24).
+A device trains on what it recorded (injected faults in its contexts *and* targets: it cannot know the truth) and is
+scored against the true series (a fleet owner wants the forecast of the quantity, not of the sensor's next fault:
+an injected spike in a target is unforecastable noise). Methods with ``repair`` repair their records first
+(edge_client.learning.repair, as the daemon does).
 Devices: every domain in ../shared/data; in-distribution devices (real series of the pretraining domains, after
 the rows the backbone trained on where the split is known, with the real gaps of I-94 traffic and Beijing PM2.5),
 drifted devices (a regime change, a seasonal phase shift, injected sensor faults: stuck values, gaps, spikes; a
@@ -46,6 +50,7 @@ from edge_client.learning.compress import compress, decompress, nbytes
 from edge_client.learning.head import Params, as_float32, head_forecast, slice_head
 from edge_client.learning.learner import DeviceLearner, SplitConfig
 from edge_client.learning.prototype import feature_prototype
+from edge_client.learning.repair import SensorRepair, repaired_windows
 from edge_client.learning.serving import Windows
 from edge_client.runtime.backbone import BackboneRunner
 
@@ -139,18 +144,25 @@ class Device:
     spec: DeviceSpec
     season: int
     chunks: list[Chunk] = field(default_factory=list)
+    repaired: list[Chunk] = field(default_factory=list)  # the same chunks, faults repaired on the device (repair)
 
 
 def _windows(runner: BackboneRunner, rec: np.ndarray, truth: np.ndarray, a: int, b: int, stride: int,
-             season: int) -> tuple[Windows, np.ndarray]:
-    """Windows whose targets lie in [a, b): contexts from the recorded series (gaps forward-filled, at least half
-    present), targets from the truth (finite only)."""
+             season: int, repair: SensorRepair | None = None) -> tuple[Windows, np.ndarray]:
+    """Windows whose targets lie in [a, b): contexts from the recorded series (at least half present; gaps
+    forward-filled, or with `repair` every fault the device finds imputed), targets from `truth` (finite only) for
+    test windows; training windows pass the recorded series as `truth` (a device fits what it recorded, faults
+    included, or with `repair` its repaired record: ``repaired_windows``, the daemon's code)."""
     ctx_len = runner.spec.context
+    if repair is not None and truth is rec:
+        filled, y, idx, miss = repaired_windows(rec[:b], repair, ctx_len, H, stride=stride, start=a, stop=b)
+        return Windows(runner.features(filled), y, filled[:, -1], idx % season, miss,
+                       W.seasonal_naive(filled, H, season)), filled
     starts = np.arange(max(a - ctx_len, 0), b - ctx_len - H + 1, stride)
     ctx = rec[starts[:, None] + np.arange(ctx_len)[None, :]]
     y = truth[starts[:, None] + ctx_len + np.arange(H)[None, :]]
     keep = np.isfinite(y).all(axis=1) & (np.isfinite(ctx).mean(axis=1) >= 0.5)
-    filled, miss = DS.fill_missing(ctx[keep])
+    filled, miss = DS.fill_missing(ctx[keep]) if repair is None else repair.repair(ctx[keep])
     phase = (starts[keep] + ctx_len) % season
     return Windows(runner.features(filled), y[keep].astype(np.float32), filled[:, -1], phase, miss,
                    W.seasonal_naive(filled, H, season)), filled
@@ -169,11 +181,16 @@ def build_device(runner: BackboneRunner, spec: DeviceSpec, n_chunks: int, chunk_
     scaler = W.Scaler.fit(rec[: starts[0] + clen, None])  # what the device knows after its first chunk
     rec, truth = scaler.transform(rec[:, None])[:, 0], scaler.transform(truth[:, None])[:, 0]
     dev = Device(spec, season)
+    repair = SensorRepair.fit(rec[: starts[0] + clen], season)  # learned, like the scaler, from the first chunk
     for c in range(n_chunks):
         a, b = starts[c], starts[c] + clen
-        train, x_tr = _windows(runner, rec, truth, a, b, 2, season)
+        train, x_tr = _windows(runner, rec, rec, a, b, 2, season)
         test, x_te = _windows(runner, rec, truth, a, b, H, season)
         dev.chunks.append(Chunk(train, test, x_tr, x_te, rec[:b], W.seasonal_naive(x_te, H, season)))
+        train, x_tr = _windows(runner, rec, rec, a, b, 2, season, repair)
+        test, x_te = _windows(runner, rec, truth, a, b, H, season, repair)
+        dev.repaired.append(Chunk(train, test, x_tr, x_te, repair.repair(rec[None, :b])[0][0],
+                                  W.seasonal_naive(x_te, H, season)))
     return dev
 
 
@@ -188,6 +205,11 @@ class Method:
     serve_global: bool = False  # FedAvg baseline: the device serves the new global head, not its own
     compression: str = "none"  # none | int8 | topk (error feedback)
     note: str = ""
+
+    @property
+    def repair(self) -> bool:
+        """Devices repair faults in their records (PersonalConfig.repair; the daemon's learner does the same)."""
+        return self.personal is not None and self.personal.repair
 
 
 def methods(base: PZ.PersonalConfig) -> list[Method]:
@@ -222,6 +244,17 @@ def methods(base: PZ.PersonalConfig) -> list[Method]:
                     "last round's personal predictor, global head, shipped head)"),
         Method("best_track", personal=replace(best, **track),
                note="fedavg_best, served predictor chosen by the track record (naive a candidate too)"),
+        Method("best_combo", personal=replace(best, **track, track_combine=True),
+               note="best_track + the track record's convex combination of its candidates as one more candidate"),
+        Method("fedavg_repair", serve_global=True, personal=replace(base, repair=True),
+               note="the FedAvg global head on contexts the device repaired (stuck runs, spikes, gaps), "
+                    "no personal model served"),
+        Method("best_track_repair", personal=replace(best, **track, repair=True),
+               note="best_track on repaired records (contexts and training targets)"),
+        Method("best_combo_repair", personal=replace(best, **track, track_combine=True, repair=True),
+               note="best_combo on repaired records"),
+        Method("best_combo_huber", personal=replace(best, **track, track_combine=True, repair=True, huber=0.5),
+               note="best_combo_repair, personal model and gate fit with a Huber point loss (δ 0.5 scaled units)"),
     ]
 
 
@@ -239,6 +272,8 @@ def _learner(runner: BackboneRunner, dev: Device, c: int) -> DeviceLearner:
 def run_cell(method: Method, runner: BackboneRunner, devs: list[Device], pre: Params, seed: int,
              epochs: int) -> dict:
     """All rounds of one method with one seed: per device and round, the served model's MSE on the next chunk."""
+    if method.repair:  # every device of the fleet runs the method: all see their repaired records
+        devs = [replace(d, chunks=d.repaired) for d in devs]
     n_rounds = len(devs[0].chunks) - 1
     mse = np.full((len(devs), n_rounds), np.nan)
     fallback = np.full_like(mse, np.nan)
@@ -533,7 +568,8 @@ def plot(summary: dict, devs: list[Device], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     show = [n for n in ("local", "fedavg_ft", "adapter", "task_vector", "prototype", "prototype_best",
-                        "fedavg_best", "seasonal naive", "AutoETS", "shipped") if n in summary]
+                        "fedavg_best", "best_track", "best_combo_repair", "seasonal naive", "AutoETS", "shipped")
+            if n in summary]
     g = np.array(summary["fedavg"]["per_device"])
     fig, ax = plt.subplots(figsize=(14, 6))
     x = np.arange(len(devs))

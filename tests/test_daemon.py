@@ -36,11 +36,16 @@ ROOT = Path(__file__).resolve().parent.parent
 DEVICE = "meter-7"
 
 
-def _device(tmp_path: Path, broker: BrokerAddress, fleet: str, backbone: Path, extra: str = "") -> Path:
-    """A device config reading a CSV meter file of 600 hourly readings (a daily cycle plus noise)."""
+def _device(tmp_path: Path, broker: BrokerAddress, fleet: str, backbone: Path, extra: str = "",
+            faults: bool = False) -> Path:
+    """A device config reading a CSV meter file of 600 hourly readings (a daily cycle plus noise); `faults`: the
+    meter froze for 30 hours and spiked a few times in its second half."""
     rng = np.random.default_rng(0)
     t = np.arange(600)
     values = 10 + 3 * np.sin(2 * np.pi * t / 24) + rng.normal(0, 0.3, t.size)
+    if faults:
+        values[330:360] = values[329]
+        values[[380, 420, 455, 470]] += np.array([12.0, -12.0, 15.0, 12.0])
     csv = tmp_path / "meter.csv"
     csv.write_text("ts,kwh\n" + "".join(f"{1_700_000_000 + 3600 * i},{v:.4f}\n" for i, v in enumerate(values)))
     cfg = tmp_path / "device.toml"
@@ -369,6 +374,35 @@ def test_device_toml_personalize_table_runs_gate_consistency_and_rules_in_the_da
     m = result.metrics[DEVICE]
     assert {"gate_c", "rule_hit_rate", "personal_fallback", "personal_mse"} <= set(m), m
     assert m["personal_fallback"] == 1.0 or m["val_personal_mse"] < m["val_global_mse"]
+
+
+def test_device_toml_repair_and_track_combination_run_in_the_daemon_on_a_faulty_meter(mosquitto, tiny_export,
+                                                                                      tmp_path):
+    """`repair`, the track record's combination and the Huber loss from device.toml run in the daemon over the real
+    broker: the learner is rebuilt from the repaired record (the stuck run and the spikes imputed), and the second
+    round reports the combination's weights."""
+    fleet = "repair"
+    cfg = _device(tmp_path, mosquitto.address, fleet, tiny_export["backbone"], faults=True,
+                  extra="[personalize]\nrank = 2\nrepair = true\ntrack_record = 0.5\ntrack_combine = true\n"
+                        "naive_prior = true\nhuber = 0.5\nepochs = 2\n")
+    coord = _coordinator(mosquitto.address, fleet, tmp_path, tiny_export)
+    daemon = _start(cfg)
+    try:
+        assert coord.wait_for_devices(1, 60) == [DEVICE]
+        first = coord.run_round("train")
+        second = coord.run_round("train")
+        assert first.state == second.state == "closed"
+        rc, out = _terminate(daemon)
+        assert rc == 0, out
+    finally:
+        if daemon.poll() is None:
+            daemon.kill()
+        coord.stop()
+    m = second.metrics[DEVICE]
+    assert m["repair_imputed"] > 0, m  # contexts holding the frozen stretch or a spike were repaired
+    weights = {k: v for k, v in m.items() if k.startswith("track_w_")}
+    assert set(weights) <= {"track_w_global", "track_w_prior", "track_w_personal", "track_w_naive"}
+    assert sum(weights.values()) == pytest.approx(1.0) and np.isfinite(m["personal_mse"])
 
 
 def test_device_toml_refuses_unknown_or_mistyped_personalize_options(tmp_path):

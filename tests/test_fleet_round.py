@@ -348,6 +348,11 @@ METHOD_CHECKS = {
               and "rule_hit_rate" in m),
     "track_record": ((("rank", 2.0), ("track_record", 0.5)), lambda c, m: "served_prior" in m
                      and {"global", "prior", "personal"} <= set(c.learner.track.scores)),
+    "track_combine": ((("rank", 2.0), ("track_record", 0.5), ("track_combine", 1.0), ("naive_prior", 1.0)),
+                      lambda c, m: set(c.learner.track.weights) <= {"global", "prior", "personal", "naive"}
+                      and sum(v for k, v in m.items() if k.startswith("track_w_")) == pytest.approx(1.0)),
+    "repair": ((("rank", 2.0), ("repair", 1.0)), lambda c, m: c.learner.repair is not None and "repair_imputed" in m),
+    "huber": ((("rank", 2.0), ("huber", 0.5)), lambda c, m: c.learner.personal_model.cfg.huber == 0.5),
 }
 
 

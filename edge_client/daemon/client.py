@@ -77,11 +77,13 @@ class EdgeStats:
 
 # What a fleet round (task options) or the device's own ``[personalize]`` table can switch on: every device
 # method of edge_client.learning (adapter rank, time-aware self-distillation, FedOA feature distance, the FVG-PT
-# gate, Meta-FC distortion consistency, learned rule guards) and the personal training settings.
+# gate, Meta-FC distortion consistency, learned rule guards, the track record and its forecast combination, sensor-
+# fault repair, a Huber loss) and the personal training settings.
 FLEET_PERSONAL_OPTIONS = frozenset({"rank", "self_distill", "sd_tau_days", "feature_distance", "prox_mu",
                                     "quantile_weight", "epochs", "lr", "batch_size", "gate", "gate_prior_count",
                                     "consistency", "meta", "distorted_task_weight", "rules",
-                                    "naive_prior", "track_record", "track_margin"})
+                                    "naive_prior", "track_record", "track_margin", "track_combine", "repair",
+                                    "huber"})
 
 
 def personal_config(options: Mapping[str, object], local: Mapping[str, object] | None = None) -> PersonalConfig | None:

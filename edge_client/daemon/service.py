@@ -217,7 +217,7 @@ class DeviceService:
         n = self._tried_at = self.store.n_samples()
         try:
             learner = DeviceLearner(self.runner, self.store.series(self.cfg.max_history), season=self.season,
-                                    split=self.split)
+                                    split=self.split, repair=self.learner.repair if self.learner else None)
         except ValueError as exc:
             log.info("waiting for data: %d readings stored (%s)", n, exc)
             return None

@@ -85,24 +85,28 @@ class LossConfig:
 
 def output_grads(
     point: np.ndarray, quant: np.ndarray, y: np.ndarray, scale: np.ndarray, quantiles: tuple[float, ...],
-    quantile_weight: float, weight: float = 1.0,
+    quantile_weight: float, weight: float = 1.0, huber: float = 0.0,
 ) -> tuple[float, np.ndarray, np.ndarray]:
     """weight·(MSE + qw·mean pinball) in data units, and its gradient w.r.t. the *normalised* head
     outputs. point = out·s + l, so ∂L/∂out = ∂L/∂point · s; the pinball loss ρ_q(u) = max(q·u, (q−1)·u)
-    with u = y − ŷ_q has ∂ρ/∂ŷ_q = −q where u > 0 and 1−q elsewhere."""
+    with u = y − ŷ_q has ∂ρ/∂ŷ_q = −q where u > 0 and 1−q elsewhere. ``huber`` = δ > 0 replaces the squared
+    point error by the Huber loss (e² within δ, 2δ|e| − δ² beyond): a target a faulty sensor spiked or froze pulls
+    the head by at most 2δ, not by twice its error."""
     n, h = y.shape
     q = np.asarray(quantiles, np.float64)[None, :, None]
     err = point - y
     u = y[:, None, :] - quant
-    loss = _loss(err, u, q, quantile_weight)
-    g_point = (2.0 / (n * h)) * err * scale  # (N, H)
+    loss = _loss(err, u, q, quantile_weight, huber)
+    g_point = (2.0 / (n * h)) * (np.clip(err, -huber, huber) if huber > 0 else err) * scale  # (N, H)
     g_quant = (quantile_weight / (n * q.size * h)) * np.where(u > 0, -q, 1.0 - q) * scale[:, :, None]  # (N, Q, H)
     return weight * loss, weight * g_point, weight * g_quant
 
 
-def _loss(err: np.ndarray, u: np.ndarray, q: np.ndarray, quantile_weight: float) -> float:
-    """MSE + qw·mean pinball from the point errors and the quantile residuals (the one copy of the loss)."""
-    return float(np.mean(err**2)) + quantile_weight * float(np.mean(np.maximum(q * u, (q - 1.0) * u)))
+def _loss(err: np.ndarray, u: np.ndarray, q: np.ndarray, quantile_weight: float, huber: float = 0.0) -> float:
+    """MSE (or Huber) + qw·mean pinball from the point errors and the quantile residuals (the one copy of the loss)."""
+    a = np.abs(err)
+    point = a**2 if huber <= 0 else np.where(a <= huber, a**2, 2 * huber * a - huber**2)
+    return float(np.mean(point)) + quantile_weight * float(np.mean(np.maximum(q * u, (q - 1.0) * u)))
 
 
 def head_loss(params: Mapping[str, np.ndarray], x: Features, y: np.ndarray, cfg: LossConfig) -> float:

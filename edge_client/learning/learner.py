@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 
@@ -17,6 +17,7 @@ from edge_client.learning import distortions as DS
 from edge_client.learning import personalize as PZ
 from edge_client.learning import windows as W
 from edge_client.learning.head import Features, LossConfig, Params, as_float32, param_delta, train_head
+from edge_client.learning.repair import SensorRepair, repaired_windows
 from edge_client.learning.rules import RuleGuard
 from edge_client.learning.serving import ServedModel, TrackRecord, Windows, params_forecast, validate
 from edge_client.runtime.backbone import BackboneRunner
@@ -43,8 +44,12 @@ class RoundOutcome:
 class DeviceLearner:
     """Local training and evaluation for one device's series."""
 
-    def __init__(self, backbone: BackboneRunner, series: np.ndarray, *, season: int, split: SplitConfig) -> None:
+    def __init__(self, backbone: BackboneRunner, series: np.ndarray, *, season: int, split: SplitConfig,
+                 repair: SensorRepair | None = None) -> None:
+        """`repair` (fit on raw readings: ``SensorRepair.fit``): build the windows from the record with its stuck runs,
+        spikes and gaps repaired (``repaired_windows``) instead of dropping every window with a gap."""
         series = np.asarray(series, dtype=np.float64).ravel()
+        self.raw_series, self.repair = series, repair  # kept to rebuild repaired when a round asks (use_repair)
         context, horizon = backbone.spec.context, split.horizon
         if horizon > backbone.spec.horizon:
             raise ValueError(f"horizon {horizon} exceeds the model's {backbone.spec.horizon}")
@@ -59,9 +64,19 @@ class DeviceLearner:
         scaled = self.scaler.transform(series[:, None])[:, 0]
         n_possible = max(eval_start - context - horizon + 1, 1)
         stride = max(1, -(-n_possible // split.max_train_windows))
-        x_tr, y_tr, i_tr = W.make_windows(scaled, context, horizon, stride=stride, stop=eval_start, with_index=True)
-        x_ev, y_ev, i_ev = W.make_windows(scaled, context, horizon, stride=split.eval_stride, start=eval_start,
-                                          with_index=True)
+        history = scaled[:eval_start]
+        if repair is not None:  # thresholds in the scaled units of this learner; targets repaired on the record
+            rep = replace(repair, spike_limit=repair.spike_limit / float(self.scaler.std[0]))
+            x_tr, y_tr, i_tr, imputed = repaired_windows(history, rep, context, horizon, stride=stride)
+            x_ev, y_ev, i_ev, _ = repaired_windows(scaled, rep, context, horizon, stride=split.eval_stride,
+                                                   start=eval_start)
+            history = rep.repair(history[None])[0][0]
+        else:
+            x_tr, y_tr, i_tr = W.make_windows(scaled, context, horizon, stride=stride, stop=eval_start,
+                                              with_index=True)
+            imputed = np.zeros(len(y_tr))
+            x_ev, y_ev, i_ev = W.make_windows(scaled, context, horizon, stride=split.eval_stride, start=eval_start,
+                                              with_index=True)
         if len(y_tr) == 0 or len(y_ev) == 0:
             raise ValueError("no complete (NaN-free) windows for training or evaluation")
         t0 = time.perf_counter()
@@ -69,8 +84,8 @@ class DeviceLearner:
         self._set_data(f_train, y_tr, f_eval, y_ev, W.seasonal_naive(x_ev, horizon, season))
         self.feature_seconds = time.perf_counter() - t0
         # what distortion consistency and rule guards need besides features (a from_features learner lacks them)
-        self.x_train, self.history = x_tr, scaled[:eval_start]
-        self.w_train = Windows(f_train, y_tr, x_tr[:, -1], i_tr % season, np.zeros(len(y_tr)),
+        self.x_train, self.history = x_tr, history
+        self.w_train = Windows(f_train, y_tr, x_tr[:, -1], i_tr % season, imputed,  # the gate's missing-rate cue
                                W.seasonal_naive(x_tr, horizon, season))
         self.w_eval = Windows(f_eval, y_ev, x_ev[:, -1], i_ev % season, np.zeros(len(y_ev)), self.naive_eval)
 
@@ -82,6 +97,7 @@ class DeviceLearner:
         of one ONNX Runtime session and one feature pass per device. Training and evaluation are the same."""
         self = cls.__new__(cls)
         self.backbone, self.split, self.season = backbone, split, season
+        self.raw_series, self.repair = None, None
         self.quantiles = np.asarray(backbone.spec.quantiles)
         self._set_data(f_train, y_train, f_eval, y_eval, naive_eval)
         self.feature_seconds = 0.0
@@ -104,6 +120,18 @@ class DeviceLearner:
         self.w_train = Windows(f_train, y_train, nan, np.zeros(len(y_train), int), np.zeros(len(y_train)))
         nan = np.full(len(y_eval), np.nan)
         self.w_eval = Windows(f_eval, y_eval, nan, np.zeros(len(y_eval), int), np.zeros(len(y_eval)), naive_eval)
+
+    def use_repair(self) -> None:
+        """Rebuild the windows from the record with its faults repaired (a round or device.toml asked for ``repair``),
+        keeping what the device learned; the detector is fit on the record the first time and kept after."""
+        if self.repair is not None or self.raw_series is None:
+            return
+        kept = {k: getattr(self, k) for k in ("personal_model", "prior", "served", "upload_residual", "track",
+                                              "last_served", "fresh")}
+        self.__init__(self.backbone, self.raw_series, season=self.season, split=self.split,  # type: ignore[misc]
+                      repair=SensorRepair.fit(self.raw_series, self.season))
+        for k, v in kept.items():
+            setattr(self, k, v)
 
     @property
     def n_train(self) -> int:
@@ -149,6 +177,8 @@ class DeviceLearner:
 
         Windows are in time order, so the validation part is the most recent history: the
         personal model is chosen for the data the device will forecast next."""
+        if personal is not None and personal.repair:
+            self.use_repair()
         t0 = time.perf_counter()
         cfg = LossConfig(quantiles=tuple(self.quantiles), prox_mu=prox_mu)
         fit_idx, val_idx = self._fit_val()
@@ -172,6 +202,10 @@ class DeviceLearner:
                 else self.served.personal
             metrics.update(self.evaluate(self.served, "personal"))
             metrics.update(self.served.metrics())
+            if self.repair is not None:
+                metrics["repair_imputed"] = float(self.w_train.miss.mean()) if self.n_train else 0.0
+            if self.track is not None and self.track.combine:
+                metrics.update({f"track_w_{k}": v for k, v in self.track.weights.items()})
         return RoundOutcome(delta, len(fit_idx), metrics, time.perf_counter() - t0, kept)
 
     def _fit_val(self) -> tuple[np.ndarray, np.ndarray]:
@@ -191,7 +225,7 @@ class DeviceLearner:
         fit_idx, val_idx = self._fit_val()
         glob = as_float32(global_params)
         if cfg.track_record > 0:  # before training: score last round's candidates on data none trained on
-            self.track = self.track or TrackRecord(cfg.track_record, cfg.track_margin)
+            self.track = self.track or TrackRecord(cfg.track_record, cfg.track_margin, combine=cfg.track_combine)
             fresh = self.fresh if self.fresh is not None else val_idx
             self.track.score(self.last_served, glob, self.prior, self.w_train.subset(fresh))
         start = PZ.init_params(global_params, cfg.rank)

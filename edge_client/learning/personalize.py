@@ -70,6 +70,9 @@ class PersonalConfig:
     rules: bool = False  # learned rule guards (edge_client.learning.rules) correct the served forecasts
     track_record: float = 0.0  # β of the prequential track record that picks what to serve (0: off; serving.py)
     track_margin: float = 0.02  # a candidate other than the global head must beat its record by this fraction
+    track_combine: bool = False  # the track record also offers the best convex combination of its candidates
+    repair: bool = False  # repair stuck runs, spikes and gaps in the contexts and targets (repair.py)
+    huber: float = 0.0  # δ of a Huber point loss for the personal model (0: squared error; head.output_grads)
     epochs: int = 5
     lr: float = 3e-3
     batch_size: int = 32
@@ -152,7 +155,7 @@ def task_output_grads(
     point: np.ndarray, quant: np.ndarray, y: np.ndarray, scale: np.ndarray, cfg: PersonalConfig, weight: float = 1.0
 ) -> tuple[float, np.ndarray, np.ndarray]:
     """The shared task loss (edge_client.learning.head.output_grads) with this config's quantile settings."""
-    return output_grads(point, quant, y, scale, cfg.quantiles, cfg.quantile_weight, weight)
+    return output_grads(point, quant, y, scale, cfg.quantiles, cfg.quantile_weight, weight, cfg.huber)
 
 
 def adapter_backward(params: Mapping[str, np.ndarray], feats: np.ndarray, ha: np.ndarray, g_h: np.ndarray) -> Params:

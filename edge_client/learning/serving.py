@@ -60,6 +60,7 @@ class ServedModel:
     fallback: bool = False  # the personal predictor validated no better than the global head: serve the global one
     serve_naive: bool = False  # naive_prior: seasonal naive validated better than both (a random walk): serve it
     serve_prior: bool = False  # track record: the prior (shipped) head has forecast this device's new data best
+    combo: dict[str, float] | None = None  # track record with combine: serve this weighted mean of the candidates
     val_personal_mse: float = float("nan")
     val_global_mse: float = float("nan")
     val_naive_mse: float = float("nan")
@@ -83,7 +84,21 @@ class ServedModel:
             return w.naive, np.repeat(w.naive[:, None, :], q, axis=1)
         return params_forecast(self.prior, w.x)
 
+    def candidate_forecast(self, name: str, w: Windows) -> tuple[np.ndarray, np.ndarray]:
+        """One track-record candidate: ``global``, ``prior`` (the prior head), ``personal`` or ``naive``."""
+        if name == "naive":
+            q = self.prior["quantile_bias"].shape[0]
+            return w.naive, np.repeat(w.naive[:, None, :], q, axis=1)
+        if name == "personal":
+            return self.personal_forecast(w)
+        return params_forecast(self.glob if name == "global" else self.prior, w.x)
+
     def forecast(self, w: Windows) -> tuple[np.ndarray, np.ndarray]:
+        if self.combo:
+            parts = [(v, self.candidate_forecast(k, w)) for k, v in self.combo.items()
+                     if k != "naive" or w.naive is not None]
+            total = sum(v for v, _ in parts)
+            return (sum(v * f[0] for v, f in parts) / total, sum(v * f[1] for v, f in parts) / total)
         if self.serve_naive and w.naive is not None:
             return self.prior_forecast(w)
         if self.serve_prior:
@@ -96,6 +111,8 @@ class ServedModel:
         if self.naive_prior:
             out["served_naive"] = float(self.serve_naive)
         out["served_prior"] = float(self.serve_prior)
+        if self.combo is not None:
+            out.update({f"combo_{k}": float(v) for k, v in self.combo.items()})
         if self.gate is not None:
             out.update(gate_c=float(self.gate.c), gate_kappa=float(self.gate.kappa))
         if self.guard is not None:
@@ -138,13 +155,25 @@ class TrackRecord:
     ``margin`` (a fraction), after at least ``min_count`` scored rounds, and this round's personal model only if it
     also passed its own validation (else the next best): a device leaves the fleet's head only on evidence from data
     it had not seen. (One scored round was too little: a returning pattern's device served a personal model that had
-    won one chunk and lost the next by 3x.)"""
+    won one chunk and lost the next by 3x.)
+
+    ``combine`` adds one more candidate, ``combo``: a weighted mean of the others with the weights that minimise the
+    record's error (w ≥ 0, Σw = 1, from an exponentially weighted matrix of the candidates' error cross-products: the
+    Bates–Granger combination with correlated errors). Why: under drift no single candidate stays best (a regime
+    change favours naive for a while, a faulty sensor the fleet's head), and a combination of forecasters whose errors
+    are not perfectly correlated beats each of them (the forecast-combination result, Timmermann 2006). The
+    combination is held to the same rule as every candidate: its *own* record, this round's weights scored on the
+    next round's new data before the weights are refit, must beat the global head's by the margin over
+    ``min_count`` rounds."""
 
     beta: float
     margin: float
     scores: dict[str, float] = field(default_factory=dict)
     counts: dict[str, int] = field(default_factory=dict)
     min_count: int = 2  # scored rounds before a candidate may replace the global head
+    combine: bool = False  # also keep the error cross-products and offer the best convex combination (``combo``)
+    gram: dict[tuple[str, str], float] = field(default_factory=dict)  # EW mean of e_a·e_b over windows and steps
+    weights: dict[str, float] = field(default_factory=dict)  # the combination fit on the record so far
 
     def update(self, mse: Mapping[str, float]) -> None:
         for name, v in mse.items():
@@ -166,22 +195,66 @@ class TrackRecord:
         """Record how last round's personal predictor and the current heads forecast windows none trained on."""
         if len(w) == 0:
             return
-        mse = {"global": W.mse(params_forecast(glob, w.x)[0], w.y)}
+        preds = {"global": params_forecast(glob, w.x)[0]}
         if prior is not None:
-            mse["prior"] = W.mse(params_forecast(prior, w.x)[0], w.y)
+            preds["prior"] = params_forecast(prior, w.x)[0]
         if last is not None:
-            mse["personal"] = W.mse(last.personal_forecast(w)[0], w.y)
+            preds["personal"] = last.personal_forecast(w)[0]
         if last is not None and last.naive_prior and w.naive is not None:
-            mse["naive"] = W.mse(w.naive, w.y)
+            preds["naive"] = w.naive
+        mse = {k: W.mse(p, w.y) for k, p in preds.items()}
+        if self.combine and self.weights and set(self.weights) <= set(preds):
+            mse["combo"] = W.mse(sum(v * preds[k] for k, v in self.weights.items()), w.y)
         self.update(mse)
+        if self.combine:
+            self._refit({k: (np.asarray(p, np.float64) - w.y).ravel() for k, p in preds.items()})
+
+    def _refit(self, errors: Mapping[str, np.ndarray]) -> None:
+        """Update the error cross-products with this round's errors and refit the combination weights over the
+        candidates scored this round (a candidate missing now, e.g. no personal model yet, is left out)."""
+        names = sorted(errors)
+        for i, a in enumerate(names):
+            for b in names[i:]:
+                v = float(np.mean(errors[a] * errors[b]))
+                old = self.gram.get((a, b))
+                self.gram[(a, b)] = v if old is None else self.beta * old + (1 - self.beta) * v
+        g = np.array([[self.gram[(min(a, b), max(a, b))] for b in names] for a in names])
+        self.weights = {k: float(v) for k, v in zip(names, simplex_min(g), strict=True) if v > 1e-6}
 
     def apply(self, served: ServedModel) -> ServedModel:
         """Override the in-chunk validation's decision with the record's choice (kept when there is no record)."""
         choice = self.choose()
-        if choice == "personal" and served.fallback:  # this round's model failed its own validation: not it
+        failed = served.fallback  # this round's personal model failed its own validation
+        if choice == "personal" and failed:  # not it, then
             choice = self.choose(frozenset({"personal"}))
         if choice is not None:
             served.fallback = choice != "personal"
             served.serve_prior = choice == "prior"
             served.serve_naive = choice == "naive"
+            served.combo = None
+            if choice == "combo":  # with the global head in place of a personal model that failed its validation
+                combo = dict(self.weights)
+                if failed and "personal" in combo:
+                    combo["global"] = combo.get("global", 0.0) + combo.pop("personal")
+                served.combo = combo
+                served.fallback = True  # not the personal model alone (what the fallback share counts)
         return served
+
+
+def simplex_min(g: np.ndarray, iters: int = 500) -> np.ndarray:
+    """argmin wᵀ G w over the probability simplex (w ≥ 0, Σw = 1) for a small PSD G: projected gradient with step
+    1/λ_max, from equal weights (a handful of candidates: a closed form over active sets is not worth its code)."""
+    k = len(g)
+    w = np.full(k, 1.0 / k)
+    step = 1.0 / max(float(np.linalg.eigvalsh(g).max()), 1e-12)
+    for _ in range(iters):
+        w = _project_simplex(w - step * (g @ w))  # ∇ = 2Gw, Lipschitz 2λ_max
+    return w
+
+
+def _project_simplex(v: np.ndarray) -> np.ndarray:
+    """Euclidean projection onto the probability simplex (Duchi et al. 2008)."""
+    u = np.sort(v)[::-1]
+    css = np.cumsum(u) - 1.0
+    rho = np.flatnonzero(u - css / np.arange(1, len(v) + 1) > 0)[-1]
+    return np.maximum(v - css[rho] / (rho + 1), 0.0)
