@@ -125,3 +125,35 @@ def test_damaged_foreign_or_other_version_state_is_refused_with_a_reason(trained
             LS.decode(bad, spec)
             pytest.fail(name)
     assert LS.decode(blob, spec).track.counts == learner.track.counts  # the intact blob still reads
+
+
+def test_repair_limits_and_the_track_records_combination_survive_the_blob(tiny_export):
+    """A device that repairs faults and combines its candidates: the detector's limits, the record's error
+    cross-products and weights, and a served combination come back exactly; a learner built with the restored
+    detector answers the next round as the one that never stopped."""
+    import dataclasses
+
+    runner = BackboneRunner(tiny_export["backbone"])
+    head = slice_head(tiny_export["model"].head_state(), 24)
+    series = _series()
+    series[500:540] = series[499]  # a frozen sensor
+    cfg = dataclasses.replace(CFG, repair=True, track_combine=True, naive_prior=True, track_margin=0.0)
+    learner = DeviceLearner(runner, series, season=24, split=SplitConfig())
+    for r in range(4):
+        learner.run_round({k: v + np.float32(0.01 * r) for k, v in head.items()}, epochs=1, lr=1e-3,
+                          batch_size=32, seed=r, personal=cfg)
+    learner.served.combo = dict(learner.track.weights)  # as if the record had chosen the combination
+    assert learner.repair is not None and learner.track.gram and learner.track.weights
+    blob = LS.encode(LS.LearnerState.of(learner), _spec(runner))
+    state = LS.decode(blob, _spec(runner))
+    assert state.repair == learner.repair and state.track.combine
+    assert state.track.gram == learner.track.gram and state.track.weights == learner.track.weights
+    assert state.served.combo == learner.served.combo
+    restored = DeviceLearner(runner, series, season=24, split=SplitConfig(), repair=state.repair)
+    state.apply(restored)
+    assert LS.encode(LS.LearnerState.of(restored), _spec(runner)) == blob
+    np.testing.assert_array_equal(restored.y_train, learner.y_train)  # the same repaired windows
+    bumped = {k: v + np.float32(0.05) for k, v in head.items()}
+    m_a = learner.run_round(bumped, epochs=1, lr=1e-3, batch_size=32, seed=9, personal=cfg).metrics
+    m_b = restored.run_round(bumped, epochs=1, lr=1e-3, batch_size=32, seed=9, personal=cfg).metrics
+    assert m_a == m_b

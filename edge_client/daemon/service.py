@@ -215,16 +215,17 @@ class DeviceService:
         """Windows and features from the stored series; None while there is too little data."""
         assert self.runner is not None
         n = self._tried_at = self.store.n_samples()
-        try:
+        if self.learner is not None and self.learner.backbone is self.runner:  # new readings: the state stays
+            state = LS.LearnerState.of(self.learner)
+        else:  # a restart (or another backbone, whose state was dropped): the state comes back from the store
+            state = self.stored_state()
+        try:  # a device that repairs faults builds its windows with the detector it learned first
             learner = DeviceLearner(self.runner, self.store.series(self.cfg.max_history), season=self.season,
-                                    split=self.split, repair=self.learner.repair if self.learner else None)
+                                    split=self.split, repair=state.repair)
         except ValueError as exc:
             log.info("waiting for data: %d readings stored (%s)", n, exc)
             return None
-        if self.learner is not None and self.learner.backbone is self.runner:  # new readings: the state stays
-            LS.LearnerState.of(self.learner).apply(learner)
-        else:  # a restart (or another backbone, whose state was dropped): the state comes back from the store
-            self.stored_state().apply(learner)
+        state.apply(learner)
         self._built_at = n
         self.store.set_meta("backbone_sha256", self.runner.sha256)
         log.info("learner built on %d readings: %d train windows, %d held back", n, learner.n_train, learner.n_eval)

@@ -31,12 +31,14 @@ import numpy as np
 from edge_client.learning import personalize as PZ
 from edge_client.learning import rules as RL
 from edge_client.learning.head import HEAD_KEYS, Params, head_shapes
+from edge_client.learning.repair import SensorRepair
 from edge_client.learning.serving import ServedModel, TrackRecord
 
 STATE_FORMAT = "fedge-learner-state"
 STATE_VERSION = 1
 HEADER = "__header__"
 _SERVED_FLAGS = ("naive_prior", "fallback", "serve_naive", "serve_prior")
+TRACK_CANDIDATES = frozenset({"global", "prior", "personal", "naive"})  # what a forecast combination may weigh
 _SERVED_FLOATS = ("val_personal_mse", "val_global_mse", "val_naive_mse")
 
 
@@ -55,13 +57,16 @@ class LearnerState:
     last_served: ServedModel | None = None
     track: TrackRecord | None = None
     upload_residual: Params | None = None
+    repair: SensorRepair | None = None  # the fault detector, learned once (raw units): the learner is *built* with it
 
     @classmethod
     def of(cls, learner: Any) -> LearnerState:
         return cls(learner.personal_model, learner.prior, learner.served, learner.last_served, learner.track,
-                   learner.upload_residual)
+                   learner.upload_residual, getattr(learner, "repair", None))
 
     def apply(self, learner: Any) -> None:
+        """Everything but ``repair``, which a learner is constructed with (its windows are built from the repaired
+        record): pass ``repair=state.repair`` to ``DeviceLearner``."""
         learner.personal_model, learner.prior, learner.served = self.personal_model, self.prior, self.served
         learner.last_served, learner.track, learner.upload_residual = self.last_served, self.track, \
             self.upload_residual
@@ -69,7 +74,7 @@ class LearnerState:
     @property
     def empty(self) -> bool:
         return all(v is None for v in (self.personal_model, self.prior, self.served, self.last_served, self.track,
-                                       self.upload_residual))
+                                       self.upload_residual, self.repair))
 
 
 @dataclass(frozen=True)
@@ -137,7 +142,8 @@ def _served(w: _Writer, s: ServedModel | None, prefix: str) -> dict[str, Any] | 
         return None
     return {"personal": w.params(s.personal), "glob": w.params(s.glob), "prior": w.params(s.prior),
             "gate": _gate(w, s.gate, prefix), "guard": _guard(w, s.guard, prefix),
-            **{k: bool(getattr(s, k)) for k in _SERVED_FLAGS}, **{k: float(getattr(s, k)) for k in _SERVED_FLOATS}}
+            **{k: bool(getattr(s, k)) for k in _SERVED_FLAGS}, **{k: float(getattr(s, k)) for k in _SERVED_FLOATS},
+            "combo": None if s.combo is None else {k: float(v) for k, v in s.combo.items()}}
 
 
 def encode(state: LearnerState, spec: HeadSpec) -> bytes:
@@ -155,8 +161,13 @@ def encode(state: LearnerState, spec: HeadSpec) -> bytes:
         else _served(w, state.last_served, "last_served"),
         "track": None if state.track is None else {
             "beta": state.track.beta, "margin": state.track.margin, "min_count": state.track.min_count,
-            "scores": dict(state.track.scores), "counts": dict(state.track.counts)},
+            "scores": dict(state.track.scores), "counts": dict(state.track.counts),
+            "combine": state.track.combine, "gram": [[a, b, v] for (a, b), v in state.track.gram.items()],
+            "weights": dict(state.track.weights)},
         "upload_residual": w.params(state.upload_residual),
+        "repair": None if state.repair is None else {
+            "season": state.repair.season, "max_run": state.repair.max_run,
+            "spike_limit": state.repair.spike_limit if math.isfinite(state.repair.spike_limit) else None},
     }
     buf = io.BytesIO()
     np.savez(buf, **{HEADER: np.frombuffer(json.dumps(header).encode(), np.uint8)}, **w.arrays)
@@ -250,8 +261,13 @@ def _read_served(r: _Reader, d: Any) -> ServedModel | None:
     if not all(isinstance(v, bool) for v in flags.values()):
         raise StateRefused(f"served flags are not booleans: {flags}")
     vals = {k: float(d[k]) for k in _SERVED_FLOATS}  # NaN allowed: not validated
+    combo = d.get("combo")
+    if combo is not None:
+        combo = {str(k): _f(v, "combination weight") for k, v in combo.items()}
+        if not set(combo) <= TRACK_CANDIDATES:
+            raise StateRefused(f"combination of unknown candidates {sorted(combo)}")
     return ServedModel(personal, glob, prior, gate=_read_gate(r, d["gate"]), guard=_read_guard(r, d["guard"]),
-                       **flags, **vals)
+                       **flags, **vals, combo=combo)
 
 
 def _read_track(t: Any) -> TrackRecord | None:
@@ -262,7 +278,21 @@ def _read_track(t: Any) -> TrackRecord | None:
         raise StateRefused(f"track record β {beta}, margin {margin} outside [0, 1)")
     scores = {str(k): _f(v, "track score") for k, v in t["scores"].items()}
     counts = {str(k): int(v) for k, v in t["counts"].items()}
-    return TrackRecord(beta, margin, scores, counts, int(t["min_count"]))
+    gram = {(str(a), str(b)): _f(v, "track cross-product") for a, b, v in t.get("gram", [])}
+    weights = {str(k): _f(v, "combination weight") for k, v in t.get("weights", {}).items()}
+    if not {n for pair in gram for n in pair} | set(weights) <= TRACK_CANDIDATES:
+        raise StateRefused("track record combination of unknown candidates")
+    return TrackRecord(beta, margin, scores, counts, int(t["min_count"]), bool(t.get("combine", False)), gram, weights)
+
+
+def _read_repair(d: Any) -> SensorRepair | None:
+    if d is None:
+        return None
+    limit = math.inf if d["spike_limit"] is None else _f(d["spike_limit"], "spike limit")
+    season, max_run = int(d["season"]), int(d["max_run"])
+    if season < 1 or max_run < 1 or limit <= 0:
+        raise StateRefused(f"repair limits season {season}, run {max_run}, spike {limit}")
+    return SensorRepair(season, max_run, limit)
 
 
 def decode(blob: bytes, spec: HeadSpec) -> LearnerState:
@@ -296,7 +326,8 @@ def decode(blob: bytes, spec: HeadSpec) -> LearnerState:
         residual = r.params(header["upload_residual"])
         if residual is not None and set(residual) != set(HEAD_KEYS):
             raise StateRefused(f"residual has keys {sorted(residual)}")
-        return LearnerState(model, r.params(header["prior"]), served, last, _read_track(header["track"]), residual)
+        return LearnerState(model, r.params(header["prior"]), served, last, _read_track(header["track"]), residual,
+                            _read_repair(header.get("repair")))
     except StateRefused:
         raise
     except Exception as exc:  # a malformed header is refused, never a crash of the daemon
