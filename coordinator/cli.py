@@ -353,6 +353,7 @@ def serve(
     from coordinator.fleet.state import FleetState
     from coordinator.fleet.strategies import fleet_strategy
     from edge_client.learning.head import HEAD_KEYS, slice_head
+    from edge_client.learning.residual import LAG_KEY
     from edge_client.wire.mqtt import BrokerAddress
 
     _logging(verbose)
@@ -391,6 +392,9 @@ def serve(
             raise ValueError("--ingest-workers needs MQTT v5 shared subscriptions (not mqtt3://) and, for now, no "
                              "--fleet-dir (the workers do not sign or verify yet)")
         with np.load(init_head, allow_pickle=False) as data:
+            if LAG_KEY in data.files:  # taking HEAD_KEYS alone would silently drop its lag block
+                raise ValueError(f"{init_head} is a residual head (a lag block beside the features, e.g. "
+                                 "head.etth1.npz); the fleet trains feature heads only: give head.npz")
             head = {k: data[k] for k in HEAD_KEYS}
         initial = slice_head(head, horizon)
         spec_file = init_head.with_name("spec.json")

@@ -1,0 +1,131 @@
+"""Fit a residual head (:mod:`edge_client.learning.residual`: the feature head plus a linear map of the last k
+context values) on one dataset's training split, in closed form, and score it on the standard protocol.
+
+One joint ridge over [features, last k RevIN-normalised lags, 1] with one strength per block (each times its
+block's mean energy; the bias is not shrunk); k and both strengths are chosen on every validation window by the
+mean MSE over H 96/192/336 of the one 336-step head that ships (each horizon scores the head's first H steps).
+The feature block's grid reaches far past 1 so the choice can fall back to "lags only" when validation says the
+features add nothing. The quantile heads keep their pretrained offsets from the point head (as
+:func:`coordinator.pretrain.protocol.fit_head` does) and share the lag path, so the bands follow the new point.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+
+import numpy as np
+import torch
+
+from coordinator.pretrain.protocol import HORIZONS, _features, protocol_windows, score_forecasts, split_subset
+from coordinator.pretrain.training import torch_threads
+from edge_client.learning.head import Features
+from edge_client.learning.residual import LAG_KEY, normalised_lags, residual_forecast
+
+RIDGE_GRID = (1e-5, 1e-4, 1e-3, 1e-2, 1e-1, 1.0)
+FEATURE_GRID = (*RIDGE_GRID, 10.0, 100.0, 1000.0)
+LAG_GRID = (48, 96, 168, 336, 512)
+
+
+def block_penalty(gram: np.ndarray, sizes: Sequence[int], lams: Sequence[float]) -> np.ndarray:
+    """Diagonal ridge penalty of a design laid out as consecutive blocks of `sizes` then a bias column: block i
+    gets lams[i] x its mean diagonal energy, the bias nothing."""
+    diag = np.diag(gram)
+    reg = np.zeros(len(diag))
+    at = 0
+    for size, lam in zip(sizes, lams, strict=True):
+        if size:
+            reg[at:at + size] = lam * diag[at:at + size].mean()
+        at += size
+    return reg
+
+
+def ridge_solve(gram: np.ndarray, rhs: np.ndarray, reg: np.ndarray, prior: np.ndarray | None = None) -> np.ndarray:
+    """argmin ||A s - y||² + (s - prior)ᵀ diag(reg) (s - prior) from AᵀA and Aᵀy (prior 0 if None)."""
+    if prior is not None:
+        rhs = rhs + reg[:, None] * prior
+    return np.linalg.solve(gram + np.diag(reg), rhs)
+
+
+def design(feats: np.ndarray, contexts: np.ndarray, loc: np.ndarray, scale: np.ndarray, k: int) -> np.ndarray:
+    """[features, last k normalised lags, 1] as float64 (k = 0: features and bias only)."""
+    parts = [feats.astype(np.float64)]
+    if k:
+        parts.append(normalised_lags(contexts, loc, scale, k).astype(np.float64))
+    parts.append(np.ones((len(feats), 1)))
+    return np.hstack(parts)
+
+
+def _chunks(n: int, size: int = 8192) -> Iterator[slice]:
+    for i in range(0, n, size):
+        yield slice(i, min(n, i + size))
+
+
+def normal_equations(f: np.ndarray, x: np.ndarray, loc: np.ndarray, scale: np.ndarray, y: np.ndarray, k: int,
+                     weight_by_scale: bool = False) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """AᵀWA, AᵀWy_n and Σ W y_n² per step, y_n the RevIN-normalised targets; W = scale² when `weight_by_scale`
+    (then ||A s - y_n||²_W is the squared error in data units, so validation MSE needs no predictions)."""
+    d = f.shape[1] + k + 1
+    gram, rhs, yy = np.zeros((d, d)), np.zeros((d, y.shape[1])), np.zeros(y.shape[1])
+    for s in _chunks(len(f)):
+        a = design(f[s], x[s], loc[s], scale[s], k)
+        yn = (y[s].astype(np.float64) - loc[s]) / scale[s]
+        w = scale[s].astype(np.float64) ** 2 if weight_by_scale else np.ones((len(a), 1))
+        gram += a.T @ (a * w)
+        rhs += a.T @ (yn * w)
+        yy += (yn**2 * w).sum(axis=0)
+    return gram, rhs, yy
+
+
+def fit_residual_head(model: torch.nn.Module, name: str, data_dir: str | None = None,
+                      lag_grid: Sequence[int] = LAG_GRID, threads: int | None = None,
+                      ) -> tuple[dict[str, np.ndarray], dict]:
+    """The residual head of `model`'s frozen backbone for dataset `name` (see the module docstring): its arrays
+    (the keys of head.npz plus ``lag_weight``) and what was chosen, with the validation sweep."""
+    cfg = model.config
+    x, y = split_subset(name, "train", cfg.context, cfg.horizon, fraction=1.0, data_dir=data_dir)
+    vx, vy = split_subset(name, "val", cfg.context, cfg.horizon, fraction=1.0, data_dir=data_dir)
+    with torch_threads(threads):
+        f, loc, scale = _features(model, x)
+        vf, vloc, vscale = _features(model, vx)
+    n_feat = f.shape[1]
+    sweep, best = [], None
+    for k in lag_grid:
+        gram, rhs, _ = normal_equations(f, x, loc, scale, y, k)
+        vgram, vrhs, vyy = normal_equations(vf, vx, vloc, vscale, vy, k, weight_by_scale=True)
+        for lam_f in FEATURE_GRID:
+            for lam_l in RIDGE_GRID:
+                sol = ridge_solve(gram, rhs, block_penalty(gram, (n_feat, k), (lam_f, lam_l)))
+                sq = np.einsum("dh,dh->h", sol, vgram @ sol) - 2 * np.einsum("dh,dh->h", sol, vrhs) + vyy
+                val = {f"H{h}": float(sq[:h].sum() / (len(vf) * h)) for h in HORIZONS}
+                point = {"k": k, "lam_f": lam_f, "lam_l": lam_l, "val_mse": val,
+                         "val_mean": float(np.mean(list(val.values())))}
+                sweep.append(point)
+                if best is None or point["val_mean"] < best[0]["val_mean"]:
+                    best = (point, sol)
+    assert best is not None
+    chosen, sol = best
+    k = chosen["k"]
+    pre = model.head_state()
+    w_new, b_new = sol[:n_feat].T.astype(np.float32), sol[-1].astype(np.float32)
+    params = {
+        "point_weight": w_new,
+        "point_bias": b_new,
+        "quantile_weight": (pre["quantile_weight"] + (w_new - pre["point_weight"])[None]).astype(np.float32),
+        "quantile_bias": (pre["quantile_bias"] + (b_new - pre["point_bias"])[None]).astype(np.float32),
+        LAG_KEY: sol[n_feat:n_feat + k].T.astype(np.float32),
+    }
+    info = {"kind": "residual", "lags": k, "ridge_features": chosen["lam_f"], "ridge_lags": chosen["lam_l"],
+            "val_mse": chosen["val_mse"], "train_windows": len(x), "val_windows": len(vx),
+            "parameters": int(sum(v.size for v in params.values())), "sweep": sweep}
+    return params, info
+
+
+def residual_protocol_scores(model: torch.nn.Module, params: dict[str, np.ndarray], name: str,
+                             data_dir: str | None = None, threads: int | None = None) -> dict[str, dict[str, float]]:
+    """Standard-protocol scores of `model`'s backbone under a residual head (torch features, the numpy head)."""
+    tw = protocol_windows(name, model.config.context, data_dir=data_dir)
+    with torch_threads(threads):
+        f, loc, scale = _features(model, tw.x)
+    feats = Features(f.astype(np.float32), loc.astype(np.float32), scale.astype(np.float32))
+    point, quant = residual_forecast(params, feats, tw.x)
+    return score_forecasts(tw, point, quant, model.config.quantiles)
