@@ -631,31 +631,27 @@ def ship(cell_id: str, tflite: bool = True) -> None:
         "best_round": rec["best_round"], "windows_seen": rec["windows_seen"]})
     exported = export_model(model, out)
     int8 = quantize_backbone(exported.backbone)
-    tuned, info = fit_head(model, "etth1")
-    np.savez(out / "head.etth1.npz", **tuned.head_state())
     if tflite:
         from export.tflite_export import export_tflite
 
         export_tflite(model, out)
     spec = json.loads((out / "spec.json").read_text())
     spec["files"].update({p.name: {"sha256": sha256_file(p), "size": p.stat().st_size}
-                          for p in (int8, out / "head.etth1.npz")})
+                          for p in (int8,)})
     spec["version"] = shipped.VERSION
     (out / "spec.json").write_text(json.dumps(spec, indent=2, sort_keys=True) + "\n")
     device = {}
     for name in ("backbone.onnx", "backbone.int8.onnx", "backbone.tflite", "backbone.int8.tflite"):
         if (out / name).is_file():
             device[name] = {h: shipped.device_path_mse(out / name, out / "head.npz", h) for h in (96,)}
-    device["backbone.onnx + head.etth1.npz"] = {96: shipped.device_path_mse(out / "backbone.onnx",
-                                                                            out / "head.etth1.npz", 96)}
     card = {"version": shipped.VERSION, "cell": cell_id, "model": model.config.to_dict(),
             "parameters": {"total": model.n_params(),
                            "backbone": sum(p.numel() for p in model.backbone.parameters())},
             "model_id": model.model_id(), "recipe": rec["settings"], "silos": rec["silos"],
             "windows_seen": rec["windows_seen"], "train_s": rec["train_s"], "best_round": rec["best_round"],
             "val_mse": rec["val_mse"], "history": rec["history"], "scores": rec["scores"],
-            "etth1_head": info, "device_path": device,
-            "files": {k: v["size"] for k, v in spec["files"].items()}}
+            "device_path": device, "files": {k: v["size"] for k, v in spec["files"].items()}}
+    shipped.add_etth1_head(card, model, out)  # the residual ETTh1 head, its scores and its device-path score
     (out / shipped.CARD_NAME).write_text(json.dumps(card, indent=1, default=float) + "\n")
     write_model_card(card)
     print(f"shipped {cell_id} -> {out}: " + ", ".join(f"{k} {v / 1024:.0f} KB" for k, v in card["files"].items()))
@@ -687,7 +683,7 @@ def write_model_card(card: dict[str, Any]) -> None:
            "backbone.int8.onnx": "devices, ONNX Runtime int8 (dynamic)", "backbone.tflite": "devices, LiteRT fp32",
            "backbone.int8.tflite": "devices, LiteRT int8 (dynamic range)", "head.onnx": "the head as a graph",
            "head.npz": "the pretrained head (generic, zero-shot)",
-           "head.etth1.npz": "head refit on ETTh1's training split (ridge on frozen features)",
+           "head.etth1.npz": "ETTh1 head: ridge on the frozen features + the last k context values (residual)",
            "spec.json": "sha256 of every file, parity"}
     ckpt = shipped.ARTIFACT_DIR / shipped.CHECKPOINT_NAME
     files = {"model.pt": ckpt.stat().st_size, **card["files"]}

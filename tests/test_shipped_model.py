@@ -57,6 +57,22 @@ def test_card_etth1_score_is_what_the_shipped_files_score() -> None:
     assert measured["mse"] == pytest.approx(card["scores"]["in_domain"]["etth1"]["H96"]["mse"], abs=2e-3)
 
 
+def test_card_etth1_head_score_is_what_the_shipped_residual_head_scores() -> None:
+    """head.etth1.npz -- the feature head plus a linear map of the last k context values -- on the device path
+    (ONNX fp32 backbone + the numpy residual head), every ETTh1 test window, H96."""
+    from edge_client.learning.residual import LAG_KEY
+
+    folder = shipped.artifact_dir()
+    card = shipped.card()
+    measured = shipped.device_path_mse(folder / "backbone.onnx", folder / shipped.ETTH1_HEAD, 96)
+    expected = card["device_path"][f"backbone.onnx + {shipped.ETTH1_HEAD}"]["96"]
+    assert measured["mse"] == pytest.approx(expected["mse"], abs=2e-4)
+    assert measured["mae"] == pytest.approx(expected["mae"], abs=2e-4)
+    assert measured["mse"] == pytest.approx(card["scores"]["etth1_head"]["scores"]["H96"]["mse"], abs=2e-3)
+    with np.load(folder / shipped.ETTH1_HEAD) as f:
+        assert f[LAG_KEY].shape == (card["model"]["horizon"], card["etth1_head"]["lags"])
+
+
 def test_model_card_reports_the_card_scores() -> None:
     from pathlib import Path
 
@@ -65,6 +81,8 @@ def test_model_card_reports_the_card_scores() -> None:
     assert shipped.VERSION in text
     assert f"{card['scores']['in_domain']['etth1']['H96']['mse']:.3f}" in text
     assert f"{card['device_path']['backbone.onnx']['96']['mse']:.4f}" in text
+    assert f"{card['scores']['etth1_head']['scores']['H96']['mse']:.3f}" in text
+    assert f"{card['device_path'][f'backbone.onnx + {shipped.ETTH1_HEAD}']['96']['mse']:.4f}" in text
 
 
 def test_tflite_backbone_agrees_with_onnx() -> None:

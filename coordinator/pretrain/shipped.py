@@ -9,6 +9,8 @@ first used:
 * ``model.pt`` -- the torch checkpoint (coordinator side: export, fleet heads, fine-tuning);
 * ``backbone.onnx``, ``backbone.int8.onnx``, ``backbone.tflite``, ``backbone.int8.tflite``, ``head.onnx``,
   ``head.npz``, ``spec.json`` -- what a device runs (no torch needed), as ``fedge export`` writes them;
+* ``head.etth1.npz`` -- a residual head fit on ETTh1's training split (`add_etth1_head`): the feature head plus
+  a linear map of the last k context values, which the fleet does not train (it refuses the file by name);
 * ``card.json`` -- the recipe and the scores that ``docs/model-card.md`` reports and that
   ``tests/test_shipped_model.py`` re-measures on the shipped files.
 
@@ -31,6 +33,7 @@ ARTIFACT_DIR = Path(__file__).resolve().parents[1] / "pretrained" / VERSION
 ARCHIVE = ARTIFACT_DIR.with_name(VERSION + ".tar.xz")  # what an installed wheel carries instead of the folder
 CHECKPOINT_NAME = "model.pt"
 CARD_NAME = "card.json"
+ETTH1_HEAD = "head.etth1.npz"  # the residual head fit on ETTh1's training split (add_etth1_head)
 DEVICE_FILES = ("backbone.onnx", "backbone.int8.onnx", "backbone.tflite", "backbone.int8.tflite", "head.onnx",
                 "head.npz", "spec.json")
 
@@ -125,10 +128,12 @@ def device_path_mse(backbone: str | os.PathLike[str], head_npz: str | os.PathLik
                     threads: int = 2) -> dict[str, float]:
     """ETTh1 (or another dataset) test MSE / MAE of an exported backbone + numpy head, on the standard
     protocol (stride 1, every channel, scaler fit on the training rows) -- computed exactly the way a
-    device computes forecasts (ONNX Runtime or LiteRT, no torch)."""
+    device computes forecasts (ONNX Runtime or LiteRT, no torch). The head may be a residual head (a lag block
+    beside the features, :mod:`edge_client.learning.residual`)."""
     import numpy as np
 
     from edge_client.data.datasets import load_series
+    from edge_client.learning.residual import check_residual_head, residual_forecast, slice_residual
     from edge_client.learning.windows import ETT_TEST_END, ETT_TRAIN_END, ETT_VAL_END, Scaler, make_windows
     from edge_client.runtime.backbone import BackboneRunner
 
@@ -139,17 +144,47 @@ def device_path_mse(backbone: str | os.PathLike[str], head_npz: str | os.PathLik
         train_end, val_end, test_end = int(len(values) * 0.7), int(len(values) * 0.8), len(values)
     scaled = Scaler.fit(values[:train_end]).transform(values).astype(np.float32)
     runner = BackboneRunner(backbone, threads=threads)
-    with np.load(head_npz) as f:
-        w, b = f["point_weight"][:horizon], f["point_bias"][:horizon]
+    with np.load(head_npz, allow_pickle=False) as f:
+        params = slice_residual({k: f[k] for k in f.files}, horizon)
+    check_residual_head(params, runner.spec.feature_dim, horizon, len(runner.spec.quantiles), runner.spec.context)
     sq, ab, n = 0.0, 0.0, 0
     for c in range(scaled.shape[1]):
         x, y = make_windows(scaled[:, c], runner.spec.context, horizon, 1, val_end, test_end)
         feats = runner.features(x, batch_size=256)
-        pred = (feats.feats @ w.T + b) * feats.scale + feats.loc
+        pred, _ = residual_forecast(params, feats, x)
         sq += float(np.sum((pred.astype(np.float64) - y) ** 2))
         ab += float(np.sum(np.abs(pred.astype(np.float64) - y)))
         n += y.size
     return {"mse": sq / n, "mae": ab / n, "windows": float(n // horizon)}
+
+
+def add_etth1_head(card: dict[str, Any], model: Any, out_dir: str | os.PathLike[str],
+                   data_dir: str | os.PathLike[str] | None = None, threads: int | None = None) -> dict[str, Any]:
+    """Fit :data:`ETTH1_HEAD` for `model` (a residual head: ridge on the frozen features plus the last k context
+    values, :func:`coordinator.pretrain.residual_head.fit_residual_head`), write it into `out_dir`, record its
+    sha256 in spec.json, and put its choice, its standard-protocol scores and its device-path score into `card`
+    (in place). Returns the fit's info with the validation sweep, which the card leaves out."""
+    import numpy as np
+
+    from coordinator.pretrain.residual_head import fit_residual_head, residual_protocol_scores
+    from edge_client.runtime.backbone import sha256_file
+
+    out = Path(out_dir)
+    dd = str(data_dir) if data_dir else None
+    params, info = fit_residual_head(model, "etth1", dd, threads=threads)
+    path = out / ETTH1_HEAD
+    np.savez(path, **params)
+    spec = json.loads((out / "spec.json").read_text())
+    spec["files"][ETTH1_HEAD] = {"sha256": sha256_file(path), "size": path.stat().st_size}
+    (out / "spec.json").write_text(json.dumps(spec, indent=2, sort_keys=True) + "\n")
+    brief = {k: v for k, v in info.items() if k != "sweep"}
+    card["etth1_head"] = brief
+    card.setdefault("scores", {})["etth1_head"] = {"scores": residual_protocol_scores(model, params, "etth1", dd,
+                                                                                      threads), **brief}
+    card.setdefault("device_path", {})[f"backbone.onnx + {ETTH1_HEAD}"] = {
+        "96": device_path_mse(out / "backbone.onnx", path, 96, data_dir=data_dir)}
+    card.setdefault("files", {})[ETTH1_HEAD] = path.stat().st_size
+    return info
 
 
 def reproduce(out_dir: str | os.PathLike[str], *, data_dir: str | os.PathLike[str] | None = None,
