@@ -1,9 +1,10 @@
-"""The smallest device install, built and run: `pip install '.[tflite]'` (numpy < 2 + tflite-runtime, no ONNX
-Runtime, no torch, no rich/typer) in a fresh virtualenv. Its `fedge-edge info` and `status` run on the shipped
-.tflite backbone (benchmarks/device_install.py's smoke), and its `fedge-edge run` joins a real broker and announces
-itself with a Hello the wire decodes. Issue 14 asks for at most 100 MB; this install is 102.5 MB on x86-64 today
-(docs/results/device_install.md), so the bound here is the measured size plus a margin, to catch a dependency that
-grows it, not the target."""
+"""The smallest device install, built and run as README and hardware/INSTALL.md document it: fedge's wheel built
+from the checkout, a venv without pip, `pip --python V/bin/python install --no-compile 'fedge[tflite]'` (numpy < 2 +
+tflite-runtime: no ONNX Runtime, torch, rich/typer or pip). Its `fedge-edge info` and `status` run on the shipped
+.tflite backbone as the systemd unit runs them (benchmarks/device_install.py's smoke), its `fedge-edge run` joins a
+real broker and announces itself with a Hello the wire decodes, and the whole venv, measured after that, must be
+within issue 14's 100 MB. With an aarch64 rootfs (hardware/qemu/make-rootfs.sh) the same install is made and run by
+an aarch64 CPython under qemu and held to the same 100 MB."""
 
 from __future__ import annotations
 
@@ -21,18 +22,27 @@ from edge_client.wire.mqtt import connect, make_client
 from edge_client.wire.topics import Topics
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
-from device_install import SHIPPED, VARIANTS, device_config, measure
+from device_install import LIMIT_MB, SHIPPED, SMALL, VARIANTS, build_wheel, device_config, measure, measure_aarch64
+
+from hardware import emulation
 
 pytestmark = [pytest.mark.slow, pytest.mark.broker]
 
 
-def test_tflite_device_install_runs_the_daemon_without_onnxruntime_torch_or_rich(mosquitto, tmp_path):
-    name = "fedge[tflite]: numpy < 2 + tflite-runtime"
-    row = measure(name, VARIANTS[name], tmp_path, keep=True)
-    assert not row["onnxruntime"] and not row["torch"] and not row["rich"], row["top_mb"]
+@pytest.fixture(scope="module")
+def wheel(tmp_path_factory) -> Path:
+    return build_wheel(tmp_path_factory.mktemp("build"))
+
+
+def test_tflite_device_install_is_within_100_mb_and_runs_the_daemon(mosquitto, tmp_path, wheel):
+    name = SMALL
+    row = measure(VARIANTS[name], tmp_path, wheel, keep=True)
+    assert not row["onnxruntime"] and not row["torch"] and not row["rich"], row["packages_mb"]
     assert row["smoke_ok"], row["smoke"]
     assert "litert" in row["smoke"]
-    assert row["total_mb"] < 106, row["top_mb"]
+    assert not row["pip_in_venv"] and row["pyc_mb"] < 0.1, row  # the documented install makes neither
+    assert row["shipped_model"] == ["tsfm-tiny-v1.tar.xz"], row["shipped_model"]  # packed, not the plain folder
+    assert row["total_mb"] <= LIMIT_MB, row["packages_mb"]
     onnx = subprocess.run([str(tmp_path / "venv" / "bin" / "fedge-edge"), "info", "--config",
                            str(device_config(tmp_path, "backbone.int8.onnx"))], capture_output=True, text=True,
                           cwd=tmp_path, timeout=120)
@@ -69,3 +79,16 @@ def test_tflite_device_install_runs_the_daemon_without_onnxruntime_torch_or_rich
     assert hellos[0].device_id == "lean-1" and hellos[0].runtime.startswith("tflite-runtime"), hellos[0]
     assert hellos[0].backbone_sha256 == shipped
     assert "Traceback" not in out, out[-2000:]
+
+
+def test_tflite_device_install_on_aarch64_is_within_100_mb_and_runs(tmp_path, wheel):
+    """A real aarch64 install (pip run by Debian bookworm's aarch64 CPython under qemu: it picks the aarch64 wheels),
+    its daemon's `info` and `status` on the fp32 .tflite backbone. Minutes under emulation."""
+    try:
+        row = measure_aarch64(tmp_path, wheel)
+    except emulation.EmulationUnavailable as exc:
+        pytest.skip(str(exc))
+    assert row["arch"] == "aarch64" and not row["pip_in_venv"] and row["pyc_mb"] < 0.1, row
+    assert row["smoke_ok"], row["smoke"]
+    assert not row["onnxruntime"] and not row["torch"], row["packages_mb"]
+    assert row["total_mb"] <= LIMIT_MB, row["packages_mb"]
