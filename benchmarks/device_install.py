@@ -188,7 +188,7 @@ def measure(variant: tuple[str, str], tmp: Path, wheel: Path, keep: bool = False
 AARCH64 = [f"manylinux_2_{v}_aarch64" for v in (17, 24, 26, 27, 28, 31, 34, 35, 36)] + ["manylinux2014_aarch64"]
 
 
-def measure_aarch64(tmp: Path, wheel: Path, keep: bool = False) -> dict:
+def measure_aarch64(tmp: Path, wheel: Path, keep: bool = False, int8: bool = True) -> dict:
     """The documented `fedge[tflite]` install made by an aarch64 CPython (Debian bookworm's, under qemu-user):
     its venv, pip run by it (aarch64 wheels chosen by pip itself), then its daemon's `info` and `status`."""
     qemu, why = emulation.find_qemu()
@@ -209,7 +209,8 @@ def measure_aarch64(tmp: Path, wheel: Path, keep: bool = False) -> dict:
     site = next(venv.glob("lib/python3*/site-packages"))
     ok, said, info_s = smoke(python, venv, tmp, (*ABSENT, "onnxruntime"), "backbone.tflite", timeout=900,
                              extra=EMULATED_WINDOWS)
-    int8_ok, int8_said, _ = smoke(python, venv, tmp, (), "backbone.int8.tflite", timeout=900, extra=EMULATED_WINDOWS)
+    int8_ok, int8_said = (smoke(python, venv, tmp, (), "backbone.int8.tflite", timeout=900, extra=EMULATED_WINDOWS)[:2]
+                          if int8 else (None, "not run"))
     out = {"arch": "aarch64", "install": "python3.11 -m venv --without-pip V && pip --python V/bin/python install "
            "--no-compile 'fedge[tflite]' (aarch64 CPython under qemu)", "backbone": "backbone.tflite",
            "install_s": install_s, "smoke_ok": ok, "smoke": said, "info_s": info_s, "int8_ok": int8_ok,

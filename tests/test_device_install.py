@@ -34,6 +34,7 @@ def wheel(tmp_path_factory) -> Path:
     return build_wheel(tmp_path_factory.mktemp("build"))
 
 
+@pytest.mark.timeout(900)  # the wheel, an install from the index, the daemon's runs
 def test_tflite_device_install_is_within_100_mb_and_runs_the_daemon(mosquitto, tmp_path, wheel):
     name = SMALL
     row = measure(VARIANTS[name], tmp_path, wheel, keep=True)
@@ -81,11 +82,12 @@ def test_tflite_device_install_is_within_100_mb_and_runs_the_daemon(mosquitto, t
     assert "Traceback" not in out, out[-2000:]
 
 
+@pytest.mark.timeout(1800)  # pip and the daemon run emulated
 def test_tflite_device_install_on_aarch64_is_within_100_mb_and_runs(tmp_path, wheel):
     """A real aarch64 install (pip run by Debian bookworm's aarch64 CPython under qemu: it picks the aarch64 wheels),
     its daemon's `info` and `status` on the fp32 .tflite backbone. Minutes under emulation."""
     try:
-        row = measure_aarch64(tmp_path, wheel)
+        row = measure_aarch64(tmp_path, wheel, int8=False)  # the int8 crash is the benchmark's finding
     except emulation.EmulationUnavailable as exc:
         pytest.skip(str(exc))
     assert row["arch"] == "aarch64" and not row["pip_in_venv"] and row["pyc_mb"] < 0.1, row
