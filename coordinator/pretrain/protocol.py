@@ -203,7 +203,7 @@ RIDGE_GRID = (1e-4, 1e-3, 1e-2, 1e-1, 1.0)
 
 
 @torch.inference_mode()
-def _features(model: torch.nn.Module, x: np.ndarray, batch: int = 1024) -> tuple[np.ndarray, ...]:
+def frozen_features(model: torch.nn.Module, x: np.ndarray, batch: int = 1024) -> tuple[np.ndarray, ...]:
     model.eval()
     parts = [model.features(torch.from_numpy(np.ascontiguousarray(x[i: i + batch]))) for i in range(0, len(x), batch)]
     return tuple(np.concatenate([p[j].numpy() for p in parts]).astype(np.float64) for j in range(3))
@@ -245,8 +245,8 @@ def fit_head(model: torch.nn.Module, name: str, data_dir: str | None = None, n_t
     x, y = split_subset(name, "train", cfg.context, cfg.horizon, n=n_train, fraction=fraction, data_dir=data_dir)
     vx, vy = split_subset(name, "val", cfg.context, cfg.horizon, n=4000, data_dir=data_dir)
     with torch_threads(threads):
-        f, loc, scale = _features(model, x)
-        vf, vloc, vscale = _features(model, vx)
+        f, loc, scale = frozen_features(model, x)
+        vf, vloc, vscale = frozen_features(model, vx)
     a = np.hstack([f, np.ones((len(f), 1))])
     target = (y - loc) / scale
     gram, rhs = a.T @ a, a.T @ target

@@ -16,7 +16,7 @@ from collections.abc import Iterator, Sequence
 import numpy as np
 import torch
 
-from coordinator.pretrain.protocol import HORIZONS, _features, protocol_windows, score_forecasts, split_subset
+from coordinator.pretrain.protocol import HORIZONS, frozen_features, protocol_windows, score_forecasts, split_subset
 from coordinator.pretrain.training import torch_threads
 from edge_client.learning.head import Features
 from edge_client.learning.residual import LAG_KEY, normalised_lags, residual_forecast
@@ -85,8 +85,8 @@ def fit_residual_head(model: torch.nn.Module, name: str, data_dir: str | None = 
     x, y = split_subset(name, "train", cfg.context, cfg.horizon, fraction=1.0, data_dir=data_dir)
     vx, vy = split_subset(name, "val", cfg.context, cfg.horizon, fraction=1.0, data_dir=data_dir)
     with torch_threads(threads):
-        f, loc, scale = _features(model, x)
-        vf, vloc, vscale = _features(model, vx)
+        f, loc, scale = frozen_features(model, x)
+        vf, vloc, vscale = frozen_features(model, vx)
     n_feat = f.shape[1]
     sweep, best = [], None
     for k in lag_grid:
@@ -125,7 +125,7 @@ def residual_protocol_scores(model: torch.nn.Module, params: dict[str, np.ndarra
     """Standard-protocol scores of `model`'s backbone under a residual head (torch features, the numpy head)."""
     tw = protocol_windows(name, model.config.context, data_dir=data_dir)
     with torch_threads(threads):
-        f, loc, scale = _features(model, tw.x)
+        f, loc, scale = frozen_features(model, tw.x)
     feats = Features(f.astype(np.float32), loc.astype(np.float32), scale.astype(np.float32))
     point, quant = residual_forecast(params, feats, tw.x)
     return score_forecasts(tw, point, quant, model.config.quantiles)
