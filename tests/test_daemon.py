@@ -444,7 +444,8 @@ def test_personal_model_survives_a_daemon_restart_on_the_same_backbone_only(mosq
     service = DeviceService(device, BrokerAddress.parse(device.broker))  # the daemon, restarted
     try:
         service.runner = service.load_backbone()
-        saved = LS.decode(service.store.load_personal_blob(PERSONAL_STATE), service.head_spec()).personal_model
+        blob = service.store.load_personal_blob(PERSONAL_STATE)
+        saved = LS.decode_learner_state(blob, service.head_spec()).personal_model
         assert saved is not None and saved.trained_at_day is not None
         service.learner = service.build_learner()
         teacher = service.learner.personal_model
@@ -502,7 +503,7 @@ def test_learning_state_survives_a_daemon_restart_mid_fleet(mosquitto, tiny_expo
             runner = BackboneRunner(tiny_export["backbone"])
             spec = LS.HeadSpec(runner.sha256, runner.spec.feature_dim, 24, len(runner.spec.quantiles))
             with DeviceStore(tmp_path / name / "state") as store:
-                return LS.decode(store.load_personal_blob(PERSONAL_STATE), spec)
+                return LS.decode_learner_state(store.load_personal_blob(PERSONAL_STATE), spec)
 
         a, b = state("dev-a"), state("dev-b")
         assert a.served is not None and a.served.gate is not None and a.served.guard is not None

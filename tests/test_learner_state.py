@@ -52,12 +52,12 @@ def test_a_learner_restored_from_the_blob_answers_the_next_round_as_the_one_that
     runner, head, learner = trained
     assert learner.served.gate is not None and learner.served.guard is not None and learner.track.counts
     assert learner.upload_residual is not None and learner.last_served is learner.served
-    blob = LS.encode(LS.LearnerState.of(learner), _spec(runner))
+    blob = LS.encode_learner_state(LS.LearnerState.of(learner), _spec(runner))
     restored = DeviceLearner(runner, _series(), season=24, split=SplitConfig())  # the restarted daemon's learner
-    state = LS.decode(blob, _spec(runner))
+    state = LS.decode_learner_state(blob, _spec(runner))
     state.apply(restored)
     assert restored.last_served is restored.served  # stored once, restored as one object
-    assert LS.encode(LS.LearnerState.of(restored), _spec(runner)) == blob
+    assert LS.encode_learner_state(LS.LearnerState.of(restored), _spec(runner)) == blob
     # the served predictor forecasts identically (gate, prior, rule guards with their counters)
     checked = learner.served.guard.checked_values
     np.testing.assert_array_equal(restored.served.forecast(restored.w_eval)[0],
@@ -96,7 +96,7 @@ def _rewrite(blob: bytes, edit) -> bytes:  # type: ignore[no-untyped-def]
 def test_damaged_foreign_or_other_version_state_is_refused_with_a_reason(trained):
     runner, _, learner = trained
     spec = _spec(runner)
-    blob = LS.encode(LS.LearnerState.of(learner), spec)
+    blob = LS.encode_learner_state(LS.LearnerState.of(learner), spec)
 
     def nan(h, a):  # type: ignore[no-untyped-def]
         a[f"{h['upload_residual']}.point_bias"] = a[f"{h['upload_residual']}.point_bias"] * np.nan
@@ -122,9 +122,9 @@ def test_damaged_foreign_or_other_version_state_is_refused_with_a_reason(trained
     }
     for name, (bad, why) in cases.items():
         with pytest.raises(LS.StateRefused, match=why):
-            LS.decode(bad, spec)
+            LS.decode_learner_state(bad, spec)
             pytest.fail(name)
-    assert LS.decode(blob, spec).track.counts == learner.track.counts  # the intact blob still reads
+    assert LS.decode_learner_state(blob, spec).track.counts == learner.track.counts  # the intact blob still reads
 
 
 def test_repair_limits_and_the_track_records_combination_survive_the_blob(tiny_export):
@@ -144,14 +144,14 @@ def test_repair_limits_and_the_track_records_combination_survive_the_blob(tiny_e
                           batch_size=32, seed=r, personal=cfg)
     learner.served.combo = dict(learner.track.weights)  # as if the record had chosen the combination
     assert learner.repair is not None and learner.track.gram and learner.track.weights
-    blob = LS.encode(LS.LearnerState.of(learner), _spec(runner))
-    state = LS.decode(blob, _spec(runner))
+    blob = LS.encode_learner_state(LS.LearnerState.of(learner), _spec(runner))
+    state = LS.decode_learner_state(blob, _spec(runner))
     assert state.repair == learner.repair and state.track.combine
     assert state.track.gram == learner.track.gram and state.track.weights == learner.track.weights
     assert state.served.combo == learner.served.combo
     restored = DeviceLearner(runner, series, season=24, split=SplitConfig(), repair=state.repair)
     state.apply(restored)
-    assert LS.encode(LS.LearnerState.of(restored), _spec(runner)) == blob
+    assert LS.encode_learner_state(LS.LearnerState.of(restored), _spec(runner)) == blob
     np.testing.assert_array_equal(restored.y_train, learner.y_train)  # the same repaired windows
     bumped = {k: v + np.float32(0.05) for k, v in head.items()}
     m_a = learner.run_round(bumped, epochs=1, lr=1e-3, batch_size=32, seed=9, personal=cfg).metrics

@@ -21,8 +21,8 @@ from coordinator.pretrain.training import torch_threads
 from edge_client.learning.head import Features
 from edge_client.learning.residual import LAG_KEY, normalised_lags, residual_forecast
 
-RIDGE_GRID = (1e-5, 1e-4, 1e-3, 1e-2, 1e-1, 1.0)
-FEATURE_GRID = (*RIDGE_GRID, 10.0, 100.0, 1000.0)
+LAG_RIDGE_GRID = (1e-5, 1e-4, 1e-3, 1e-2, 1e-1, 1.0)
+FEATURE_GRID = (*LAG_RIDGE_GRID, 10.0, 100.0, 1000.0)
 LAG_GRID = (48, 96, 168, 336, 512)
 
 
@@ -93,7 +93,7 @@ def fit_residual_head(model: torch.nn.Module, name: str, data_dir: str | None = 
         gram, rhs, _ = normal_equations(f, x, loc, scale, y, k)
         vgram, vrhs, vyy = normal_equations(vf, vx, vloc, vscale, vy, k, weight_by_scale=True)
         for lam_f in FEATURE_GRID:
-            for lam_l in RIDGE_GRID:
+            for lam_l in LAG_RIDGE_GRID:
                 sol = ridge_solve(gram, rhs, block_penalty(gram, (n_feat, k), (lam_f, lam_l)))
                 sq = np.einsum("dh,dh->h", sol, vgram @ sol) - 2 * np.einsum("dh,dh->h", sol, vrhs) + vyy
                 val = {f"H{h}": float(sq[:h].sum() / (len(vf) * h)) for h in HORIZONS}

@@ -278,7 +278,7 @@ class DeviceService:
         if blob is None:
             return self._legacy_state()
         try:
-            state = LS.decode(blob, self.head_spec())
+            state = LS.decode_learner_state(blob, self.head_spec())
         except LS.StateRefused as exc:
             log.error("stored learning state refused, starting fresh (personal model, gate, rule guards, track record "
                       "and top-k residual reset; the outbox is kept): %s", exc)
@@ -311,7 +311,7 @@ class DeviceService:
         assert self.client is not None and self.runner is not None
         model = self.learner.personal_model if self.learner is not None else None
         if self.learner is not None:  # the personal model's config is the next round's: it is not stored
-            self.store.save_personal_blob(PERSONAL_STATE, LS.encode(LS.LearnerState.of(self.learner),
+            self.store.save_personal_blob(PERSONAL_STATE, LS.encode_learner_state(LS.LearnerState.of(self.learner),
                                                                     self.head_spec()))
             self.store.delete_personal(LEGACY_PERSONAL_MODEL)
         if self.client.personal is not None:

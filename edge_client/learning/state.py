@@ -12,7 +12,7 @@ sends a device that had earned its personal model back to the global head for tw
 Format (numpy only, no pickle): an ``.npz`` whose ``__header__`` entry is UTF-8 JSON (format name, version, the
 backbone's sha256 and the head's dimensions, every scalar) and whose other entries are the arrays, each parameter set
 stored once even when several parts share it (the served model's personal parameters are the personal model's).
-:func:`decode` refuses with :class:`StateRefused` -- never another exception -- a blob that is not this format,
+:func:`decode_learner_state` refuses with :class:`StateRefused` (and nothing else) a blob that is not this format,
 another version, another backbone or head, or has arrays of the wrong shape or non-finite values; the caller logs
 the reason and starts fresh.
 """
@@ -34,7 +34,7 @@ from edge_client.learning.head import HEAD_KEYS, Params, head_shapes
 from edge_client.learning.repair import SensorRepair
 from edge_client.learning.serving import ServedModel, TrackRecord
 
-STATE_FORMAT = "fedge-learner-state"
+LEARNER_STATE_FORMAT = "fedge-learner-state"
 STATE_VERSION = 1
 HEADER = "__header__"
 _SERVED_FLAGS = ("naive_prior", "fallback", "serve_naive", "serve_prior")
@@ -146,12 +146,12 @@ def _served(w: _Writer, s: ServedModel | None, prefix: str) -> dict[str, Any] | 
             "combo": None if s.combo is None else {k: float(v) for k, v in s.combo.items()}}
 
 
-def encode(state: LearnerState, spec: HeadSpec) -> bytes:
+def encode_learner_state(state: LearnerState, spec: HeadSpec) -> bytes:
     """The state as bytes (the ``.npz`` described above)."""
     w = _Writer()
     pm = state.personal_model
     header: dict[str, Any] = {
-        "format": STATE_FORMAT, "version": STATE_VERSION, "backbone_sha256": spec.backbone_sha256,
+        "format": LEARNER_STATE_FORMAT, "version": STATE_VERSION, "backbone_sha256": spec.backbone_sha256,
         "feature_dim": spec.feature_dim, "horizon": spec.horizon, "n_quantiles": spec.n_quantiles,
         "personal_model": None if pm is None else {"params": w.params(pm.params), "trained_at_day": pm.trained_at_day},
         "prior": w.params(state.prior),
@@ -295,7 +295,7 @@ def _read_repair(d: Any) -> SensorRepair | None:
     return SensorRepair(season, max_run, limit)
 
 
-def decode(blob: bytes, spec: HeadSpec) -> LearnerState:
+def decode_learner_state(blob: bytes, spec: HeadSpec) -> LearnerState:
     """The state in `blob`, checked against the backbone and head it must fit; :class:`StateRefused` otherwise."""
     try:
         with np.load(io.BytesIO(blob), allow_pickle=False) as data:
@@ -303,7 +303,7 @@ def decode(blob: bytes, spec: HeadSpec) -> LearnerState:
         header = json.loads(arrays.pop(HEADER).tobytes().decode())
     except Exception as exc:  # whatever a damaged file raises, the answer is a refusal, not a crash
         raise StateRefused(f"not a readable learning state ({type(exc).__name__}: {exc})") from None
-    if not isinstance(header, dict) or header.get("format") != STATE_FORMAT:
+    if not isinstance(header, dict) or header.get("format") != LEARNER_STATE_FORMAT:
         raise StateRefused("not a fedge learning state")
     if header.get("version") != STATE_VERSION:
         raise StateRefused(f"learning state version {header.get('version')!r}, this device reads {STATE_VERSION}")
