@@ -23,6 +23,7 @@ for _var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
     os.environ.setdefault(_var, "1")
 
 import argparse  # noqa: E402
+import fcntl  # noqa: E402
 import json  # noqa: E402
 import math  # noqa: E402
 import time  # noqa: E402
@@ -189,14 +190,23 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
              "config": replace(RecSimConfig.chosen(BENCHMARK_RESULTS, "fcucr"), seed=0)}
 
     def save() -> None:
-        path.write_text(json.dumps({**result, "noise": cells}, indent=2) + "\n")
-        md.write_text(markdown(result, cells, labels, notes))
+        """Cells other workers (--cells) wrote meanwhile are kept: the file is merged under a lock, not replaced."""
+        with open(Path(args.cache) / "rec_privacy.lock", "a") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            theirs = json.loads(path.read_text()) if path.is_file() else {}
+            if theirs.get("meta", {}).get("clip") == clip:
+                cells.update({k: v for k, v in theirs.get("noise", {}).items() if k not in cells})
+            path.write_text(json.dumps({**result, "noise": cells}, indent=2) + "\n")
+            md.write_text(markdown(result, cells, labels, notes))
 
     save()
     for seed in args.seeds:
         for label in labels:
             key = f"{label}|{seed}"
             if key in cells or (args.cells and label not in args.cells):
+                continue
+            save()  # picks up what other workers finished
+            if key in cells:
                 continue
             cells[key] = run_cell(label, seed, world, clip)
             c = cells[key]
