@@ -63,6 +63,15 @@ def cell_labels(epsilons: list[float]) -> list[str]:
     return ["exact", "clip", *[f"eps={e:g}" for e in epsilons], "no-proto"]
 
 
+# cells whose devices clip prototypes are computed again when how they do it changes (2: p̃ bounded on arrival)
+CELL_VERSION = 2
+
+
+def fresh(cell: dict[str, Any]) -> bool:
+    """A stored cell still describes what the code does (exact and no-prototype cells never changed)."""
+    return cell["sigma"] is None or cell.get("version") == CELL_VERSION
+
+
 def noise_of(label: str, delta: float, releases: int) -> float | None:
     """σ of a cell (None: exact prototypes)."""
     if label in ("exact", "no-proto"):
@@ -75,6 +84,7 @@ def run_cell(label: str, seed: int, world: dict[str, Any], clip: float) -> dict[
     releases, delta = split.n_periods, 1.0 / n
     sigma = noise_of(label, delta, releases)
     out: dict[str, Any] = {"label": label, "seed": seed, "sigma": sigma, "clip": None if sigma is None else clip,
+                           "version": CELL_VERSION,
                            "epsilon_release": math.inf if not sigma else prototype_epsilon(sigma, 1, delta),
                            "epsilon_total": math.inf if not sigma else prototype_epsilon(sigma, releases, delta)}
     if label == "no-proto":  # nothing released
@@ -181,7 +191,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     out.mkdir(parents=True, exist_ok=True)
     path, md = out / "rec_privacy.json", out / "rec_privacy.md"
     old = json.loads(path.read_text()) if path.is_file() else {}
-    cells: dict[str, Any] = old.get("noise", {}) if old.get("meta", {}).get("clip") == clip else {}
+    cells: dict[str, Any] = {k: c for k, c in old.get("noise", {}).items() if fresh(c)} \
+        if old.get("meta", {}).get("clip") == clip else {}
     notes = md.read_text().split(NOTES_MARKER, 1)[1].lstrip("\n") if md.is_file() and NOTES_MARKER in \
         md.read_text() else ""
     labels = cell_labels(args.epsilons)
@@ -195,7 +206,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             fcntl.flock(lock, fcntl.LOCK_EX)
             theirs = json.loads(path.read_text()) if path.is_file() else {}
             if theirs.get("meta", {}).get("clip") == clip:
-                cells.update({k: v for k, v in theirs.get("noise", {}).items() if k not in cells})
+                cells.update({k: v for k, v in theirs.get("noise", {}).items() if k not in cells and fresh(v)})
             path.write_text(json.dumps({**result, "noise": cells}, indent=2) + "\n")
             md.write_text(markdown(result, cells, labels, notes))
 

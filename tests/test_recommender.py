@@ -302,3 +302,22 @@ def test_tiny_continual_run_has_every_method(split, bundle):
     first = results["fedavg"].stages[0].preq  # period 1: no device has trained yet, so it equals the frozen model
     frozen = results["central-sasrec"].stages[0].preq
     assert first is not None and frozen is not None and np.array_equal(first.ranks, frozen.ranks)
+
+
+def test_a_noised_fleets_neighbour_mix_is_bounded_on_arrival(bundle):
+    """With prototype DP a device clips p̃ to the public bound C (a mix of noised prototypes keeps their noise and
+    would otherwise swamp the scores); exact fleets take p̃ as it comes. Its upload is clipped (σ = 0) or noised."""
+    encoder, items = load_encoder(bundle["dir"])
+    d = items.shape[1]
+    big = np.full(d, 3.0, np.float32)
+    for proto_dp, want in ((None, big), ((1.0, 0.0), big / np.linalg.norm(big))):
+        dev = RecDevice("u", encoder, items, RecAdapterConfig(rank=4), proto_dp=proto_dp)
+        dev.set_p_tilde(big)
+        np.testing.assert_allclose(dev.p_tilde, want, rtol=1e-6)
+        dev.receive(np.arange(1, 30), np.arange(29))
+        sent = dev.upload_prototype(np.random.default_rng(0))
+        assert sent.dtype == np.float32 and (proto_dp is None or np.linalg.norm(sent) <= 1.0 + 1e-6)
+    dev = RecDevice("u", encoder, items, RecAdapterConfig(rank=4), proto_dp=(1.0, 2.0))
+    dev.receive(np.arange(1, 30), np.arange(29))
+    a, b = dev.upload_prototype(np.random.default_rng(0)), dev.upload_prototype(np.random.default_rng(1))
+    assert not np.allclose(a, b)

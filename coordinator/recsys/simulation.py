@@ -348,7 +348,7 @@ def _run_federated_rec(name: str, split: ContinualSplit, encoder: SequenceEncode
                 server.submit(str(uid), p)
                 stage.bytes_up += p.nbytes
             for uid, p_tilde in server.neighbours([str(u) for u in active]).items():
-                devices[uid].p_tilde = p_tilde.astype(np.float32)
+                devices[uid].set_p_tilde(p_tilde)
                 stage.bytes_down += devices[uid].p_tilde.nbytes
         updates, weights = [], []
         for uid in active:

@@ -148,8 +148,9 @@ class RecLearner:
         period = self.check_task(task)
         self.check_global(global_params)
         self.device.set_shared(global_params)
+        self.device.proto_dp = prototype_dp_options(task.options)  # what is sent, and how p̃ is bounded on arrival
         if task.prototype is not None:
-            self.device.p_tilde = np.asarray(task.prototype, np.float32)
+            self.device.set_p_tilde(task.prototype)
         self._observe(period)
         return period
 
@@ -170,7 +171,6 @@ class RecLearner:
             self.scored_until = period
         metrics["active"] = float(active)
         metrics["new_targets"] = float(len(self.log.train_positions(period)))
-        self.device.proto_dp = prototype_dp_options(task.options)
         prototype = self.device.upload_prototype() if active and self.spec.prototypes else None
         return Update(fleet=task.fleet, device_id=task.device_id, round_id=task.round_id, task=task.task,
                       kind="evaluate", base_version=task.model_version, n_samples=len(periods), metrics=metrics,
