@@ -2,7 +2,7 @@
 one 64-float prototype an FCUCR device uploads per period? And what Gaussian noise on the prototype (issue 14:
 edge_client.learning.dp.privatize_prototype) buys against that guess and costs in NDCG.
 
-    nice -n 10 python benchmarks/rec_privacy.py [--data-dir DIR] [--seeds 0 1 2] [--epsilons 8 3 1] [--out docs/results]
+    nice -n 10 python benchmarks/rec_privacy.py [--data-dir DIR] [--seeds 0 1 2] [--epsilons 32 8 3 1]
 
 Uses the converged period-0 SASRec of benchmarks/recommender.py (seed 0, the same cache). Attacks and scores:
 coordinator/recsys/leakage.py. Noise cells (cell x seed, checkpointed in rec_privacy.json, skipped on rerun): every
@@ -169,7 +169,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap.add_argument("--pretrain-epochs", type=int, default=400)
     ap.add_argument("--patience", type=int, default=20)
     ap.add_argument("--seeds", type=int, nargs="*", default=[0, 1, 2], help="noise cells' seeds (none: skip them)")
-    ap.add_argument("--epsilons", type=float, nargs="*", default=[8.0, 3.0, 1.0])
+    ap.add_argument("--epsilons", type=float, nargs="*", default=[32.0, 8.0, 3.0, 1.0])
     ap.add_argument("--cells", nargs="*", default=None, help="run only these cell labels (e.g. exact eps=3)")
     ap.add_argument("--out", default="docs/results")
     ap.add_argument("--cache", default=".fedge/recommender-cache")
