@@ -657,6 +657,28 @@ def ship(cell_id: str, tflite: bool = True) -> None:
     print(f"shipped {cell_id} -> {out}: " + ", ".join(f"{k} {v / 1024:.0f} KB" for k, v in card["files"].items()))
 
 
+def requantize() -> None:
+    """Rebuild the shipped backbone.int8.onnx from the shipped fp32 file with the current
+    :func:`export.quantize.quantize_backbone` (which changed: reduce_range, so that x86 CPUs without VNNI do
+    not saturate), re-measure its device-path score and update spec.json, card.json and the model card. The
+    training cell's checkpoint is not needed (it does not survive a session), only the shipped files."""
+    from edge_client.runtime.backbone import sha256_file
+    from export.quantize import quantize_backbone
+
+    out = shipped.ARTIFACT_DIR
+    int8 = quantize_backbone(out / "backbone.onnx", out / "backbone.int8.onnx")
+    spec = json.loads((out / "spec.json").read_text())
+    spec["files"][int8.name] = {"sha256": sha256_file(int8), "size": int8.stat().st_size}
+    (out / "spec.json").write_text(json.dumps(spec, indent=2, sort_keys=True) + "\n")
+    card = shipped.card()
+    card["device_path"][int8.name] = {str(h): shipped.device_path_mse(int8, out / "head.npz", h) for h in (96,)}
+    card["files"][int8.name] = int8.stat().st_size
+    (out / shipped.CARD_NAME).write_text(json.dumps(card, indent=1, default=float) + "\n")
+    write_model_card(card)
+    print(f"requantized {int8}: {int8.stat().st_size / 1024:.0f} KB, ETTh1 H96 device-path MSE "
+          f"{card['device_path'][int8.name]['96']['mse']:.4f}")
+
+
 def write_model_card(card: dict[str, Any]) -> None:
     from edge_client.data.datasets import DATASETS
 
@@ -727,7 +749,7 @@ def write_model_card(card: dict[str, Any]) -> None:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("command", choices=("run", "report", "baselines", "ship", "card", "restore"))
+    ap.add_argument("command", choices=("run", "report", "baselines", "ship", "card", "restore", "requantize"))
     ap.add_argument("--cell", help="ship: the cell whose model becomes the shipped artifact")
     ap.add_argument("--no-tflite", action="store_true", help="ship: skip the TFLite conversion")
     ap.add_argument("--groups", nargs="*", default=["ship", "main:0", "real", "lodo", "main", "seed:0", "sweep",
@@ -751,6 +773,8 @@ def main() -> None:
     elif args.command == "restore":
         names = restore()
         print(f"restored {len(names)} records to {CELLS}" + (": " + ", ".join(names) if names else ""))
+    elif args.command == "requantize":
+        requantize()
     elif args.command == "card":  # re-render docs/model-card.md from the shipped card.json
         write_model_card(shipped.card())
     elif args.command == "ship":
