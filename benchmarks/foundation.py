@@ -774,8 +774,10 @@ def main() -> None:
         names = restore()
         print(f"restored {len(names)} records to {CELLS}" + (": " + ", ".join(names) if names else ""))
     elif args.command == "requantize":
+        restore()  # the card's baseline columns come from the cell records
         requantize()
     elif args.command == "card":  # re-render docs/model-card.md from the shipped card.json
+        restore()
         write_model_card(shipped.card())
     elif args.command == "ship":
         if not args.cell:
