@@ -9,6 +9,7 @@ an aarch64 CPython under qemu and held to the same 100 MB."""
 from __future__ import annotations
 
 import hashlib
+import os
 import signal
 import subprocess
 import sys
@@ -85,7 +86,11 @@ def test_tflite_device_install_is_within_100_mb_and_runs_the_daemon(mosquitto, t
 @pytest.mark.timeout(1800)  # pip and the daemon run emulated
 def test_tflite_device_install_on_aarch64_is_within_100_mb_and_runs(tmp_path, wheel):
     """A real aarch64 install (pip run by Debian bookworm's aarch64 CPython under qemu: it picks the aarch64 wheels),
-    its daemon's `info` and `status` on the fp32 .tflite backbone. Minutes under emulation."""
+    its daemon's `info` and `status` on the fp32 .tflite backbone. Minutes under emulation (3-13 on 2 cores), so
+    it runs on request only; the x86-64 test above holds every run to the same limit with the same wheel."""
+    if os.environ.get("FEDGE_AARCH64_INSTALL_TEST") != "1":
+        pytest.skip("emulated aarch64 install takes minutes: FEDGE_AARCH64_INSTALL_TEST=1 runs it "
+                    "(benchmarks/device_install.py --fresh measures it too)")
     try:
         row = measure_aarch64(tmp_path, wheel, int8=False)  # the int8 crash is the benchmark's finding
     except emulation.EmulationUnavailable as exc:
