@@ -556,5 +556,10 @@ def test_a_corrupt_learning_state_is_refused_and_the_device_starts_fresh_with_it
         assert learner.track is None and learner.prior is None and learner.served is None
         assert "stored learning state refused, starting fresh" in caplog.text and "not a readable" in caplog.text
         assert [(e.round_id, e.payload) for e in service.store.outbox_unsettled()] == [(4, b"stored update")]
+        caplog.clear()
+        with caplog.at_level("INFO", logger="fedge.service"):
+            for _ in range(3):  # a device waiting for data rereads the same state at every build attempt
+                service.stored_state()
+        assert "stored learning state refused" not in caplog.text  # said once per stored state, not per attempt
     finally:
         service.close()

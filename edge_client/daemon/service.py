@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import hashlib
 import logging
 import os
 import threading
@@ -155,6 +156,8 @@ class DeviceService:
         self.client: EdgeClient | None = None
         self._built_at = -1  # readings the current learner was built on
         self._tried_at = -1  # readings at the last build attempt (do not retry without new data)
+        self._state_logged: bytes | None = None  # digest of the stored learning state last logged (a device
+        # waiting for data rereads it at every build attempt: say so once per state)
         self._csv: ingest.CsvTail | None = None
         self._csv_lock = threading.Lock()
         self._socket: ingest.SocketSource | None = None
@@ -277,13 +280,18 @@ class DeviceService:
         blob = self.store.load_personal_blob(PERSONAL_STATE)
         if blob is None:
             return self._legacy_state()
+        digest = hashlib.sha256(blob).digest()
+        first = digest != self._state_logged
+        self._state_logged = digest
         try:
             state = LS.decode_learner_state(blob, self.head_spec())
         except LS.StateRefused as exc:
-            log.error("stored learning state refused, starting fresh (personal model, gate, rule guards, track record "
-                      "and top-k residual reset; the outbox is kept): %s", exc)
+            log.log(logging.ERROR if first else logging.DEBUG, "stored learning state refused, starting fresh "
+                    "(personal model, gate, rule guards, track record and top-k residual reset; the outbox is kept): "
+                    "%s", exc)
             return LS.LearnerState()
-        log.info("learning state restored: %s", ", ".join(k for k, v in vars(state).items() if v is not None) or "-")
+        log.log(logging.INFO if first else logging.DEBUG, "learning state restored: %s",
+                ", ".join(k for k, v in vars(state).items() if v is not None) or "-")
         return state
 
     def _legacy_state(self) -> LS.LearnerState:
