@@ -80,6 +80,23 @@ def _terminate(proc: subprocess.Popen) -> tuple[int, str]:
     return proc.returncode, out
 
 
+def _daemon_rounds(cfg: Path, coord: FleetCoordinator, rounds: int) -> list:
+    """Start the daemon, run `rounds` training rounds with it (each must close), stop it with SIGTERM (exit 0);
+    the coordinator is stopped and the daemon never outlives the test."""
+    daemon = _start(cfg)
+    try:
+        assert coord.wait_for_devices(1, 60) == [DEVICE]
+        results = [coord.run_round("train") for _ in range(rounds)]
+        assert [r.state for r in results] == ["closed"] * rounds
+        rc, out = _terminate(daemon)
+        assert rc == 0, out
+    finally:
+        if daemon.poll() is None:
+            daemon.kill()
+        coord.stop()
+    return results
+
+
 def _coordinator(broker: BrokerAddress, fleet: str, tmp_path: Path, tiny_export, **config) -> FleetCoordinator:
     coord = FleetCoordinator(FleetConfig(fleet=fleet, deadline_s=60, local_epochs=1, min_devices=1, **config), broker,
                              FleetState(tmp_path / "fleet.sqlite")).start()
@@ -360,17 +377,7 @@ def test_device_toml_personalize_table_runs_gate_consistency_and_rules_in_the_da
     cfg = _device(tmp_path, mosquitto.address, fleet, tiny_export["backbone"],
                   extra="[personalize]\nrank = 2\ngate = true\nrules = true\nconsistency = 0.1\nepochs = 2\n")
     coord = _coordinator(mosquitto.address, fleet, tmp_path, tiny_export)
-    daemon = _start(cfg)
-    try:
-        assert coord.wait_for_devices(1, 60) == [DEVICE]
-        result = coord.run_round("train")
-        assert result.state == "closed"
-        rc, out = _terminate(daemon)
-        assert rc == 0, out
-    finally:
-        if daemon.poll() is None:
-            daemon.kill()
-        coord.stop()
+    (result,) = _daemon_rounds(cfg, coord, 1)
     m = result.metrics[DEVICE]
     assert {"gate_c", "rule_hit_rate", "personal_fallback", "personal_mse"} <= set(m), m
     assert m["personal_fallback"] == 1.0 or m["val_personal_mse"] < m["val_global_mse"]
@@ -386,18 +393,7 @@ def test_device_toml_repair_and_track_combination_run_in_the_daemon_on_a_faulty_
                   extra="[personalize]\nrank = 2\nrepair = true\ntrack_record = 0.5\ntrack_combine = true\n"
                         "naive_prior = true\nhuber = 0.5\nepochs = 2\n")
     coord = _coordinator(mosquitto.address, fleet, tmp_path, tiny_export)
-    daemon = _start(cfg)
-    try:
-        assert coord.wait_for_devices(1, 60) == [DEVICE]
-        first = coord.run_round("train")
-        second = coord.run_round("train")
-        assert first.state == second.state == "closed"
-        rc, out = _terminate(daemon)
-        assert rc == 0, out
-    finally:
-        if daemon.poll() is None:
-            daemon.kill()
-        coord.stop()
+    _, second = _daemon_rounds(cfg, coord, 2)
     m = second.metrics[DEVICE]
     assert m["repair_imputed"] > 0, m  # contexts holding the frozen stretch or a spike were repaired
     weights = {k: v for k, v in m.items() if k.startswith("track_w_")}
@@ -427,16 +423,7 @@ def test_personal_model_survives_a_daemon_restart_on_the_same_backbone_only(mosq
     cfg = _device(tmp_path, mosquitto.address, fleet, tiny_export["backbone"])
     coord = _coordinator(mosquitto.address, fleet, tmp_path, tiny_export,
                          personalize=(("rank", 2.0), ("self_distill", 0.5)))
-    daemon = _start(cfg)
-    try:
-        assert coord.wait_for_devices(1, 60) == [DEVICE]
-        assert coord.run_round("train").state == "closed"
-        rc, out = _terminate(daemon)
-        assert rc == 0, out
-    finally:
-        if daemon.poll() is None:
-            daemon.kill()
-        coord.stop()
+    _daemon_rounds(cfg, coord, 1)
     with DeviceStore(tmp_path / "state") as store:
         assert store.personal_names() == [PERSONAL_STATE]  # the head is the model's: not stored twice
 
