@@ -80,15 +80,18 @@ class ServedModel:
         """The gate's prior: the prior head, or (naive_prior) the seasonal-naive forecast for every quantile, a
         model-free forecaster that a random walk or a fresh level shift favour and no head can imitate."""
         if self.naive_prior and w.naive is not None:
-            q = self.prior["quantile_bias"].shape[0]
-            return w.naive, np.repeat(w.naive[:, None, :], q, axis=1)
+            return self.naive_forecast(w)
         return params_forecast(self.prior, w.x)
+
+    def naive_forecast(self, w: Windows) -> tuple[np.ndarray, np.ndarray]:
+        """Seasonal naive as a predictor: its point forecast for every quantile (it has no spread of its own)."""
+        q = self.prior["quantile_bias"].shape[0]
+        return w.naive, np.repeat(w.naive[:, None, :], q, axis=1)
 
     def candidate_forecast(self, name: str, w: Windows) -> tuple[np.ndarray, np.ndarray]:
         """One track-record candidate: ``global``, ``prior`` (the prior head), ``personal`` or ``naive``."""
         if name == "naive":
-            q = self.prior["quantile_bias"].shape[0]
-            return w.naive, np.repeat(w.naive[:, None, :], q, axis=1)
+            return self.naive_forecast(w)
         if name == "personal":
             return self.personal_forecast(w)
         return params_forecast(self.glob if name == "global" else self.prior, w.x)
