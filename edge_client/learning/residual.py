@@ -26,6 +26,7 @@ from collections.abc import Mapping
 import numpy as np
 
 from edge_client.learning.head import HEAD_KEYS, Features, Params, head_outputs, head_shapes, slice_head
+from edge_client.wire.codec import check_arrays
 from edge_client.wire.errors import WrongShape
 
 LAG_KEY = "lag_weight"  # (H, k): the residual map of the last k RevIN-normalised context values
@@ -40,14 +41,8 @@ def check_residual_head(params: Mapping[str, np.ndarray], feature_dim: int, hori
                         context: int) -> None:
     """Refuse (WrongShape) a head whose arrays do not fit this backbone: the feature head's shapes, plus an
     optional (horizon, k) lag block with 1 <= k <= context."""
-    expected = dict(head_shapes(feature_dim, horizon, n_quantiles))
-    extra = sorted(set(params) - set(expected) - {LAG_KEY})
-    missing = sorted(set(expected) - set(params))
-    if extra or missing:
-        raise WrongShape(f"head: missing {missing}, unexpected {extra}")
-    for name, shape in expected.items():
-        if tuple(params[name].shape) != shape:
-            raise WrongShape(f"head.{name}: expected shape {shape}, got {tuple(params[name].shape)}")
+    check_arrays({k: v for k, v in params.items() if k != LAG_KEY}, head_shapes(feature_dim, horizon, n_quantiles),
+                 what="head")  # the feature head: the same check as every global model a device receives
     if LAG_KEY in params:
         lag = params[LAG_KEY]
         if lag.ndim != 2 or lag.shape[0] != horizon or not 1 <= lag.shape[1] <= context:
