@@ -40,6 +40,7 @@ import torch
 
 from coordinator.models.checkpoints import load_checkpoint, save_checkpoint
 from coordinator.pretrain import shipped
+from coordinator.pretrain.evaluate import dead_features
 from coordinator.pretrain.federated import FederatedSettings, run_federated, validation_sets
 from coordinator.pretrain.protocol import (
     HORIZONS,
@@ -69,7 +70,16 @@ LODO = ("air_quality", "energy")  # left-out domains for zero-shot (both hourly)
 WINDOWS = 144_000  # training windows per cell; the "ship" cell (2x) checks how much more budget still buys
 ROUNDS = 25
 BATCH = shipped.BATCH
-LR = shipped.LR
+# Training recipes; a cell's id names its recipe (from 2 on), and the report never mixes recipes in one row.
+# 1: the first grid, lr 1e-3 from the first step. The local AdamW restarts every round and its first steps move
+#    every weight by ~lr, which on the 4,096-input feature projection drives GELU features negative for good:
+#    seed 1 lost 62 of 64 features (centralized and FedAvg alike), healthy seeds 20-44.
+# 2: lr 5e-4 reached over the first round (linear warmup), then the same cosine decay; 3: the same at lr 3e-4.
+#    Chosen on validation MSE of centralized seed 1, the seed that collapsed under recipe 1 (group "recipe").
+RECIPES: dict[int, dict[str, float]] = {1: {"lr": 1e-3, "warmup_rounds": 0.0}, 2: {"lr": 5e-4, "warmup_rounds": 1.0},
+                                        3: {"lr": 3e-4, "warmup_rounds": 1.0}}
+RECIPE = 2
+LR = RECIPES[RECIPE]["lr"]
 SHARE = shipped.SHARE
 FEW_SHOT = (0.05, 0.10)
 SEED_METHODS = ("bilevel", "fedal", "fedpm")
@@ -106,13 +116,15 @@ class Cell:
     windows: int = WINDOWS
     rounds: int = ROUNDS
     full_eval: bool = False  # every window of every hourly set (else ETTh1 in full, the AutoETS subset elsewhere)
+    recipe: int = RECIPE
 
     @property
     def id(self) -> str:
         hp = "".join(f"-{k}{v}" for k, v in self.hparams)
         held = "".join(f"-no{d}" for d in self.held_out if d not in ALWAYS_HELD_OUT)
         budget = "" if self.windows == WINDOWS else f"-w{self.windows // 1000}k"
-        return f"{self.strategy}{hp}-share{self.share}{held}{budget}-seed{self.seed}".replace(" ", "")
+        recipe = "" if self.recipe == 1 else f"-r{self.recipe}"
+        return f"{self.strategy}{hp}-share{self.share}{held}{budget}{recipe}-seed{self.seed}".replace(" ", "")
 
     @property
     def domains(self) -> tuple[str, ...]:
@@ -120,8 +132,10 @@ class Cell:
 
     def settings(self, n_silos: int) -> FederatedSettings:
         local = max(1, round(self.windows / (self.rounds * n_silos * BATCH)))
+        recipe = RECIPES[self.recipe]
         return FederatedSettings(strategy=self.strategy, rounds=self.rounds, local_steps=local, batch_size=BATCH,
-                                 lr=LR, domains=self.domains, holdout=self.held_out, seed=self.seed,
+                                 lr=recipe["lr"], warmup_rounds=recipe["warmup_rounds"], domains=self.domains,
+                                 holdout=self.held_out, seed=self.seed,
                                  hparams=self.hparams, synthetic_share=self.share)
 
 
@@ -143,6 +157,9 @@ def plan(groups: list[str], seeds: list[int]) -> list[Cell]:
             cells.append(Cell("real", "centralized real only", "centralized", 0, share=0.0))
             cells.append(Cell("real", "centralized real only (2x budget, 30 rounds: the pilot)", "centralized", 0,
                               share=0.0, windows=2 * WINDOWS, rounds=30))
+        elif g == "recipe":  # the recipe choice: the other candidates on the seed that collapsed under recipe 1
+            cells += [Cell("recipe", f"centralized, recipe {r}", "centralized", 1, recipe=r)
+                      for r in RECIPES if r not in (1, RECIPE)]
         elif g == "lodo":
             cells += [Cell("lodo", f"centralized without {d}", "centralized", 0, held_out=(*ALWAYS_HELD_OUT, d),
                            full_eval=True) for d in LODO]
@@ -196,6 +213,7 @@ def train_cell(cell: Cell, threads: int) -> tuple[Any, dict[str, Any]]:
     meta = {"cell": asdict(cell), "settings": settings.to_json(), "history": result.history,
             "val_mse": result.val_mse, "best_round": result.best_round, "train_s": result.wall_s,
             "silos": {s.domain: s.n_samples for s in silos}, "exportable": result.strategy.exportable(),
+            "dead_features": dead_features(result.model, np.concatenate([x for x, _ in val])),
             "windows_seen": settings.rounds * settings.local_steps * settings.batch_size * len(silos),
             "server_weights": result.server["weights"].tolist() if "weights" in result.server else None}
     if not result.strategy.exportable():  # FeDPM: evaluate what its global model computes
@@ -440,6 +458,11 @@ def in_domain_mean(rec: dict, h: str = "H96") -> float:
     return float(np.mean(vals)) if vals else math.nan
 
 
+def recipe_of(rec: dict) -> int:
+    """A cell record's training recipe (records written before recipes were named are recipe 1)."""
+    return int(rec["cell"].get("recipe", 1))
+
+
 def strategy_table(cells: list[dict], groups: tuple[str, ...]) -> list[str]:
     rows: dict[str, list[dict]] = {}
     for c in cells:
@@ -447,11 +470,11 @@ def strategy_table(cells: list[dict], groups: tuple[str, ...]) -> list[str]:
             rows.setdefault(c["cell"]["label"], []).append(c)
     lines = ["| method | seeds | windows seen | val MSE | in-domain MSE H96 (subset) | ETTh1 MSE H96 | "
              "ETTh1 MSE H192 | ETTh1 MSE H336 | ETTh1 CRPS H96 | ETTh1 H96, ETTh1 head | "
-             "exchange rate zero-shot MSE H96 | train s |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "exchange rate zero-shot MSE H96 | dead features (of 64) | train s |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for label, recs in rows.items():
-        def col(f: Any, recs: list[dict] = recs) -> str:
-            return fmt([f(r) for r in recs])
+        def col(f: Any, recs: list[dict] = recs, digits: int = 3) -> str:
+            return fmt([f(r) for r in recs], digits)
 
         lines.append(
             f"| {label} | {','.join(str(r['cell']['seed']) for r in recs)} | {recs[0]['windows_seen']:,} | "
@@ -461,7 +484,25 @@ def strategy_table(cells: list[dict], groups: tuple[str, ...]) -> list[str]:
             + f" | {col(lambda r: _get(r['scores']['in_domain'], 'etth1', 'H96', 'crps'))}"
             f" | {col(lambda r: _get(r['scores'].get('etth1_head', {}), 'scores', 'H96', 'mse'))}"
             f" | {col(lambda r: _get(r['scores']['zero_shot'], 'exchange_rate', 'ets/H96', 'mse'))}"
+            f" | {col(lambda r: r.get('dead_features', math.nan), digits=0)}"
             f" | {fmt([r['train_s'] for r in recs], 0)} |")
+    return lines
+
+
+def recipe_table(cells: list[dict]) -> list[str]:
+    """Centralized seed 1 (the seed recipe 1 collapsed on) under every recipe: the evidence for the choice."""
+    lines = ["| recipe | lr | warmup rounds | val MSE | best round | dead features (of 64) | ETTh1 MSE H96 |",
+             "|---|---|---|---|---|---|---|"]
+    for c in sorted(cells, key=recipe_of):
+        cell = c["cell"]
+        if (cell["strategy"], cell["seed"], cell["windows"], cell["share"], tuple(cell["held_out"]),
+                tuple(cell["hparams"])) != ("centralized", 1, WINDOWS, SHARE, ALWAYS_HELD_OUT, ()):
+            continue
+        r = RECIPES[recipe_of(c)]
+        chosen = " (chosen)" if recipe_of(c) == RECIPE else ""
+        lines.append(f"| {recipe_of(c)}{chosen} | {r['lr']:g} | {r['warmup_rounds']:g} | {c['val_mse']:.4f} | "
+                     f"{c['best_round']} | {c.get('dead_features', '—')} | "
+                     f"{_get(c['scores']['in_domain'], 'etth1', 'H96', 'mse'):.3f} |")
     return lines
 
 
@@ -502,58 +543,74 @@ def _proto_row(label: str, scores: dict, names: list[str], prefix: str = "") -> 
     return f"| {label} | " + " | ".join(cells) + " |"
 
 
-def render(cells: list[dict], base: dict[str, Any]) -> str:
-    by_id = {c["id"]: c for c in cells}
+def recipe_note(rec: dict) -> str:
+    return "" if recipe_of(rec) == RECIPE else f" (recipe {recipe_of(rec)})"
+
+
+def row_name(rec: dict) -> str:
+    return f"{rec['cell']['label']} (seed {rec['cell']['seed']}){recipe_note(rec)}"
+
+
+def render(all_cells: list[dict], base: dict[str, Any]) -> str:
+    by_id = {c["id"]: c for c in all_cells}
+    cells = [c for c in all_cells if recipe_of(c) == RECIPE]
+    older = [c for c in all_cells if recipe_of(c) != RECIPE]
+    recipe = RECIPES[RECIPE]
     lines = ["# A foundation model worth federating (issue 13)", "",
-             f"Written by `benchmarks/foundation.py` from {len(cells)} finished cells "
+             f"Written by `benchmarks/foundation.py` from {len(all_cells)} finished cells "
              f"({time.strftime('%Y-%m-%d %H:%M')}). Model: TSFM tiny (context 512, d_model 64, 3 layers, "
              f"feature_dim 64; {MODEL.horizon}-step head). Budget per cell: {WINDOWS:,} training windows "
-             f"({ROUNDS} rounds x batch {BATCH}, lr {LR}); synthetic share {SHARE}. Metrics on scaled values. "
-             "MSE / MAE unless stated. *subset* = the evenly strided windows AutoETS is fit on.", ""]
-    lines += ["## Strategies at equal budget (mean ± std over seeds)", ""]
+             f"({ROUNDS} rounds x batch {BATCH}); recipe {RECIPE}: lr {recipe['lr']:g}, linear warmup over "
+             f"{recipe['warmup_rounds']:g} round(s), cosine decay; synthetic share {SHARE}. Metrics on scaled "
+             "values. MSE / MAE unless stated. *subset* = the evenly strided windows AutoETS is fit on. Tables "
+             f"hold recipe {RECIPE} cells unless a row says otherwise; the superseded recipe's grid is at the end.",
+             ""]
+    lines += [f"## Strategies at equal budget, recipe {RECIPE} (mean ± std over seeds)", ""]
     lines += strategy_table(cells, ("main", "real", "ship", "seed"))
+    lines += ["", "## Training recipe (centralized, seed 1; chosen on validation MSE)", ""]
+    lines += recipe_table(all_cells)
     lines += ["", "## Standard protocol (stride 1, all channels, whole test split; MSE / MAE at H 96 / 192 / 336)", ""]
     names = [n for n in HOURLY]
     head = "| model | " + " | ".join(f"{n} H{h}" for n in names for h in (96, 192, 336)) + " |"
     lines += [head, "|---" * (1 + 3 * len(names)) + "|"]
     for b in ("seasonal_naive", "nlinear"):
         lines.append(_proto_row(b, {n: base.get(n, {}).get(b, {}) for n in names}, names))
-    for c in cells:
+    for c in all_cells:
         if c["cell"]["full_eval"]:
             sc = {**c["scores"]["in_domain"], **c["scores"]["zero_shot"]}
-            lines.append(_proto_row(f"{c['cell']['label']} (seed {c['cell']['seed']}), pretrained head", sc, names))
+            lines.append(_proto_row(f"{row_name(c)}, pretrained head", sc, names))
             if "etth1_head" in c["scores"]:
-                lines.append(_proto_row(f"{c['cell']['label']} (seed {c['cell']['seed']}), ETTh1 head",
+                lines.append(_proto_row(f"{row_name(c)}, ETTh1 head",
                                         {"etth1": c["scores"]["etth1_head"]["scores"]}, names))
     lines += ["", "## AutoETS subset (the same windows for every row; MSE / MAE)", ""]
     lines += [head, "|---" * (1 + 3 * len(names)) + "|"]
     for b in ("seasonal_naive", "nlinear", "autoets"):
         lines.append(_proto_row(b, {n: base.get(n, {}).get(b, {}) for n in names}, names, "ets/"))
-    for c in cells:
-        if c["cell"]["group"] in ("ship", "lodo") or c["id"] == "centralized-share0.2-seed0":
+    for c in all_cells:
+        if c["cell"]["group"] in ("ship", "lodo") or c["cell"]["full_eval"]:
             sc = {**c["scores"]["in_domain"], **c["scores"]["zero_shot"]}
-            lines.append(_proto_row(f"{c['cell']['label']} (seed {c['cell']['seed']})", sc, names, "ets/"))
+            lines.append(_proto_row(row_name(c), sc, names, "ets/"))
     lines += ["", "## Leave-one-domain-out zero-shot (H96 MSE, every test window; subset for AutoETS)", "",
               "| left out | dataset | zero-shot | seasonal naive | NLinear (full-shot) | AutoETS (subset) | "
               "zero-shot on subset | vs seasonal naive |", "|---|---|---|---|---|---|---|---|"]
-    for c in cells:
+    for c in all_cells:
         if c["cell"]["group"] != "lodo":
             continue
         for n, s in c["scores"]["zero_shot"].items():
             if n not in HOURLY:
                 continue
             zs, sn = _get(s, "H96", "mse"), _get(base.get(n, {}), "seasonal_naive", "H96", "mse")
-            lines.append(f"| {c['cell']['held_out'][-1]} | {n} | {zs:.3f} | {sn:.3f} | "
+            lines.append(f"| {c['cell']['held_out'][-1]}{recipe_note(c)} | {n} | {zs:.3f} | {sn:.3f} | "
                          f"{_get(base.get(n, {}), 'nlinear', 'H96', 'mse'):.3f} | "
                          f"{_get(base.get(n, {}), 'autoets', 'ets/H96', 'mse'):.3f} | {_get(s, 'ets/H96', 'mse'):.3f}"
                          f" | {100 * (zs / sn - 1):+.1f} % |")
     lines += ["", "## Few-shot (H96 MSE on the AutoETS subset windows; same data, steps, selection)", "",
               "| pretrained on | target | data | head-only | full fine-tune | from scratch |",
               "|---|---|---|---|---|---|"]
-    for c in cells:
+    for c in all_cells:
         for key, r in c["scores"].get("few_shot", {}).items():
             n, frac = key.split("@")
-            lines.append(f"| {c['cell']['label']} | {n} | {frac} ({r['head']['train_windows']} windows) | "
+            lines.append(f"| {row_name(c)} | {n} | {frac} ({r['head']['train_windows']} windows) | "
                          + " | ".join(f"{_get(r[m], 'scores', 'ets/H96', 'mse'):.3f}"
                                       for m in ("head", "full", "scratch"))
                          + " |")
@@ -575,34 +632,52 @@ def render(cells: list[dict], base: dict[str, Any]) -> str:
                      f"{c['val_mse']:.4f} | {mark} | {in_domain_mean(c):.3f} | "
                      f"{_get(c['scores']['in_domain'], 'etth1', 'H96', 'mse'):.3f} | "
                      f"{_get(c['scores']['zero_shot'], 'exchange_rate', 'ets/H96', 'mse'):.3f} |")
-    lines += ["", "## Cells", "", "| cell | group | windows seen | best round | val MSE | train s | eval s |",
-              "|---|---|---|---|---|---|---|"]
+    if older:
+        lines += ["", "## Superseded: the recipe 1 grid (lr 1e-3 from the first step; features collapse on some seeds)",
+                  ""]
+        lines += strategy_table(older, ("main", "real", "ship", "seed"))
+    lines += ["", "## Cells", "", "| cell | group | recipe | windows seen | best round | val MSE | dead features | "
+              "train s | eval s |", "|---|---|---|---|---|---|---|---|---|"]
     for cid, c in sorted(by_id.items()):
-        lines.append(f"| {cid} | {c['cell']['group']} | {c['windows_seen']:,} | {c['best_round']} | "
-                     f"{c['val_mse']:.4f} | {c['train_s']:.0f} | {c['eval_s']:.0f} |")
+        lines.append(f"| {cid} | {c['cell']['group']} | {recipe_of(c)} | {c['windows_seen']:,} | {c['best_round']} | "
+                     f"{c['val_mse']:.4f} | {c.get('dead_features', '—')} | {c['train_s']:.0f} | {c['eval_s']:.0f} |")
     lines += ["", "Training curves: `foundation_curves.png` (validation MSE per round, x = training windows seen).", ""]
     return "\n".join(lines)
 
 
 def curves(cells: list[dict], path: Path) -> None:
+    """Left: validation curves of the current recipe's seed-0 cells. Right: centralized and FedAvg at every
+    seed under each recipe, which shows the recipe 1 collapse (a flat curve) and its fix."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(10, 5.5))
-    for c in cells:
-        if c["cell"]["seed"] != 0 or c["cell"]["group"] in ("sweep", "ablate"):
-            continue
+    def xy(c: dict) -> tuple[list[float], list[float]]:
         per_round = c["windows_seen"] / max(1, len(c["history"]))
-        x = [(h["round"] + 1) * per_round for h in c["history"]]
-        ax.plot(x, [h["val_mse"] for h in c["history"]], label=c["cell"]["label"] + (
-            "" if c["cell"]["group"] != "lodo" else " (other val sets)"), lw=1.2)
-    ax.set_xlabel("training windows seen")
+        return [(h["round"] + 1) * per_round for h in c["history"]], [h["val_mse"] for h in c["history"]]
+
+    fig, (ax, rx) = plt.subplots(1, 2, figsize=(15, 5.5), sharey=True)
+    for c in cells:
+        if recipe_of(c) != RECIPE or c["cell"]["seed"] != 0 or c["cell"]["group"] in ("sweep", "ablate"):
+            continue
+        ax.plot(*xy(c), label=c["cell"]["label"] + ("" if c["cell"]["group"] != "lodo" else " (other val sets)"),
+                lw=1.2)
+    colours = {1: "tab:red", 2: "tab:blue", 3: "tab:green"}
+    for c in cells:
+        cell = c["cell"]
+        if (cell["strategy"] in ("centralized", "fedavg") and cell["windows"] == WINDOWS and not cell["hparams"]
+                and tuple(cell["held_out"]) == ALWAYS_HELD_OUT and cell["share"] == SHARE):
+            rx.plot(*xy(c), color=colours.get(recipe_of(c), "grey"), lw=1.1,
+                    ls="-" if cell["strategy"] == "centralized" else "--", marker=(None, "o", "^")[cell["seed"] % 3],
+                    markevery=5, ms=4, label=f"{cell['strategy']} seed {cell['seed']}, recipe {recipe_of(c)}")
+    ax.set_title(f"Validation curves, recipe {RECIPE}, seed 0")
+    rx.set_title("Recipes: centralized (solid) and FedAvg (dashed), every seed")
+    for a_ in (ax, rx):
+        a_.set_xlabel("training windows seen")
+        a_.grid(alpha=0.3)
+        a_.legend(fontsize=7)
     ax.set_ylabel("validation MSE (mean over datasets)")
-    ax.set_title("Validation curves, seed 0")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

@@ -15,7 +15,7 @@ import foundation
 
 def _results(path: Path) -> dict:
     data = {"meta": {}, "baselines": {"etth1": {"seasonal_naive": {"H96": {"mse": 0.512}}}},
-            "cells": [{"id": "fedavg-share0.2-seed0", "val_mse": 0.616, "cell": {"seed": 0}},
+            "cells": [{"id": "fedavg-share0.2-r2-seed0", "val_mse": 0.616, "cell": {"seed": 0}},
                       {"id": "fedprox-share0.2-seed0", "val_mse": 0.6025, "cell": {"seed": 0}}]}
     path.write_text(json.dumps(data))
     return data
@@ -29,11 +29,11 @@ def test_restore_writes_missing_records_and_keeps_existing(tmp_path: Path) -> No
 
     written = foundation.restore(results, cells)
 
-    assert sorted(written) == ["baselines-etth1.json", "fedavg-share0.2-seed0.json"]
-    assert json.loads((cells / "fedavg-share0.2-seed0.json").read_text()) == data["cells"][0]
+    assert sorted(written) == ["baselines-etth1.json", "fedavg-share0.2-r2-seed0.json"]
+    assert json.loads((cells / "fedavg-share0.2-r2-seed0.json").read_text()) == data["cells"][0]
     assert json.loads((cells / "baselines-etth1.json").read_text()) == data["baselines"]["etth1"]
     assert json.loads((cells / "fedprox-share0.2-seed0.json").read_text())["val_mse"] == 0.5  # not overwritten
-    assert sorted(p.name for p in cells.iterdir()) == ["baselines-etth1.json", "fedavg-share0.2-seed0.json",
+    assert sorted(p.name for p in cells.iterdir()) == ["baselines-etth1.json", "fedavg-share0.2-r2-seed0.json",
                                                        "fedprox-share0.2-seed0.json"]  # no temp files left
     assert foundation.restore(results, cells) == []  # idempotent
 
@@ -49,7 +49,7 @@ def test_run_skips_a_cell_whose_record_is_only_in_the_results(tmp_path: Path, mo
     out.mkdir()
     cell = foundation.plan(["main:0"], [0])[1]  # fedavg seed 0
     _results(out / "foundation.json")
-    assert cell.id == "fedavg-share0.2-seed0"
+    assert cell.id == "fedavg-share0.2-r2-seed0"
     monkeypatch.setattr(foundation, "OUT", out)
     monkeypatch.setattr(foundation, "CELLS", cells)
     monkeypatch.setattr(foundation, "RUNS", tmp_path / "runs")
@@ -92,3 +92,28 @@ def test_run_starts_no_cell_that_would_not_finish_before_until(tmp_path: Path, m
     foundation.run(foundation.argparse.Namespace(groups=["seed:0"], seeds=[0], threads=1, until=hhmm))
     assert "would not finish" in capsys.readouterr().out
     assert not (cells / f"{cell.id}.lock").exists()
+
+
+def test_cells_of_the_superseded_recipe_keep_their_ids_and_stay_out_of_the_current_tables() -> None:
+    """Recipe 1 records (written before recipes had names) keep their ids and are not averaged with the
+    current recipe's cells of the same label; they are reported in their own section."""
+    current = foundation.plan(["main:1"], [1])[0]
+    assert current.id == f"centralized-share0.2-r{foundation.RECIPE}-seed1"
+    assert foundation.Cell("main", "centralized", "centralized", 1, recipe=1).id == "centralized-share0.2-seed1"
+
+    def record(recipe: int | None, val: float) -> dict:
+        cell = {"group": "main", "label": "centralized", "strategy": "centralized", "seed": 1, "hparams": [],
+                "share": foundation.SHARE, "held_out": list(foundation.ALWAYS_HELD_OUT),
+                "windows": foundation.WINDOWS, "full_eval": False}
+        if recipe is not None:
+            cell["recipe"] = recipe
+        return {"id": f"c{recipe}", "cell": cell, "val_mse": val, "best_round": 3, "windows_seen": 1, "train_s": 1.0,
+                "eval_s": 1.0, "history": [], "scores": {"in_domain": {}, "zero_shot": {}}, "dead_features": 0}
+
+    md = foundation.render([record(None, 0.693), record(foundation.RECIPE, 0.554)], {})
+    current_table = md[md.index("## Strategies"):md.index("## Training recipe")]
+    superseded = md[md.index("## Superseded"):md.index("## Cells")]
+    assert "0.554" in current_table and "0.693" not in current_table
+    assert "0.693" in superseded and "0.554" not in superseded
+    recipes = md[md.index("## Training recipe"):md.index("## Standard protocol")]
+    assert "| 1 | 0.001 | 0 | 0.6930 |" in recipes and f"| {foundation.RECIPE} (chosen) |" in recipes

@@ -177,3 +177,26 @@ def test_bilevel_warm_start_is_fedavg_then_regularised(monkeypatch: pytest.Monke
     # round 1, two steps each on energy and nature (finance has one sub-dataset: no classifier); ramp from 0
     assert len(gammas) == 4 and gammas[0] == gammas[2] == 0.0 < gammas[1] == gammas[3]
     assert not np.allclose(server["weights"].numpy(), n / n.sum())
+
+
+def test_warmup_ramps_the_lr_over_the_first_rounds_only() -> None:
+    """Recipe 2 of the foundation grid: a fresh local AdamW at full lr killed most GELU features on some seeds."""
+    from coordinator.pretrain.federated import warmup_factor
+
+    plain, warm = FederatedSettings(), FederatedSettings(warmup_rounds=1.0)
+    assert [warmup_factor(plain, 0, s, 4) for s in range(4)] == [1.0] * 4
+    assert [warmup_factor(warm, 0, s, 4) for s in range(4)] == [0.25, 0.5, 0.75, 1.0]
+    assert warmup_factor(warm, 1, 0, 4) == 1.0
+    assert warmup_factor(FederatedSettings(warmup_rounds=2.0), 1, 1, 4) == 0.75
+
+
+def test_dead_features_counts_the_constant_ones() -> None:
+    from coordinator.pretrain.evaluate import dead_features
+
+    torch.manual_seed(0)
+    model = TSFM(TSFMConfig(context=64, horizon=8, feature_dim=16, d_model=16, n_heads=2, d_ff=32))
+    x = np.random.default_rng(0).normal(size=(200, 64)).astype(np.float32)
+    assert dead_features(model, x) == 0
+    with torch.no_grad():
+        model.backbone.project.bias[:5] = -1e4  # GELU(-1e4) == 0 for every window
+    assert dead_features(model, x) == 5
