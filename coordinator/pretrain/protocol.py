@@ -18,6 +18,7 @@ baselines scored on exactly its windows.
 
 from __future__ import annotations
 
+import copy
 import math
 from dataclasses import dataclass
 from functools import lru_cache
@@ -157,6 +158,19 @@ def nlinear_fit(name: str, context: int, horizon: int, data_dir: str | None = No
     return sol[:-1].astype(np.float32), sol[-1].astype(np.float32)
 
 
+def nlinear_fit_windows(x: np.ndarray, y: np.ndarray, ridge: float = 1e-3) -> tuple[np.ndarray, np.ndarray]:
+    """NLinear by ridge least squares on given windows (contexts `x`, targets `y`): the linear model a
+    few-shot comparison trains from scratch on exactly the windows the pretrained model adapts on."""
+    x, y = x.astype(np.float64), y.astype(np.float64)
+    last = x[:, -1:]
+    a = np.hstack([x - last, np.ones((len(x), 1))])
+    xtx, xty = a.T @ a, a.T @ (y - last)
+    reg = ridge * np.trace(xtx) / a.shape[1] * np.eye(a.shape[1])
+    reg[-1, -1] = 0.0
+    sol = np.linalg.solve(xtx + reg, xty)
+    return sol[:-1].astype(np.float32), sol[-1].astype(np.float32)
+
+
 def nlinear_scores(name: str, context: int = 512, data_dir: str | None = None) -> dict[str, dict[str, float]]:
     """One least-squares fit per horizon (each on the training windows whose H targets fit)."""
     tw = protocol_windows(name, context, data_dir=data_dir)
@@ -237,8 +251,6 @@ def fit_head(model: torch.nn.Module, name: str, data_dir: str | None = None, n_t
     feature energy). The quantile head keeps its pretrained offsets from the point forecast
     (W_q ← W_new + (W_q - W_p)), so the bands follow the new point forecast. Training windows:
     `n_train` evenly spaced ones, or `fraction` of all of them (few-shot)."""
-    import copy
-
     cfg = model.config
     if fraction is not None:
         n_train = None
@@ -273,20 +285,41 @@ def fit_head(model: torch.nn.Module, name: str, data_dir: str | None = None, n_t
     return tuned, {"ridge": lam, "val_mse": val, "train_windows": len(x)}
 
 
-def fine_tune(model: torch.nn.Module | None, config, name: str, fraction: float, data_dir: str | None = None, *,
-              steps: int = 200, batch_size: int = 64, lr: float = 1e-4, seed: int = 0, val_every: int = 50,
-              threads: int | None = None) -> tuple[torch.nn.Module, dict]:
-    """Full fine-tuning of every weight of `model` (or training a fresh TSFM from scratch when
-    `model` is None) on `fraction` of `name`'s training windows, AdamW, `steps` mini-batches,
-    keeping the best state on `name`'s validation windows (checked every `val_every` steps).
-    The same data, steps and selection for both, so the comparison isolates the pretraining."""
-    import copy
+FINE_TUNE_LRS = (1e-4, 3e-4, 1e-3)
 
+
+def fine_tune(model: torch.nn.Module | None, config, name: str, fraction: float, data_dir: str | None = None, *,
+              steps: int = 200, batch_size: int = 64, lrs: tuple[float, ...] = FINE_TUNE_LRS, seed: int = 0,
+              val_every: int = 50, threads: int | None = None) -> tuple[torch.nn.Module, dict]:
+    """Full fine-tuning of every weight of `model` (or training a fresh TSFM from scratch when
+    `model` is None) on `fraction` of `name`'s training windows, AdamW, `steps` mini-batches, at each
+    lr of `lrs`, keeping the best state (over lrs and checkpoints every `val_every` steps) on `name`'s
+    validation windows. The same data, steps, lr grid and selection for both, so the comparison
+    isolates the pretraining. Give `model` with its head already refit to `name` (:func:`fit_head`)
+    for LP-FT (Kumar et al. 2022): fine-tuning from a head that fits the target keeps the early,
+    large gradients of a mismatched head from distorting the pretrained features."""
+    x, y = split_subset(name, "train", config.context, config.horizon, fraction=fraction, data_dir=data_dir)
+    vx, vy = split_subset(name, "val", config.context, config.horizon, n=1000, data_dir=data_dir)
+    best: tuple[float, dict, int, float] | None = None
+    sweep = {}
+    for lr in lrs:
+        net, val, step = _fine_tune_at(model, config, x, y, vx, vy, steps, batch_size, lr, seed, val_every, threads)
+        sweep[str(lr)] = val
+        if best is None or val < best[0]:
+            best = (val, copy.deepcopy(net.state_dict()), step, lr)
+    assert best is not None
+    net.load_state_dict(best[1])
+    net.eval()
+    return net, {"train_windows": len(x), "val_mse": best[0], "best_step": best[2], "lr": best[3],
+                 "lr_sweep": sweep}
+
+
+def _fine_tune_at(model: torch.nn.Module | None, config, x: np.ndarray, y: np.ndarray, vx: np.ndarray,
+                  vy: np.ndarray, steps: int, batch_size: int, lr: float, seed: int, val_every: int,
+                  threads: int | None) -> tuple[torch.nn.Module, float, int]:
     from coordinator.models.tsfm import TSFM
     from coordinator.pretrain.training import forecast_loss
 
-    x, y = split_subset(name, "train", config.context, config.horizon, fraction=fraction, data_dir=data_dir)
-    vx, vy = split_subset(name, "val", config.context, config.horizon, n=1000, data_dir=data_dir)
     torch.manual_seed(seed)
     net = copy.deepcopy(model) if model is not None else TSFM(config)
     opt = torch.optim.AdamW(net.parameters(), lr=lr, weight_decay=0.01)
@@ -297,8 +330,8 @@ def fine_tune(model: torch.nn.Module | None, config, name: str, fraction: float,
     def val() -> float:
         return float(np.mean((predict(net, vx)[0] - vy) ** 2))
 
-    best_val, best_state, best_step = val(), copy.deepcopy(net.state_dict()), 0
     with torch_threads(threads):
+        best_val, best_state, best_step = val(), copy.deepcopy(net.state_dict()), 0
         for step in range(1, steps + 1):
             net.train()
             idx = torch.from_numpy(rng.integers(0, len(xt), size=batch_size))
@@ -314,4 +347,4 @@ def fine_tune(model: torch.nn.Module | None, config, name: str, fraction: float,
                     best_val, best_state, best_step = v, copy.deepcopy(net.state_dict()), step
     net.load_state_dict(best_state)
     net.eval()
-    return net, {"train_windows": len(x), "val_mse": best_val, "best_step": best_step, "lr": lr}
+    return net, best_val, best_step

@@ -77,12 +77,13 @@ def normal_equations(f: np.ndarray, x: np.ndarray, loc: np.ndarray, scale: np.nd
 
 
 def fit_residual_head(model: torch.nn.Module, name: str, data_dir: str | None = None,
-                      lag_grid: Sequence[int] = LAG_GRID, threads: int | None = None,
+                      lag_grid: Sequence[int] = LAG_GRID, threads: int | None = None, fraction: float = 1.0,
                       ) -> tuple[dict[str, np.ndarray], dict]:
     """The residual head of `model`'s frozen backbone for dataset `name` (see the module docstring): its arrays
-    (the keys of head.npz plus ``lag_weight``) and what was chosen, with the validation sweep."""
+    (the keys of head.npz plus ``lag_weight``) and what was chosen, with the validation sweep. `fraction`: fit
+    on that share of the training windows, evenly spaced (few-shot)."""
     cfg = model.config
-    x, y = split_subset(name, "train", cfg.context, cfg.horizon, fraction=1.0, data_dir=data_dir)
+    x, y = split_subset(name, "train", cfg.context, cfg.horizon, fraction=fraction, data_dir=data_dir)
     vx, vy = split_subset(name, "val", cfg.context, cfg.horizon, fraction=1.0, data_dir=data_dir)
     with torch_threads(threads):
         f, loc, scale = frozen_features(model, x)
@@ -121,11 +122,16 @@ def fit_residual_head(model: torch.nn.Module, name: str, data_dir: str | None = 
 
 
 def residual_protocol_scores(model: torch.nn.Module, params: dict[str, np.ndarray], name: str,
-                             data_dir: str | None = None, threads: int | None = None) -> dict[str, dict[str, float]]:
-    """Standard-protocol scores of `model`'s backbone under a residual head (torch features, the numpy head)."""
+                             data_dir: str | None = None, threads: int | None = None, subset_only: bool = False,
+                             ) -> dict[str, dict[str, float]]:
+    """Standard-protocol scores of `model`'s backbone under a residual head (torch features, the numpy head);
+    `subset_only`: only the AutoETS subset windows are forecast and scored."""
     tw = protocol_windows(name, model.config.context, data_dir=data_dir)
+    rows = tw.rows(min(HORIZONS), subset=True) if subset_only else np.arange(len(tw.x))
     with torch_threads(threads):
-        f, loc, scale = frozen_features(model, tw.x)
+        f, loc, scale = frozen_features(model, tw.x[rows])
     feats = Features(f.astype(np.float32), loc.astype(np.float32), scale.astype(np.float32))
-    point, quant = residual_forecast(params, feats, tw.x)
-    return score_forecasts(tw, point, quant, model.config.quantiles)
+    point = np.full((len(tw.x), model.config.horizon), np.nan, np.float32)
+    quant = np.full((len(tw.x), model.config.n_quantiles, model.config.horizon), np.nan, np.float32)
+    point[rows], quant[rows] = residual_forecast(params, feats, tw.x[rows])
+    return score_forecasts(tw, point, quant, model.config.quantiles, subset_only=subset_only)
