@@ -91,6 +91,7 @@ SWEEPS: dict[str, list[dict[str, Any]]] = {
     "fedal": [{"kappa": 0.1}, {"kappa": 10.0}],
     "fedpm": [{"shared_slots": 32, "personal_slots": 32}],
     "fedprox": [{"mu": 0.001}, {"mu": 0.1}],
+    "fedadam": [{"server_lr": 1e-3}, {"server_lr": 1e-2}],
 }
 ABLATIONS: dict[str, tuple[str, dict[str, Any]]] = {
     "bilevel −GRL": ("bilevel", {"lam": 0.0}),
@@ -152,7 +153,7 @@ def plan(groups: list[str], seeds: list[int]) -> list[Cell]:
                               rounds=2 * ROUNDS, full_eval=True))
         elif g == "main":
             cells += [Cell("main", s, s, seed, full_eval=s == "centralized" and seed == 0)
-                      for seed in seeds for s in ("centralized", "fedavg", "fedprox")]
+                      for seed in seeds for s in ("centralized", "fedavg", "fedprox", "fedadam")]
         elif g == "real":  # real corpus only: like the main centralized cell, and the pilot (2x budget, 30 rounds)
             cells.append(Cell("real", "centralized real only", "centralized", 0, share=0.0))
             cells.append(Cell("real", "centralized real only (2x budget, 30 rounds: the pilot)", "centralized", 0,

@@ -110,7 +110,8 @@ def demo(
                                          "(Mosquitto needed); default: anonymous on loopback")] = False,
     pretrain_strategy: Annotated[str, typer.Option(
         help="backbone: shipped (the pretrained model inside fedge, docs/model-card.md) | auto (train the best in "
-             "docs/results/pretrain.json) | etth1 | centralized | fedavg | fedprox | bilevel | fedal")] = "shipped",
+             "docs/results/pretrain.json) | etth1 | centralized | fedavg | fedprox | fedadam | bilevel | "
+             "fedal")] = "shipped",
     seed: int = 0,
     ui: Annotated[bool, typer.Option("--ui/--no-ui", help="serve the fleet dashboard on 127.0.0.1 while it runs")
                   ] = True,
@@ -172,8 +173,8 @@ def demo(
 @app.command()
 def pretrain(
     strategy: Annotated[str, typer.Option(help="shipped (reproduce the model shipped with fedge from the data) | etth1 "
-                                          "(central, ETTh1 only) | centralized | fedavg | fedprox | bilevel | "
-                                          "fedal | fedpm (domain silos)")] = "etth1",
+                                          "(central, ETTh1 only) | centralized | fedavg | fedprox | fedadam | "
+                                          "bilevel | fedal | fedpm (domain silos)")] = "etth1",
     rounds: Annotated[int, typer.Option(min=1, help="silo strategies: federated rounds")] = 20,
     local_steps: Annotated[int, typer.Option(min=1, help="silo strategies: local steps per round")] = 20,
     out: Annotated[Path, typer.Option(help="checkpoint file (etth1) or folder (silo strategies)")] = Path(

@@ -70,7 +70,7 @@ def test_two_rounds_change_weights_through_fleet_aggregation(strategy: str, monk
     assert np.isfinite(result.val_mse)
 
 
-@pytest.mark.parametrize("strategy", ["bilevel", "fedal", "fedpm"])
+@pytest.mark.parametrize("strategy", ["fedadam", "bilevel", "fedal", "fedpm"])
 def test_resume_matches_uninterrupted_run(strategy: str, tmp_path) -> None:
     full = _run(strategy, rounds=3)
     ckpt = tmp_path / "run.round.pt"
@@ -200,3 +200,25 @@ def test_dead_features_counts_the_constant_ones() -> None:
     with torch.no_grad():
         model.backbone.project.bias[:5] = -1e4  # GELU(-1e4) == 0 for every window
     assert dead_features(model, x) == 5
+
+
+def test_fedadam_takes_reddis_server_step_on_the_weighted_mean_delta() -> None:
+    """m ← β1 m + (1-β1) Δ̄, v ← β2 v + (1-β2) Δ̄², θ ← θ + η m / (√v + τ), v starting at τ², no bias correction."""
+    from coordinator.fleet.aggregation import ClientUpdate
+    from coordinator.pretrain.strategies import Upload
+
+    strategy = make_strategy("fedadam", server_lr=0.01, beta1=0.9, beta2=0.99, tau=1e-3)
+    model = TSFM(CFG)
+    server = strategy.init_server(model, SILOS)
+    theta = params_of(model)
+    rng = np.random.default_rng(0)
+    d1, d2 = ({k: rng.normal(size=v.shape).astype(np.float32) * 1e-3 for k, v in theta.items()} for _ in range(2))
+    uploads = [Upload(ClientUpdate("a", 1, d1, {})), Upload(ClientUpdate("b", 3, d2, {}))]
+    new = strategy.server_update(theta, uploads, server, 0)
+    key = next(iter(theta))
+    mean = (d1[key] + 3 * d2[key]) / 4
+    m, v = 0.1 * mean, 0.99 * 1e-6 + 0.01 * mean.astype(np.float64) ** 2
+    np.testing.assert_allclose(new[key], theta[key] + 0.01 * m / (np.sqrt(v) + 1e-3), rtol=1e-4, atol=1e-7)
+    np.testing.assert_allclose(server[f"m.{key}"].numpy(), m, rtol=1e-5)
+    with pytest.raises(ValueError):
+        make_strategy("fedadam", tau=0.0)

@@ -145,15 +145,15 @@ class Strategy:
 
 
 def make_strategy(name: str, **hparams: Any) -> Strategy:
-    from coordinator.pretrain.strategies import bilevel, centralized, fedal, fedavg, fedpm, fedprox
+    from coordinator.pretrain.strategies import bilevel, centralized, fedadam, fedal, fedavg, fedpm, fedprox
 
     table: dict[str, type[Strategy]] = {
         "centralized": centralized.Centralized, "fedavg": fedavg.FedAvgStrategy, "fedprox": fedprox.FedProx,
-        "bilevel": bilevel.BiLevel, "fedal": fedal.FeDaL, "fedpm": fedpm.FeDPM,
+        "fedadam": fedadam.FedAdam, "bilevel": bilevel.BiLevel, "fedal": fedal.FeDaL, "fedpm": fedpm.FeDPM,
     }
     if name not in table:
         raise ValueError(f"unknown strategy {name!r}; choose one of {', '.join(table)}")
     return table[name](**hparams)
 
 
-STRATEGIES = ("centralized", "fedavg", "fedprox", "bilevel", "fedal", "fedpm")
+STRATEGIES = ("centralized", "fedavg", "fedprox", "fedadam", "bilevel", "fedal", "fedpm")
