@@ -83,6 +83,7 @@ LR = RECIPES[RECIPE]["lr"]
 SHARE = shipped.SHARE
 FEW_SHOT = (0.05, 0.10)
 SEED_METHODS = ("bilevel", "fedal", "fedpm")
+ROUND_SWEEP = (75, 125)  # WINDOWS / (rounds x 6 silos x BATCH) = 5 and 3 local steps: the budget exactly
 # Points besides each method's defaults (the seed-0 cell of group "seed" is the default point).
 # bilevel's defaults include a warm start (half the budget as FedAvg); warm_start 0 is the cold start the toy run
 # used. fedpm's defaults are 128 + 128 memory slots; 32 + 32 is the earlier, smaller memory.
@@ -124,8 +125,10 @@ class Cell:
         hp = "".join(f"-{k}{v}" for k, v in self.hparams)
         held = "".join(f"-no{d}" for d in self.held_out if d not in ALWAYS_HELD_OUT)
         budget = "" if self.windows == WINDOWS else f"-w{self.windows // 1000}k"
+        # rounds are named only where they differ from the budget's default (ROUNDS per WINDOWS windows)
+        rounds = "" if self.rounds * WINDOWS == ROUNDS * self.windows else f"-R{self.rounds}"
         recipe = "" if self.recipe == 1 else f"-r{self.recipe}"
-        return f"{self.strategy}{hp}-share{self.share}{held}{budget}{recipe}-seed{self.seed}".replace(" ", "")
+        return f"{self.strategy}{hp}-share{self.share}{held}{budget}{rounds}{recipe}-seed{self.seed}".replace(" ", "")
 
     @property
     def domains(self) -> tuple[str, ...]:
@@ -158,6 +161,8 @@ def plan(groups: list[str], seeds: list[int]) -> list[Cell]:
             cells.append(Cell("real", "centralized real only", "centralized", 0, share=0.0))
             cells.append(Cell("real", "centralized real only (2x budget, 30 rounds: the pilot)", "centralized", 0,
                               share=0.0, windows=2 * WINDOWS, rounds=30))
+        elif g == "rounds":  # FedAvg's client drift: the same windows in more, shorter rounds (5 and 3 local steps)
+            cells += [Cell("rounds", f"fedavg, {r} rounds", "fedavg", 0, rounds=r) for r in ROUND_SWEEP]
         elif g == "recipe":  # the recipe choice: the other candidates on the seed that collapsed under recipe 1
             cells += [Cell("recipe", f"centralized, recipe {r}", "centralized", 1, recipe=r)
                       for r in RECIPES if r not in (1, RECIPE)]
@@ -642,8 +647,9 @@ def render(all_cells: list[dict], base: dict[str, Any]) -> str:
     lines += ["", "## Sweeps and ablations (seed 0; each method's hyper-parameters chosen on validation MSE only)", "",
               "| method | cell | val MSE | chosen | in-domain MSE H96 (subset) | ETTh1 MSE H96 | "
               "exchange rate zero-shot H96 |", "|---|---|---|---|---|---|---|"]
-    swept = [c for c in cells if c["cell"]["group"] in ("sweep", "ablate") or (
-        c["cell"]["seed"] == 0 and c["cell"]["group"] in ("seed", "main") and c["cell"]["strategy"] in SWEEPS)]
+    swept = [c for c in cells if c["cell"]["group"] in ("sweep", "ablate", "rounds") or (
+        c["cell"]["seed"] == 0 and c["cell"]["group"] in ("seed", "main") and (
+            c["cell"]["strategy"] in SWEEPS or c["cell"]["strategy"] == "fedavg"))]
     best = {}
     for c in swept:
         if c["cell"]["group"] != "ablate":
@@ -651,7 +657,8 @@ def render(all_cells: list[dict], base: dict[str, Any]) -> str:
             if s_ not in best or c["val_mse"] < best[s_]["val_mse"]:
                 best[s_] = c
     for c in sorted(swept, key=lambda c: (c["cell"]["strategy"], c["cell"]["group"] == "ablate", c["id"])):
-        hp = ", ".join(f"{k}={v}" for k, v in c["cell"]["hparams"]) or "defaults"
+        hp = ", ".join([f"{k}={v}" for k, v in c["cell"]["hparams"]] + (
+            [f"{c['cell']['rounds']} rounds"] if c["cell"]["rounds"] != ROUNDS else [])) or "defaults"
         mark = "**yes**" if best.get(c["cell"]["strategy"]) is c else ""
         lines.append(f"| {c['cell']['strategy']} | {c['cell']['label'] if c['cell']['group'] == 'ablate' else hp} | "
                      f"{c['val_mse']:.4f} | {mark} | {in_domain_mean(c):.3f} | "
