@@ -74,9 +74,10 @@ def test_two_rounds_change_weights_through_fleet_aggregation(strategy: str, monk
 def test_resume_matches_uninterrupted_run(strategy: str, tmp_path) -> None:
     full = _run(strategy, rounds=3)
     ckpt = tmp_path / "run.round.pt"
-    _run(strategy, rounds=3, checkpoint=ckpt, stop_after=2)
+    interrupted = _run(strategy, rounds=3, checkpoint=ckpt, stop_after=2)
     resumed = _run(strategy, rounds=3, checkpoint=ckpt)
     assert len(resumed.history) == 3
+    assert resumed.wall_s > interrupted.wall_s  # training time counts the rounds done before the interruption
     for k, v in full.model.state_dict().items():
         assert torch.equal(v, resumed.model.state_dict()[k]), k
     assert [h["val_mse"] for h in full.history] == [h["val_mse"] for h in resumed.history]

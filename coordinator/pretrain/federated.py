@@ -218,7 +218,7 @@ def run_federated(
     client_states = [strategy.init_client(model, c) for c in clients]
     history: list[dict[str, float]] = []
     best = {"round": -1, "val_mse": math.inf, "state": None}
-    start = 0
+    start, earlier_s = 0, 0.0  # earlier_s: training time of the rounds a resumed run does not redo
     path = Path(checkpoint) if checkpoint else None
     if path is not None and resume:
         saved = _load_round(path, config, settings, client_states)
@@ -226,7 +226,7 @@ def run_federated(
             model.load_state_dict(saved["global"])
             server, client_states, history = saved["server"], saved["clients"], saved["history"]
             best = {"round": saved["best_round"], "val_mse": saved["best_val"], "state": saved["best_state"]}
-            start = saved["round"] + 1
+            start, earlier_s = saved["round"] + 1, float(saved.get("wall_s", 0.0))
             log.info("resuming %s from round %d (%s)", settings.strategy, start, path)
     worker = TSFM(config)
     with torch_threads(threads), _progress(progress, settings.strategy, settings.rounds) as bar:
@@ -251,6 +251,7 @@ def run_federated(
                     "settings": settings.to_json(), "global": model.state_dict(), "server": server,
                     "clients": client_states, "history": history, "best_round": best["round"],
                     "best_val": best["val_mse"], "best_state": best["state"],
+                    "wall_s": earlier_s + time.perf_counter() - t0,
                 })
             if bar:
                 bar.update(task, advance=1, info=f"val mse {val:.4f} (best {best['val_mse']:.4f} @ {best['round']})")
@@ -262,7 +263,7 @@ def run_federated(
     model.eval()
     return FederatedResult(
         model=model, eval_model=strategy.eval_model(model, server).eval(), strategy=strategy, history=history,
-        best_round=int(best["round"]), val_mse=float(best["val_mse"]), wall_s=time.perf_counter() - t0,
+        best_round=int(best["round"]), val_mse=float(best["val_mse"]), wall_s=earlier_s + time.perf_counter() - t0,
         server=server, clients=client_states, domains=domains,
     )
 
