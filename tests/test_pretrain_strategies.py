@@ -223,3 +223,19 @@ def test_fedadam_takes_reddis_server_step_on_the_weighted_mean_delta() -> None:
     np.testing.assert_allclose(server[f"m.{key}"].numpy(), m, rtol=1e-5)
     with pytest.raises(ValueError):
         make_strategy("fedadam", tau=0.0)
+
+
+def test_fedavg_server_lr_scales_the_mean_delta() -> None:
+    from coordinator.fleet.aggregation import ClientUpdate
+    from coordinator.pretrain.strategies import Upload
+
+    theta = params_of(TSFM(CFG))
+    rng = np.random.default_rng(0)
+    d1, d2 = ({k: rng.normal(size=v.shape).astype(np.float32) for k, v in theta.items()} for _ in range(2))
+    uploads = [Upload(ClientUpdate("a", 1, d1, {})), Upload(ClientUpdate("b", 3, d2, {}))]
+    plain = make_strategy("fedavg").server_update(theta, uploads, {}, 0)
+    scaled = make_strategy("fedavg", server_lr=2.5).server_update(theta, uploads, {}, 0)
+    for k in theta:
+        np.testing.assert_allclose(scaled[k] - theta[k], 2.5 * (plain[k] - theta[k]), rtol=1e-4, atol=1e-5)
+    with pytest.raises(ValueError):
+        make_strategy("fedavg", server_lr=0.0)
