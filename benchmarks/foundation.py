@@ -149,8 +149,13 @@ def plan(groups: list[str], seeds: list[int]) -> list[Cell]:
     the seed methods, sweeps, ablations."""
     cells: list[Cell] = []
     default_seeds = seeds
-    for token in groups:  # "main" or "main:1,2" (that group with those seeds only)
+    for token in groups:  # "main" or "main:1,2" (that group with those seeds only); "sweep:fedavg,fedadam"
         g, _, only = token.partition(":")
+        if g == "sweep":
+            chosen = only.split(",") if only else list(SWEEPS)
+            cells += [Cell("sweep", f"{s} {hp}", s, 0, tuple(sorted(hp.items()))) for s in chosen
+                      for hp in SWEEPS[s]]
+            continue
         seeds = [int(x) for x in only.split(",")] if only else default_seeds
         if g == "ship":  # centralized at 2x the budget: the plateau check and the shipped model
             cells.append(Cell("ship", "centralized (2x budget)", "centralized", 0, windows=2 * WINDOWS,
@@ -172,9 +177,6 @@ def plan(groups: list[str], seeds: list[int]) -> list[Cell]:
                            full_eval=True) for d in LODO]
         elif g == "seed":
             cells += [Cell("seed", s, s, seed) for seed in seeds for s in SEED_METHODS]
-        elif g == "sweep":
-            cells += [Cell("sweep", f"{s} {hp}", s, 0, tuple(sorted(hp.items()))) for s, grid in SWEEPS.items()
-                      for hp in grid]
         elif g == "ablate":
             cells += [Cell("ablate", label, s, 0, tuple(sorted(hp.items()))) for label, (s, hp) in ABLATIONS.items()]
         else:
