@@ -120,6 +120,7 @@ class Cell:
     rounds: int = ROUNDS
     full_eval: bool = False  # every window of every hourly set (else ETTh1 in full, the AutoETS subset elsewhere)
     recipe: int = RECIPE
+    keep_optimizer: bool = False  # clients keep their AdamW moments between rounds (cross-silo)
 
     @property
     def id(self) -> str:
@@ -129,7 +130,9 @@ class Cell:
         # rounds are named only where they differ from the budget's default (ROUNDS per WINDOWS windows)
         rounds = "" if self.rounds * WINDOWS == ROUNDS * self.windows else f"-R{self.rounds}"
         recipe = "" if self.recipe == 1 else f"-r{self.recipe}"
-        return f"{self.strategy}{hp}-share{self.share}{held}{budget}{rounds}{recipe}-seed{self.seed}".replace(" ", "")
+        kept = "-keptopt" if self.keep_optimizer else ""
+        return (f"{self.strategy}{hp}-share{self.share}{held}{budget}{rounds}{kept}{recipe}-seed{self.seed}"
+                .replace(" ", ""))
 
     @property
     def domains(self) -> tuple[str, ...]:
@@ -140,7 +143,7 @@ class Cell:
         recipe = RECIPES[self.recipe]
         return FederatedSettings(strategy=self.strategy, rounds=self.rounds, local_steps=local, batch_size=BATCH,
                                  lr=recipe["lr"], warmup_rounds=recipe["warmup_rounds"], domains=self.domains,
-                                 holdout=self.held_out, seed=self.seed,
+                                 holdout=self.held_out, seed=self.seed, keep_optimizer=self.keep_optimizer,
                                  hparams=self.hparams, synthetic_share=self.share)
 
 
@@ -169,6 +172,9 @@ def plan(groups: list[str], seeds: list[int]) -> list[Cell]:
                               share=0.0, windows=2 * WINDOWS, rounds=30))
         elif g == "rounds":  # FedAvg's client drift: the same windows in more, shorter rounds (5 and 3 local steps)
             cells += [Cell("rounds", f"fedavg, {r} rounds", "fedavg", 0, rounds=r) for r in ROUND_SWEEP]
+        elif g == "optstate":  # fresh local AdamW every round (a device) vs moments kept (a cross-silo client)
+            cells += [Cell("optstate", f"{s}, local AdamW state kept", s, seed, keep_optimizer=True)
+                      for seed in seeds for s in ("fedavg", "fedprox")]
         elif g == "recipe":  # the recipe choice: the other candidates on the seed that collapsed under recipe 1
             cells += [Cell("recipe", f"centralized, recipe {r}", "centralized", 1, recipe=r)
                       for r in RECIPES if r not in (1, RECIPE)]
@@ -650,7 +656,7 @@ def render(all_cells: list[dict], base: dict[str, Any]) -> str:
     lines += ["", "## Sweeps and ablations (seed 0; each method's hyper-parameters chosen on validation MSE only)", "",
               "| method | cell | val MSE | chosen | in-domain MSE H96 (subset) | ETTh1 MSE H96 | "
               "exchange rate zero-shot H96 |", "|---|---|---|---|---|---|---|"]
-    swept = [c for c in cells if c["cell"]["group"] in ("sweep", "ablate", "rounds") or (
+    swept = [c for c in cells if c["cell"]["group"] in ("sweep", "ablate", "rounds", "optstate") or (
         c["cell"]["seed"] == 0 and c["cell"]["group"] in ("seed", "main") and c["cell"]["strategy"] in SWEEPS)]
     best = {}
     for c in swept:
@@ -659,8 +665,9 @@ def render(all_cells: list[dict], base: dict[str, Any]) -> str:
             if s_ not in best or c["val_mse"] < best[s_]["val_mse"]:
                 best[s_] = c
     for c in sorted(swept, key=lambda c: (c["cell"]["strategy"], c["cell"]["group"] == "ablate", c["id"])):
-        hp = ", ".join([f"{k}={v}" for k, v in c["cell"]["hparams"]] + (
-            [f"{c['cell']['rounds']} rounds"] if c["cell"]["rounds"] != ROUNDS else [])) or "defaults"
+        hp = ", ".join([f"{k}={v}" for k, v in c["cell"]["hparams"]]
+                       + ([f"{c['cell']['rounds']} rounds"] if c["cell"]["rounds"] != ROUNDS else [])
+                       + (["local AdamW state kept"] if c["cell"].get("keep_optimizer") else [])) or "defaults"
         mark = "**yes**" if best.get(c["cell"]["strategy"]) is c else ""
         lines.append(f"| {c['cell']['strategy']} | {c['cell']['label'] if c['cell']['group'] == 'ablate' else hp} | "
                      f"{c['val_mse']:.4f} | {mark} | {in_domain_mean(c):.3f} | "
@@ -759,6 +766,7 @@ def ship(cell_id: str, tflite: bool = True) -> None:
             "model_id": model.model_id(), "recipe": rec["settings"], "silos": rec["silos"],
             "windows_seen": rec["windows_seen"], "train_s": rec["train_s"], "best_round": rec["best_round"],
             "val_mse": rec["val_mse"], "history": rec["history"], "scores": rec["scores"],
+            "dead_features": rec.get("dead_features"),
             "device_path": device, "files": {k: v["size"] for k, v in spec["files"].items()}}
     shipped.add_etth1_head(card, model, out)  # the residual ETTh1 head, its scores and its device-path score
     (out / shipped.CARD_NAME).write_text(json.dumps(card, indent=1, default=float) + "\n")
@@ -825,9 +833,16 @@ def write_model_card(card: dict[str, Any]) -> None:
               f"{card['recipe']['synthetic_share']}); held out: exchange rates (finance). "
               f"{card['windows_seen']:,} training windows ({card['recipe']['rounds']} rounds x "
               f"{card['recipe']['local_steps']} x {len(card['silos'])} local steps x batch "
-              f"{card['recipe']['batch_size']}, AdamW lr {card['recipe']['lr']}, cosine decay), "
+              f"{card['recipe']['batch_size']}, AdamW lr {card['recipe']['lr']}"
+              + (f" reached by a linear warmup over {card['recipe']['warmup_rounds']:g} round(s)"
+                 if card["recipe"].get("warmup_rounds") else "")
+              + ", cosine decay), "
               f"{card['train_s'] / 60:.0f} min on one CPU thread; best validation round {card['best_round']} "
-              f"(val MSE {card['val_mse']:.4f}). Windows per silo: "
+              f"(val MSE {card['val_mse']:.4f})"
+              + (f"; {card['model']['feature_dim'] - card['dead_features']} of its {card['model']['feature_dim']} "
+                 "features vary over the validation windows (a GELU unit pushed into its flat tail for every input "
+                 "carries nothing)" if card.get("dead_features") is not None else "")
+              + ". Windows per silo: "
               + ", ".join(f"{k} {v:,}" for k, v in card["silos"].items()) + ".", "",
               "| dataset | license |", "|---|---|"]
     lines += [f"| {n} | {DATASETS[n].license} |" for n in datasets]

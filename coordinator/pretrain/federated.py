@@ -64,6 +64,10 @@ class FederatedSettings:
     # the gradient's size; on the 4,096-input feature projection, at lr 1e-3 from step one, that pushed GELU
     # features into their flat negative range for good (the first foundation grid's seed 1 kept 2 of 64).
     warmup_rounds: float = 0.0
+    # Keep each client's AdamW moments from round to round (a cross-silo client, a data centre, can; a phone
+    # need not). Fresh moments make every round's first local steps sign-like (each weight moves ~lr whatever
+    # its gradient), and FedAvg averages K such steps a round where centralized training takes one.
+    keep_optimizer: bool = False
 
     def to_json(self) -> dict[str, Any]:
         return json.loads(json.dumps(asdict(self)))
@@ -112,8 +116,11 @@ def select_clients(settings: FederatedSettings, rnd: int, n_clients: int) -> lis
 def local_training(
     strategy: Strategy, worker: TSFM, silo: Silo, client: State, server: State,
     global_params: dict[str, torch.Tensor], settings: FederatedSettings, rnd: int, k: int,
+    optimizer_state: dict[str, Any] | None = None,
 ) -> Upload:
-    """E local steps from the global weights on one silo, then the strategy's upload."""
+    """E local steps from the global weights on one silo, then the strategy's upload. With
+    `settings.keep_optimizer`, `optimizer_state` (the client's AdamW state, empty at first) is loaded before the
+    steps and replaced by the new state after them."""
     worker.load_state_dict(global_params)
     worker.train()
     steps = settings.local_steps * strategy.steps_multiplier
@@ -122,6 +129,8 @@ def local_training(
     extra = strategy.trainable(ctx)
     peak = lr_at(settings, rnd)
     opt = torch.optim.AdamW([*worker.parameters(), *extra], lr=peak, weight_decay=settings.weight_decay)
+    if settings.keep_optimizer and optimizer_state:
+        opt.load_state_dict(optimizer_state)
     rng = np.random.default_rng([settings.seed, rnd, k])
     torch.manual_seed(int(rng.integers(2**31)))  # dropout stream of this client-round
     losses = []
@@ -136,6 +145,9 @@ def local_training(
         torch.nn.utils.clip_grad_norm_([*worker.parameters(), *extra], 1.0)
         opt.step()
         losses.append(float(loss.detach()))
+    if settings.keep_optimizer and optimizer_state is not None:
+        optimizer_state.clear()
+        optimizer_state.update(copy.deepcopy(opt.state_dict()))
     upload = strategy.upload(worker, ctx)
     upload.update.metrics["loss"] = float(np.mean(losses))  # type: ignore[index]  # metrics is a dict here
     return upload
@@ -172,7 +184,9 @@ def _load_round(path: Path, config: TSFMConfig, settings: FederatedSettings,
         raise ValueError(f"{path} is not a readable federated pretraining checkpoint: {exc}") from exc
     if not isinstance(payload, dict) or payload.get("format") != ROUND_CHECKPOINT_FORMAT:
         raise ValueError(f"{path} is not a federated pretraining checkpoint")
-    if payload["config"] != config.to_dict() or payload["settings"] != settings.to_json():
+    # a setting added after the checkpoint was written ran at its default then
+    saved_settings = {**FederatedSettings().to_json(), **payload["settings"]}
+    if payload["config"] != config.to_dict() or saved_settings != settings.to_json():
         raise ValueError(f"{path} was written by a different run (config or settings differ); "
                          "use another checkpoint path or resume=False")
     for state, template in zip(payload["clients"], templates, strict=True):
@@ -216,6 +230,7 @@ def run_federated(
     model = TSFM(config)
     server = strategy.init_server(model, silos)
     client_states = [strategy.init_client(model, c) for c in clients]
+    optimizers: list[dict[str, Any]] = [{} for _ in clients]  # used with settings.keep_optimizer
     history: list[dict[str, float]] = []
     best = {"round": -1, "val_mse": math.inf, "state": None}
     start, earlier_s = 0, 0.0  # earlier_s: training time of the rounds a resumed run does not redo
@@ -225,6 +240,7 @@ def run_federated(
         if saved is not None:
             model.load_state_dict(saved["global"])
             server, client_states, history = saved["server"], saved["clients"], saved["history"]
+            optimizers = saved.get("optimizers", optimizers)
             best = {"round": saved["best_round"], "val_mse": saved["best_val"], "state": saved["best_state"]}
             start, earlier_s = saved["round"] + 1, float(saved.get("wall_s", 0.0))
             log.info("resuming %s from round %d (%s)", settings.strategy, start, path)
@@ -234,7 +250,8 @@ def run_federated(
         for rnd in range(start, settings.rounds):
             global_params = _tensors(params_of(model))
             uploads = [
-                local_training(strategy, worker, clients[k], client_states[k], server, global_params, settings, rnd, k)
+                local_training(strategy, worker, clients[k], client_states[k], server, global_params, settings, rnd, k,
+                               optimizers[k])
                 for k in select_clients(settings, rnd, len(clients))
             ]
             new = strategy.server_update(params_of(model), uploads, server, rnd)
@@ -249,7 +266,8 @@ def run_federated(
                 _save_round(path, {
                     "format": ROUND_CHECKPOINT_FORMAT, "round": rnd, "config": config.to_dict(),
                     "settings": settings.to_json(), "global": model.state_dict(), "server": server,
-                    "clients": client_states, "history": history, "best_round": best["round"],
+                    "clients": client_states, "optimizers": optimizers, "history": history,
+                    "best_round": best["round"],
                     "best_val": best["val_mse"], "best_state": best["state"],
                     "wall_s": earlier_s + time.perf_counter() - t0,
                 })
