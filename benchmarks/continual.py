@@ -4,7 +4,7 @@ adaptation than with the shipped model alone, or alone with its own data, when i
 In-process simulation of the device code the daemon runs (``DeviceLearner.run_round`` with the round's
 personalisation config: train_head for the upload, the personal adapter model, gate, rule guards and the fallback
 to the global head) and of the coordinator's strategies (``aggregate_round`` of fedavg / task_vector / prototype),
-on the backbone ``fedge demo`` ships (coordinator/pretrained/tsfm-tiny-v1, ONNX Runtime, 1 thread).
+on tsfm-tiny-v1, the backbone ``fedge demo`` shipped when it ran (benchmarks/models/, ONNX Runtime, 1 thread).
 
 Protocol: every device's series is cut into ``--chunks`` consecutive chunks; round t trains on the windows whose
 targets lie in chunk t (only the new data: a device keeps no old windows) and is scored on chunk t+1, strictly
@@ -55,7 +55,8 @@ from edge_client.learning.serving import Windows
 from edge_client.runtime.backbone import BackboneRunner
 
 ROOT = Path(__file__).resolve().parent.parent
-SHIPPED = ROOT / "coordinator" / "pretrained" / "tsfm-tiny-v1"
+# The backbone these results were measured on (the model fedge shipped then; benchmarks/models/README.md)
+SHIPPED = ROOT / "benchmarks" / "models" / "tsfm-tiny-v1"
 MARKER = "<!-- analysis below this line is written by hand and kept by the script -->"
 H = 24
 
@@ -647,7 +648,7 @@ def main(argv: list[str] | None = None) -> dict:
     meta = {
         "machine": f"{platform.machine()} {platform.system()}, {os.cpu_count()} cores (shared), 1 ORT/BLAS thread",
         "wall_s": time.perf_counter() - t0, "cells_run": ran, "cells_resumed": resumed,
-        "backbone": "the shipped tsfm-tiny-v1 (coordinator/pretrained/, context 512, feature_dim 64), ONNX Runtime "
+        "backbone": "tsfm-tiny-v1 (benchmarks/models/, shipped until v2; context 512, feature_dim 64), ONNX Runtime "
                     "fp32, its pretrained head sliced to horizon 24",
         "chunks": args.chunks, "chunk_len": args.chunk_len, "rounds": args.chunks - 1, "seeds": args.seeds,
         "personal": f"rank-4 adapter + head, Adam lr 3e-3, {args.epochs} epochs, batch 32; the upload is the plain "

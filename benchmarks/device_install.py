@@ -42,10 +42,10 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+from coordinator.pretrain.shipped import ARTIFACT_DIR as SHIPPED  # noqa: E402  (stdlib only)
 from hardware import emulation  # noqa: E402  (stdlib only)
 
 MARKER = "<!-- analysis below this line is written by hand and kept by the script -->"
-SHIPPED = ROOT / "coordinator" / "pretrained" / "tsfm-tiny-v1"
 LIMIT_MB = 100.0  # issue 14
 VARIANTS = {  # name -> (extra, backbone file the device runs)
     "fedge[tflite]: numpy < 2 + tflite-runtime": ("tflite", "backbone.int8.tflite"),

@@ -229,6 +229,7 @@ def train_cell(cell: Cell, threads: int) -> tuple[Any, dict[str, Any]]:
             "val_mse": result.val_mse, "best_round": result.best_round, "train_s": result.wall_s,
             "silos": {s.domain: s.n_samples for s in silos}, "exportable": result.strategy.exportable(),
             "dead_features": dead_features(result.model, np.concatenate([x for x, _ in val])),
+            "train_s_complete": True,  # records before this counted only the time since the last resume
             "windows_seen": settings.rounds * settings.local_steps * settings.batch_size * len(silos),
             "server_weights": result.server["weights"].tolist() if "weights" in result.server else None}
     if not result.strategy.exportable():  # FeDPM: evaluate what its global model computes
@@ -766,7 +767,7 @@ def ship(cell_id: str, tflite: bool = True) -> None:
             "model_id": model.model_id(), "recipe": rec["settings"], "silos": rec["silos"],
             "windows_seen": rec["windows_seen"], "train_s": rec["train_s"], "best_round": rec["best_round"],
             "val_mse": rec["val_mse"], "history": rec["history"], "scores": rec["scores"],
-            "dead_features": rec.get("dead_features"),
+            "dead_features": rec.get("dead_features"), "train_s_complete": rec.get("train_s_complete", False),
             "device_path": device, "files": {k: v["size"] for k, v in spec["files"].items()}}
     shipped.add_etth1_head(card, model, out)  # the residual ETTh1 head, its scores and its device-path score
     (out / shipped.CARD_NAME).write_text(json.dumps(card, indent=1, default=float) + "\n")
@@ -837,7 +838,10 @@ def write_model_card(card: dict[str, Any]) -> None:
               + (f" reached by a linear warmup over {card['recipe']['warmup_rounds']:g} round(s)"
                  if card["recipe"].get("warmup_rounds") else "")
               + ", cosine decay), "
-              f"{card['train_s'] / 60:.0f} min on one CPU thread; best validation round {card['best_round']} "
+              f"{card['train_s'] / 60:.0f} min on one CPU thread"
+              + ("" if card.get("train_s_complete") else " after its last resume (the run was interrupted and resumed; "
+                 "the earlier rounds' time was not recorded)")
+              + f"; best validation round {card['best_round']} "
               f"(val MSE {card['val_mse']:.4f})"
               + (f"; {card['model']['feature_dim'] - card['dead_features']} of its {card['model']['feature_dim']} "
                  "features vary over the validation windows (a GELU unit pushed into its flat tail for every input "

@@ -3,9 +3,10 @@ aggregation (SecAgg+) costs per device and on the coordinator against a plain ro
 
     nice -n 10 python benchmarks/privacy.py [--devices 200] [--rounds 20] [--seeds 0 1 2] [--out docs/results]
 
-Utility cells (ε x seed): the shipped backbone (coordinator/pretrained/tsfm-tiny-v1) and its head; N devices carved
-from the real datasets (ETTh1 and exchange rates; beyond 38 devices slices of the same series overlap); each round
-samples q·N devices, each trains its head one epoch on its own windows, and the server runs DP-FedAvg exactly as
+Utility cells (ε x seed): tsfm-tiny-v1, the backbone fedge shipped when they ran (benchmarks/models/), and its
+head; N devices carved from the real datasets (ETTh1 and exchange rates; beyond 38 devices slices of the same
+series overlap); each round samples q·N devices, each trains its head one epoch on its own windows, and the
+server runs DP-FedAvg exactly as
 `fedge serve --dp central` does (coordinator.fleet.privacy: clip to C, one Gaussian noise of std z·C on the sum,
 divide by the devices asked), z calibrated by dp-accounting's RDP accountant so the R rounds spend ε at δ = 1/N.
 In-process (no broker: the broker moves the same bytes whatever the noise). Reported: mean global MSE over all N
@@ -55,6 +56,8 @@ from edge_client.wire import Update, encode  # noqa: E402
 NOTES_MARKER = "<!-- hand-written notes below: kept when the benchmark rewrites the table above -->"
 EPSILONS = (1.0, 3.0, 8.0, math.inf)
 HORIZON = 24
+# The backbone the forecasting cells were measured on (shipped until tsfm-tiny-v2; benchmarks/models/README.md)
+MEASURED_ON = Path(__file__).resolve().parent / "models" / "tsfm-tiny-v1"
 
 
 def learners(n: int, data_dir: str | None, backbone: Path) -> list[DeviceLearner]:
@@ -371,8 +374,6 @@ def main() -> None:
     ap.add_argument("--data-dir", default=None)
     ap.add_argument("--out", type=Path, default=Path("docs/results"))
     args = ap.parse_args()
-    from coordinator.pretrain import shipped
-
     console = Console()
     args.out.mkdir(parents=True, exist_ok=True)
     out_json = args.out / "privacy.json"
@@ -384,7 +385,7 @@ def main() -> None:
     def save() -> None:
         out_json.write_text(json.dumps(state, indent=1, default=str))
 
-    artifacts = shipped.artifact_dir()
+    artifacts = MEASURED_ON
     with np.load(artifacts / "head.npz") as data:
         initial = slice_head({k: data[k] for k in HEAD_KEYS}, HORIZON)
     size = sum(v.size for v in initial.values())

@@ -18,6 +18,7 @@ from pathlib import Path
 
 import pytest
 
+from coordinator.pretrain.shipped import VERSION
 from edge_client.wire import Hello, decode
 from edge_client.wire.mqtt import connect, make_client
 from edge_client.wire.topics import Topics
@@ -43,7 +44,7 @@ def test_tflite_device_install_is_within_100_mb_and_runs_the_daemon(mosquitto, t
     assert row["smoke_ok"], row["smoke"]
     assert "litert" in row["smoke"]
     assert not row["pip_in_venv"] and row["pyc_mb"] < 0.1, row  # the documented install makes neither
-    assert row["shipped_model"] == ["tsfm-tiny-v1.tar.xz"], row["shipped_model"]  # packed, not the plain folder
+    assert row["shipped_model"] == [f"{VERSION}.tar.xz"], row["shipped_model"]  # packed, not the plain folder
     assert row["total_mb"] <= LIMIT_MB, row["packages_mb"]
     onnx = subprocess.run([str(tmp_path / "venv" / "bin" / "fedge-edge"), "info", "--config",
                            str(device_config(tmp_path, "backbone.int8.onnx"))], capture_output=True, text=True,
