@@ -165,7 +165,8 @@ def plan(groups: list[str], seeds: list[int]) -> list[Cell]:
                               rounds=2 * ROUNDS, full_eval=True))
         elif g == "main":
             cells += [Cell("main", s, s, seed, full_eval=s == "centralized" and seed == 0)
-                      for seed in seeds for s in ("centralized", "fedavg", "fedprox", "fedadam")]
+                      for seed in seeds for s in ("centralized", "fedavg", "fedprox", "fedadam")
+                      if s != "fedadam" or seed == 0]  # FedAdam: seed 0 and its sweep (below FedAvg at every lr)
         elif g == "real":  # real corpus only: like the main centralized cell, and the pilot (2x budget, 30 rounds)
             cells.append(Cell("real", "centralized real only", "centralized", 0, share=0.0))
             cells.append(Cell("real", "centralized real only (2x budget, 30 rounds: the pilot)", "centralized", 0,
