@@ -41,7 +41,7 @@ sys.path.insert(0, str(ROOT))
 
 from coordinator.pretrain import shipped  # noqa: E402
 from coordinator.pretrain.protocol import HORIZONS, nlinear_scores, protocol_windows, score_rows  # noqa: E402
-from coordinator.pretrain.residual_head import FEATURE_GRID, RIDGE_GRID, block_penalty, ridge_solve  # noqa: E402
+from coordinator.pretrain.residual_head import FEATURE_GRID, LAG_RIDGE_GRID, block_penalty, ridge_solve  # noqa: E402
 from coordinator.pretrain.windows import scaled_series, window_starts  # noqa: E402
 from edge_client.learning.head import Features  # noqa: E402
 from edge_client.learning.residual import LAG_KEY, normalised_lags, residual_forecast  # noqa: E402
@@ -186,7 +186,7 @@ def choose(d: dict[str, np.ndarray], kind: str, h: int) -> dict[str, Any]:
         g = gram_of(d, k, use_f)
         prior = pretrained_prior(d, k) if use_prior else None
         for lam_f in (FEATURE_GRID if use_f else (0.0,)):
-            for lam_l in (RIDGE_GRID if k else (0.0,)):
+            for lam_l in (LAG_RIDGE_GRID if k else (0.0,)):
                 sol = g.solve(h, block_reg(g.by_h[h][0], n_feat, k, lam_f, lam_l), prior)
                 val = mse_on(d, "val", predict(d, "val", va, sol), h)
                 sweep.append({"k": k, "lam_f": lam_f, "lam_l": lam_l, "val_mse": val})
