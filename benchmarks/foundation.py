@@ -520,7 +520,7 @@ def strategy_table(cells: list[dict], groups: tuple[str, ...]) -> list[str]:
             f" | {col(lambda r: _get(r['scores'].get('etth1_head', {}), 'scores', 'H96', 'mse'))}"
             f" | {col(lambda r: _get(r['scores']['zero_shot'], 'exchange_rate', 'ets/H96', 'mse'))}"
             f" | {col(lambda r: r.get('dead_features', math.nan), digits=0)}"
-            f" | {fmt([r['train_s'] for r in recs], 0)} |")
+            f" | {fmt([r['train_s'] if r.get('train_s_complete') else math.nan for r in recs], 0)} |")
     return lines
 
 
@@ -679,11 +679,14 @@ def render(all_cells: list[dict], base: dict[str, Any]) -> str:
         lines += ["", "## Superseded: the recipe 1 grid (lr 1e-3 from the first step; features collapse on some seeds)",
                   ""]
         lines += strategy_table(older, ("main", "real", "ship", "seed"))
-    lines += ["", "## Cells", "", "| cell | group | recipe | windows seen | best round | val MSE | dead features | "
+    lines += ["", "## Cells", "", "≥: the cell was interrupted and resumed before its record counted the rounds done "
+              "earlier, so its training time is a lower bound (the strategy table leaves those out).", "",
+              "| cell | group | recipe | windows seen | best round | val MSE | dead features | "
               "train s | eval s |", "|---|---|---|---|---|---|---|---|---|"]
     for cid, c in sorted(by_id.items()):
         lines.append(f"| {cid} | {c['cell']['group']} | {recipe_of(c)} | {c['windows_seen']:,} | {c['best_round']} | "
-                     f"{c['val_mse']:.4f} | {c.get('dead_features', '—')} | {c['train_s']:.0f} | {c['eval_s']:.0f} |")
+                     f"{c['val_mse']:.4f} | {c.get('dead_features', '—')} | "
+                     f"{'' if c.get('train_s_complete') else '≥ '}{c['train_s']:.0f} | {c['eval_s']:.0f} |")
     lines += ["", "Training curves: `foundation_curves.png` (validation MSE per round, x = training windows seen).", ""]
     return "\n".join(lines)
 
