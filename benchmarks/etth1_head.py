@@ -82,7 +82,7 @@ def extract(threads: int) -> dict[str, np.ndarray]:
             return dict(f)
     import torch
 
-    from coordinator.pretrain.protocol import _features
+    from coordinator.pretrain.protocol import frozen_features
     from coordinator.pretrain.training import torch_threads
 
     model, _ = shipped.load_shipped()
@@ -94,7 +94,7 @@ def extract(threads: int) -> dict[str, np.ndarray]:
     for split, x, y in (("test", test.x, test.y), ("val", val.x, val.y), ("train", tx, ty)):
         t0 = time.time()
         with torch_threads(threads), torch.inference_mode():
-            f, loc, scale = _features(model, x)
+            f, loc, scale = frozen_features(model, x)
         out.update({f"{split}_f": f.astype(np.float32), f"{split}_loc": loc.astype(np.float32),
                     f"{split}_scale": scale.astype(np.float32), f"{split}_x": x, f"{split}_y": y})
         print(f"features {split}: {len(x)} windows in {time.time() - t0:.0f} s", flush=True)
