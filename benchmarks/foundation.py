@@ -713,7 +713,8 @@ def curves(cells: list[dict], path: Path) -> None:
     for c in cells:
         cell = c["cell"]
         if (cell["strategy"] in ("centralized", "fedavg") and cell["windows"] == WINDOWS and not cell["hparams"]
-                and tuple(cell["held_out"]) == ALWAYS_HELD_OUT and cell["share"] == SHARE):
+                and tuple(cell["held_out"]) == ALWAYS_HELD_OUT and cell["share"] == SHARE
+                and cell["rounds"] == ROUNDS and not cell.get("keep_optimizer")):
             rx.plot(*xy(c), color=colours.get(recipe_of(c), "grey"), lw=1.1,
                     ls="-" if cell["strategy"] == "centralized" else "--", marker=(None, "o", "^")[cell["seed"] % 3],
                     markevery=5, ms=4, label=f"{cell['strategy']} seed {cell['seed']}, recipe {recipe_of(c)}")
