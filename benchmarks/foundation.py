@@ -95,6 +95,8 @@ SWEEPS: dict[str, list[dict[str, Any]]] = {
     "fedadam": [{"server_lr": 1e-3}, {"server_lr": 1e-2}],
     "fedavg": [{"server_lr": 2.0}, {"server_lr": 3.0}],
 }
+# The sweep points validation chose at seed 0 (docs/results/foundation.md, "Sweeps and ablations").
+CHOSEN: dict[str, dict[str, Any]] = {"bilevel": {"lam": 0.01, "alpha": 0.1}, "fedal": {"kappa": 0.1}}
 ABLATIONS: dict[str, tuple[str, dict[str, Any]]] = {
     "bilevel −GRL": ("bilevel", {"lam": 0.0}),
     "bilevel −proto": ("bilevel", {"alpha": 0.0}),
@@ -184,6 +186,9 @@ def plan(groups: list[str], seeds: list[int]) -> list[Cell]:
                            full_eval=True) for d in LODO]
         elif g == "seed":
             cells += [Cell("seed", s, s, seed) for seed in seeds for s in SEED_METHODS]
+        elif g == "chosen":  # each seed method at the sweep point validation chose (seed 0), at the other seeds
+            cells += [Cell("chosen", f"{s} {hp}", s, seed, tuple(sorted(hp.items())))
+                      for s, hp in CHOSEN.items() for seed in seeds if seed != 0]
         elif g == "ablate":
             cells += [Cell("ablate", label, s, 0, tuple(sorted(hp.items()))) for label, (s, hp) in ABLATIONS.items()]
         else:
@@ -500,8 +505,9 @@ def recipe_of(rec: dict) -> int:
 
 def strategy_table(cells: list[dict], groups: tuple[str, ...]) -> list[str]:
     rows: dict[str, list[dict]] = {}
+    chosen = {f"{s} {hp}" for s, hp in CHOSEN.items()}  # their seed-0 cells ran in the sweep
     for c in cells:
-        if c["cell"]["group"] in groups:
+        if c["cell"]["group"] in groups or (c["cell"]["group"] == "sweep" and c["cell"]["label"] in chosen):
             rows.setdefault(c["cell"]["label"], []).append(c)
     lines = ["| method | seeds | windows seen | val MSE | in-domain MSE H96 (subset) | ETTh1 MSE H96 | "
              "ETTh1 MSE H192 | ETTh1 MSE H336 | ETTh1 CRPS H96 | ETTh1 H96, ETTh1 head | "
@@ -601,7 +607,7 @@ def render(all_cells: list[dict], base: dict[str, Any]) -> str:
              f"hold recipe {RECIPE} cells unless a row says otherwise; the superseded recipe's grid is at the end.",
              ""]
     lines += [f"## Strategies at equal budget, recipe {RECIPE} (mean ± std over seeds)", ""]
-    lines += strategy_table(cells, ("main", "real", "ship", "seed"))
+    lines += strategy_table(cells, ("main", "real", "ship", "seed", "chosen"))
     lines += ["", "## Training recipe (centralized, seed 1; chosen on validation MSE)", ""]
     lines += recipe_table(all_cells)
     lines += ["", "## Standard protocol (stride 1, all channels, whole test split; MSE / MAE at H 96 / 192 / 336)", ""]
