@@ -51,6 +51,7 @@ from coordinator.pretrain.protocol import (
     nlinear_scores,
     protocol_windows,
     score_forecasts,
+    score_subset,
     seasonal_naive_scores,
 )
 from coordinator.pretrain.silos import DOMAIN_SILOS, build_silos
@@ -261,12 +262,9 @@ def protocol(model: Any, name: str, full: bool, threads: int) -> dict[str, dict[
         point, quant = model_forecasts(model, tw, threads)
         return score_forecasts(tw, point, quant, MODEL.quantiles)
     rows = tw.rows(min(HORIZONS), subset=True)
-    point = np.full((len(tw.x), MODEL.horizon), np.nan, np.float32)
-    quant = np.full((len(tw.x), MODEL.n_quantiles, MODEL.horizon), np.nan, np.float32)
     from coordinator.models.tsfm import forecast as predict
 
-    point[rows], quant[rows] = predict(model, tw.x[rows])
-    return score_forecasts(tw, point, quant, MODEL.quantiles, subset_only=True)
+    return score_subset(tw, rows, *predict(model, tw.x[rows]), MODEL.quantiles)
 
 
 HOURLY = ("etth1", "electricity", "pollution", "traffic")
@@ -296,7 +294,7 @@ def few_shot(cell: Cell, model: Any, names: list[str], threads: int) -> dict[str
     (features plus a ridge map of the last lags, the shipped head's kind), LP-FT full fine-tuning from that
     ridge head -- against what the same data gives without it: a TSFM trained from scratch and NLinear by
     ridge. Fine-tuning and scratch get the same steps, lr grid and validation selection."""
-    from coordinator.pretrain.protocol import nlinear_fit_windows, split_subset
+    from coordinator.pretrain.protocol import nlinear_fit_windows, nlinear_forecast, split_subset
     from coordinator.pretrain.residual_head import fit_residual_head, residual_protocol_scores
 
     out: dict[str, Any] = {}
@@ -317,11 +315,8 @@ def few_shot(cell: Cell, model: Any, names: list[str], threads: int) -> dict[str
                                                                        subset_only=True),
                                     **{k: v for k, v in rinfo.items() if k != "sweep"}}
             x, y = split_subset(n, "train", MODEL.context, MODEL.horizon, fraction=frac)
-            w, b = nlinear_fit_windows(x, y)
-            point = np.full((len(tw.x), MODEL.horizon), np.nan, np.float32)
-            point[rows] = (tw.x[rows] - tw.x[rows, -1:]) @ w + b + tw.x[rows, -1:]
-            out[key]["nlinear"] = {"scores": score_forecasts(tw, point, None, (), subset_only=True),
-                                   "train_windows": len(x)}
+            point = nlinear_forecast(tw.x[rows], *nlinear_fit_windows(x, y))
+            out[key]["nlinear"] = {"scores": score_subset(tw, rows, point, None, ()), "train_windows": len(x)}
     return out
 
 
@@ -530,14 +525,20 @@ def strategy_table(cells: list[dict], groups: tuple[str, ...]) -> list[str]:
     return lines
 
 
+def default_cell(cell: dict) -> bool:
+    """A record's cell at the grid's defaults: budget, rounds, synthetic share, held-out domain, no strategy
+    hyper-parameters, a fresh local optimizer -- what differs between two such cells is strategy, seed, recipe."""
+    return (cell["windows"] == WINDOWS and cell["rounds"] == ROUNDS and cell["share"] == SHARE
+            and tuple(cell["held_out"]) == ALWAYS_HELD_OUT and not cell["hparams"] and not cell.get("keep_optimizer"))
+
+
 def recipe_table(cells: list[dict]) -> list[str]:
     """Centralized seed 1 (the seed recipe 1 collapsed on) under every recipe: the evidence for the choice."""
     lines = ["| recipe | lr | warmup rounds | val MSE | best round | dead features (of 64) | ETTh1 MSE H96 |",
              "|---|---|---|---|---|---|---|"]
     for c in sorted(cells, key=recipe_of):
         cell = c["cell"]
-        if (cell["strategy"], cell["seed"], cell["windows"], cell["share"], tuple(cell["held_out"]),
-                tuple(cell["hparams"])) != ("centralized", 1, WINDOWS, SHARE, ALWAYS_HELD_OUT, ()):
+        if (cell["strategy"], cell["seed"]) != ("centralized", 1) or not default_cell(cell):
             continue
         r = RECIPES[recipe_of(c)]
         chosen = " (chosen)" if recipe_of(c) == RECIPE else ""
@@ -718,9 +719,7 @@ def curves(cells: list[dict], path: Path) -> None:
     colours = {1: "tab:red", 2: "tab:blue", 3: "tab:green"}
     for c in cells:
         cell = c["cell"]
-        if (cell["strategy"] in ("centralized", "fedavg") and cell["windows"] == WINDOWS and not cell["hparams"]
-                and tuple(cell["held_out"]) == ALWAYS_HELD_OUT and cell["share"] == SHARE
-                and cell["rounds"] == ROUNDS and not cell.get("keep_optimizer")):
+        if cell["strategy"] in ("centralized", "fedavg") and default_cell(cell):
             rx.plot(*xy(c), color=colours.get(recipe_of(c), "grey"), lw=1.1,
                     ls="-" if cell["strategy"] == "centralized" else "--", marker=(None, "o", "^")[cell["seed"] % 3],
                     markevery=5, ms=4, label=f"{cell['strategy']} seed {cell['seed']}, recipe {recipe_of(c)}")

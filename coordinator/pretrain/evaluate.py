@@ -28,6 +28,7 @@ import torch
 from torch import nn
 
 from coordinator.models.tsfm import TSFM, forecast
+from coordinator.pretrain.protocol import frozen_features
 from coordinator.pretrain.silos import DOMAIN_SILOS, split_sample
 from coordinator.pretrain.training import forecast_loss, torch_threads
 from coordinator.pretrain.windows import scaled_series, split_windows
@@ -229,16 +230,10 @@ def _fmt(v: float) -> str:
     return "—" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{v:.4f}"
 
 
-def dead_features(model: nn.Module, x: np.ndarray, tol: float = 1e-3, batch: int = 512) -> int:
+def dead_features(model: nn.Module, x: np.ndarray, tol: float = 1e-3) -> int:
     """How many backbone features are (near) constant over the windows `x`: a GELU unit whose
     pre-activation is pushed far negative for every input carries nothing the device head can use,
     and a backbone that lost most of them forecasts little better than a linear map of the level
     (the first foundation grid's seed 1 kept 2 of 64). Standard deviation over windows below `tol`."""
-    backbone = model.backbone if hasattr(model, "backbone") else model
-    was_training = backbone.training
-    backbone.eval()
-    with torch.no_grad():
-        feats = torch.cat([backbone(torch.from_numpy(np.ascontiguousarray(x[i:i + batch], np.float32)))[0]
-                           for i in range(0, len(x), batch)])
-    backbone.train(was_training)
-    return int((feats.std(0) < tol).sum())
+    feats = frozen_features(model, np.ascontiguousarray(x, np.float32))[0]
+    return int((feats.std(axis=0) < tol).sum())

@@ -136,6 +136,23 @@ def seasonal_naive_scores(name: str, context: int = 512, data_dir: str | None = 
     return score_forecasts(tw, sn, np.repeat(sn[:, None], len(levels), 1), levels)
 
 
+def _nlinear_normal_equations(x: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """AᵀA and Aᵀ(y - x_last) of NLinear's design A = [x - x_last, 1], in float64."""
+    x, y = x.astype(np.float64), y.astype(np.float64)
+    last = x[:, -1:]
+    a = np.hstack([x - last, np.ones((len(x), 1))])
+    return a.T @ a, a.T @ (y - last)
+
+
+def _nlinear_solve(xtx: np.ndarray, xty: np.ndarray, ridge: float) -> tuple[np.ndarray, np.ndarray]:
+    """(W, b) of the ridge solution; the strength is relative to the mean diagonal and the bias is not shrunk."""
+    d = len(xtx)
+    reg = ridge * np.trace(xtx) / d * np.eye(d)
+    reg[-1, -1] = 0.0
+    sol = np.linalg.solve(xtx + reg, xty)
+    return sol[:-1].astype(np.float32), sol[-1].astype(np.float32)
+
+
 def nlinear_fit(name: str, context: int, horizon: int, data_dir: str | None = None, ridge: float = 1e-3,
                 stride: int = 1) -> tuple[np.ndarray, np.ndarray]:
     """NLinear by ridge least squares on the training windows of `name` (all channels, one shared
@@ -143,42 +160,48 @@ def nlinear_fit(name: str, context: int, horizon: int, data_dir: str | None = No
     scaled, (train_end, _, _) = scaled_series(name, data_dir)
     d = context + 1
     xtx, xty = np.zeros((d, d)), np.zeros((d, horizon))
-    for c in range(scaled.shape[1]):
+    for c in range(scaled.shape[1]):  # one channel at a time: the normal equations are summed, not the windows
         s = scaled[:train_end, c]
         starts = np.arange(0, train_end - context - horizon + 1, stride)
         win = s[starts[:, None] + np.arange(context + horizon)[None, :]].astype(np.float64)
         win = win[np.isfinite(win).all(axis=1)]
-        last = win[:, context - 1: context]
-        a = np.hstack([win[:, :context] - last, np.ones((len(win), 1))])
-        xtx += a.T @ a
-        xty += a.T @ (win[:, context:] - last)
-    reg = ridge * np.trace(xtx) / d * np.eye(d)
-    reg[-1, -1] = 0.0  # the bias is not shrunk
-    sol = np.linalg.solve(xtx + reg, xty)
-    return sol[:-1].astype(np.float32), sol[-1].astype(np.float32)
+        gram, rhs = _nlinear_normal_equations(win[:, :context], win[:, context:])
+        xtx += gram
+        xty += rhs
+    return _nlinear_solve(xtx, xty, ridge)
 
 
 def nlinear_fit_windows(x: np.ndarray, y: np.ndarray, ridge: float = 1e-3) -> tuple[np.ndarray, np.ndarray]:
     """NLinear by ridge least squares on given windows (contexts `x`, targets `y`): the linear model a
     few-shot comparison trains from scratch on exactly the windows the pretrained model adapts on."""
-    x, y = x.astype(np.float64), y.astype(np.float64)
+    return _nlinear_solve(*_nlinear_normal_equations(x, y), ridge)
+
+
+def nlinear_forecast(x: np.ndarray, w: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """ŷ = (x - x_last) @ W + b + x_last."""
     last = x[:, -1:]
-    a = np.hstack([x - last, np.ones((len(x), 1))])
-    xtx, xty = a.T @ a, a.T @ (y - last)
-    reg = ridge * np.trace(xtx) / a.shape[1] * np.eye(a.shape[1])
-    reg[-1, -1] = 0.0
-    sol = np.linalg.solve(xtx + reg, xty)
-    return sol[:-1].astype(np.float32), sol[-1].astype(np.float32)
+    return (x - last) @ w + b + last
+
+
+def score_subset(tw: ProtocolWindows, rows: np.ndarray, point: np.ndarray, quantiles: np.ndarray | None,
+                 levels: tuple[float, ...]) -> dict[str, dict[str, float]]:
+    """Scores on the AutoETS subset only, from forecasts of `rows` (``tw.rows(min(HORIZONS), subset=True)``):
+    the forecasts are placed among NaN rows so every horizon scores the same windows as a full forecast would."""
+    full_point = np.full((len(tw.x), point.shape[1]), np.nan, np.float32)
+    full_point[rows] = point
+    full_quantiles = None
+    if quantiles is not None:
+        full_quantiles = np.full((len(tw.x), *quantiles.shape[1:]), np.nan, np.float32)
+        full_quantiles[rows] = quantiles
+    return score_forecasts(tw, full_point, full_quantiles, levels, subset_only=True)
 
 
 def nlinear_scores(name: str, context: int = 512, data_dir: str | None = None) -> dict[str, dict[str, float]]:
     """One least-squares fit per horizon (each on the training windows whose H targets fit)."""
     tw = protocol_windows(name, context, data_dir=data_dir)
     out: dict[str, dict[str, float]] = {}
-    last = tw.x[:, -1:]
     for h in HORIZONS:
-        w, b = nlinear_fit(name, context, h, data_dir)
-        pred = (tw.x - last) @ w + b + last
+        pred = nlinear_forecast(tw.x, *nlinear_fit(name, context, h, data_dir))
         pred = np.concatenate([pred, np.full((len(pred), max(HORIZONS) - h), np.nan, np.float32)], axis=1)
         for subset in (False, True):
             r = tw.rows(h, subset)

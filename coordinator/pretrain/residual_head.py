@@ -16,7 +16,14 @@ from collections.abc import Iterator, Sequence
 import numpy as np
 import torch
 
-from coordinator.pretrain.protocol import HORIZONS, frozen_features, protocol_windows, score_forecasts, split_subset
+from coordinator.pretrain.protocol import (
+    HORIZONS,
+    frozen_features,
+    protocol_windows,
+    score_forecasts,
+    score_subset,
+    split_subset,
+)
 from coordinator.pretrain.training import torch_threads
 from edge_client.learning.head import Features
 from edge_client.learning.residual import LAG_KEY, normalised_lags, residual_forecast
@@ -131,7 +138,7 @@ def residual_protocol_scores(model: torch.nn.Module, params: dict[str, np.ndarra
     with torch_threads(threads):
         f, loc, scale = frozen_features(model, tw.x[rows])
     feats = Features(f.astype(np.float32), loc.astype(np.float32), scale.astype(np.float32))
-    point = np.full((len(tw.x), model.config.horizon), np.nan, np.float32)
-    quant = np.full((len(tw.x), model.config.n_quantiles, model.config.horizon), np.nan, np.float32)
-    point[rows], quant[rows] = residual_forecast(params, feats, tw.x[rows])
-    return score_forecasts(tw, point, quant, model.config.quantiles, subset_only=subset_only)
+    point, quant = residual_forecast(params, feats, tw.x[rows])
+    if subset_only:
+        return score_subset(tw, rows, point, quant, model.config.quantiles)
+    return score_forecasts(tw, point, quant, model.config.quantiles)
