@@ -67,6 +67,13 @@ poll_s = 0.2
     return cfg
 
 
+def _stop(daemon: subprocess.Popen, coord: FleetCoordinator) -> None:
+    """Whatever a test's assertions did: the daemon never outlives it and the coordinator is stopped."""
+    if daemon.poll() is None:
+        daemon.kill()
+    coord.stop()
+
+
 def _start(cfg: Path, **env: str) -> subprocess.Popen:
     return subprocess.Popen([sys.executable, "-c", "from edge_client.daemon.cli import app; app()", "run", "--config",
                              str(cfg), "--log-level", "info"], cwd=ROOT, stdout=subprocess.PIPE,
@@ -91,9 +98,7 @@ def _daemon_rounds(cfg: Path, coord: FleetCoordinator, rounds: int) -> list:
         rc, out = _terminate(daemon)
         assert rc == 0, out
     finally:
-        if daemon.poll() is None:
-            daemon.kill()
-        coord.stop()
+        _stop(daemon, coord)
     return results
 
 
@@ -166,9 +171,7 @@ def test_broker_restart_mid_round_update_computed_offline_is_delivered_once(tiny
         wait_for(lambda: watcher.seen and watcher.seen[-1].state == "offline", 10, "the offline status")
         watcher.stop()
     finally:
-        if daemon.poll() is None:
-            daemon.kill()
-        coord.stop()
+        _stop(daemon, coord)
         broker.stop()
         shutil.rmtree(persist, ignore_errors=True)
     assert rc == 0, out
@@ -214,9 +217,7 @@ def test_daemon_killed_after_writing_its_outbox_delivers_the_update_once_after_r
         rc, out = _terminate(daemon)
         assert rc == 0, out
     finally:
-        if daemon.poll() is None:
-            daemon.kill()
-        coord.stop()
+        _stop(daemon, coord)
     stored = db_rows(fleet_db, "SELECT round_id, device_id, msg_id FROM updates")
     assert stored == [(1, DEVICE, db_rows(state_db, "SELECT msg_id FROM outbox")[0][0])]
     assert coord.duplicates == 1 and coord.receiver.rejected["replay"] == 0  # answered with a receipt again
@@ -322,9 +323,7 @@ def test_daemon_fetches_its_backbone_as_a_signed_bundle_and_switches_versions_be
         time.sleep(1.0)  # give the forged manifest time to arrive (and be refused)
         rc, out = _terminate(daemon)
     finally:
-        if daemon.poll() is None:
-            daemon.kill()
-        coord.stop()
+        _stop(daemon, coord)
         publisher.disconnect()
         publisher.loop_stop()
     assert rc == 0, out

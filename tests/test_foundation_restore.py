@@ -104,7 +104,7 @@ def test_cells_of_the_superseded_recipe_keep_their_ids_and_stay_out_of_the_curre
     def record(recipe: int | None, val: float) -> dict:
         cell = {"group": "main", "label": "centralized", "strategy": "centralized", "seed": 1, "hparams": [],
                 "share": foundation.SHARE, "held_out": list(foundation.ALWAYS_HELD_OUT),
-                "windows": foundation.WINDOWS, "full_eval": False}
+                "windows": foundation.WINDOWS, "rounds": foundation.ROUNDS, "full_eval": False}
         if recipe is not None:
             cell["recipe"] = recipe
         return {"id": f"c{recipe}", "cell": cell, "val_mse": val, "best_round": 3, "windows_seen": 1, "train_s": 1.0,

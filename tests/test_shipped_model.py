@@ -212,3 +212,14 @@ def test_archive_with_a_path_outside_its_folder_or_damaged_is_refused(packed, tm
     monkeypatch.setenv("FEDGE_CACHE", str(tmp_path / "cache2"))
     with pytest.raises(shipped.ShippedModelMissing, match="unreadable"):
         shipped.artifact_dir()
+
+
+def test_reproduce_recipe_is_the_recipe_the_shipped_model_was_trained_with() -> None:
+    """`fedge pretrain --strategy shipped` runs shipped.RECIPE; the card keeps the settings the shipped cell ran
+    (benchmarks/foundation.py's recipe). The two are written in two places, so they must agree; a setting added
+    after the ship ran at its default (the round-checkpoint rule)."""
+    from coordinator.pretrain.federated import FederatedSettings
+
+    card = shipped.card()
+    trained = {**FederatedSettings().to_json(), **card["recipe"]}
+    assert shipped.recipe_settings(len(card["silos"])).to_json() == trained
