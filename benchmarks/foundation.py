@@ -68,6 +68,7 @@ MODEL = shipped.tsfm_config()
 DOMAINS = shipped.DOMAINS
 ALWAYS_HELD_OUT = shipped.HELD_OUT
 LODO = ("air_quality", "energy")  # left-out domains for zero-shot (both hourly)
+LODO_SHARE = 0.4  # group "lodoshare": KernelSynth/TSMixup windows are what a left-out domain's dynamics can come from
 WINDOWS = 144_000  # training windows per cell; the "ship" cell (2x) checks how much more budget still buys
 ROUNDS = 25
 BATCH = shipped.BATCH
@@ -84,6 +85,9 @@ LR = RECIPES[RECIPE]["lr"]
 SHARE = shipped.SHARE
 FEW_SHOT = (0.05, 0.10)
 SEED_METHODS = ("bilevel", "fedal", "fedpm")
+# Group "batch": (strategy, client batch, keep AdamW state). At batch 16 / 8 a client takes 60 / 120 local steps a
+# round at the same windows; centralized takes 90 sequential steps a round at batch 64.
+FED_BATCH_CELLS = (("fedavg", 16, True), ("fedavg", 8, True), ("fedavg", 16, False))
 ROUND_SWEEP = (75, 125)  # WINDOWS / (rounds x 6 silos x BATCH) = 5 and 3 local steps: the budget exactly
 # Points besides each method's defaults (the seed-0 cell of group "seed" is the default point).
 # bilevel's defaults include a warm start (half the budget as FedAvg); warm_start 0 is the cold start the toy run
@@ -124,6 +128,7 @@ class Cell:
     full_eval: bool = False  # every window of every hourly set (else ETTh1 in full, the AutoETS subset elsewhere)
     recipe: int = RECIPE
     keep_optimizer: bool = False  # clients keep their AdamW moments between rounds (cross-silo)
+    batch: int = BATCH  # per client; smaller batches at the same windows mean more sequential local steps
 
     @property
     def id(self) -> str:
@@ -134,7 +139,8 @@ class Cell:
         rounds = "" if self.rounds * WINDOWS == ROUNDS * self.windows else f"-R{self.rounds}"
         recipe = "" if self.recipe == 1 else f"-r{self.recipe}"
         kept = "-keptopt" if self.keep_optimizer else ""
-        return (f"{self.strategy}{hp}-share{self.share}{held}{budget}{rounds}{kept}{recipe}-seed{self.seed}"
+        batch = "" if self.batch == BATCH else f"-b{self.batch}"
+        return (f"{self.strategy}{hp}-share{self.share}{held}{budget}{rounds}{batch}{kept}{recipe}-seed{self.seed}"
                 .replace(" ", ""))
 
     @property
@@ -142,9 +148,9 @@ class Cell:
         return tuple(d for d in DOMAINS if d not in self.held_out)
 
     def settings(self, n_silos: int) -> FederatedSettings:
-        local = max(1, round(self.windows / (self.rounds * n_silos * BATCH)))
+        local = max(1, round(self.windows / (self.rounds * n_silos * self.batch)))
         recipe = RECIPES[self.recipe]
-        return FederatedSettings(strategy=self.strategy, rounds=self.rounds, local_steps=local, batch_size=BATCH,
+        return FederatedSettings(strategy=self.strategy, rounds=self.rounds, local_steps=local, batch_size=self.batch,
                                  lr=recipe["lr"], warmup_rounds=recipe["warmup_rounds"], domains=self.domains,
                                  holdout=self.held_out, seed=self.seed, keep_optimizer=self.keep_optimizer,
                                  hparams=self.hparams, synthetic_share=self.share)
@@ -179,12 +185,19 @@ def plan(groups: list[str], seeds: list[int]) -> list[Cell]:
         elif g == "optstate":  # fresh local AdamW every round (a device) vs moments kept (a cross-silo client)
             cells += [Cell("optstate", f"{s}, local AdamW state kept", s, seed, keep_optimizer=True)
                       for seed in seeds for s in ("fedavg", "fedprox")]
+        elif g == "batch":  # equal windows, more sequential steps: each of the 6 silos at a smaller batch takes
+            # more local steps a round (centralized takes 6 x 15 = 90 at batch 64; FedAvg at 64 takes 15)
+            cells += [Cell("batch", f"{s}, batch {b}{', local AdamW state kept' * kept}", s, seed, keep_optimizer=kept,
+                           batch=b) for seed in seeds for s, b, kept in FED_BATCH_CELLS]
         elif g == "recipe":  # the recipe choice: the other candidates on the seed that collapsed under recipe 1
             cells += [Cell("recipe", f"centralized, recipe {r}", "centralized", 1, recipe=r)
                       for r in RECIPES if r not in (1, RECIPE)]
         elif g == "lodo":
             cells += [Cell("lodo", f"centralized without {d}", "centralized", 0, held_out=(*ALWAYS_HELD_OUT, d),
                            full_eval=True) for d in LODO]
+        elif g == "lodoshare":  # the same left-out domains with twice the synthetic share (zero-shot vs synthetic data)
+            cells += [Cell("lodo", f"centralized without {d}, synthetic share {LODO_SHARE}", "centralized", 0,
+                           held_out=(*ALWAYS_HELD_OUT, d), share=LODO_SHARE, full_eval=True) for d in LODO]
         elif g == "seed":
             cells += [Cell("seed", s, s, seed) for seed in seeds for s in SEED_METHODS]
         elif g == "chosen":  # each seed method at the sweep point validation chose (seed 0), at the other seeds
@@ -529,7 +542,8 @@ def default_cell(cell: dict) -> bool:
     """A record's cell at the grid's defaults: budget, rounds, synthetic share, held-out domain, no strategy
     hyper-parameters, a fresh local optimizer -- what differs between two such cells is strategy, seed, recipe."""
     return (cell["windows"] == WINDOWS and cell["rounds"] == ROUNDS and cell["share"] == SHARE
-            and tuple(cell["held_out"]) == ALWAYS_HELD_OUT and not cell["hparams"] and not cell.get("keep_optimizer"))
+            and tuple(cell["held_out"]) == ALWAYS_HELD_OUT and not cell["hparams"] and not cell.get("keep_optimizer")
+            and cell.get("batch", BATCH) == BATCH)
 
 
 def recipe_table(cells: list[dict]) -> list[str]:
@@ -608,7 +622,7 @@ def render(all_cells: list[dict], base: dict[str, Any]) -> str:
              f"hold recipe {RECIPE} cells unless a row says otherwise; the superseded recipe's grid is at the end.",
              ""]
     lines += [f"## Strategies at equal budget, recipe {RECIPE} (mean ± std over seeds)", ""]
-    lines += strategy_table(cells, ("main", "real", "ship", "seed", "chosen"))
+    lines += strategy_table(cells, ("main", "real", "ship", "seed", "chosen", "batch"))
     lines += ["", "## Training recipe (centralized, seed 1; chosen on validation MSE)", ""]
     lines += recipe_table(all_cells)
     lines += ["", "## Standard protocol (stride 1, all channels, whole test split; MSE / MAE at H 96 / 192 / 336)", ""]
@@ -642,7 +656,8 @@ def render(all_cells: list[dict], base: dict[str, Any]) -> str:
             if n not in HOURLY:
                 continue
             zs, sn = _get(s, "H96", "mse"), _get(base.get(n, {}), "seasonal_naive", "H96", "mse")
-            lines.append(f"| {c['cell']['held_out'][-1]}{recipe_note(c)} | {n} | {zs:.3f} | {sn:.3f} | "
+            share = "" if c["cell"]["share"] == SHARE else f", synthetic share {c['cell']['share']:g}"
+            lines.append(f"| {c['cell']['held_out'][-1]}{share}{recipe_note(c)} | {n} | {zs:.3f} | {sn:.3f} | "
                          f"{_get(base.get(n, {}), 'nlinear', 'H96', 'mse'):.3f} | "
                          f"{_get(base.get(n, {}), 'autoets', 'ets/H96', 'mse'):.3f} | {_get(s, 'ets/H96', 'mse'):.3f}"
                          f" | {100 * (zs / sn - 1):+.1f} % |")
@@ -666,7 +681,7 @@ def render(all_cells: list[dict], base: dict[str, Any]) -> str:
               "| method | cell | val MSE | chosen | in-domain MSE H96 (subset) | ETTh1 MSE H96 | "
               "exchange rate zero-shot H96 |", "|---|---|---|---|---|---|---|"]
     swept = [c for c in cells if c["cell"]["group"] in ("sweep", "ablate", "rounds", "optstate") or (
-        c["cell"]["seed"] == 0 and c["cell"]["group"] in ("seed", "main") and c["cell"]["strategy"] in SWEEPS)]
+        c["cell"]["seed"] == 0 and c["cell"]["group"] in ("seed", "main", "batch") and c["cell"]["strategy"] in SWEEPS)]
     best = {}
     for c in swept:
         if c["cell"]["group"] != "ablate":
@@ -676,6 +691,7 @@ def render(all_cells: list[dict], base: dict[str, Any]) -> str:
     for c in sorted(swept, key=lambda c: (c["cell"]["strategy"], c["cell"]["group"] == "ablate", c["id"])):
         hp = ", ".join([f"{k}={v}" for k, v in c["cell"]["hparams"]]
                        + ([f"{c['cell']['rounds']} rounds"] if c["cell"]["rounds"] != ROUNDS else [])
+                       + ([f"batch {c['cell']['batch']}"] if c["cell"].get("batch", BATCH) != BATCH else [])
                        + (["local AdamW state kept"] if c["cell"].get("keep_optimizer") else [])) or "defaults"
         mark = "**yes**" if best.get(c["cell"]["strategy"]) is c else ""
         lines.append(f"| {c['cell']['strategy']} | {c['cell']['label'] if c['cell']['group'] == 'ablate' else hp} | "

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import sys
+from dataclasses import asdict
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
@@ -117,3 +118,16 @@ def test_cells_of_the_superseded_recipe_keep_their_ids_and_stay_out_of_the_curre
     assert "0.693" in superseded and "0.554" not in superseded
     recipes = md[md.index("## Training recipe"):md.index("## Standard protocol")]
     assert "| 1 | 0.001 | 0 | 0.6930 |" in recipes and f"| {foundation.RECIPE} (chosen) |" in recipes
+
+
+def test_smaller_client_batches_spend_the_same_windows_in_more_local_steps() -> None:
+    """Group "batch" trades batch size for sequential steps at the grid's budget; its cells are named by their
+    batch and never pooled with the default cells."""
+    default = foundation.Cell("main", "fedavg", "fedavg", 0)
+    for cell in foundation.plan(["batch:0"], [0]):
+        s, d = cell.settings(6), default.settings(6)
+        assert s.rounds * s.local_steps * s.batch_size == d.rounds * d.local_steps * d.batch_size
+        assert s.local_steps * s.batch_size == d.local_steps * d.batch_size and s.local_steps > d.local_steps
+        assert f"-b{cell.batch}" in cell.id
+        assert not foundation.default_cell(asdict(cell))
+    assert foundation.default_cell(asdict(default)) and "-b" not in default.id
