@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import signal
 import subprocess
 import sys
@@ -177,6 +178,14 @@ def pretrain(
                                           "bilevel | fedal | fedpm (domain silos)")] = "etth1",
     rounds: Annotated[int, typer.Option(min=1, help="silo strategies: federated rounds")] = 20,
     local_steps: Annotated[int, typer.Option(min=1, help="silo strategies: local steps per round")] = 20,
+    batch_size: Annotated[int, typer.Option(min=1, help="silo strategies: windows per local step and client")] = 64,
+    lr: Annotated[float, typer.Option(help="silo strategies: peak AdamW lr (reached over the "
+                                      "first round, cosine decay after)")] = 5e-4,
+    synthetic_share: Annotated[float, typer.Option(help="silo strategies: share of KernelSynth/TSMixup windows (their "
+                                                   "own silo), in [0, 1); 0: real data only")]
+    = 0.2,
+    keep_optimizer: Annotated[bool, typer.Option(help="silo strategies: clients keep their AdamW state between rounds "
+                                                 "(a cross-silo client can; a device need not)")] = False,
     out: Annotated[Path, typer.Option(help="checkpoint file (etth1) or folder (silo strategies)")] = Path(
         "runs/tsfm.pt"),
     steps: Annotated[int, typer.Option(min=1, help="optimiser steps; validation MSE peaks at 200-500")] = 600,
@@ -211,9 +220,14 @@ def pretrain(
             make_strategy(strategy)
         except (KeyError, ValueError) as exc:
             _fail(str(exc))
+        if not (lr > 0 and math.isfinite(lr)):
+            _fail(f"--lr must be a positive number, not {lr}")
+        if not 0.0 <= synthetic_share < 1.0:
+            _fail(f"--synthetic-share must be in [0, 1), not {synthetic_share}")
         folder = out if out.suffix != ".pt" else out.with_suffix("")
-        pretrain_command(strategy, rounds=rounds, local_steps=local_steps, size=size, seed=seed, out_dir=folder,
-                         data_dir=data_dir, threads=threads, console=console)
+        pretrain_command(strategy, rounds=rounds, local_steps=local_steps, batch_size=batch_size, lr=lr,
+                         synthetic_share=synthetic_share, keep_optimizer=keep_optimizer, size=size, seed=seed,
+                         out_dir=folder, data_dir=data_dir, threads=threads, console=console)
         return
     cfg = TSFMConfig.tiny() if size == "tiny" else TSFMConfig.small()
     result = train_tsfm(cfg, steps=steps, data_dir=data_dir, threads=threads, seed=seed, progress=True)

@@ -49,6 +49,10 @@ def test_demo_runs_end_to_end_on_the_embedded_broker_with_the_shipped_model(tmp_
     (("serve", "--init-head", "/nonexistent/head.npz"), "cannot start"),
     (("export", "/nonexistent/ckpt.pt"), "error"),
     (("status", "--db", "/nonexistent/fleet.sqlite"), "no fleet database"),
+    (("pretrain", "--strategy", "fedavg", "--lr", "-1"), "--lr must be a positive number"),
+    (("pretrain", "--strategy", "fedavg", "--lr", "nan"), "--lr must be a positive number"),
+    (("pretrain", "--strategy", "fedavg", "--synthetic-share", "1"), "--synthetic-share must be in [0, 1)"),
+    (("pretrain", "--strategy", "fedavg", "--batch-size", "0"), "batch-size"),
 ])
 def test_bad_arguments_exit_2_with_a_clear_message(args: tuple[str, ...], message: str) -> None:
     proc = fedge(*args, timeout=120)

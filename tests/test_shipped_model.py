@@ -223,3 +223,20 @@ def test_reproduce_recipe_is_the_recipe_the_shipped_model_was_trained_with() -> 
     card = shipped.card()
     trained = {**FederatedSettings().to_json(), **card["recipe"]}
     assert shipped.recipe_settings(len(card["silos"])).to_json() == trained
+
+
+def test_pretrain_for_a_silo_strategy_defaults_to_the_shipped_recipe() -> None:
+    """`fedge pretrain --strategy fedavg` (and every silo strategy) trains with the shipped recipe's lr, warmup and
+    synthetic share unless told otherwise: its earlier defaults (lr 1e-3 from the first step, no synthetic silo)
+    were recipe 1, which killed 62 of 64 features on a seed of the foundation grid."""
+    import inspect
+
+    from coordinator.cli import pretrain
+    from coordinator.pretrain.federated import pretrain_command
+
+    fn = inspect.signature(pretrain_command).parameters
+    assert (fn["lr"].default, fn["warmup_rounds"].default, fn["synthetic_share"].default, fn["batch_size"].default) \
+        == (shipped.LR, shipped.WARMUP_ROUNDS, shipped.SHARE, shipped.BATCH)
+    cli = inspect.signature(pretrain).parameters
+    assert (cli["lr"].default, cli["synthetic_share"].default, cli["batch_size"].default) \
+        == (shipped.LR, shipped.SHARE, shipped.BATCH)

@@ -30,6 +30,7 @@ from torch import nn
 
 from coordinator.models.checkpoints import atomic_torch_save, save_checkpoint
 from coordinator.models.tsfm import TSFM, TSFMConfig, forecast
+from coordinator.pretrain import shipped
 from coordinator.pretrain.silos import DEFAULT_HOLDOUT, DOMAIN_SILOS, Silo, available_domains, build_silos, split_sample
 from coordinator.pretrain.strategies import LocalContext, State, Strategy, Upload, make_strategy, params_of
 from coordinator.pretrain.synthetic import SYNTHETIC_CACHE, SYNTHETIC_DOMAIN, SyntheticSettings, synthetic_silo
@@ -310,8 +311,11 @@ def pretrain_command(
     *,
     rounds: int = 20,
     local_steps: int = 20,
-    batch_size: int = 64,
-    lr: float = 1e-3,
+    batch_size: int = shipped.BATCH,
+    lr: float = shipped.LR,
+    warmup_rounds: float = shipped.WARMUP_ROUNDS,
+    synthetic_share: float = shipped.SHARE,
+    keep_optimizer: bool = False,
     join_ratio: float = 1.0,
     size: str = "tiny",
     context: int = 512,
@@ -330,13 +334,16 @@ def pretrain_command(
     """``fedge pretrain --strategy NAME``: federated (or centralized) pretraining over domain silos,
     with a round checkpoint at ``out_dir/NAME-seedS.round.pt`` (resumed when present) and the final
     best-on-validation TSFM at ``out_dir/NAME-seedS.pt`` (readable by ``fedge export``). Prints a
-    rich table of held-out and in-domain test scores and returns them."""
+    rich table of held-out and in-domain test scores and returns them. The training defaults are the shipped
+    model's recipe (lr, warmup, synthetic share): lr 1e-3 from the first step killed most GELU features on some
+    seeds of the foundation grid (docs/results/foundation.md)."""
     from rich.console import Console
 
     console = console or Console()
     config = model_config(size, context, horizon)
     settings = FederatedSettings(
         strategy=strategy, rounds=rounds, local_steps=local_steps, batch_size=batch_size, lr=lr,
+        warmup_rounds=warmup_rounds, synthetic_share=synthetic_share, keep_optimizer=keep_optimizer,
         join_ratio=join_ratio, domains=domains, holdout=tuple(holdout), seed=seed,
         hparams=tuple(sorted((hparams or {}).items())),
     )
