@@ -716,8 +716,10 @@ def render(all_cells: list[dict], base: dict[str, Any]) -> str:
 
 
 def curves(cells: list[dict], path: Path) -> None:
-    """Left: validation curves of the current recipe's seed-0 cells. Right: centralized and FedAvg at every
-    seed under each recipe, which shows the recipe 1 collapse (a flat curve) and its fix."""
+    """Left: validation curves of the current recipe's seed-0 cells. Middle: centralized and FedAvg at each client
+    batch (group "batch" and the defaults), seed 0: the gap follows the number of sequential steps. Right:
+    centralized and FedAvg at every seed under each recipe, which shows the recipe 1 collapse (a flat curve) and its
+    fix."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -727,12 +729,23 @@ def curves(cells: list[dict], path: Path) -> None:
         per_round = c["windows_seen"] / max(1, len(c["history"]))
         return [(h["round"] + 1) * per_round for h in c["history"]], [h["val_mse"] for h in c["history"]]
 
-    fig, (ax, rx) = plt.subplots(1, 2, figsize=(15, 5.5), sharey=True)
+    fig, (ax, bx, rx) = plt.subplots(1, 3, figsize=(21, 5.5), sharey=True)
     for c in cells:
-        if recipe_of(c) != RECIPE or c["cell"]["seed"] != 0 or c["cell"]["group"] in ("sweep", "ablate"):
+        if recipe_of(c) != RECIPE or c["cell"]["seed"] != 0 or c["cell"]["group"] in ("sweep", "ablate", "batch"):
             continue
         ax.plot(*xy(c), label=c["cell"]["label"] + ("" if c["cell"]["group"] != "lodo" else " (other val sets)"),
                 lw=1.2)
+    batch_colours = {BATCH: "tab:grey", 16: "tab:orange", 8: "tab:purple"}
+    for c in cells:
+        cell = c["cell"]
+        batch = cell.get("batch", BATCH)
+        at_default = default_cell({**cell, "batch": BATCH, "keep_optimizer": False})
+        if (recipe_of(c) == RECIPE and cell["seed"] == 0 and cell["strategy"] in ("centralized", "fedavg")
+                and at_default and cell["group"] in ("main", "batch", "optstate")):
+            kept = ", AdamW state kept" if cell.get("keep_optimizer") else ""
+            bx.plot(*xy(c), color=batch_colours.get(batch, "black"), lw=1.1,
+                    ls="-" if cell["strategy"] == "centralized" else ("--" if kept else ":"),
+                    label=f"{cell['strategy']}, batch {batch}{kept}")
     colours = {1: "tab:red", 2: "tab:blue", 3: "tab:green"}
     for c in cells:
         cell = c["cell"]
@@ -741,8 +754,9 @@ def curves(cells: list[dict], path: Path) -> None:
                     ls="-" if cell["strategy"] == "centralized" else "--", marker=(None, "o", "^")[cell["seed"] % 3],
                     markevery=5, ms=4, label=f"{cell['strategy']} seed {cell['seed']}, recipe {recipe_of(c)}")
     ax.set_title(f"Validation curves, recipe {RECIPE}, seed 0")
+    bx.set_title("Client batch at equal windows, seed 0: centralized (solid), FedAvg (dashed: AdamW state kept)")
     rx.set_title("Recipes: centralized (solid) and FedAvg (dashed), every seed")
-    for a_ in (ax, rx):
+    for a_ in (ax, bx, rx):
         a_.set_xlabel("training windows seen")
         a_.grid(alpha=0.3)
         a_.legend(fontsize=7)
