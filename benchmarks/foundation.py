@@ -85,11 +85,12 @@ LR = RECIPES[RECIPE]["lr"]
 SHARE = shipped.SHARE
 FEW_SHOT = (0.05, 0.10)
 SEED_METHODS = ("bilevel", "fedal", "fedpm")
-# Group "batch": (strategy, client batch, keep AdamW state), in priority order. At batch 16 / 8 a FedAvg client takes
-# 60 / 120 local steps a round at the same windows, where batch 64 gave it 15 and centralized 6 x 15 = 90 sequential
-# ones; centralized at the same smaller batches checks that the gap is measured against centralized at its best.
+# Group "batch": (strategy, client batch, keep AdamW state), in priority order. At batch 16 / 8 / 4 a FedAvg client
+# takes 60 / 120 / 240 local steps a round at the same windows, where batch 64 gave it 15 and centralized 6 x 15 = 90
+# sequential ones; centralized at the same smaller batches checks that the gap is measured against centralized at its
+# best.
 FED_BATCH_CELLS = (("fedavg", 8, True), ("centralized", 8, False), ("fedavg", 16, True), ("fedavg", 16, False),
-                   ("centralized", 16, False), ("fedavg", 8, False))
+                   ("centralized", 16, False), ("fedavg", 8, False), ("fedavg", 4, True), ("centralized", 4, False))
 ROUND_SWEEP = (75, 125)  # WINDOWS / (rounds x 6 silos x BATCH) = 5 and 3 local steps: the budget exactly
 # Points besides each method's defaults (the seed-0 cell of group "seed" is the default point).
 # bilevel's defaults include a warm start (half the budget as FedAvg); warm_start 0 is the cold start the toy run
@@ -735,7 +736,7 @@ def curves(cells: list[dict], path: Path) -> None:
             continue
         ax.plot(*xy(c), label=c["cell"]["label"] + ("" if c["cell"]["group"] != "lodo" else " (other val sets)"),
                 lw=1.2)
-    batch_colours = {BATCH: "tab:grey", 16: "tab:orange", 8: "tab:purple"}
+    batch_colours = {BATCH: "tab:grey", 16: "tab:orange", 8: "tab:purple", 4: "tab:green"}
     for c in cells:
         cell = c["cell"]
         batch = cell.get("batch", BATCH)
