@@ -93,9 +93,10 @@ FED_BATCH_CELLS = (("fedavg", 8, True), ("centralized", 8, False), ("fedavg", 16
                    ("centralized", 16, False), ("fedavg", 8, False), ("fedavg", 4, True), ("centralized", 4, False))
 BATCH_SEEDED = (("fedavg", 8, True), ("centralized", 8, False))  # also at seeds 1 and 2
 LODO_BATCH = 8  # group "lodobatch"
-# Group "drift": the batch-8 FedAvg cell (120 local steps a round) with less client drift: a proximal term, or the
-# same windows in 3x the rounds (40 local steps each).
-DRIFT_CELLS = (("fedprox", (("mu", 0.1),), ROUNDS), ("fedavg", (), 3 * ROUNDS), ("fedprox", (("mu", 0.01),), ROUNDS))
+# Group "drift": the batch-8 FedAvg cell (120 local steps a round) with less client drift: a proximal term, SCAFFOLD's
+# control variates, or the same windows in 3x the rounds (40 local steps each).
+DRIFT_CELLS = (("fedprox", (("mu", 0.1),), ROUNDS), ("scaffold", (), ROUNDS), ("fedavg", (), 3 * ROUNDS),
+               ("fedprox", (("mu", 0.01),), ROUNDS))
 ROUND_SWEEP = (75, 125)  # WINDOWS / (rounds x 6 silos x BATCH) = 5 and 3 local steps: the budget exactly
 # Points besides each method's defaults (the seed-0 cell of group "seed" is the default point).
 # bilevel's defaults include a warm start (half the budget as FedAvg); warm_start 0 is the cold start the toy run

@@ -111,7 +111,7 @@ def demo(
                                          "(Mosquitto needed); default: anonymous on loopback")] = False,
     pretrain_strategy: Annotated[str, typer.Option(
         help="backbone: shipped (the pretrained model inside fedge, docs/model-card.md) | auto (train the best in "
-             "docs/results/pretrain.json) | etth1 | centralized | fedavg | fedprox | fedadam | bilevel | "
+             "docs/results/pretrain.json) | etth1 | centralized | fedavg | fedprox | fedadam | scaffold | bilevel | "
              "fedal")] = "shipped",
     seed: int = 0,
     ui: Annotated[bool, typer.Option("--ui/--no-ui", help="serve the fleet dashboard on 127.0.0.1 while it runs")
@@ -175,7 +175,7 @@ def demo(
 def pretrain(
     strategy: Annotated[str, typer.Option(help="shipped (reproduce the model shipped with fedge from the data) | etth1 "
                                           "(central, ETTh1 only) | centralized | fedavg | fedprox | fedadam | "
-                                          "bilevel | fedal | fedpm (domain silos)")] = "etth1",
+                                          "scaffold | bilevel | fedal | fedpm (domain silos)")] = "etth1",
     rounds: Annotated[int, typer.Option(min=1, help="silo strategies: federated rounds")] = 20,
     local_steps: Annotated[int, typer.Option(min=1, help="silo strategies: local steps per round")] = 20,
     batch_size: Annotated[int, typer.Option(min=1, help="silo strategies: windows per local step and client")] = 64,

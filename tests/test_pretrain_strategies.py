@@ -70,7 +70,7 @@ def test_two_rounds_change_weights_through_fleet_aggregation(strategy: str, monk
     assert np.isfinite(result.val_mse)
 
 
-@pytest.mark.parametrize("strategy", ["fedadam", "bilevel", "fedal", "fedpm"])
+@pytest.mark.parametrize("strategy", ["fedadam", "scaffold", "bilevel", "fedal", "fedpm"])
 def test_resume_matches_uninterrupted_run(strategy: str, tmp_path) -> None:
     full = _run(strategy, rounds=3)
     ckpt = tmp_path / "run.round.pt"
@@ -263,3 +263,45 @@ def test_a_checkpoint_from_before_a_new_setting_resumes_when_the_setting_is_at_i
     del payload["settings"]["keep_optimizer"]  # as written before the setting existed
     torch.save(payload, ckpt)
     assert len(_run("fedavg", rounds=3, checkpoint=ckpt).history) == 3
+
+
+def test_scaffold_corrects_each_local_gradient_by_the_control_variates_and_keeps_c_the_weighted_mean() -> None:
+    """The optimiser sees ∇f_i + c − c_i; c_i becomes the round's mean raw gradient; the server's c stays the
+    sample-weighted mean of the clients' c_i; the hooks leave with the upload (the worker model is reused)."""
+    from coordinator.pretrain.strategies import LocalContext
+    from coordinator.pretrain.strategies.scaffold import PREFIX
+
+    strategy = make_strategy("scaffold")
+    torch.manual_seed(0)
+    model = TSFM(CFG)
+    server = strategy.init_server(model, SILOS)
+    client = strategy.init_client(model, SILOS[0])
+    for n, p in model.named_parameters():
+        server[PREFIX + n] = torch.full_like(p, 0.3)
+        client[PREFIX + n] = torch.full_like(p, 0.1)
+    glob = {k: torch.from_numpy(v) for k, v in params_of(model).items()}
+    ctx = LocalContext(SILOS[0], client, server, glob, 1, 0.5)
+    x, y, sub = SILOS[0].sample(np.random.default_rng(0), 8, CFG.context)
+    model.eval()  # no dropout: the backward passes below see the same function
+    fedavg_loss = make_strategy("fedavg").local_loss
+    fedavg_loss(model, x, y, sub, ctx).backward()
+    raw = {n: p.grad.clone() for n, p in model.named_parameters()}
+    model.zero_grad(set_to_none=True)
+    strategy.begin_round(model, ctx)
+    strategy.local_loss(model, x, y, sub, ctx).backward()
+    for n, p in model.named_parameters():
+        assert torch.allclose(p.grad, raw[n] + 0.2, atol=1e-6), n
+    upload = strategy.upload(model, ctx)
+    for n, _ in model.named_parameters():
+        assert torch.allclose(client[PREFIX + n], raw[n], atol=1e-6)  # one step: c_i = that step's raw gradient
+        assert np.allclose(upload.payload[n], raw[n].numpy() - 0.1, atol=1e-6)
+    model.zero_grad(set_to_none=True)
+    fedavg_loss(model, x, y, sub, ctx).backward()
+    assert all(torch.allclose(p.grad, raw[n], atol=1e-6) for n, p in model.named_parameters())  # hooks removed
+
+    result = _run("scaffold", rounds=2)
+    weights = np.array([s.n_samples for s in SILOS], float)
+    for n, _ in result.model.named_parameters():
+        mean_ci = sum(w * c[PREFIX + n] for w, c in zip(weights / weights.sum(), result.clients, strict=True))
+        assert torch.allclose(result.server[PREFIX + n], mean_ci.float(), atol=1e-6), n
+        assert float(result.server[PREFIX + n].abs().sum()) > 0

@@ -145,15 +145,16 @@ class Strategy:
 
 
 def make_strategy(name: str, **hparams: Any) -> Strategy:
-    from coordinator.pretrain.strategies import bilevel, centralized, fedadam, fedal, fedavg, fedpm, fedprox
+    from coordinator.pretrain.strategies import bilevel, centralized, fedadam, fedal, fedavg, fedpm, fedprox, scaffold
 
     table: dict[str, type[Strategy]] = {
         "centralized": centralized.Centralized, "fedavg": fedavg.FedAvgStrategy, "fedprox": fedprox.FedProx,
-        "fedadam": fedadam.FedAdam, "bilevel": bilevel.BiLevel, "fedal": fedal.FeDaL, "fedpm": fedpm.FeDPM,
+        "fedadam": fedadam.FedAdam, "scaffold": scaffold.Scaffold,
+        "bilevel": bilevel.BiLevel, "fedal": fedal.FeDaL, "fedpm": fedpm.FeDPM,
     }
     if name not in table:
         raise ValueError(f"unknown strategy {name!r}; choose one of {', '.join(table)}")
     return table[name](**hparams)
 
 
-STRATEGIES = ("centralized", "fedavg", "fedprox", "fedadam", "bilevel", "fedal", "fedpm")
+STRATEGIES = ("centralized", "fedavg", "fedprox", "fedadam", "scaffold", "bilevel", "fedal", "fedpm")
