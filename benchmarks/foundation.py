@@ -93,6 +93,7 @@ FED_BATCH_CELLS = (("fedavg", 8, True), ("centralized", 8, False), ("fedavg", 16
                    ("centralized", 16, False), ("fedavg", 8, False), ("fedavg", 4, True), ("centralized", 4, False))
 BATCH_SEEDED = (("fedavg", 8, True), ("centralized", 8, False))  # also at seeds 1 and 2
 LODO_BATCH = 8  # group "lodobatch"
+WEIGHT_POWERS = (0.0, 0.5)  # group "weights": FedAvg weighs silo k's delta by n_k^p (1: by windows, FedAvg's rule)
 # Group "drift": the batch-8 FedAvg cell (120 local steps a round) with less client drift: a proximal term, SCAFFOLD's
 # control variates, or the same windows in 3x the rounds (40 local steps each).
 DRIFT_CELLS = (("fedprox", (("mu", 0.1),), ROUNDS), ("scaffold", (), ROUNDS), ("fedavg", (), 3 * ROUNDS),
@@ -207,6 +208,9 @@ def plan(groups: list[str], seeds: list[int]) -> list[Cell]:
         elif g == "drift":  # FedAvg flattens at ~0.57 from batch 8 on while centralized keeps improving: client drift?
             cells += [Cell("drift", f"{s}{''.join(f' {k} {v}' for k, v in hp)}, batch 8, {r} rounds, local AdamW "
                            "state kept", s, 0, hp, rounds=r, batch=8, keep_optimizer=True) for s, hp, r in DRIFT_CELLS]
+        elif g == "weights":  # ... or the sample weighting: the gap is almost all on the small silos' datasets
+            cells += [Cell("weights", f"fedavg, silo weights n^{p:g}, batch 8, local AdamW state kept", "fedavg", 0,
+                           (("weight_power", p),), batch=8, keep_optimizer=True) for p in WEIGHT_POWERS]
         elif g == "lodobatch":  # the left-out domains at the batch validation chose for centralized (group "batch")
             cells += [Cell("lodo", f"centralized without {d}, batch {LODO_BATCH}", "centralized", 0,
                            held_out=(*ALWAYS_HELD_OUT, d), batch=LODO_BATCH, full_eval=True)
@@ -698,7 +702,8 @@ def render(all_cells: list[dict], base: dict[str, Any]) -> str:
     lines += ["", "## Sweeps and ablations (seed 0; each method's hyper-parameters chosen on validation MSE only)", "",
               "| method | cell | val MSE | chosen | in-domain MSE H96 (subset) | ETTh1 MSE H96 | "
               "exchange rate zero-shot H96 |", "|---|---|---|---|---|---|---|"]
-    swept = [c for c in cells if c["cell"]["group"] in ("sweep", "ablate", "rounds", "optstate", "drift") or (
+    tuned = ("sweep", "ablate", "rounds", "optstate", "drift", "weights")
+    swept = [c for c in cells if c["cell"]["group"] in tuned or (
         c["cell"]["seed"] == 0 and c["cell"]["group"] in ("seed", "main", "batch") and c["cell"]["strategy"] in SWEEPS)]
     best = {}
     for c in swept:

@@ -239,6 +239,14 @@ def test_fedavg_server_lr_scales_the_mean_delta() -> None:
         np.testing.assert_allclose(scaled[k] - theta[k], 2.5 * (plain[k] - theta[k]), rtol=1e-4, atol=1e-5)
     with pytest.raises(ValueError):
         make_strategy("fedavg", server_lr=0.0)
+    # weight_power 0: every silo alike (1 and 3 windows -> 1/2 each); 0.5: sqrt(1) : sqrt(3)
+    for power, w1 in ((0.0, 0.5), (0.5, 1 / (1 + 3**0.5)), (1.0, 0.25)):
+        mixed = make_strategy("fedavg", weight_power=power, server_lr=2.0).server_update(theta, uploads, {}, 0)
+        for k in theta:
+            np.testing.assert_allclose(mixed[k] - theta[k], 2.0 * (w1 * d1[k] + (1 - w1) * d2[k]), rtol=1e-4,
+                                       atol=1e-5)
+    with pytest.raises(ValueError):
+        make_strategy("fedavg", weight_power=1.5)
 
 
 def test_kept_optimizer_state_resumes_bit_for_bit_and_changes_the_run(tmp_path) -> None:
