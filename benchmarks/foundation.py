@@ -270,6 +270,7 @@ def train_cell(cell: Cell, threads: int) -> tuple[Any, dict[str, Any]]:
             "val_mse": result.val_mse, "best_round": result.best_round, "train_s": result.wall_s,
             "silos": {s.domain: s.n_samples for s in silos}, "exportable": result.strategy.exportable(),
             "dead_features": dead_features(result.model, np.concatenate([x for x, _ in val])),
+            "val_by_dataset": val_by_dataset(cell, result.eval_model),
             "train_s_complete": True,  # records before this counted only the time since the last resume
             "windows_seen": settings.rounds * settings.local_steps * settings.batch_size * len(silos),
             "server_weights": result.server["weights"].tolist() if "weights" in result.server else None}
@@ -278,6 +279,37 @@ def train_cell(cell: Cell, threads: int) -> tuple[Any, dict[str, Any]]:
     save_checkpoint(result.model, final, meta=meta)
     (CELLS / f"{cell.id}.round.pt").unlink(missing_ok=True)
     return result.model, meta
+
+
+def val_by_dataset(cell: Cell, model: Any) -> dict[str, float]:
+    """Each training dataset's validation MSE (the cell's validation score is their mean): where a gap is."""
+    from coordinator.models.tsfm import forecast
+    from edge_client.learning.windows import mse
+
+    names = [n for d in cell.domains for n in DOMAIN_SILOS[d]]
+    sets = validation_sets(MODEL, cell.domains, cell.settings(len(cell.domains) + (cell.share > 0)), None)
+    return {n: mse(forecast(model, x)[0], y) for n, (x, y) in zip(names, sets, strict=True) if len(x)}
+
+
+def revalidate() -> list[str]:
+    """Add `val_by_dataset` to the records of finished cells written before it existed, from their saved
+    models (which only the machine that trained them has); returns the ids completed."""
+    done = []
+    for path in sorted(CELLS.glob("*.json")):
+        rec = json.loads(path.read_text())
+        if path.name.startswith("baselines-") or "val_by_dataset" in rec or not (CELLS / f"{rec['id']}.pt").is_file():
+            continue
+        cell = Cell(**{**rec["cell"], "hparams": tuple(tuple(kv) for kv in rec["cell"]["hparams"]),
+                       "held_out": tuple(rec["cell"]["held_out"]), "recipe": recipe_of(rec)})
+        if cell.id != rec["id"]:
+            raise SystemExit(f"record {rec['id']} does not rebuild its cell ({cell.id})")
+        model = eval_model_for(cell, load_checkpoint(CELLS / f"{cell.id}.pt").eval())
+        rec["val_by_dataset"] = val_by_dataset(cell, model)
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(rec, default=float))
+        os.replace(tmp, path)
+        done.append(rec["id"])
+    return done
 
 
 def eval_model_for(cell: Cell, model: Any) -> Any:
@@ -628,6 +660,21 @@ def row_name(rec: dict) -> str:
     return f"{rec['cell']['label']} (seed {rec['cell']['seed']}){recipe_note(rec)}"
 
 
+def per_dataset_table(cells: list[dict]) -> list[str]:
+    """Validation MSE of each training dataset, for the cells whose record has it (the full corpus only)."""
+    recs = [c for c in cells if "val_by_dataset" in c and tuple(c["cell"]["held_out"]) == ALWAYS_HELD_OUT]
+    if not recs:
+        return []
+    names = list(dict.fromkeys(n for c in recs for n in c["val_by_dataset"]))
+    lines = ["", "## Validation MSE by dataset (the validation score is their mean; every dataset counts alike)", "",
+             "| cell | seed | " + " | ".join(names) + " | mean |", "|---" * (len(names) + 3) + "|"]
+    for c in sorted(recs, key=lambda c: (c["cell"]["seed"], c["cell"]["label"])):
+        v = c["val_by_dataset"]
+        lines.append(f"| {c['cell']['label']} | {c['cell']['seed']} | "
+                     + " | ".join(f"{v[n]:.3f}" if n in v else "—" for n in names) + f" | {c['val_mse']:.4f} |")
+    return lines
+
+
 def render(all_cells: list[dict], base: dict[str, Any]) -> str:
     by_id = {c["id"]: c for c in all_cells}
     cells = [c for c in all_cells if recipe_of(c) == RECIPE]
@@ -699,6 +746,7 @@ def render(all_cells: list[dict], base: dict[str, Any]) -> str:
             lines.append(f"| {row_name(c)} | {n} | {frac} ({r['head']['train_windows']} windows) | "
                          + " | ".join("—" if math.isnan(x) else f"{x:.3f}" for x in v.values())
                          + f" | {100 * (pre / without - 1):+.1f} % |")
+    lines += per_dataset_table(cells)
     lines += ["", "## Sweeps and ablations (seed 0; each method's hyper-parameters chosen on validation MSE only)", "",
               "| method | cell | val MSE | chosen | in-domain MSE H96 (subset) | ETTh1 MSE H96 | "
               "exchange rate zero-shot H96 |", "|---|---|---|---|---|---|---|"]
@@ -940,7 +988,8 @@ def write_model_card(card: dict[str, Any]) -> None:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("command", choices=("run", "report", "baselines", "ship", "card", "restore", "requantize"))
+    ap.add_argument("command", choices=("run", "report", "baselines", "ship", "card", "restore", "requantize",
+                                        "revalidate"))
     ap.add_argument("--cell", help="ship: the cell whose model becomes the shipped artifact")
     ap.add_argument("--no-tflite", action="store_true", help="ship: skip the TFLite conversion")
     ap.add_argument("--groups", nargs="*", default=["ship", "main:0", "real", "lodo", "main", "seed:0", "sweep",
@@ -964,6 +1013,11 @@ def main() -> None:
     elif args.command == "restore":
         names = restore()
         print(f"restored {len(names)} records to {CELLS}" + (": " + ", ".join(names) if names else ""))
+    elif args.command == "revalidate":
+        torch.set_num_threads(args.threads)
+        restore()
+        print(f"per-dataset validation added to {len(revalidate())} records")
+        report(args)
     elif args.command == "requantize":
         restore()  # the card's baseline columns come from the cell records
         requantize()

@@ -9,6 +9,8 @@ import sys
 from dataclasses import asdict
 from pathlib import Path
 
+import numpy as np
+
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
 
 import foundation
@@ -131,3 +133,23 @@ def test_smaller_client_batches_spend_the_same_windows_in_more_local_steps() -> 
         assert f"-b{cell.batch}" in cell.id
         assert not foundation.default_cell(asdict(cell))
     assert foundation.default_cell(asdict(default)) and "-b" not in default.id
+
+
+def test_the_per_dataset_table_shows_where_a_validation_gap_is() -> None:
+    """Records with each dataset's validation MSE get a row (full corpus only); older records are skipped."""
+    def record(label: str, held_out: tuple[str, ...], by_dataset: dict | None) -> dict:
+        cell = {"label": label, "seed": 0, "held_out": list(held_out)}
+        rec = {"cell": cell, "val_mse": float(np.mean(list(by_dataset.values()))) if by_dataset else 0.6}
+        return {**rec, "val_by_dataset": by_dataset} if by_dataset else rec
+
+    lines = foundation.per_dataset_table([
+        record("centralized, batch 8", foundation.ALWAYS_HELD_OUT, {"etth1": 1.148, "temperatures": 0.500}),
+        record("fedavg, batch 8", foundation.ALWAYS_HELD_OUT, {"etth1": 1.169, "temperatures": 0.694}),
+        record("lodo", (*foundation.ALWAYS_HELD_OUT, "energy"), {"temperatures": 0.4}),
+        record("old", foundation.ALWAYS_HELD_OUT, None),
+    ])
+    table = "\n".join(lines)
+    assert "| cell | seed | etth1 | temperatures | mean |" in table
+    assert "| fedavg, batch 8 | 0 | 1.169 | 0.694 | 0.9315 |" in table
+    assert "lodo" not in table and "old" not in table
+    assert foundation.per_dataset_table([record("old", foundation.ALWAYS_HELD_OUT, None)]) == []
