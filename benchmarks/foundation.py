@@ -211,6 +211,9 @@ def plan(groups: list[str], seeds: list[int]) -> list[Cell]:
         elif g == "weights":  # ... or the sample weighting: the gap is almost all on the small silos' datasets
             cells += [Cell("weights", f"fedavg, silo weights n^{p:g}, batch 8, local AdamW state kept", "fedavg", 0,
                            (("weight_power", p),), batch=8, keep_optimizer=True) for p in WEIGHT_POWERS]
+            # its centralized counterpart: batches that draw every silo equally often
+            cells.append(Cell("weights", "centralized, silos drawn alike, batch 8", "centralized", 0,
+                              (("balanced", True),), batch=8))
         elif g == "lodobatch":  # the left-out domains at the batch validation chose for centralized (group "batch")
             cells += [Cell("lodo", f"centralized without {d}, batch {LODO_BATCH}", "centralized", 0,
                            held_out=(*ALWAYS_HELD_OUT, d), batch=LODO_BATCH, full_eval=True)

@@ -313,3 +313,17 @@ def test_scaffold_corrects_each_local_gradient_by_the_control_variates_and_keeps
         mean_ci = sum(w * c[PREFIX + n] for w, c in zip(weights / weights.sum(), result.clients, strict=True))
         assert torch.allclose(result.server[PREFIX + n], mean_ci.float(), atol=1e-6), n
         assert float(result.server[PREFIX + n].abs().sum()) > 0
+
+
+def test_balanced_centralized_draws_every_silo_equally_often_and_plain_by_windows() -> None:
+    from coordinator.pretrain.silos import merge_silos
+
+    sizes = np.array([s.n_samples for s in SILOS], float)
+    first_sub = np.cumsum([0] + [s.n_sub for s in SILOS])  # silo k's windows carry sub ids [first_sub[k], ...)
+    for balanced, expected in ((False, sizes / sizes.sum()), (True, np.full(len(SILOS), 1 / len(SILOS)))):
+        merged = merge_silos(SILOS, balanced=balanced)
+        _, _, sub = merged.sample(np.random.default_rng(0), 6000, CFG.context)
+        share = np.bincount(np.searchsorted(first_sub, sub.numpy(), side="right") - 1, minlength=len(SILOS)) / 6000
+        np.testing.assert_allclose(share, expected, atol=0.03)
+    assert not np.allclose(sizes / sizes.sum(), 1 / len(SILOS), atol=0.05)  # the two cases differ here
+    assert make_strategy("centralized", balanced=True).clients(SILOS)[0].cdf is not None

@@ -40,6 +40,7 @@ class Silo:
     pool: WindowPool
     sub_ids: np.ndarray  # (N,) int64, index into `datasets` of each window's dataset
     n_sub: int
+    cdf: np.ndarray | None = None  # cumulative sampling probabilities of the windows; None: every window alike
 
     @property
     def n_samples(self) -> int:
@@ -48,7 +49,10 @@ class Silo:
     def sample(self, rng: np.random.Generator, batch_size: int, context: int) -> tuple[torch.Tensor, ...]:
         """A random mini-batch (x, y, sub-dataset id); sampling with replacement keeps a step's
         cost independent of the silo size and makes the stream a pure function of `rng`."""
-        idx = rng.integers(0, self.n_samples, size=batch_size)
+        if self.cdf is None:
+            idx = rng.integers(0, self.n_samples, size=batch_size)
+        else:
+            idx = np.minimum(np.searchsorted(self.cdf, rng.random(batch_size), side="right"), self.n_samples - 1)
         x, y = self.pool.batch(idx, context)
         return x, y, torch.from_numpy(self.sub_ids[idx])
 
@@ -97,8 +101,9 @@ def build_silos(
             for d in domains]
 
 
-def merge_silos(silos: list[Silo]) -> Silo:
-    """All silos' windows in one pool: the centralized mixed-batch baseline's "client"."""
+def merge_silos(silos: list[Silo], balanced: bool = False) -> Silo:
+    """All silos' windows in one pool: the centralized mixed-batch baseline's "client". `balanced`: every silo
+    is drawn equally often (a window of silo k with probability 1 / (K n_k)) instead of by its windows."""
     flats, starts, subs, offset, sub = [], [], [], 0, 0
     for s in silos:
         flats.append(s.pool.flat)
@@ -108,7 +113,12 @@ def merge_silos(silos: list[Silo]) -> Silo:
         sub += s.n_sub
     pool = WindowPool(np.concatenate(flats), np.concatenate(starts), silos[0].pool.span)
     names = tuple(n for s in silos for n in s.datasets)
-    return Silo("all", names, pool, np.concatenate(subs), sub)
+    cdf = None
+    if balanced:
+        probs = np.concatenate([np.full(s.n_samples, 1.0 / (len(silos) * s.n_samples)) for s in silos])
+        cdf = np.cumsum(probs)
+        cdf /= cdf[-1]
+    return Silo("all", names, pool, np.concatenate(subs), sub, cdf)
 
 
 def evenly(n: int, k: int) -> np.ndarray:

@@ -9,12 +9,16 @@ from coordinator.pretrain.strategies import Strategy
 
 
 class Centralized(Strategy):
+    """`balanced`: batches draw every silo equally often instead of in proportion to its windows -- the
+    centralized counterpart of FedAvg with every silo weighted alike (`fedavg` with weight_power 0)."""
+
     name = "centralized"
 
-    def __init__(self) -> None:
+    def __init__(self, balanced: bool = False) -> None:
         self.steps_multiplier = 1
+        self.balanced = balanced
 
     def clients(self, silos: list[Silo]) -> list[Silo]:
         # K local budgets in one client: the same gradient steps as K federated clients.
         self.steps_multiplier = len(silos)
-        return [merge_silos(silos)]
+        return [merge_silos(silos, balanced=self.balanced)]
