@@ -209,11 +209,13 @@ def plan(groups: list[str], seeds: list[int]) -> list[Cell]:
             cells += [Cell("drift", f"{s}{''.join(f' {k} {v}' for k, v in hp)}, batch 8, {r} rounds, local AdamW "
                            "state kept", s, 0, hp, rounds=r, batch=8, keep_optimizer=True) for s, hp, r in DRIFT_CELLS]
         elif g == "weights":  # ... or the sample weighting: the gap is almost all on the small silos' datasets
-            cells += [Cell("weights", f"fedavg, silo weights n^{p:g}, batch 8, local AdamW state kept", "fedavg", 0,
-                           (("weight_power", p),), batch=8, keep_optimizer=True) for p in WEIGHT_POWERS]
-            # its centralized counterpart: batches that draw every silo equally often
-            cells.append(Cell("weights", "centralized, silos drawn alike, batch 8", "centralized", 0,
-                              (("balanced", True),), batch=8))
+            for seed in seeds:  # seed 0: every power; seeds 1 and 2: silos weighted alike, federated and centralized
+                cells += [Cell("weights", f"fedavg, silo weights n^{p:g}, batch 8, local AdamW state kept", "fedavg",
+                               seed, (("weight_power", p),), batch=8, keep_optimizer=True)
+                          for p in WEIGHT_POWERS if seed == 0 or p == 0.0]
+                # the centralized counterpart: batches that draw every silo equally often
+                cells.append(Cell("weights", "centralized, silos drawn alike, batch 8", "centralized", seed,
+                                  (("balanced", True),), batch=8))
         elif g == "lodobatch":  # the left-out domains at the batch validation chose for centralized (group "batch")
             cells += [Cell("lodo", f"centralized without {d}, batch {LODO_BATCH}", "centralized", 0,
                            held_out=(*ALWAYS_HELD_OUT, d), batch=LODO_BATCH, full_eval=True)
@@ -693,7 +695,7 @@ def render(all_cells: list[dict], base: dict[str, Any]) -> str:
              f"hold recipe {RECIPE} cells unless a row says otherwise; the superseded recipe's grid is at the end.",
              ""]
     lines += [f"## Strategies at equal budget, recipe {RECIPE} (mean ± std over seeds)", ""]
-    lines += strategy_table(cells, ("main", "real", "ship", "seed", "chosen", "batch"))
+    lines += strategy_table(cells, ("main", "real", "ship", "seed", "chosen", "batch", "weights"))
     lines += ["", "## Training recipe (centralized, seed 1; chosen on validation MSE)", ""]
     lines += recipe_table(all_cells)
     lines += ["", "## Standard protocol (stride 1, all channels, whole test split; MSE / MAE at H 96 / 192 / 336)", ""]
