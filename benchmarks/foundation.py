@@ -790,6 +790,9 @@ def render(all_cells: list[dict], base: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+MIDDLE_GROUPS = ("batch", "drift", "weights")  # the curves' middle panel (the left one has the rest)
+
+
 def curves(cells: list[dict], path: Path) -> None:
     """Left: validation curves of the current recipe's seed-0 cells. Middle: centralized and FedAvg at each client
     batch (group "batch" and the defaults), seed 0: the gap follows the number of sequential steps. Right:
@@ -806,7 +809,8 @@ def curves(cells: list[dict], path: Path) -> None:
 
     fig, (ax, bx, rx) = plt.subplots(1, 3, figsize=(21, 5.5), sharey=True)
     for c in cells:
-        if recipe_of(c) != RECIPE or c["cell"]["seed"] != 0 or c["cell"]["group"] in ("sweep", "ablate", "batch"):
+        if recipe_of(c) != RECIPE or c["cell"]["seed"] != 0 or c["cell"]["group"] in ("sweep", "ablate",
+                                                                                         *MIDDLE_GROUPS):
             continue
         ax.plot(*xy(c), label=c["cell"]["label"] + ("" if c["cell"]["group"] != "lodo" else " (other val sets)"),
                 lw=1.2)
@@ -814,13 +818,14 @@ def curves(cells: list[dict], path: Path) -> None:
     for c in cells:
         cell = c["cell"]
         batch = cell.get("batch", BATCH)
-        at_default = default_cell({**cell, "batch": BATCH, "keep_optimizer": False})
-        if (recipe_of(c) == RECIPE and cell["seed"] == 0 and cell["strategy"] in ("centralized", "fedavg")
-                and at_default and cell["group"] in ("main", "batch", "optstate")):
-            kept = ", AdamW state kept" if cell.get("keep_optimizer") else ""
-            bx.plot(*xy(c), color=batch_colours.get(batch, "black"), lw=1.1,
-                    ls="-" if cell["strategy"] == "centralized" else ("--" if kept else ":"),
-                    label=f"{cell['strategy']}, batch {batch}{kept}")
+        plain = default_cell({**cell, "batch": BATCH, "keep_optimizer": False, "hparams": []})
+        if (recipe_of(c) == RECIPE and cell["seed"] == 0 and plain and cell["group"] in (*MIDDLE_GROUPS, "main")
+                and cell["strategy"] in ("centralized", "fedavg", "scaffold")):
+            hp = cell["hparams"]
+            bx.plot(*xy(c), color=batch_colours.get(batch, "black"), lw=2.0 if hp else 1.1,
+                    ls="-" if cell["strategy"] == "centralized" else ("--" if cell.get("keep_optimizer") else ":"),
+                    marker="o" if hp or cell["strategy"] == "scaffold" else None, markevery=4, ms=3,
+                    label=cell["label"] if cell["group"] != "main" else f"{cell['strategy']}, batch {batch}")
     colours = {1: "tab:red", 2: "tab:blue", 3: "tab:green"}
     for c in cells:
         cell = c["cell"]
@@ -829,7 +834,7 @@ def curves(cells: list[dict], path: Path) -> None:
                     ls="-" if cell["strategy"] == "centralized" else "--", marker=(None, "o", "^")[cell["seed"] % 3],
                     markevery=5, ms=4, label=f"{cell['strategy']} seed {cell['seed']}, recipe {recipe_of(c)}")
     ax.set_title(f"Validation curves, recipe {RECIPE}, seed 0")
-    bx.set_title("Client batch at equal windows, seed 0: centralized (solid), FedAvg (dashed: AdamW state kept)")
+    bx.set_title("Batch and silo weights at equal windows, seed 0: centralized (solid), federated (dashed: AdamW kept)")
     rx.set_title("Recipes: centralized (solid) and FedAvg (dashed), every seed")
     for a_ in (ax, bx, rx):
         a_.set_xlabel("training windows seen")
