@@ -65,6 +65,34 @@ def parse_personalize(text: str) -> tuple[tuple[str, float], ...]:
     return tuple(pairs)
 
 
+def parse_hparams(strategy: str, text: str) -> dict[str, float | bool]:
+    """'mu=0.1,weight_power=0' -> keyword arguments of the pretraining strategy, checked by building it (a name
+    it does not take, or a value it refuses, is an error here rather than after the data has loaded)."""
+    from coordinator.pretrain.strategies import make_strategy
+
+    hparams: dict[str, float | bool] = {}
+    for item in filter(None, (p.strip() for p in text.split(","))):
+        name, sep, value = item.partition("=")
+        if not sep:
+            raise ValueError(f"--hparam wants NAME=VALUE, not {item!r}")
+        low = value.strip().lower()
+        if low in ("true", "false"):
+            hparams[name.strip()] = low == "true"
+            continue
+        try:
+            number = float(value)
+        except ValueError:
+            raise ValueError(f"--hparam {name}: {value!r} is not a number or true/false") from None
+        if not math.isfinite(number):
+            raise ValueError(f"--hparam {name}: {value!r} is not a finite number")
+        hparams[name.strip()] = int(number) if number.is_integer() and "." not in value else number
+    try:
+        make_strategy(strategy, **hparams)
+    except TypeError as exc:
+        raise ValueError(f"strategy {strategy!r} does not take these hyper-parameters ({exc})") from None
+    return hparams
+
+
 def dp_config(mode: str, noise: float | None, clip: float, delta: float | None, budget: float | None,
               adaptive: float | None, rounds: int, fraction: float, devices: int):  # type: ignore[no-untyped-def]
     """The DPConfig the `--dp-…` options describe (None: off). Without --dp-noise the noise multiplier is calibrated
@@ -186,6 +214,9 @@ def pretrain(
     = 0.2,
     keep_optimizer: Annotated[bool, typer.Option(help="silo strategies: clients keep their AdamW state between rounds "
                                                  "(a cross-silo client can; a device need not)")] = False,
+    hparam: Annotated[str, typer.Option(help="silo strategies: the strategy's hyper-parameters, e.g. 'mu=0.1' "
+                                        "(fedprox), 'weight_power=0' (fedavg: every silo weighted alike), "
+                                        "'balanced=true' (centralized)")] = "",
     out: Annotated[Path, typer.Option(help="checkpoint file (etth1) or folder (silo strategies)")] = Path(
         "runs/tsfm.pt"),
     steps: Annotated[int, typer.Option(min=1, help="optimiser steps; validation MSE peaks at 200-500")] = 600,
@@ -214,10 +245,9 @@ def pretrain(
         return
     if strategy != "etth1":
         from coordinator.pretrain.federated import pretrain_command
-        from coordinator.pretrain.strategies import make_strategy
 
         try:
-            make_strategy(strategy)
+            hparams = parse_hparams(strategy, hparam)  # also refuses an unknown strategy
         except (KeyError, ValueError) as exc:
             _fail(str(exc))
         if not (lr > 0 and math.isfinite(lr)):
@@ -226,7 +256,8 @@ def pretrain(
             _fail(f"--synthetic-share must be in [0, 1), not {synthetic_share}")
         folder = out if out.suffix != ".pt" else out.with_suffix("")
         pretrain_command(strategy, rounds=rounds, local_steps=local_steps, batch_size=batch_size, lr=lr,
-                         synthetic_share=synthetic_share, keep_optimizer=keep_optimizer, size=size, seed=seed,
+                         synthetic_share=synthetic_share, keep_optimizer=keep_optimizer, hparams=hparams, size=size,
+                         seed=seed,
                          out_dir=folder, data_dir=data_dir, threads=threads, console=console)
         return
     cfg = TSFMConfig.tiny() if size == "tiny" else TSFMConfig.small()

@@ -53,6 +53,10 @@ def test_demo_runs_end_to_end_on_the_embedded_broker_with_the_shipped_model(tmp_
     (("pretrain", "--strategy", "fedavg", "--lr", "nan"), "--lr must be a positive number"),
     (("pretrain", "--strategy", "fedavg", "--synthetic-share", "1"), "--synthetic-share must be in [0, 1)"),
     (("pretrain", "--strategy", "fedavg", "--batch-size", "0"), "batch-size"),
+    (("pretrain", "--strategy", "fedprox", "--hparam", "nu=0.1"), "does not take these hyper-parameters"),
+    (("pretrain", "--strategy", "fedprox", "--hparam", "mu=abc"), "is not a number"),
+    (("pretrain", "--strategy", "fedavg", "--hparam", "weight_power=2"), "weight_power must be in [0, 1]"),
+    (("pretrain", "--strategy", "magic"), "unknown strategy"),
 ])
 def test_bad_arguments_exit_2_with_a_clear_message(args: tuple[str, ...], message: str) -> None:
     proc = fedge(*args, timeout=120)
@@ -87,3 +91,13 @@ def test_serve_stops_on_a_signal_at_once_without_a_traceback(mosquitto, tmp_path
     finally:
         if serve.poll() is None:
             serve.kill()
+
+
+def test_pretrain_hparams_become_the_strategys_keyword_arguments() -> None:
+    from coordinator.cli import parse_hparams
+
+    assert parse_hparams("fedavg", "weight_power=0, server_lr=1.5") == {"weight_power": 0, "server_lr": 1.5}
+    assert parse_hparams("centralized", "balanced=true") == {"balanced": True}
+    assert parse_hparams("fedprox", "") == {}
+    with pytest.raises(ValueError, match="finite"):
+        parse_hparams("fedprox", "mu=nan")
