@@ -32,6 +32,7 @@ from rich.table import Table
 
 from coordinator.bundle_cli import bundle_app
 from coordinator.fleet_cli import broker_app, fleet_app
+from coordinator.pretrain import shipped
 
 app = typer.Typer(help="fedge coordinator: federated learning for foundation models on edge devices.",
                   no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False)
@@ -72,12 +73,11 @@ def parse_hparams(strategy: str, text: str) -> dict[str, float | bool]:
 
     hparams: dict[str, float | bool] = {}
     for item in filter(None, (p.strip() for p in text.split(","))):
-        name, sep, value = item.partition("=")
+        name, sep, value = (part.strip() for part in item.partition("="))
         if not sep:
             raise ValueError(f"--hparam wants NAME=VALUE, not {item!r}")
-        low = value.strip().lower()
-        if low in ("true", "false"):
-            hparams[name.strip()] = low == "true"
+        if value.lower() in ("true", "false"):
+            hparams[name] = value.lower() == "true"
             continue
         try:
             number = float(value)
@@ -85,7 +85,7 @@ def parse_hparams(strategy: str, text: str) -> dict[str, float | bool]:
             raise ValueError(f"--hparam {name}: {value!r} is not a number or true/false") from None
         if not math.isfinite(number):
             raise ValueError(f"--hparam {name}: {value!r} is not a finite number")
-        hparams[name.strip()] = int(number) if number.is_integer() and "." not in value else number
+        hparams[name] = int(number) if number.is_integer() and "." not in value else number
     try:
         make_strategy(strategy, **hparams)
     except TypeError as exc:
@@ -206,12 +206,13 @@ def pretrain(
                                           "scaffold | bilevel | fedal | fedpm (domain silos)")] = "etth1",
     rounds: Annotated[int, typer.Option(min=1, help="silo strategies: federated rounds")] = 20,
     local_steps: Annotated[int, typer.Option(min=1, help="silo strategies: local steps per round")] = 20,
-    batch_size: Annotated[int, typer.Option(min=1, help="silo strategies: windows per local step and client")] = 64,
+    batch_size: Annotated[int, typer.Option(min=1, help="silo strategies: windows per local step and client")] = (
+        shipped.BATCH),
     lr: Annotated[float, typer.Option(help="silo strategies: peak AdamW lr (reached over the "
-                                      "first round, cosine decay after)")] = 5e-4,
+                                      "first round, cosine decay after)")] = shipped.LR,
     synthetic_share: Annotated[float, typer.Option(help="silo strategies: share of KernelSynth/TSMixup windows (their "
                                                    "own silo), in [0, 1); 0: real data only")]
-    = 0.2,
+    = shipped.SHARE,
     keep_optimizer: Annotated[bool, typer.Option(help="silo strategies: clients keep their AdamW state between rounds "
                                                  "(a cross-silo client can; a device need not)")] = False,
     hparam: Annotated[str, typer.Option(help="silo strategies: the strategy's hyper-parameters, e.g. 'mu=0.1' "
@@ -235,11 +236,9 @@ def pretrain(
     if size not in ("tiny", "small"):
         _fail(f"--size must be tiny or small, not {size!r}")
     if strategy == "shipped":
-        from coordinator.pretrain.shipped import reproduce
-
         folder = out if out.suffix != ".pt" else out.with_suffix("")
         try:
-            reproduce(folder, data_dir=data_dir, threads=threads, console=console)
+            shipped.reproduce(folder, data_dir=data_dir, threads=threads, console=console)
         except (ValueError, FileNotFoundError) as exc:
             _fail(str(exc))
         return
@@ -257,8 +256,7 @@ def pretrain(
         folder = out if out.suffix != ".pt" else out.with_suffix("")
         pretrain_command(strategy, rounds=rounds, local_steps=local_steps, batch_size=batch_size, lr=lr,
                          synthetic_share=synthetic_share, keep_optimizer=keep_optimizer, hparams=hparams, size=size,
-                         seed=seed,
-                         out_dir=folder, data_dir=data_dir, threads=threads, console=console)
+                         seed=seed, out_dir=folder, data_dir=data_dir, threads=threads, console=console)
         return
     cfg = TSFMConfig.tiny() if size == "tiny" else TSFMConfig.small()
     result = train_tsfm(cfg, steps=steps, data_dir=data_dir, threads=threads, seed=seed, progress=True)
@@ -283,8 +281,6 @@ def export(
     if fmt not in ("onnx", "tflite"):
         _fail(f"--format must be onnx or tflite, got {fmt!r}")
     if checkpoint is None:
-        from coordinator.pretrain import shipped
-
         try:
             files = shipped.copy_device_files(out)
         except (ValueError, OSError) as exc:
@@ -405,8 +401,6 @@ def serve(
     _logging(verbose)
     _short_gil_slices()
     if init_head is None:
-        from coordinator.pretrain import shipped
-
         try:
             init_head = shipped.artifact_dir() / "head.npz"
         except FileNotFoundError as exc:

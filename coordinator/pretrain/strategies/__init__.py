@@ -98,9 +98,10 @@ def delta_update(model: nn.Module, ctx: LocalContext, metrics: dict[str, float] 
     return ClientUpdate(ctx.silo.domain, ctx.silo.n_samples, delta, metrics or {})
 
 
-def weighted_step(global_params: Params, uploads: list[Upload], weights: list[float]) -> Params:
-    """θ + Σ w_k Δ_k / Σ w_k via the fleet's weighted_mean/apply."""
-    return aggregation.apply(global_params, aggregation.weighted_mean([u.update.delta for u in uploads], weights))
+def weighted_step(global_params: Params, uploads: list[Upload], weights: list[float], lr: float = 1.0) -> Params:
+    """θ + lr · Σ w_k Δ_k / Σ w_k via the fleet's weighted_mean/apply."""
+    return aggregation.apply(global_params, aggregation.weighted_mean([u.update.delta for u in uploads], weights),
+                             lr=lr)
 
 
 class Strategy:

@@ -14,10 +14,9 @@ gradient is not drowned. The validation mean counts every dataset alike."""
 
 from __future__ import annotations
 
-from coordinator.fleet import aggregation
 from coordinator.fleet.aggregation import Params
 from coordinator.fleet.strategies.fedavg import FedAvg
-from coordinator.pretrain.strategies import State, Strategy, Upload
+from coordinator.pretrain.strategies import State, Strategy, Upload, weighted_step
 
 
 class FedAvgStrategy(Strategy):
@@ -34,5 +33,4 @@ class FedAvgStrategy(Strategy):
         if self.weight_power == 1.0:
             return FedAvg(server_lr=self.server_lr).aggregate(global_params, [u.update for u in uploads])
         weights = [float(u.update.n_samples) ** self.weight_power for u in uploads]
-        mean = aggregation.weighted_mean([u.update.delta for u in uploads], weights)
-        return aggregation.apply(global_params, mean, lr=self.server_lr)
+        return weighted_step(global_params, uploads, weights, lr=self.server_lr)
