@@ -280,3 +280,12 @@ def test_retention_keeps_the_newest_readings(store):
     assert store.prune_samples(30) == 70
     assert store.n_samples() == 30 and store.sample_span() == (70.0, 99.0)
     assert store.prune_samples(30) == 0
+
+
+def test_the_tail_of_a_dropped_long_line_is_not_read_as_a_line(store):
+    """However the stream is cut into reads, an over-long line counts once as bad and nothing of it is stored:
+    its tail, after the drop, used to come back as a second bad line (or, ending like a reading, as data)."""
+    reads = iter([b"x" * (I.MAX_LINE_BYTES + 1), b"x" * 5, b"5,5.0\n7,7.0\n", b"8,8.0"])
+    src = I.LineSource(store, "reads")
+    assert src.consume(lambda: next(reads, b"")) == 2
+    assert store.n_samples() == 2 and store.ingest_counts()["reads"][1] == 1

@@ -173,15 +173,20 @@ class LineSource:
 
     def consume(self, read: Callable[[], bytes]) -> int:
         """Call `read` (b'' at EOF) until EOF; returns the number of new samples."""
-        new, buf = 0, b""
+        new, buf, dropping = 0, b"", False
         while chunk := read():
+            if dropping:  # the rest of a line already dropped as too long is part of that bad line, not a new one
+                start = chunk.find(b"\n")
+                if start < 0:
+                    continue
+                chunk, dropping = chunk[start + 1 :], False
             buf += chunk
             end = buf.rfind(b"\n")
             if end < 0:
                 if len(buf) > MAX_LINE_BYTES:  # no newline in sight: drop it as one bad line
                     with self._lock:
                         self.counter.bad(repr(buf[:60]), BadReading(f"line longer than {MAX_LINE_BYTES} bytes"))
-                    buf = b""
+                    buf, dropping = b"", True
                 continue
             new += self._store(buf[: end + 1])
             buf = buf[end + 1 :]
