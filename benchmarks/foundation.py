@@ -92,7 +92,7 @@ SEED_METHODS = ("bilevel", "fedal", "fedpm")
 FED_BATCH_CELLS = (("centralized", 8, False), ("fedavg", 8, True), ("fedavg", 16, True), ("fedavg", 16, False),
                    ("centralized", 16, False), ("fedavg", 8, False), ("fedavg", 4, True), ("centralized", 4, False))
 BATCH_SEEDED = (("fedavg", 8, True), ("centralized", 8, False), ("centralized", 4, False))  # also at seeds 1 and 2
-LODO_BATCH = 8  # group "lodobatch"
+LODO_BATCHES = (8, 4)  # group "lodobatch": the batches centralized training does best at (group "batch")
 # Group "weights": (p, batch); FedAvg weighs silo k's delta by n_k^p (1: by windows, FedAvg's rule). Batch 4: the
 # batch centralized training does best at.
 WEIGHT_CELLS = ((0.0, 8), (0.5, 8), (0.0, 4))
@@ -100,6 +100,10 @@ WEIGHT_CELLS = ((0.0, 8), (0.5, 8), (0.0, 4))
 # control variates, or the same windows in 3x the rounds (40 local steps each).
 DRIFT_CELLS = (("fedprox", (("mu", 0.1),), ROUNDS), ("scaffold", (), ROUNDS), ("fedavg", (), 3 * ROUNDS),
                ("fedprox", (("mu", 0.01),), ROUNDS))
+# Group "alike": (strategy, hyper-parameters) run like FedAvg's best setting (batch 8, AdamW state kept, silos weighted
+# alike): SCAFFOLD (whose paper averages uniformly) and each seed method at the point validation chose at batch 64.
+ALIKE_CELLS = (("scaffold", ()), ("bilevel", (("alpha", 0.1), ("lam", 0.01))), ("fedal", (("kappa", 0.1),)),
+               ("fedpm", ()))
 ROUND_SWEEP = (75, 125)  # WINDOWS / (rounds x 6 silos x BATCH) = 5 and 3 local steps: the budget exactly
 # Points besides each method's defaults (the seed-0 cell of group "seed" is the default point).
 # bilevel's defaults include a warm start (half the budget as FedAvg); warm_start 0 is the cold start the toy run
@@ -188,9 +192,10 @@ def plan(groups: list[str], seeds: list[int]) -> list[Cell]:
                       for hp in SWEEPS[s]]
             continue
         seeds = [int(x) for x in only.split(",")] if only else default_seeds
-        if g == "ship":  # centralized at 2x the budget: the plateau check and the shipped model
-            cells.append(Cell("ship", "centralized (2x budget)", "centralized", 0, windows=2 * WINDOWS,
-                              rounds=2 * ROUNDS, full_eval=True))
+        if g == "ship":  # centralized at 2x the budget: the plateau check and the shipped model (v2: batch 64), and
+            # the same at batch 4, where 144k windows still improved to the last round (a v3 candidate)
+            cells += [Cell("ship", "centralized (2x budget)" + (f", batch {b}" if b != BATCH else ""), "centralized", 0,
+                           windows=2 * WINDOWS, rounds=2 * ROUNDS, full_eval=True, batch=b) for b in (BATCH, 4)]
         elif g == "main":
             cells += [Cell("main", s, s, seed, full_eval=s == "centralized" and seed == 0)
                       for seed in seeds for s in ("centralized", "fedavg", "fedprox", "fedadam")
@@ -224,10 +229,15 @@ def plan(groups: list[str], seeds: list[int]) -> list[Cell]:
                 # the centralized counterpart: batches that draw every silo equally often
                 cells.append(Cell("weights", "centralized, silos drawn alike, batch 8", "centralized", seed,
                                   (("balanced", True),), batch=8))
-        elif g == "lodobatch":  # the left-out domains at the batch validation chose for centralized (group "batch")
-            cells += lodo_cells(batch=LODO_BATCH)
+        elif g == "lodobatch":  # the left-out domains at the batches centralized training does best at, energy first
+            cells += sorted((c for b in LODO_BATCHES for c in lodo_cells(batch=b)),
+                            key=lambda c: LODO.index(c.held_out[-1]))
         elif g == "lodoshare":  # ... and with twice the synthetic share (zero-shot vs synthetic data)
-            cells += lodo_cells(batch=LODO_BATCH, share=LODO_SHARE)
+            cells += lodo_cells(batch=LODO_BATCHES[0], share=LODO_SHARE)
+        elif g == "alike":  # the drift fix and the seed methods where FedAvg is at its best (group "weights")
+            cells += [Cell("alike", f"{s}{''.join(f' {k} {v}' for k, v in hp)}, silos weighted alike, batch 8, local "
+                           "AdamW state kept", s, seed, (*hp, ("weight_power", 0.0)), batch=8, keep_optimizer=True)
+                      for seed in seeds for s, hp in ALIKE_CELLS]
         elif g == "seed":
             cells += [Cell("seed", s, s, seed) for seed in seeds for s in SEED_METHODS]
         elif g == "chosen":  # each seed method at the sweep point validation chose (seed 0), at the other seeds

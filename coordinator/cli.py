@@ -216,7 +216,7 @@ def pretrain(
     keep_optimizer: Annotated[bool, typer.Option(help="silo strategies: clients keep their AdamW state between rounds "
                                                  "(a cross-silo client can; a device need not)")] = False,
     hparam: Annotated[str, typer.Option(help="silo strategies: the strategy's hyper-parameters, e.g. 'mu=0.1' "
-                                        "(fedprox), 'weight_power=0' (fedavg: every silo weighted alike), "
+                                        "(fedprox), 'weight_power=0' (any silo strategy: every silo weighted alike), "
                                         "'balanced=true' (centralized)")] = "",
     out: Annotated[Path, typer.Option(help="checkpoint file (etth1) or folder (silo strategies)")] = Path(
         "runs/tsfm.pt"),

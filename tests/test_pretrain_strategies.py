@@ -70,6 +70,40 @@ def test_two_rounds_change_weights_through_fleet_aggregation(strategy: str, monk
     assert np.isfinite(result.val_mse)
 
 
+@pytest.mark.parametrize("strategy", ["fedavg", "fedprox", "fedadam", "scaffold", "bilevel", "fedal", "fedpm"])
+def test_every_silo_strategy_weighs_silos_by_windows_to_the_weight_power(strategy: str,
+                                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    """weight_power p: a silo's say in every server average is n^p -- by windows at 1 (the silos here hold 2, 1
+    and 3 channels' windows), every silo alike at 0; a power outside [0, 1] is refused for every strategy."""
+    import dataclasses
+
+    original, seen = aggregation.weighted_mean, []
+
+    def spy(deltas, weights):
+        seen.append(np.asarray(weights, float) / np.sum(weights))
+        return original(deltas, weights)
+
+    monkeypatch.setattr(aggregation, "weighted_mean", spy)
+    sizes = np.array([s.n_samples for s in SILOS], float)
+    assert len(set(sizes)) == len(sizes)
+    for power in (1.0, 0.0):
+        seen.clear()
+        own = (("uniform", True),) if strategy == "bilevel" else ()  # its distance weights on top: off here
+        settings = dataclasses.replace(_settings(strategy, 1),
+                                       hparams=(*HP.get(strategy, ()), *own, ("weight_power", power)))
+        run_federated(CFG, settings, silos=SILOS, val_sets=VAL, threads=1)
+        expected = sizes**power / np.sum(sizes**power)
+        averages = [w for w in seen if len(w) == len(SILOS)]
+        assert averages, "the server averages over the silos through aggregation.weighted_mean"
+        if strategy == "fedal":  # GBE's reference mean delta is weighted by n^p, then GBE reweights by agreement
+            assert np.allclose(averages[0], expected) and not np.allclose(averages[1], expected)
+        else:  # every average over the silos (SCAFFOLD: the deltas and the control variates)
+            for w in averages:
+                np.testing.assert_allclose(w, expected, rtol=1e-9)
+    with pytest.raises(ValueError, match=r"weight_power must be in \[0, 1\]"):
+        make_strategy(strategy, weight_power=1.5)
+
+
 @pytest.mark.parametrize("strategy", ["fedadam", "scaffold", "bilevel", "fedal", "fedpm"])
 def test_resume_matches_uninterrupted_run(strategy: str, tmp_path) -> None:
     full = _run(strategy, rounds=3)
@@ -245,8 +279,6 @@ def test_fedavg_server_lr_scales_the_mean_delta() -> None:
         for k in theta:
             np.testing.assert_allclose(mixed[k] - theta[k], 2.0 * (w1 * d1[k] + (1 - w1) * d2[k]), rtol=1e-4,
                                        atol=1e-5)
-    with pytest.raises(ValueError):
-        make_strategy("fedavg", weight_power=1.5)
 
 
 def test_kept_optimizer_state_resumes_bit_for_bit_and_changes_the_run(tmp_path) -> None:

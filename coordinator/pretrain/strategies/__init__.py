@@ -30,7 +30,6 @@ from torch import nn
 
 from coordinator.fleet import aggregation
 from coordinator.fleet.aggregation import ClientUpdate, Params
-from coordinator.fleet.strategies.fedavg import FedAvg
 from coordinator.models.tsfm import TSFM, revin_stats
 from coordinator.pretrain.silos import Silo
 from coordinator.pretrain.training import forecast_loss
@@ -109,6 +108,13 @@ class Strategy:
 
     name = "base"
     steps_multiplier = 1  # local steps per round relative to the federated budget
+    # A client's say in the server's averages is n_k^p (n_k its windows): 1 is FedAvg's sample weighting, 0 every
+    # silo alike (SCAFFOLD's and FedProx's papers average uniformly). Why it is a knob of every strategy: the domain
+    # silos differ in size by 300x, and a small silo's AdamW steps, as long as a large silo's, reach the global
+    # model scaled by its share of the windows (the weather silo: 0.6 %), while centralized AdamW normalises each
+    # weight's step by its own gradient history and lets a rare domain's consistent gradient through
+    # (docs/results/foundation.md, Findings 3). Set by `make_strategy` from the `weight_power` hyper-parameter.
+    weight_power = 1.0
 
     def clients(self, silos: list[Silo]) -> list[Silo]:
         return silos
@@ -134,8 +140,12 @@ class Strategy:
     def upload(self, model: TSFM, ctx: LocalContext) -> Upload:
         return Upload(delta_update(model, ctx))
 
+    def silo_weights(self, uploads: list[Upload]) -> list[float]:
+        """Each upload's weight in the server's averages: n_k^weight_power (see `weight_power`)."""
+        return [float(u.update.n_samples) ** self.weight_power for u in uploads]
+
     def server_update(self, global_params: Params, uploads: list[Upload], server: State, rnd: int) -> Params:
-        return FedAvg().aggregate(global_params, [u.update for u in uploads])
+        return weighted_step(global_params, uploads, self.silo_weights(uploads))
 
     def eval_model(self, model: TSFM, server: State) -> TSFM:
         return model
@@ -145,7 +155,8 @@ class Strategy:
         return True
 
 
-def make_strategy(name: str, **hparams: Any) -> Strategy:
+def make_strategy(name: str, weight_power: float = 1.0, **hparams: Any) -> Strategy:
+    """The named strategy with its hyper-parameters; `weight_power` (every strategy's, see Strategy) is checked here."""
     from coordinator.pretrain.strategies import bilevel, centralized, fedadam, fedal, fedavg, fedpm, fedprox, scaffold
 
     table: dict[str, type[Strategy]] = {
@@ -155,7 +166,11 @@ def make_strategy(name: str, **hparams: Any) -> Strategy:
     }
     if name not in table:
         raise ValueError(f"unknown strategy {name!r}; choose one of {', '.join(table)}")
-    return table[name](**hparams)
+    if not 0.0 <= weight_power <= 1.0:
+        raise ValueError("weight_power must be in [0, 1] (0: every silo alike, 1: by windows)")
+    strategy = table[name](**hparams)
+    strategy.weight_power = float(weight_power)
+    return strategy
 
 
 STRATEGIES = ("centralized", "fedavg", "fedprox", "fedadam", "scaffold", "bilevel", "fedal", "fedpm")

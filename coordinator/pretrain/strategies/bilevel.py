@@ -149,7 +149,8 @@ class BiLevel(Strategy):
 
     def server_update(self, global_params: Params, uploads: list[Upload], server: State, rnd: int) -> Params:
         protos = [u.payload["prototypes"] for u in uploads]
-        mass = [u.payload["mass"] * u.update.n_samples for u in uploads]
+        sizes = np.array(self.silo_weights(uploads), np.float64)
+        mass = [u.payload["mass"] * n for u, n in zip(uploads, sizes, strict=True)]
         ref = server["barycenter"].numpy() if "barycenter" in server else protos[int(np.argmax(
             [u.update.n_samples for u in uploads]))]
         perms = [match(ref, p) for p in protos]
@@ -158,8 +159,7 @@ class BiLevel(Strategy):
         barycenter = (matched * masses[..., None]).sum(0) / masses.sum(0)[:, None]
         dist = np.sqrt(((matched - barycenter[None]) ** 2).sum(-1)).mean(1)  # d_k
         warm = not any(float(u.payload.get("active", 1.0)) for u in uploads)  # still the FedAvg warm start
-        weights = domain_weights(dist, np.array([u.update.n_samples for u in uploads], np.float64),
-                                 self.uniform or warm)
+        weights = domain_weights(dist, sizes, self.uniform or warm)
         server["barycenter"] = torch.from_numpy(barycenter.astype(np.float32))
         server["weights"] = torch.from_numpy(weights.astype(np.float32))
         return weighted_step(global_params, uploads, list(weights))

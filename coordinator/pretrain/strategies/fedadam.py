@@ -38,7 +38,7 @@ class FedAdam(Strategy):
         return state
 
     def server_update(self, global_params: Params, uploads: list[Upload], server: State, rnd: int) -> Params:
-        mean = aggregation.weighted_mean([u.update.delta for u in uploads], [u.update.n_samples for u in uploads])
+        mean = aggregation.weighted_mean([u.update.delta for u in uploads], self.silo_weights(uploads))
         step = {}
         for name, delta in mean.items():
             m = self.beta1 * server[f"m.{name}"].numpy() + (1 - self.beta1) * delta

@@ -64,7 +64,7 @@ class FeDaL(Strategy):
         return Upload(delta_update(model, ctx), {"feature_mean": mean})
 
     def server_update(self, global_params: Params, uploads: list[Upload], server: State, rnd: int) -> Params:
-        n = np.array([u.update.n_samples for u in uploads], np.float64)
+        n = np.array(self.silo_weights(uploads), np.float64)
         means = np.stack([u.payload["feature_mean"] for u in uploads])
         pooled = (means * n[:, None]).sum(0) / n.sum()
         if "global_mean" in server:

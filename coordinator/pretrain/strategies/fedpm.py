@@ -20,7 +20,6 @@ import torch.nn.functional as F
 from torch import nn
 
 from coordinator.fleet.aggregation import Params
-from coordinator.fleet.strategies.fedavg import FedAvg
 from coordinator.models.tsfm import TSFM
 from coordinator.pretrain.silos import Silo
 from coordinator.pretrain.strategies import (
@@ -32,6 +31,7 @@ from coordinator.pretrain.strategies import (
     encode_tokens,
     task_loss,
     torch_head_outputs,
+    weighted_step,
 )
 from coordinator.pretrain.strategies.bilevel import kmeans, match
 
@@ -142,13 +142,13 @@ class FeDPM(Strategy):
 
     def server_update(self, global_params: Params, uploads: list[Upload], server: State, rnd: int) -> Params:
         codes = np.concatenate([u.payload["codes"] for u in uploads])
-        weights = np.concatenate([(u.payload["usage"] + 1.0) * u.update.n_samples / max(u.payload["usage"].sum(), 1.0)
-                                  for u in uploads])
+        weights = np.concatenate([(u.payload["usage"] + 1.0) * w / max(u.payload["usage"].sum(), 1.0)
+                                  for u, w in zip(uploads, self.silo_weights(uploads), strict=True)])
         init = server["memory"].numpy() if "memory" in server else None
         memory, _ = kmeans(codes, self.q_s, np.random.default_rng(rnd), init=init, weights=weights,
                            iters=self.kmeans_iters)
         server["memory"] = torch.from_numpy(memory)
-        return FedAvg().aggregate(global_params, [u.update for u in uploads])
+        return weighted_step(global_params, uploads, self.silo_weights(uploads))
 
     def eval_model(self, model: TSFM, server: State) -> nn.Module:
         return QuantizedTSFM(model, server["memory"]) if "memory" in server else model

@@ -13,8 +13,9 @@ Concrete choices where the paper assumes plain SGD:
   gradient hook on each parameter, so the local loss is FedAvg's.
 * c_i is the mean raw local gradient along the round's trajectory. That is what the paper's option II,
   c_i ← c_i − c + (x − y_i)/(Kη), equals under SGD; with AdamW the step is not η·g, so it is measured directly.
-* c is the sample-weighted mean of the c_i (the weights FedAvg averages deltas with), kept by adding the
-  weighted mean of the clients' Δc_i times the participating share of clients, as in the paper's server step.
+* c is the weighted mean of the c_i, with the weights the deltas are averaged with (`silo_weights`: by windows as
+  FedAvg by default; the paper's uniform mean at weight_power 0), kept by adding the weighted mean of the clients'
+  Δc_i times the participating share of clients, as in the paper's server step.
 Round 0 is FedAvg (every control variate starts at 0). Uploads carry Δc_i, a second model-sized array: twice
 FedAvg's upload, the cost the paper states."""
 
@@ -25,10 +26,9 @@ import torch
 
 from coordinator.fleet import aggregation
 from coordinator.fleet.aggregation import Params
-from coordinator.fleet.strategies.fedavg import FedAvg
 from coordinator.models.tsfm import TSFM
 from coordinator.pretrain.silos import Silo
-from coordinator.pretrain.strategies import LocalContext, State, Strategy, Upload, delta_update
+from coordinator.pretrain.strategies import LocalContext, State, Strategy, Upload, delta_update, weighted_step
 
 PREFIX = "c."  # control variates in client and server state: "c.<parameter name>"
 
@@ -75,9 +75,9 @@ class Scaffold(Strategy):
         return Upload(delta_update(model, ctx), payload)
 
     def server_update(self, global_params: Params, uploads: list[Upload], server: State, rnd: int) -> Params:
-        weights = [u.update.n_samples for u in uploads]
+        weights = self.silo_weights(uploads)
         mean_dc = aggregation.weighted_mean([u.payload for u in uploads], weights)
         share = len(uploads) / float(server["n_clients"])
         for n, dc in mean_dc.items():
             server[PREFIX + n] = server[PREFIX + n] + share * torch.from_numpy(np.asarray(dc, np.float32))
-        return FedAvg().aggregate(global_params, [u.update for u in uploads])
+        return weighted_step(global_params, uploads, weights)
