@@ -237,7 +237,7 @@ def plan(groups: list[str], seeds: list[int]) -> list[Cell]:
         elif g == "alike":  # the drift fix and the seed methods where FedAvg is at its best (group "weights")
             cells += [Cell("alike", f"{s}{''.join(f' {k} {v}' for k, v in hp)}, silos weighted alike, batch 8, local "
                            "AdamW state kept", s, seed, (*hp, ("weight_power", 0.0)), batch=8, keep_optimizer=True)
-                      for seed in seeds for s, hp in ALIKE_CELLS]
+                      for s, hp in ALIKE_CELLS for seed in seeds]
         elif g == "seed":
             cells += [Cell("seed", s, s, seed) for seed in seeds for s in SEED_METHODS]
         elif g == "chosen":  # each seed method at the sweep point validation chose (seed 0), at the other seeds
@@ -707,7 +707,7 @@ def render(all_cells: list[dict], base: dict[str, Any]) -> str:
              f"hold recipe {RECIPE} cells unless a row says otherwise; the superseded recipe's grid is at the end.",
              ""]
     lines += [f"## Strategies at equal budget, recipe {RECIPE} (mean ± std over seeds)", ""]
-    lines += strategy_table(cells, ("main", "real", "ship", "seed", "chosen", "batch", "weights"))
+    lines += strategy_table(cells, ("main", "real", "ship", "seed", "chosen", "batch", "weights", "alike"))
     lines += ["", "## Training recipe (centralized, seed 1; chosen on validation MSE)", ""]
     lines += recipe_table(all_cells)
     lines += ["", "## Standard protocol (stride 1, all channels, whole test split; MSE / MAE at H 96 / 192 / 336)", ""]
@@ -802,7 +802,7 @@ def render(all_cells: list[dict], base: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-MIDDLE_GROUPS = ("batch", "drift", "weights")  # the curves' middle panel (the left one has the rest)
+MIDDLE_GROUPS = ("batch", "drift", "weights", "alike")  # the curves' middle panel (the left one has the rest)
 
 
 def curves(cells: list[dict], path: Path) -> None:
