@@ -149,7 +149,8 @@ class Cell:
     @property
     def id(self) -> str:
         hp = "".join(f"-{k}{v}" for k, v in self.hparams)
-        held = "".join(f"-no{d}" for d in self.held_out if d not in ALWAYS_HELD_OUT)
+        held = "".join(f"-no{d}" for d in self.held_out if d not in ALWAYS_HELD_OUT) + "".join(
+            f"-with{d}" for d in ALWAYS_HELD_OUT if d not in self.held_out)
         budget = "" if self.windows == WINDOWS else f"-w{self.windows // 1000}k"
         # rounds are named only where they differ from the budget's default (ROUNDS per WINDOWS windows)
         rounds = "" if self.rounds * WINDOWS == ROUNDS * self.windows else f"-R{self.rounds}"
@@ -161,7 +162,7 @@ class Cell:
 
     @property
     def domains(self) -> tuple[str, ...]:
-        return tuple(d for d in DOMAINS if d not in self.held_out)
+        return tuple(d for d in (*DOMAINS, *ALWAYS_HELD_OUT) if d not in self.held_out)
 
     def settings(self, n_silos: int) -> FederatedSettings:
         local = max(1, round(self.windows / (self.rounds * n_silos * self.batch)))
@@ -234,6 +235,10 @@ def plan(groups: list[str], seeds: list[int]) -> list[Cell]:
                             key=lambda c: LODO.index(c.held_out[-1]))
         elif g == "lodoshare":  # ... and with twice the synthetic share (zero-shot vs synthetic data)
             cells += lodo_cells(batch=LODO_BATCHES[0], share=LODO_SHARE)
+        elif g == "lodofinance":  # ETTh1 left out, exchange rates in: do random-walk-like series teach persistence?
+            b = LODO_BATCHES[0]
+            cells.append(Cell("lodo", f"centralized without energy, with finance, batch {b}", "centralized", 0,
+                              held_out=("energy",), batch=b, full_eval=True))
         elif g == "alike":  # the drift fix and the seed methods where FedAvg is at its best (group "weights")
             cells += [Cell("alike", f"{s}{''.join(f' {k} {v}' for k, v in hp)}, silos weighted alike, batch 8, local "
                            "AdamW state kept", s, seed, (*hp, ("weight_power", 0.0)), batch=8, keep_optimizer=True)
@@ -743,7 +748,9 @@ def render(all_cells: list[dict], base: dict[str, Any]) -> str:
             zs, sn = _get(s, "H96", "mse"), _get(base.get(n, {}), "seasonal_naive", "H96", "mse")
             share = "" if c["cell"]["share"] == SHARE else f", synthetic share {c['cell']['share']:g}"
             batch = "" if c["cell"].get("batch", BATCH) == BATCH else f", batch {c['cell']['batch']}"
-            lines.append(f"| {c['cell']['held_out'][-1]}{batch}{share}{recipe_note(c)} | {n} | {zs:.3f} | {sn:.3f} | "
+            left = c["cell"]["held_out"][-1] + "".join(f", {d} in" for d in ALWAYS_HELD_OUT
+                                                       if d not in c["cell"]["held_out"])
+            lines.append(f"| {left}{batch}{share}{recipe_note(c)} | {n} | {zs:.3f} | {sn:.3f} | "
                          f"{_get(base.get(n, {}), 'nlinear', 'H96', 'mse'):.3f} | "
                          f"{_get(base.get(n, {}), 'autoets', 'ets/H96', 'mse'):.3f} | {_get(s, 'ets/H96', 'mse'):.3f}"
                          f" | {100 * (zs / sn - 1):+.1f} % |")

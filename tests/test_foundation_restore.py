@@ -153,3 +153,13 @@ def test_the_per_dataset_table_shows_where_a_validation_gap_is() -> None:
     assert "| fedavg, batch 8 | 0 | 1.169 | 0.694 | 0.9315 |" in table
     assert "lodo" not in table and "old" not in table
     assert foundation.per_dataset_table([record("old", foundation.ALWAYS_HELD_OUT, None)]) == []
+
+
+def test_a_cell_that_takes_an_always_held_out_domain_in_is_named_by_it_and_trains_on_it() -> None:
+    """The left-out-energy cell with exchange rates in trains on finance and says so in its id; every other cell
+    keeps finance out and its id is what it was."""
+    (cell,) = foundation.plan(["lodofinance"], [0])
+    assert "finance" in cell.domains and "energy" not in cell.domains
+    assert "-noenergy-withfinance-" in cell.id
+    plain = foundation.lodo_cells()[0]
+    assert "finance" not in plain.domains and plain.id == "centralized-share0.2-noenergy-r2-seed0"
