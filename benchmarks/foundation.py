@@ -100,10 +100,11 @@ WEIGHT_CELLS = ((0.0, 8), (0.5, 8), (0.0, 4))
 # control variates, or the same windows in 3x the rounds (40 local steps each).
 DRIFT_CELLS = (("fedprox", (("mu", 0.1),), ROUNDS), ("scaffold", (), ROUNDS), ("fedavg", (), 3 * ROUNDS),
                ("fedprox", (("mu", 0.01),), ROUNDS))
-# Group "alike": (strategy, hyper-parameters) run like FedAvg's best setting (batch 8, AdamW state kept, silos weighted
-# alike): SCAFFOLD (whose paper averages uniformly) and each seed method at the point validation chose at batch 64.
-ALIKE_CELLS = (("scaffold", ()), ("bilevel", (("alpha", 0.1), ("lam", 0.01))), ("fedal", (("kappa", 0.1),)),
-               ("fedpm", ()))
+# Group "alike": (strategy, hyper-parameters, batch) run like FedAvg's best setting (batch 8, AdamW state kept, silos
+# weighted alike): SCAFFOLD (whose paper averages uniformly), each seed method at the point validation chose at batch
+# 64, FedProx at its chosen mu, and SCAFFOLD at batch 4 (centralized training's best batch).
+ALIKE_CELLS = (("scaffold", (), 8), ("bilevel", (("alpha", 0.1), ("lam", 0.01)), 8), ("fedal", (("kappa", 0.1),), 8),
+               ("fedpm", (), 8), ("fedprox", (("mu", 0.01),), 8), ("scaffold", (), 4))
 ROUND_SWEEP = (75, 125)  # WINDOWS / (rounds x 6 silos x BATCH) = 5 and 3 local steps: the budget exactly
 # Points besides each method's defaults (the seed-0 cell of group "seed" is the default point).
 # bilevel's defaults include a warm start (half the budget as FedAvg); warm_start 0 is the cold start the toy run
@@ -240,9 +241,10 @@ def plan(groups: list[str], seeds: list[int]) -> list[Cell]:
             cells.append(Cell("lodo", f"centralized without energy, with finance, batch {b}", "centralized", 0,
                               held_out=("energy",), batch=b, full_eval=True))
         elif g == "alike":  # the drift fix and the seed methods where FedAvg is at its best (group "weights")
-            cells += [Cell("alike", f"{s}{''.join(f' {k} {v}' for k, v in hp)}, silos weighted alike, batch 8, local "
-                           "AdamW state kept", s, seed, (*hp, ("weight_power", 0.0)), batch=8, keep_optimizer=True)
-                      for s, hp in ALIKE_CELLS for seed in seeds]
+            cells += [Cell("alike", f"{s}{''.join(f' {k} {v}' for k, v in hp)}, silos weighted alike, batch {b}, "
+                           "local AdamW state kept", s, seed, (*hp, ("weight_power", 0.0)), batch=b,
+                           keep_optimizer=True)
+                      for s, hp, b in ALIKE_CELLS for seed in seeds]
         elif g == "seed":
             cells += [Cell("seed", s, s, seed) for seed in seeds for s in SEED_METHODS]
         elif g == "chosen":  # each seed method at the sweep point validation chose (seed 0), at the other seeds
