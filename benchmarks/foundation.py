@@ -102,9 +102,9 @@ DRIFT_CELLS = (("fedprox", (("mu", 0.1),), ROUNDS), ("scaffold", (), ROUNDS), ("
                ("fedprox", (("mu", 0.01),), ROUNDS))
 # Group "alike": (strategy, hyper-parameters, batch) run like FedAvg's best setting (batch 8, AdamW state kept, silos
 # weighted alike): SCAFFOLD (whose paper averages uniformly), each seed method at the point validation chose at batch
-# 64, FedProx at its chosen mu, and SCAFFOLD at batch 4 (centralized training's best batch).
+# 64, SCAFFOLD at batch 4 (centralized training's best batch), and FedProx at its chosen mu.
 ALIKE_CELLS = (("scaffold", (), 8), ("bilevel", (("alpha", 0.1), ("lam", 0.01)), 8), ("fedal", (("kappa", 0.1),), 8),
-               ("fedpm", (), 8), ("fedprox", (("mu", 0.01),), 8), ("scaffold", (), 4))
+               ("fedpm", (), 8), ("scaffold", (), 4), ("fedprox", (("mu", 0.01),), 8))
 ROUND_SWEEP = (75, 125)  # WINDOWS / (rounds x 6 silos x BATCH) = 5 and 3 local steps: the budget exactly
 # Points besides each method's defaults (the seed-0 cell of group "seed" is the default point).
 # bilevel's defaults include a warm start (half the budget as FedAvg); warm_start 0 is the cold start the toy run
