@@ -174,11 +174,15 @@ class Cell:
                                  hparams=self.hparams, synthetic_share=self.share)
 
 
-def lodo_cells(batch: int = BATCH, share: float = SHARE) -> list[Cell]:
-    """Centralized seed 0 without each left-out domain, evaluated on every window (its zero-shot scores)."""
-    extra = (f", batch {batch}" if batch != BATCH else "") + (f", synthetic share {share}" if share != SHARE else "")
-    return [Cell("lodo", f"centralized without {d}{extra}", "centralized", 0, held_out=(*ALWAYS_HELD_OUT, d),
-                 share=share, batch=batch, full_eval=True) for d in LODO]
+def lodo_cells(batch: int = BATCH, share: float = SHARE, left_out: tuple[str, ...] = LODO,
+               take_in: tuple[str, ...] = ()) -> list[Cell]:
+    """Centralized seed 0 without each left-out domain, evaluated on every window (its zero-shot scores);
+    `take_in`: always-held-out domains this cell trains on."""
+    extra = ("".join(f", with {d}" for d in take_in) + (f", batch {batch}" if batch != BATCH else "")
+             + (f", synthetic share {share}" if share != SHARE else ""))
+    held = tuple(d for d in ALWAYS_HELD_OUT if d not in take_in)
+    return [Cell("lodo", f"centralized without {d}{extra}", "centralized", 0, held_out=(*held, d), share=share,
+                 batch=batch, full_eval=True) for d in left_out]
 
 
 def plan(groups: list[str], seeds: list[int]) -> list[Cell]:
@@ -237,9 +241,7 @@ def plan(groups: list[str], seeds: list[int]) -> list[Cell]:
         elif g == "lodoshare":  # ... and with twice the synthetic share (zero-shot vs synthetic data)
             cells += lodo_cells(batch=LODO_BATCHES[0], share=LODO_SHARE)
         elif g == "lodofinance":  # ETTh1 left out, exchange rates in: do random-walk-like series teach persistence?
-            b = LODO_BATCHES[0]
-            cells.append(Cell("lodo", f"centralized without energy, with finance, batch {b}", "centralized", 0,
-                              held_out=("energy",), batch=b, full_eval=True))
+            cells += lodo_cells(batch=LODO_BATCHES[0], left_out=("energy",), take_in=("finance",))
         elif g == "alike":  # the drift fix and the seed methods where FedAvg is at its best (group "weights")
             cells += [Cell("alike", f"{s}{''.join(f' {k} {v}' for k, v in hp)}, silos weighted alike, batch {b}, "
                            "local AdamW state kept", s, seed, (*hp, ("weight_power", 0.0)), batch=b,

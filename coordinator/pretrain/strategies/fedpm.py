@@ -142,13 +142,14 @@ class FeDPM(Strategy):
 
     def server_update(self, global_params: Params, uploads: list[Upload], server: State, rnd: int) -> Params:
         codes = np.concatenate([u.payload["codes"] for u in uploads])
+        sizes = self.silo_weights(uploads)
         weights = np.concatenate([(u.payload["usage"] + 1.0) * w / max(u.payload["usage"].sum(), 1.0)
-                                  for u, w in zip(uploads, self.silo_weights(uploads), strict=True)])
+                                  for u, w in zip(uploads, sizes, strict=True)])
         init = server["memory"].numpy() if "memory" in server else None
         memory, _ = kmeans(codes, self.q_s, np.random.default_rng(rnd), init=init, weights=weights,
                            iters=self.kmeans_iters)
         server["memory"] = torch.from_numpy(memory)
-        return weighted_step(global_params, uploads, self.silo_weights(uploads))
+        return weighted_step(global_params, uploads, sizes)
 
     def eval_model(self, model: TSFM, server: State) -> nn.Module:
         return QuantizedTSFM(model, server["memory"]) if "memory" in server else model
