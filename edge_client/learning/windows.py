@@ -73,6 +73,16 @@ def seasonal_naive(x: np.ndarray, horizon: int, season: int) -> np.ndarray:
     return np.tile(last, reps)[..., :horizon]
 
 
+def seasonal_window_average(x: np.ndarray, horizon: int, season: int, window: int) -> np.ndarray:
+    """Each position of the season forecast by its mean over the last `window` seasons (as many as the context
+    holds): seasonal naive with its noise averaged out (statsforecast's SeasonalWindowAverage, vectorised)."""
+    x = np.asarray(x)
+    season = max(1, min(season, x.shape[-1]))
+    window = max(1, min(window, x.shape[-1] // season))
+    profile = x[..., x.shape[-1] - window * season:].reshape(*x.shape[:-1], window, season).mean(axis=-2)
+    return np.tile(profile, -(-horizon // season))[..., :horizon]
+
+
 def mse(pred: np.ndarray, target: np.ndarray) -> float:
     return float(np.mean((np.asarray(pred, np.float64) - target) ** 2))
 
