@@ -359,3 +359,32 @@ def test_balanced_centralized_draws_every_silo_equally_often_and_plain_by_window
         np.testing.assert_allclose(share, expected, atol=0.03)
     assert not np.allclose(sizes / sizes.sum(), 1 / len(SILOS), atol=0.05)  # the two cases differ here
     assert make_strategy("centralized", balanced=True).clients(SILOS)[0].cdf is not None
+
+
+def test_tail_average_returns_the_mean_of_the_last_rounds_weights_and_resumes_with_it(tmp_path) -> None:
+    """tail_average k: the result is the uniform mean of the global weights after each of the last k rounds
+    (scored on validation), the running mean travels in the round checkpoint, and k outside [0, rounds] is
+    refused."""
+    import dataclasses
+
+    ckpt = tmp_path / "run.round.pt"
+    payload_rounds = []  # the global weights after each round of a plain run (each resumes and adds one round)
+    for r in (1, 2, 3):
+        run_federated(CFG, _settings("fedavg", 3), silos=SILOS, val_sets=VAL, threads=1, checkpoint=ckpt,
+                      stop_after=r)
+        payload_rounds.append(torch.load(ckpt, weights_only=True)["global"])
+    averaged = dataclasses.replace(_settings("fedavg", 3), tail_average=2)
+    result = run_federated(CFG, averaged, silos=SILOS, val_sets=VAL, threads=1)
+    state = result.model.state_dict()
+    for k, v in state.items():
+        torch.testing.assert_close(v, (payload_rounds[1][k] + payload_rounds[2][k]) / 2, rtol=1e-5, atol=1e-6)
+    assert result.best_round == -1
+    assert result.val_mse == pytest.approx(float(np.mean([
+        np.mean((result.model(torch.from_numpy(x))[0].detach().numpy() - y) ** 2) for x, y in VAL])), rel=1e-5)
+    ckpt2 = tmp_path / "avg.round.pt"
+    run_federated(CFG, averaged, silos=SILOS, val_sets=VAL, threads=1, checkpoint=ckpt2, stop_after=2)
+    resumed = run_federated(CFG, averaged, silos=SILOS, val_sets=VAL, threads=1, checkpoint=ckpt2)
+    for k, v in state.items():
+        assert torch.equal(v, resumed.model.state_dict()[k]), k
+    with pytest.raises(ValueError, match="tail_average"):
+        dataclasses.replace(_settings("fedavg", 3), tail_average=4)
