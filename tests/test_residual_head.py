@@ -107,3 +107,77 @@ def test_weighted_normal_equations_give_the_validation_mse_without_predictions()
     direct = np.mean((pred - y) ** 2)
     via_gram = (np.einsum("dh,dh->", sol, gram @ sol) - 2 * np.einsum("dh,dh->", sol, rhs) + yy.sum()) / y.size
     assert via_gram == pytest.approx(direct, rel=1e-6)
+
+
+def test_a_corpus_head_counts_every_dataset_alike_and_scores_their_mean(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Fit on several datasets, each one's normal equations are divided by its window count: a dataset with 5x the
+    windows does not outweigh the other, one dataset listed twice is the same fit as once, and the validation
+    score the choice is made on is the mean over datasets of the forecasts' MSE."""
+    import torch
+
+    from coordinator.models.tsfm import TSFM, TSFMConfig
+    from coordinator.pretrain import residual_head as rh
+    from coordinator.pretrain.protocol import frozen_features
+
+    cfg = TSFMConfig(context=64, horizon=336, patch_len=16, stride=8, d_model=8, n_heads=2, n_layers=1, d_ff=16,
+                     feature_dim=8)
+    torch.manual_seed(0)
+    model = TSFM(cfg).eval()
+    t = np.arange(4000)
+    series = {"daily": np.sin(2 * np.pi * t / 24), "weekly": np.sin(2 * np.pi * t / 7) + 0.3 * np.cos(t / 50)}
+    counts = {"daily": 40, "weekly": 200}
+
+    def windows(name, split, context, horizon, n=None, fraction=None, data_dir=None):
+        rng = np.random.default_rng([len(name), split == "val"])
+        starts = rng.integers(0, 4000 - context - horizon, counts[name] // (2 if split == "val" else 1))
+        w = np.stack([series[name][s: s + context + horizon] + 0.1 * rng.standard_normal(context + horizon)
+                      for s in starts]).astype(np.float32)
+        return w[:, :context], w[:, context:]
+
+    monkeypatch.setattr(rh, "split_subset", windows)
+    both, info = rh.fit_residual_head(model, ["daily", "weekly"], lag_grid=(24, 48))
+    twice, _ = rh.fit_residual_head(model, ["daily", "daily"], lag_grid=(24, 48))
+    once, _ = rh.fit_residual_head(model, "daily", lag_grid=(24, 48))
+    for key in once:
+        np.testing.assert_allclose(twice[key], once[key], rtol=1e-4, atol=1e-5)
+    per_dataset = []
+    for name in ("daily", "weekly"):
+        vx, vy = windows(name, "val", 64, 336)
+        f, loc, scale = frozen_features(model, vx)
+        point, _ = residual_forecast(both, Features(f.astype(np.float32), loc.astype(np.float32),
+                                                    scale.astype(np.float32)), vx)
+        per_dataset.append(np.mean((point[:, :96] - vy[:, :96]) ** 2))
+    assert info["val_mse"]["H96"] == pytest.approx(np.mean(per_dataset), rel=1e-3)
+    monkeypatch.setattr(rh, "split_subset", lambda name, *a, **kw: tuple(
+        np.concatenate([w] * (5 if name == "weekly" else 1)) for w in windows(name, *a, **kw)))
+    repeated, _ = rh.fit_residual_head(model, ["daily", "weekly"], lag_grid=(24, 48))  # weekly's windows 5 times
+    for key in both:
+        np.testing.assert_allclose(repeated[key], both[key], rtol=1e-3, atol=1e-4)
+    assert info["datasets"] == ["daily", "weekly"] and info["train_windows"] == 240
+
+
+def test_the_residual_head_model_forecasts_what_the_device_head_does() -> None:
+    """ResidualHeadModel (what protocol scoring and seed ensembles call) is the frozen backbone's features through
+    the device's numpy residual head, in the data's units."""
+    import torch
+
+    from coordinator.models.tsfm import TSFM, TSFMConfig
+    from coordinator.models.tsfm import forecast as predict
+    from coordinator.pretrain.protocol import frozen_features
+    from coordinator.pretrain.residual_head import ResidualHeadModel
+
+    cfg = TSFMConfig(context=64, horizon=24, patch_len=16, stride=8, d_model=8, n_heads=2, n_layers=1, d_ff=16,
+                     feature_dim=8)
+    torch.manual_seed(1)
+    model = TSFM(cfg).eval()
+    rng = np.random.default_rng(2)
+    params = {**model.head_state(), LAG_KEY: rng.normal(size=(24, 16)).astype(np.float32) * 0.1}
+    x = (rng.normal(size=(9, 64)).cumsum(axis=1) * 3 + 10).astype(np.float32)
+    point, quant = predict(ResidualHeadModel(model, params), x)
+    f, loc, scale = frozen_features(model, x)
+    want_p, want_q = residual_forecast(params, Features(f.astype(np.float32), loc.astype(np.float32),
+                                                        scale.astype(np.float32)), x)
+    np.testing.assert_allclose(point, want_p, rtol=1e-5, atol=1e-4)
+    np.testing.assert_allclose(quant, want_q, rtol=1e-5, atol=1e-4)
+    plain_p, _ = predict(model, x)
+    assert not np.allclose(point, plain_p, atol=1e-3)  # the lag block is in the forecast

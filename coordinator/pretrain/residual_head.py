@@ -83,28 +83,49 @@ def normal_equations(f: np.ndarray, x: np.ndarray, loc: np.ndarray, scale: np.nd
     return gram, rhs, yy
 
 
-def fit_residual_head(model: torch.nn.Module, name: str, data_dir: str | None = None,
+def fit_residual_head(model: torch.nn.Module, name: str | Sequence[str], data_dir: str | None = None,
                       lag_grid: Sequence[int] = LAG_GRID, threads: int | None = None, fraction: float = 1.0,
-                      ) -> tuple[dict[str, np.ndarray], dict]:
+                      n_train: int | None = None, n_val: int | None = None) -> tuple[dict[str, np.ndarray], dict]:
     """The residual head of `model`'s frozen backbone for dataset `name` (see the module docstring): its arrays
     (the keys of head.npz plus ``lag_weight``) and what was chosen, with the validation sweep. `fraction`: fit
-    on that share of the training windows, evenly spaced (few-shot)."""
+    on that share of the training windows, evenly spaced (few-shot); `n_train` / `n_val`: that many evenly
+    spaced windows per dataset instead.
+
+    Several names fit one *corpus* head: every dataset's normal equations are divided by its window count, so
+    each counts alike in the fit and in the validation score (their mean MSE), as in the pretraining validation
+    score. Fit on the pretraining corpus, it is a zero-shot head for a dataset outside it: the lag block is a
+    linear map of the look-back learnt from every training series (a global NLinear beside the features)."""
     cfg = model.config
-    x, y = split_subset(name, "train", cfg.context, cfg.horizon, fraction=fraction, data_dir=data_dir)
-    vx, vy = split_subset(name, "val", cfg.context, cfg.horizon, fraction=1.0, data_dir=data_dir)
-    with torch_threads(threads):
-        f, loc, scale = frozen_features(model, x)
-        vf, vloc, vscale = frozen_features(model, vx)
-    n_feat = f.shape[1]
+    names = [name] if isinstance(name, str) else list(name)
+    parts = []  # per dataset: (train normal equations per k, validation ones per k)
+    windows = val_windows = 0
+    used: list[str] = []  # the datasets with a training and a validation window
+    for n in names:
+        x, y = split_subset(n, "train", cfg.context, cfg.horizon, n=n_train, fraction=None if n_train else fraction,
+                            data_dir=data_dir)
+        vx, vy = split_subset(n, "val", cfg.context, cfg.horizon, n=n_val, fraction=None if n_val else 1.0,
+                              data_dir=data_dir)
+        if not len(x) or not len(vx):  # a split too short for one window: the dataset cannot count
+            continue
+        with torch_threads(threads):
+            f, loc, scale = frozen_features(model, x)
+            vf, vloc, vscale = frozen_features(model, vx)
+        parts.append({k: ([v / len(x) for v in normal_equations(f, x, loc, scale, y, k)[:2]],
+                          [v / len(vx) for v in normal_equations(vf, vx, vloc, vscale, vy, k, weight_by_scale=True)])
+                      for k in lag_grid})
+        n_feat, windows, val_windows = f.shape[1], windows + len(x), val_windows + len(vx)
+        used.append(n)
+    if not parts:
+        raise ValueError(f"no dataset of {names} has a training and a validation window")
     sweep, best = [], None
     for k in lag_grid:
-        gram, rhs, _ = normal_equations(f, x, loc, scale, y, k)
-        vgram, vrhs, vyy = normal_equations(vf, vx, vloc, vscale, vy, k, weight_by_scale=True)
+        gram, rhs = (sum(p[k][0][i] for p in parts) / len(parts) for i in range(2))
         for lam_f in FEATURE_GRID:
             for lam_l in LAG_RIDGE_GRID:
                 sol = ridge_solve(gram, rhs, block_penalty(gram, (n_feat, k), (lam_f, lam_l)))
-                sq = np.einsum("dh,dh->h", sol, vgram @ sol) - 2 * np.einsum("dh,dh->h", sol, vrhs) + vyy
-                val = {f"H{h}": float(sq[:h].sum() / (len(vf) * h)) for h in HORIZONS}
+                sq = np.mean([np.einsum("dh,dh->h", sol, vgram @ sol) - 2 * np.einsum("dh,dh->h", sol, vrhs) + vyy
+                              for vgram, vrhs, vyy in (p[k][1] for p in parts)], axis=0)
+                val = {f"H{h}": float(sq[:h].sum() / h) for h in HORIZONS}
                 point = {"k": k, "lam_f": lam_f, "lam_l": lam_l, "val_mse": val,
                          "val_mean": float(np.mean(list(val.values())))}
                 sweep.append(point)
@@ -123,9 +144,25 @@ def fit_residual_head(model: torch.nn.Module, name: str, data_dir: str | None = 
         LAG_KEY: sol[n_feat:n_feat + k].T.astype(np.float32),
     }
     info = {"kind": "residual", "lags": k, "ridge_features": chosen["lam_f"], "ridge_lags": chosen["lam_l"],
-            "val_mse": chosen["val_mse"], "train_windows": len(x), "val_windows": len(vx),
+            "val_mse": chosen["val_mse"], "datasets": used,
+            "train_windows": windows, "val_windows": val_windows,
             "parameters": int(sum(v.size for v in params.values())), "sweep": sweep}
     return params, info
+
+
+class ResidualHeadModel(torch.nn.Module):
+    """A TSFM's frozen backbone under a residual head, callable like the TSFM (raw windows in, point and quantile
+    forecasts out), so protocol scoring and forecast averaging take it as they take the model. The head is the
+    device's numpy code (:func:`edge_client.learning.residual.residual_forecast`), not a torch copy of it."""
+
+    def __init__(self, model: torch.nn.Module, params: dict[str, np.ndarray]) -> None:
+        super().__init__()
+        self.model, self.params, self.config = model, params, model.config
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        f, loc, scale = (t.detach().numpy().astype(np.float32) for t in self.model.features(x))
+        point, quant = residual_forecast(self.params, Features(f, loc, scale), x.detach().numpy())
+        return torch.from_numpy(np.ascontiguousarray(point)), torch.from_numpy(np.ascontiguousarray(quant))
 
 
 def residual_protocol_scores(model: torch.nn.Module, params: dict[str, np.ndarray], name: str,
