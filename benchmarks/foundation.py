@@ -4,6 +4,7 @@ same number of training windows, the standard long-horizon protocol, zero-/few-s
     python benchmarks/foundation.py run [--groups ship main lodo seed ...] [--seeds 0 1 2]
     python benchmarks/foundation.py report          # rewrite docs/results/foundation.{md,json,png}
     python benchmarks/foundation.py restore         # finished cells from docs/results/foundation.json -> runs/
+    python benchmarks/foundation.py ensemble        # score the seed ensembles whose members are finished
 
 Cells: one (strategy, hyper-parameters, seed, corpus) training run each, at the default model size
 (TSFMConfig.tiny: context 512, d_model 64, 3 layers, feature_dim 64; head horizon 336). A cell trains
@@ -39,6 +40,7 @@ import numpy as np
 import torch
 
 from coordinator.models.checkpoints import load_checkpoint, save_checkpoint
+from coordinator.models.tsfm import forecast
 from coordinator.pretrain import shipped
 from coordinator.pretrain.evaluate import dead_features
 from coordinator.pretrain.federated import FederatedSettings, run_federated, validation_score, validation_sets
@@ -52,10 +54,12 @@ from coordinator.pretrain.protocol import (
     protocol_windows,
     score_forecasts,
     score_subset,
+    seasonal_average_scores,
     seasonal_naive_scores,
 )
 from coordinator.pretrain.silos import DOMAIN_SILOS, build_silos
 from coordinator.pretrain.synthetic import SYNTHETIC_CACHE, SyntheticSettings, synthetic_silo
+from edge_client.learning.windows import mse
 
 ROOT = Path(__file__).resolve().parent.parent
 RUNS = ROOT / "runs" / "foundation"
@@ -105,6 +109,9 @@ DRIFT_CELLS = (("fedprox", (("mu", 0.1),), ROUNDS), ("scaffold", (), ROUNDS), ("
 # 64, SCAFFOLD at batch 4 (centralized training's best batch), and FedProx at its chosen mu.
 ALIKE_CELLS = (("scaffold", (), 8), ("bilevel", (("alpha", 0.1), ("lam", 0.01)), 8), ("fedal", (("kappa", 0.1),), 8),
                ("fedpm", (), 8), ("scaffold", (), 4), ("fedprox", (("mu", 0.01),), 8))
+# Group "lodoswa": the rounds whose global weights are averaged (of 25): the cosine tail from a third of the peak lr
+# down, set before any run and not swept (each point is a 6-minute cell and a 12-minute evaluation).
+TAIL_AVERAGE = 10
 ROUND_SWEEP = (75, 125)  # WINDOWS / (rounds x 6 silos x BATCH) = 5 and 3 local steps: the budget exactly
 # Points besides each method's defaults (the seed-0 cell of group "seed" is the default point).
 # bilevel's defaults include a warm start (half the budget as FedAvg); warm_start 0 is the cold start the toy run
@@ -146,6 +153,7 @@ class Cell:
     recipe: int = RECIPE
     keep_optimizer: bool = False  # clients keep their AdamW moments between rounds (cross-silo)
     batch: int = BATCH  # per client; smaller batches at the same windows mean more sequential local steps
+    tail_average: int = 0  # > 0: the model is the weight average of the last k rounds (FederatedSettings)
 
     @property
     def id(self) -> str:
@@ -158,7 +166,9 @@ class Cell:
         recipe = "" if self.recipe == 1 else f"-r{self.recipe}"
         kept = "-keptopt" if self.keep_optimizer else ""
         batch = "" if self.batch == BATCH else f"-b{self.batch}"
-        return (f"{self.strategy}{hp}-share{self.share}{held}{budget}{rounds}{batch}{kept}{recipe}-seed{self.seed}"
+        swa = f"-swa{self.tail_average}" if self.tail_average else ""
+        return (f"{self.strategy}{hp}-share{self.share}{held}{budget}{rounds}{batch}{kept}{swa}{recipe}"
+                f"-seed{self.seed}"
                 .replace(" ", ""))
 
     @property
@@ -171,18 +181,19 @@ class Cell:
         return FederatedSettings(strategy=self.strategy, rounds=self.rounds, local_steps=local, batch_size=self.batch,
                                  lr=recipe["lr"], warmup_rounds=recipe["warmup_rounds"], domains=self.domains,
                                  holdout=self.held_out, seed=self.seed, keep_optimizer=self.keep_optimizer,
-                                 hparams=self.hparams, synthetic_share=self.share)
+                                 hparams=self.hparams, synthetic_share=self.share, tail_average=self.tail_average)
 
 
 def lodo_cells(batch: int = BATCH, share: float = SHARE, left_out: tuple[str, ...] = LODO,
-               take_in: tuple[str, ...] = ()) -> list[Cell]:
-    """Centralized seed 0 without each left-out domain, evaluated on every window (its zero-shot scores);
+               take_in: tuple[str, ...] = (), seed: int = 0, tail_average: int = 0) -> list[Cell]:
+    """Centralized without each left-out domain, evaluated on every window (its zero-shot scores);
     `take_in`: always-held-out domains this cell trains on."""
     extra = ("".join(f", with {d}" for d in take_in) + (f", batch {batch}" if batch != BATCH else "")
-             + (f", synthetic share {share}" if share != SHARE else ""))
+             + (f", synthetic share {share}" if share != SHARE else "")
+             + (f", weights averaged over the last {tail_average} rounds" if tail_average else ""))
     held = tuple(d for d in ALWAYS_HELD_OUT if d not in take_in)
-    return [Cell("lodo", f"centralized without {d}{extra}", "centralized", 0, held_out=(*held, d), share=share,
-                 batch=batch, full_eval=True) for d in left_out]
+    return [Cell("lodo", f"centralized without {d}{extra}", "centralized", seed, held_out=(*held, d), share=share,
+                 batch=batch, full_eval=True, tail_average=tail_average) for d in left_out]
 
 
 def plan(groups: list[str], seeds: list[int]) -> list[Cell]:
@@ -242,6 +253,13 @@ def plan(groups: list[str], seeds: list[int]) -> list[Cell]:
             cells += lodo_cells(batch=LODO_BATCHES[0], share=LODO_SHARE)
         elif g == "lodofinance":  # ETTh1 left out, exchange rates in: do random-walk-like series teach persistence?
             cells += lodo_cells(batch=LODO_BATCHES[0], left_out=("energy",), take_in=("finance",))
+        elif g == "lodoseed":  # ETTh1 left out at the setting its own validation chose (batch 8), more seeds:
+            # the seed spread of a zero-shot score, and the members of a seed ensemble (`ensemble`)
+            cells += [c for seed in seeds if seed != 0
+                      for c in lodo_cells(batch=LODO_BATCHES[0], left_out=("energy",), seed=seed)]
+        elif g == "lodoswa":  # ... and with the weights of the last rounds averaged (SWA): flat minima transfer
+            cells += [c for seed in seeds for c in lodo_cells(batch=LODO_BATCHES[0], left_out=("energy",), seed=seed,
+                                                            tail_average=TAIL_AVERAGE)]
         elif g == "alike":  # the drift fix and the seed methods where FedAvg is at its best (group "weights")
             cells += [Cell("alike", f"{s}{''.join(f' {k} {v}' for k, v in hp)}, silos weighted alike, batch {b}, "
                            "local AdamW state kept", s, seed, (*hp, ("weight_power", 0.0)), batch=b,
@@ -322,12 +340,9 @@ def revalidate() -> list[str]:
     done = []
     for path in sorted(CELLS.glob("*.json")):
         rec = json.loads(path.read_text())
-        if path.name.startswith("baselines-") or "val_by_dataset" in rec or not (CELLS / f"{rec['id']}.pt").is_file():
+        if path.name.startswith(NOT_CELLS) or "val_by_dataset" in rec or not (CELLS / f"{rec['id']}.pt").is_file():
             continue
-        cell = Cell(**{**rec["cell"], "hparams": tuple(tuple(kv) for kv in rec["cell"]["hparams"]),
-                       "held_out": tuple(rec["cell"]["held_out"]), "recipe": recipe_of(rec)})
-        if cell.id != rec["id"]:
-            raise SystemExit(f"record {rec['id']} does not rebuild its cell ({cell.id})")
+        cell = cell_of(rec)
         model = eval_model_for(cell, load_checkpoint(CELLS / f"{cell.id}.pt").eval())
         sets = validation_sets(MODEL, cell.domains, cell.settings(len(rec["silos"])), None)
         rec["val_by_dataset"] = val_by_dataset(cell, model, sets)
@@ -336,6 +351,15 @@ def revalidate() -> list[str]:
         os.replace(tmp, path)
         done.append(rec["id"])
     return done
+
+
+def cell_of(rec: dict[str, Any]) -> Cell:
+    """The Cell a finished record was trained as (its id must come out the same)."""
+    cell = Cell(**{**rec["cell"], "hparams": tuple(tuple(kv) for kv in rec["cell"]["hparams"]),
+                   "held_out": tuple(rec["cell"]["held_out"]), "recipe": recipe_of(rec)})
+    if cell.id != rec["id"]:
+        raise SystemExit(f"record {rec['id']} does not rebuild its cell ({cell.id})")
+    return cell
 
 
 def eval_model_for(cell: Cell, model: Any) -> Any:
@@ -354,9 +378,7 @@ def protocol(model: Any, name: str, full: bool, threads: int) -> dict[str, dict[
         point, quant = model_forecasts(model, tw, threads)
         return score_forecasts(tw, point, quant, MODEL.quantiles)
     rows = tw.rows(min(HORIZONS), subset=True)
-    from coordinator.models.tsfm import forecast as predict
-
-    return score_subset(tw, rows, *predict(model, tw.x[rows]), MODEL.quantiles)
+    return score_subset(tw, rows, *forecast(model, tw.x[rows]), MODEL.quantiles)
 
 
 HOURLY = ("etth1", "electricity", "pollution", "traffic")
@@ -372,12 +394,74 @@ def evaluate_cell(cell: Cell, model: Any, threads: int) -> dict[str, Any]:
         for n in names:
             full = n == "etth1" or (cell.full_eval and n in HOURLY)
             out[part][n] = protocol(net, n, full, threads)
+    if cell.group == "lodo":
+        out["corpus_head"] = corpus_head(model, seen, unseen, threads)
     if "etth1" in seen and cell.strategy != "fedpm":
         tuned, info = fit_head(model, "etth1", threads=threads)
         out["etth1_head"] = {"scores": protocol(tuned, "etth1", True, threads), **info}
-    if cell.group == "lodo" or (cell.group == "main" and cell.seed == 0 and cell.strategy == "centralized"):
+    # few-shot from each setting's seed-0 model of the plain recipe (it is the slow part of an evaluation)
+    if cell.seed == 0 and not cell.tail_average and (cell.group == "lodo" or (cell.group == "main"
+                                                                              and cell.strategy == "centralized")):
         out["few_shot"] = few_shot(cell, model, [n for n in unseen if n in HOURLY], threads)
     return out
+
+
+CORPUS_WINDOWS = (8000, 2000)  # training / validation windows per dataset for the corpus residual head
+
+
+def corpus_head(model: Any, seen: list[str], unseen: list[str], threads: int) -> dict[str, Any]:
+    """A residual head (features + a linear map of the last k context values) fit in closed form on the
+    pretraining corpus -- every training dataset alike, k and ridge strengths chosen on their validation windows
+    -- and scored zero-shot on every window of the left-out hourly datasets, and on the seen hourly ones' AutoETS
+    subset. Why: the 7-day seasonal average beats every zero-shot model on ETTh1 and electricity, and a look-back
+    map is the part that can average seasons; a device runs this head as it runs head.etth1.npz."""
+    from coordinator.pretrain.protocol import split_subset
+    from coordinator.pretrain.residual_head import residual_protocol_scores
+
+    params, info = corpus_head_params(model, seen, threads)
+    # the pretrained head on the same validation windows: which head validation would choose for a new domain
+    val = [split_subset(n, "val", MODEL.context, MODEL.horizon, n=CORPUS_WINDOWS[1]) for n in info["datasets"]]
+    torch.set_num_threads(threads)
+    info["pretrained_val_mse"] = {f"H{h}": float(np.mean([mse(forecast(model, x)[0][:, :h], y[:, :h])
+                                                          for x, y in val])) for h in HORIZONS}
+    return {"info": {k: v for k, v in info.items() if k != "sweep"},
+            "zero_shot": {n: residual_protocol_scores(model, params, n, threads=threads)
+                          for n in unseen if n in HOURLY},
+            "in_domain": {n: residual_protocol_scores(model, params, n, threads=threads, subset_only=True)
+                          for n in seen if n in HOURLY}}
+
+
+def corpus_head_params(model: Any, seen: list[str], threads: int) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
+    from coordinator.pretrain.residual_head import fit_residual_head
+
+    return fit_residual_head(model, seen, threads=threads, n_train=CORPUS_WINDOWS[0], n_val=CORPUS_WINDOWS[1])
+
+
+def backfill_corpus_heads(threads: int, retrain: list[str]) -> list[str]:
+    """Add `corpus_head` to finished LODO records that lack it (or its pretrained-head comparison), from their
+    saved models; the cells in `retrain` whose model file is gone (it stays on the machine that trained it) are
+    retrained first, from their recipe."""
+    done = []
+    for path in sorted(CELLS.glob("*.json")):
+        rec = json.loads(path.read_text())
+        if path.name.startswith(NOT_CELLS) or rec["cell"]["group"] != "lodo" or \
+                "pretrained_val_mse" in rec["scores"].get("corpus_head", {}).get("info", {}):
+            continue
+        cell = cell_of(rec)
+        if rec["id"] not in retrain and not (CELLS / f"{rec['id']}.pt").is_file():
+            continue
+        model, meta = train_cell(cell, threads)
+        seen = [n for d in cell.domains for n in DOMAIN_SILOS[d]]
+        unseen = [n for d in cell.held_out for n in DOMAIN_SILOS[d]]
+        rec["scores"]["corpus_head"] = corpus_head(model.eval(), seen, unseen, threads)
+        rec["scores"]["corpus_head"]["model_val_mse"] = meta["val_mse"]  # = the record's: the model is the same
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(rec, default=float))
+        os.replace(tmp, path)
+        done.append(rec["id"])
+        print(f"{rec['id']}: corpus head " + ", ".join(
+            f"{n} {s['H96']['mse']:.4f}" for n, s in rec["scores"]["corpus_head"]["zero_shot"].items()), flush=True)
+    return done
 
 
 def few_shot(cell: Cell, model: Any, names: list[str], threads: int) -> dict[str, Any]:
@@ -412,6 +496,92 @@ def few_shot(cell: Cell, model: Any, names: list[str], threads: int) -> dict[str
     return out
 
 
+ENSEMBLE_SEEDS = (0, 1, 2)
+
+
+def ensemble_members() -> list[list[Cell]]:
+    """The seed ensembles the `ensemble` command scores: ETTh1 left out at batch 8 (group "lodoseed"), every seed."""
+    return [[c for seed in ENSEMBLE_SEEDS for c in lodo_cells(batch=LODO_BATCHES[0], left_out=("energy",), seed=seed)]]
+
+
+def ensemble_id(members: list[Cell]) -> str:
+    return f"ensemble-{members[0].id.rsplit('-seed', 1)[0]}-seeds{'_'.join(str(c.seed) for c in members)}"
+
+
+class MeanForecast(torch.nn.Module):
+    """The mean point forecast and mean quantiles (Vincentisation) of several TSFMs: a seed ensemble.
+
+    Why: one zero-shot model's score carries its seed's luck, and averaging independently trained networks is the
+    forecasting field's standard variance cut (N-BEATS ensembles 180). It costs one backbone pass per member on a
+    device, so it is measured here, beside the single models, and not shipped."""
+
+    def __init__(self, models: list[torch.nn.Module]) -> None:
+        super().__init__()
+        self.members = torch.nn.ModuleList(models)
+        self.config = models[0].config
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        outs = [m(x) for m in self.members]
+        return torch.stack([p for p, _ in outs]).mean(0), torch.stack([q for _, q in outs]).mean(0)
+
+
+def ensemble(threads: int) -> list[str]:
+    """Score each seed ensemble whose members are all finished (`run --groups lodoseed`) on its left-out hourly sets
+    (every window) and on its validation sets, with the pretrained heads and with each member's corpus residual head
+    (`corpus_head`); writes ``<ensemble id>.json`` and completes one written before a part existed. A member whose
+    model file is gone (a new session) is retrained from its recipe -- training is deterministic at a fixed thread
+    count, which the record checks by comparing the retrained model's validation MSE with the member's record."""
+    from coordinator.pretrain.residual_head import ResidualHeadModel
+
+    torch.set_num_threads(threads)
+    done = []
+    for members in ensemble_members():
+        eid = ensemble_id(members)
+        path = CELLS / f"{eid}.json"
+        records = [CELLS / f"{c.id}.json" for c in members]
+        record = json.loads(path.read_text()) if path.is_file() else None
+        if record is not None and "corpus_head" in record["scores"]:
+            continue
+        if not all(r.is_file() for r in records):
+            print(f"{eid}: members not finished yet (run --groups lodoseed)", flush=True)
+            continue
+        if not claim_named(eid):
+            continue
+        try:
+            t0 = time.perf_counter()
+            models, reproduced = [], []
+            for c, r in zip(members, records, strict=True):
+                model, meta = train_cell(c, threads)
+                models.append(eval_model_for(c, model).eval())
+                reproduced.append({"id": c.id, "recorded_val_mse": json.loads(r.read_text())["val_mse"],
+                                   "model_val_mse": meta["val_mse"]})
+            head = members[0]
+            seen = [n for d in head.domains for n in DOMAIN_SILOS[d]]
+            unseen = [n for d in head.held_out for n in DOMAIN_SILOS[d] if n in HOURLY]
+            if record is None:
+                net = MeanForecast(models).eval()
+                val = validation_sets(MODEL, head.domains, head.settings(len(head.domains) + (head.share > 0)), None)
+                record = {"id": eid, "label": head.label, "members": [c.id for c in members], "cell": asdict(head),
+                          "val_mse": validation_score(net, val), "reproduced": reproduced,
+                          "scores": {"zero_shot": {n: protocol(net, n, True, threads) for n in unseen}}, "wall_s": 0.0}
+            with_heads = MeanForecast([ResidualHeadModel(m, corpus_head_params(m, seen, threads)[0])
+                                       for m in models]).eval()
+            record["scores"]["corpus_head"] = {"zero_shot": {n: protocol(with_heads, n, True, threads)
+                                                             for n in unseen}}
+            record["wall_s"] += time.perf_counter() - t0
+            tmp = path.with_suffix(".tmp")
+            tmp.write_text(json.dumps(record, default=float))
+            os.replace(tmp, path)
+            done.append(eid)
+            print(f"{eid}: val {record['val_mse']:.4f}, " + ", ".join(
+                f"{n} H96 {s['H96']['mse']:.4f} (corpus heads "
+                f"{record['scores']['corpus_head']['zero_shot'][n]['H96']['mse']:.4f})"
+                for n, s in record["scores"]["zero_shot"].items()), flush=True)
+        finally:
+            (CELLS / f"{eid}.lock").unlink(missing_ok=True)
+    return done
+
+
 def restore(results: Path | None = None, cells_dir: Path | None = None) -> list[str]:
     """Write every finished cell's record (and the baselines) from the committed results JSON back to
     ``cells_dir`` as ``<id>.json`` / ``baselines-<name>.json``; never overwrites a file that is there.
@@ -428,6 +598,7 @@ def restore(results: Path | None = None, cells_dir: Path | None = None) -> list[
     cells_dir.mkdir(parents=True, exist_ok=True)
     records = {f"{c['id']}.json": c for c in data.get("cells", [])}
     records.update({f"baselines-{n}.json": b for n, b in data.get("baselines", {}).items()})
+    records.update({f"{e['id']}.json": e for e in data.get("ensembles", [])})
     written = []
     for name, rec in records.items():
         path = cells_dir / name
@@ -510,22 +681,30 @@ def run(args: argparse.Namespace) -> None:
         signal.signal(signal.SIGTERM, previous)
 
 
+BASELINES = {"seasonal_naive": seasonal_naive_scores, "seasonal_average": seasonal_average_scores,
+             "nlinear": nlinear_scores, "autoets": autoets_scores}
+
+
 def baselines(names: list[str]) -> dict[str, Any]:
-    """Seasonal naive, NLinear and AutoETS per dataset, cached as cells (AutoETS is the slow one)."""
+    """Every BASELINES method per dataset, cached as cells (AutoETS is the slow one); a cached file that lacks a
+    method added since gets that method only."""
     out: dict[str, Any] = {}
     for n in names:
         path = CELLS / f"baselines-{n}.json"
-        if path.is_file():
-            out[n] = json.loads(path.read_text())
+        res = json.loads(path.read_text()) if path.is_file() else {}
+        missing = [b for b in BASELINES if b not in res]
+        if not missing:
+            out[n] = res
             continue
         if not claim_named(f"baselines-{n}"):
             continue
         try:
             t0 = time.perf_counter()
-            res = {"seasonal_naive": seasonal_naive_scores(n), "nlinear": nlinear_scores(n),
-                   "autoets": autoets_scores(n)}
-            res["wall_s"] = time.perf_counter() - t0
-            path.write_text(json.dumps(res, default=float))
+            res.update({b: BASELINES[b](n) for b in missing})
+            res["wall_s"] = res.get("wall_s", 0.0) + time.perf_counter() - t0
+            tmp = path.with_suffix(".tmp")
+            tmp.write_text(json.dumps(res, default=float))
+            os.replace(tmp, path)
             out[n] = res
         finally:
             (CELLS / f"baselines-{n}.lock").unlink(missing_ok=True)
@@ -557,8 +736,15 @@ def _claim_path(lock: Path) -> bool:
 # --------------------------------------------------------------------------------------- report
 
 
+NOT_CELLS = ("baselines-", "ensemble-")  # record files in CELLS that are not one training run's
+
+
 def load_cells() -> list[dict[str, Any]]:
-    return [json.loads(p.read_text()) for p in sorted(CELLS.glob("*.json")) if not p.name.startswith("baselines-")]
+    return [json.loads(p.read_text()) for p in sorted(CELLS.glob("*.json")) if not p.name.startswith(NOT_CELLS)]
+
+
+def load_ensembles() -> list[dict[str, Any]]:
+    return [json.loads(p.read_text()) for p in sorted(CELLS.glob("ensemble-*.json"))]
 
 
 def fmt(values: list[float], digits: int = 3) -> str:
@@ -659,13 +845,14 @@ def report(args: argparse.Namespace | None = None) -> None:
         restore()  # a fresh checkout must not rewrite the results from an empty cell directory
         cells = load_cells()
         base = {p.name[len("baselines-"):-5]: json.loads(p.read_text()) for p in CELLS.glob("baselines-*.json")}
+        ensembles = load_ensembles()
         (OUT / "foundation.json").write_text(json.dumps(
-            {"meta": meta(), "baselines": base, "cells": cells}, indent=1, default=float))
+            {"meta": meta(), "baselines": base, "cells": cells, "ensembles": ensembles}, indent=1, default=float))
         md_path = OUT / "foundation.md"
         old = md_path.read_text() if md_path.is_file() else ""
         at = old.find("\n" + MARKER + "\n")
         findings = old[at + 1:] if at >= 0 else ""
-        md = render(cells, base)
+        md = render(cells, base, ensembles)
         md_path.write_text(md + ("\n" + findings if findings else ""))
         curves(cells, OUT / "foundation_curves.png")
 
@@ -709,7 +896,7 @@ def per_dataset_table(cells: list[dict]) -> list[str]:
     return lines
 
 
-def render(all_cells: list[dict], base: dict[str, Any]) -> str:
+def render(all_cells: list[dict], base: dict[str, Any], ensembles: list[dict] | None = None) -> str:
     by_id = {c["id"]: c for c in all_cells}
     cells = [c for c in all_cells if recipe_of(c) == RECIPE]
     older = [c for c in all_cells if recipe_of(c) != RECIPE]
@@ -731,7 +918,7 @@ def render(all_cells: list[dict], base: dict[str, Any]) -> str:
     names = [n for n in HOURLY]
     head = "| model | " + " | ".join(f"{n} H{h}" for n in names for h in (96, 192, 336)) + " |"
     lines += [head, "|---" * (1 + 3 * len(names)) + "|"]
-    for b in ("seasonal_naive", "nlinear"):
+    for b in ("seasonal_naive", "seasonal_average", "nlinear"):
         lines.append(_proto_row(b, {n: base.get(n, {}).get(b, {}) for n in names}, names))
     for c in all_cells:
         if c["cell"]["full_eval"]:
@@ -742,30 +929,17 @@ def render(all_cells: list[dict], base: dict[str, Any]) -> str:
                                         {"etth1": c["scores"]["etth1_head"]["scores"]}, names))
     lines += ["", "## AutoETS subset (the same windows for every row; MSE / MAE)", ""]
     lines += [head, "|---" * (1 + 3 * len(names)) + "|"]
-    for b in ("seasonal_naive", "nlinear", "autoets"):
+    for b in ("seasonal_naive", "seasonal_average", "nlinear", "autoets"):
         lines.append(_proto_row(b, {n: base.get(n, {}).get(b, {}) for n in names}, names, "ets/"))
     for c in all_cells:
         if c["cell"]["group"] in ("ship", "lodo") or c["cell"]["full_eval"]:
             sc = {**c["scores"]["in_domain"], **c["scores"]["zero_shot"]}
             lines.append(_proto_row(row_name(c), sc, names, "ets/"))
     lines += ["", "## Leave-one-domain-out zero-shot (H96 MSE, every test window; subset for AutoETS)", "",
-              "| left out | dataset | zero-shot | seasonal naive | NLinear (full-shot) | AutoETS (subset) | "
-              "zero-shot on subset | vs seasonal naive |", "|---|---|---|---|---|---|---|---|"]
-    for c in all_cells:
-        if c["cell"]["group"] != "lodo":
-            continue
-        for n, s in c["scores"]["zero_shot"].items():
-            if n not in HOURLY:
-                continue
-            zs, sn = _get(s, "H96", "mse"), _get(base.get(n, {}), "seasonal_naive", "H96", "mse")
-            share = "" if c["cell"]["share"] == SHARE else f", synthetic share {c['cell']['share']:g}"
-            batch = "" if c["cell"].get("batch", BATCH) == BATCH else f", batch {c['cell']['batch']}"
-            left = c["cell"]["held_out"][-1] + "".join(f", {d} in" for d in ALWAYS_HELD_OUT
-                                                       if d not in c["cell"]["held_out"])
-            lines.append(f"| {left}{batch}{share}{recipe_note(c)} | {n} | {zs:.3f} | {sn:.3f} | "
-                         f"{_get(base.get(n, {}), 'nlinear', 'H96', 'mse'):.3f} | "
-                         f"{_get(base.get(n, {}), 'autoets', 'ets/H96', 'mse'):.3f} | {_get(s, 'ets/H96', 'mse'):.3f}"
-                         f" | {100 * (zs / sn - 1):+.1f} % |")
+              "seasonal average: the mean of the last 7 seasons (days), repeated.", "",
+              "| left out | dataset | zero-shot | seasonal naive | seasonal average | NLinear (full-shot) | "
+              "AutoETS (subset) | zero-shot on subset | vs seasonal naive |", "|---|---|---|---|---|---|---|---|---|"]
+    lines += lodo_rows([c for c in all_cells if c["cell"]["group"] == "lodo"], base, ensembles or [], by_id)
     lines += ["", "## Few-shot (H96 MSE on the AutoETS subset windows; the same training windows for every column)",
               "", "Pretrained: ridge head on frozen features, residual head (features + last lags), full fine-tune "
               "(LP-FT: from the ridge head; lr chosen on validation). Without pretraining: the TSFM from scratch "
@@ -819,6 +993,53 @@ def render(all_cells: list[dict], base: dict[str, Any]) -> str:
                      f"{'' if c.get('train_s_complete') else '≥ '}{c['train_s']:.0f} | {c['eval_s']:.0f} |")
     lines += ["", "Training curves: `foundation_curves.png` (validation MSE per round, x = training windows seen).", ""]
     return "\n".join(lines)
+
+
+def lodo_setting(rec: dict) -> str:
+    """A LODO record's row name: the left-out domain and what differs from the grid's defaults."""
+    c = rec["cell"]
+    share = "" if c["share"] == SHARE else f", synthetic share {c['share']:g}"
+    batch = "" if c.get("batch", BATCH) == BATCH else f", batch {c['batch']}"
+    left = c["held_out"][-1] + "".join(f", {d} in" for d in ALWAYS_HELD_OUT if d not in c["held_out"])
+    swa = f", last {c['tail_average']} rounds averaged" if c.get("tail_average") else ""
+    return f"{left}{batch}{share}{swa}{recipe_note(rec)}"
+
+
+def lodo_rows(cells: list[dict], base: dict[str, Any], ensembles: list[dict], by_id: dict[str, dict]) -> list[str]:
+    """One row per LODO cell and left-out hourly dataset; then, per seed ensemble, its members' mean ± std and the
+    ensemble's own score."""
+    def row(name: str, n: str, zs: list[float], subset: list[float]) -> str:
+        sn = _get(base.get(n, {}), "seasonal_naive", "H96", "mse")
+        return (f"| {name} | {n} | {fmt(zs)} | {sn:.3f} | {_get(base.get(n, {}), 'seasonal_average', 'H96', 'mse'):.3f}"
+                f" | {_get(base.get(n, {}), 'nlinear', 'H96', 'mse'):.3f} | "
+                f"{_get(base.get(n, {}), 'autoets', 'ets/H96', 'mse'):.3f} | {fmt(subset)} | "
+                f"{100 * (np.mean(zs) / sn - 1):+.1f} % |")
+
+    lines = []
+    for c in cells:
+        seed = "" if c["cell"]["seed"] == 0 else f", seed {c['cell']['seed']}"
+        lines += [row(lodo_setting(c) + seed, n, [_get(s, "H96", "mse")], [_get(s, "ets/H96", "mse")])
+                  for n, s in c["scores"]["zero_shot"].items() if n in HOURLY]
+        corpus = c["scores"].get("corpus_head", {})
+        lines += [row(f"{lodo_setting(c)}{seed}, corpus residual head (k {corpus['info']['lags']})", n,
+                      [_get(s, "H96", "mse")], [_get(s, "ets/H96", "mse")])
+                  for n, s in corpus.get("zero_shot", {}).items()]
+    for e in ensembles:
+        members = [by_id[m] for m in e["members"] if m in by_id]
+        seeds = ", ".join(str(m["cell"]["seed"]) for m in members)
+        for n, s in e["scores"]["zero_shot"].items():
+            lines.append(row(f"{lodo_setting(e)}, single models, seeds {seeds}", n,
+                             [_get(m["scores"]["zero_shot"], n, "H96", "mse") for m in members],
+                             [_get(m["scores"]["zero_shot"], n, "ets/H96", "mse") for m in members]))
+            lines.append(row(f"{lodo_setting(e)}, **ensemble** of seeds {seeds} (mean forecast)", n,
+                             [_get(s, "H96", "mse")], [_get(s, "ets/H96", "mse")]))
+        for n, s in e["scores"].get("corpus_head", {}).get("zero_shot", {}).items():
+            heads = [m["scores"].get("corpus_head", {}).get("zero_shot", {}).get(n, {}) for m in members]
+            lines.append(row(f"{lodo_setting(e)}, corpus residual heads, single models, seeds {seeds}", n,
+                             [_get(h, "H96", "mse") for h in heads], [_get(h, "ets/H96", "mse") for h in heads]))
+            lines.append(row(f"{lodo_setting(e)}, corpus residual heads, **ensemble** of seeds {seeds}", n,
+                             [_get(s, "H96", "mse")], [_get(s, "ets/H96", "mse")]))
+    return lines
 
 
 MIDDLE_GROUPS = ("batch", "drift", "weights", "alike")  # the curves' middle panel (the left one has the rest)
@@ -1030,13 +1251,15 @@ def write_model_card(card: dict[str, Any]) -> None:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("command", choices=("run", "report", "baselines", "ship", "card", "restore", "requantize",
-                                        "revalidate"))
+                                        "revalidate", "ensemble", "corpushead"))
     ap.add_argument("--cell", help="ship: the cell whose model becomes the shipped artifact")
     ap.add_argument("--no-tflite", action="store_true", help="ship: skip the TFLite conversion")
     ap.add_argument("--groups", nargs="*", default=["ship", "main:0", "real", "lodo", "main", "seed:0", "sweep",
                                                    "seed", "ablate"],
                     help="groups in priority order; 'group:1,2' restricts a group to those seeds")
     ap.add_argument("--seeds", type=int, nargs="*", default=[0, 1, 2])
+    ap.add_argument("--retrain", nargs="*", default=[], metavar="ID",
+                    help="corpushead: retrain these finished cells whose model file is gone")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--until", metavar="HH:MM", help="run: start no new cell that would not finish by then "
                     "(UTC; estimate: median wall time of the finished cells at the same budget)")
@@ -1058,6 +1281,15 @@ def main() -> None:
         torch.set_num_threads(args.threads)
         restore()
         print(f"per-dataset validation added to {len(revalidate())} records")
+        report(args)
+    elif args.command == "corpushead":
+        torch.set_num_threads(args.threads)
+        restore()
+        print(f"corpus heads added to {len(backfill_corpus_heads(args.threads, args.retrain))} records")
+        report(args)
+    elif args.command == "ensemble":
+        restore()
+        print(f"scored {len(ensemble(args.threads))} seed ensembles")
         report(args)
     elif args.command == "requantize":
         restore()  # the card's baseline columns come from the cell records

@@ -163,3 +163,26 @@ def test_a_cell_that_takes_an_always_held_out_domain_in_is_named_by_it_and_train
     assert "-noenergy-withfinance-" in cell.id
     plain = foundation.lodo_cells()[0]
     assert "finance" not in plain.domains and plain.id == "centralized-share0.2-noenergy-r2-seed0"
+
+
+def test_a_seed_ensemble_forecasts_the_mean_of_its_members() -> None:
+    import torch
+
+    from coordinator.models.tsfm import TSFM, TSFMConfig
+    from coordinator.models.tsfm import forecast as predict
+
+    cfg = TSFMConfig(context=32, horizon=8, patch_len=8, stride=8, d_model=8, n_heads=2, n_layers=1, d_ff=16,
+                     feature_dim=8)
+    members = []
+    for seed in (0, 1, 2):
+        torch.manual_seed(seed)
+        members.append(TSFM(cfg).eval())
+    x = np.random.default_rng(0).normal(size=(5, 32)).astype(np.float32)
+    point, quant = predict(foundation.MeanForecast(members), x)
+    outs = [predict(m, x) for m in members]
+    np.testing.assert_allclose(point, np.mean([p for p, _ in outs], axis=0), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(quant, np.mean([q for _, q in outs], axis=0), rtol=1e-5, atol=1e-6)
+    cells = foundation.ensemble_members()[0]
+    assert [c.seed for c in cells] == list(foundation.ENSEMBLE_SEEDS)
+    assert len({c.id for c in cells}) == len(cells) and len({c.label for c in cells}) == 1
+    assert foundation.ensemble_id(cells).startswith("ensemble-centralized-share0.2-noenergy-b8-r2")
