@@ -253,10 +253,9 @@ def plan(groups: list[str], seeds: list[int]) -> list[Cell]:
             cells += lodo_cells(batch=LODO_BATCHES[0], share=LODO_SHARE)
         elif g == "lodofinance":  # ETTh1 left out, exchange rates in: do random-walk-like series teach persistence?
             cells += lodo_cells(batch=LODO_BATCHES[0], left_out=("energy",), take_in=("finance",))
-        elif g == "lodoseed":  # ETTh1 left out at the setting its own validation chose (batch 8), more seeds:
-            # the seed spread of a zero-shot score, and the members of a seed ensemble (`ensemble`)
-            cells += [c for seed in seeds if seed != 0
-                      for c in lodo_cells(batch=LODO_BATCHES[0], left_out=("energy",), seed=seed)]
+        elif g == "lodoseed":  # the left-out domains at the setting ETTh1-out's own validation chose (batch 8), more
+            # seeds: the seed spread of a zero-shot score, and the members of a seed ensemble (`ensemble`)
+            cells += [c for seed in seeds if seed != 0 for c in lodo_cells(batch=LODO_BATCHES[0], seed=seed)]
         elif g == "lodoswa":  # ... and with the weights of the last rounds averaged (SWA): flat minima transfer
             cells += [c for seed in seeds for c in lodo_cells(batch=LODO_BATCHES[0], left_out=("energy",), seed=seed,
                                                             tail_average=TAIL_AVERAGE)]
@@ -451,10 +450,15 @@ def backfill_corpus_heads(threads: int, retrain: list[str]) -> list[str]:
         if rec["id"] not in retrain and not (CELLS / f"{rec['id']}.pt").is_file():
             continue
         model, meta = train_cell(cell, threads)
+        if not math.isclose(meta["val_mse"], rec["val_mse"], rel_tol=1e-9):
+            # a retrain on another machine or torch build need not repeat the run bit for bit: a head fit on it
+            # would be filed beside scores of a model that is not this one
+            print(f"{rec['id']}: the model file (val {meta['val_mse']:.4f}) is not the recorded model "
+                  f"(val {rec['val_mse']:.4f}); no corpus head", flush=True)
+            continue
         seen = [n for d in cell.domains for n in DOMAIN_SILOS[d]]
         unseen = [n for d in cell.held_out for n in DOMAIN_SILOS[d]]
         rec["scores"]["corpus_head"] = corpus_head(model.eval(), seen, unseen, threads)
-        rec["scores"]["corpus_head"]["model_val_mse"] = meta["val_mse"]  # = the record's: the model is the same
         tmp = path.with_suffix(".tmp")
         tmp.write_text(json.dumps(rec, default=float))
         os.replace(tmp, path)
@@ -540,7 +544,7 @@ def ensemble(threads: int) -> list[str]:
         path = CELLS / f"{eid}.json"
         records = [CELLS / f"{c.id}.json" for c in members]
         record = json.loads(path.read_text()) if path.is_file() else None
-        if record is not None and "corpus_head" in record["scores"]:
+        if record is not None and "member_scores" in record:
             continue
         if not all(r.is_file() for r in records):
             print(f"{eid}: members not finished yet (run --groups lodoseed)", flush=True)
@@ -564,10 +568,13 @@ def ensemble(threads: int) -> list[str]:
                 record = {"id": eid, "label": head.label, "members": [c.id for c in members], "cell": asdict(head),
                           "val_mse": validation_score(net, val), "reproduced": reproduced,
                           "scores": {"zero_shot": {n: protocol(net, n, True, threads) for n in unseen}}, "wall_s": 0.0}
-            with_heads = MeanForecast([ResidualHeadModel(m, corpus_head_params(m, seen, threads)[0])
-                                       for m in models]).eval()
-            record["scores"]["corpus_head"] = {"zero_shot": {n: protocol(with_heads, n, True, threads)
-                                                             for n in unseen}}
+            headed = [ResidualHeadModel(m, corpus_head_params(m, seen, threads)[0]) for m in models]
+            record["scores"]["corpus_head"] = {"zero_shot": {n: protocol(MeanForecast(headed).eval(), n, True,
+                                                                         threads) for n in unseen}}
+            # each member alone, on the models the ensemble averaged (a retrained member need not be its record's)
+            record["member_scores"] = [{"zero_shot": {n: protocol(m, n, True, threads) for n in unseen},
+                                        "corpus_head": {n: protocol(h, n, True, threads) for n in unseen}}
+                                       for m, h in zip(models, headed, strict=True)]
             record["wall_s"] += time.perf_counter() - t0
             tmp = path.with_suffix(".tmp")
             tmp.write_text(json.dumps(record, default=float))
@@ -940,6 +947,7 @@ def render(all_cells: list[dict], base: dict[str, Any], ensembles: list[dict] | 
               "| left out | dataset | zero-shot | seasonal naive | seasonal average | NLinear (full-shot) | "
               "AutoETS (subset) | zero-shot on subset | vs seasonal naive |", "|---|---|---|---|---|---|---|---|---|"]
     lines += lodo_rows([c for c in all_cells if c["cell"]["group"] == "lodo"], base, ensembles or [], by_id)
+    lines += corpus_head_notes([c for c in all_cells if "corpus_head" in c["scores"]], ensembles or [])
     lines += ["", "## Few-shot (H96 MSE on the AutoETS subset windows; the same training windows for every column)",
               "", "Pretrained: ridge head on frozen features, residual head (features + last lags), full fine-tune "
               "(LP-FT: from the ridge head; lr chosen on validation). Without pretraining: the TSFM from scratch "
@@ -1025,20 +1033,43 @@ def lodo_rows(cells: list[dict], base: dict[str, Any], ensembles: list[dict], by
                       [_get(s, "H96", "mse")], [_get(s, "ets/H96", "mse")])
                   for n, s in corpus.get("zero_shot", {}).items()]
     for e in ensembles:
-        members = [by_id[m] for m in e["members"] if m in by_id]
-        seeds = ", ".join(str(m["cell"]["seed"]) for m in members)
-        for n, s in e["scores"]["zero_shot"].items():
-            lines.append(row(f"{lodo_setting(e)}, single models, seeds {seeds}", n,
-                             [_get(m["scores"]["zero_shot"], n, "H96", "mse") for m in members],
-                             [_get(m["scores"]["zero_shot"], n, "ets/H96", "mse") for m in members]))
-            lines.append(row(f"{lodo_setting(e)}, **ensemble** of seeds {seeds} (mean forecast)", n,
-                             [_get(s, "H96", "mse")], [_get(s, "ets/H96", "mse")]))
-        for n, s in e["scores"].get("corpus_head", {}).get("zero_shot", {}).items():
-            heads = [m["scores"].get("corpus_head", {}).get("zero_shot", {}).get(n, {}) for m in members]
-            lines.append(row(f"{lodo_setting(e)}, corpus residual heads, single models, seeds {seeds}", n,
-                             [_get(h, "H96", "mse") for h in heads], [_get(h, "ets/H96", "mse") for h in heads]))
-            lines.append(row(f"{lodo_setting(e)}, corpus residual heads, **ensemble** of seeds {seeds}", n,
-                             [_get(s, "H96", "mse")], [_get(s, "ets/H96", "mse")]))
+        seeds = ", ".join(str(by_id.get(m, {}).get("cell", {}).get("seed", m)) for m in e["members"])
+        parts = {"zero_shot": ("pretrained head", e["scores"]["zero_shot"]),
+                 "corpus_head": ("corpus residual heads", e["scores"].get("corpus_head", {}).get("zero_shot", {}))}
+        for part, (head, scores) in parts.items():
+            for n, s in scores.items():
+                single = [m[part][n] for m in e.get("member_scores", []) if n in m.get(part, {})]
+                lines.append(row(f"{lodo_setting(e)}, {head}, the ensemble's models alone, seeds {seeds}", n,
+                                 [_get(m, "H96", "mse") for m in single], [_get(m, "ets/H96", "mse") for m in single]))
+                lines.append(row(f"{lodo_setting(e)}, {head}, **ensemble** of seeds {seeds} (mean forecast)", n,
+                                 [_get(s, "H96", "mse")], [_get(s, "ets/H96", "mse")]))
+    return lines
+
+
+def corpus_head_notes(cells: list[dict], ensembles: list[dict]) -> list[str]:
+    """Which head validation chooses for a left-out domain (the corpus residual head or the pretrained one, on the
+    training datasets' validation windows), and which ensemble members are retrains that differ from their record."""
+    lines = ["", "Corpus residual head (`corpus_head`): features + the last k context values, ridge, fit on up to "
+             f"{CORPUS_WINDOWS[0]:,} training windows of each training dataset (every dataset alike; k and ridge "
+             f"chosen on {CORPUS_WINDOWS[1]:,} validation windows each). Validation MSE on those windows, corpus head "
+             "vs the pretrained head (H96 / H192 / H336):", "",
+             "| cell | seed | datasets | k | corpus head | pretrained head | validation chooses |",
+             "|---|---|---|---|---|---|---|"]
+    for c in cells:
+        info = c["scores"]["corpus_head"]["info"]
+        ours, theirs = info["val_mse"], info.get("pretrained_val_mse", {})
+        both = " / ".join
+        better = np.mean(list(ours.values())) < np.mean(list(theirs.values())) if theirs else None
+        lines.append(f"| {lodo_setting(c)} | {c['cell']['seed']} | {', '.join(info['datasets'])} | {info['lags']} | "
+                     f"{both(f'{v:.3f}' for v in ours.values())} | {both(f'{v:.3f}' for v in theirs.values()) or '—'} "
+                     f"| {'—' if better is None else ('corpus head' if better else 'pretrained head')} |")
+    for e in ensembles:
+        for r in e.get("reproduced", []):
+            if not math.isclose(r["model_val_mse"], r["recorded_val_mse"], rel_tol=1e-9):
+                lines.append(f"\nEnsemble member {r['id']} was retrained from its recipe in a later session and is "
+                             f"not its record's model (validation {r['model_val_mse']:.4f} against "
+                             f"{r['recorded_val_mse']:.4f}); the ensemble rows' single-model scores are the retrained "
+                             "model's.")
     return lines
 
 

@@ -128,6 +128,9 @@ def test_fedge_serve_starts_from_the_shipped_head_by_default() -> None:
 def test_pretrain_shipped_runs_the_recipe(tmp_path, monkeypatch: pytest.MonkeyPatch) -> None:
     """`fedge pretrain --strategy shipped` trains with the recipe's settings (budget shrunk here) and writes
     a checkpoint that reports its own ETTh1 score next to the shipped one."""
+    # the CLI's and pretrain_command's defaults read shipped.SHARE at import: bind them before the patch below
+    import coordinator.cli
+    import coordinator.pretrain.federated  # noqa: F401
     from coordinator.models.checkpoints import read_checkpoint
     from edge_client.data.datasets import resolve_data_dir
 
