@@ -413,7 +413,8 @@ def corpus_head(model: Any, seen: list[str], unseen: list[str], threads: int) ->
     pretraining corpus -- every training dataset alike, k and ridge strengths chosen on their validation windows
     -- and scored zero-shot on every window of the left-out hourly datasets, and on the seen hourly ones' AutoETS
     subset. Why: the 7-day seasonal average beats every zero-shot model on ETTh1 and electricity, and a look-back
-    map is the part that can average seasons; a device runs this head as it runs head.etth1.npz."""
+    map is the part that can average seasons. A device could run it with the numpy code head.etth1.npz is
+    checked with (edge_client.learning.residual); it is not shipped."""
     from coordinator.pretrain.protocol import split_subset
     from coordinator.pretrain.residual_head import residual_protocol_scores
 
