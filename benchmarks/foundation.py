@@ -505,8 +505,10 @@ ENSEMBLE_SEEDS = (0, 1, 2)
 
 
 def ensemble_members() -> list[list[Cell]]:
-    """The seed ensembles the `ensemble` command scores: ETTh1 left out at batch 8 (group "lodoseed"), every seed."""
-    return [[c for seed in ENSEMBLE_SEEDS for c in lodo_cells(batch=LODO_BATCHES[0], left_out=("energy",), seed=seed)]]
+    """The seed ensembles the `ensemble` command scores: each left-out domain at batch 8 (group "lodoseed"), seeds
+    ENSEMBLE_SEEDS."""
+    return [[c for seed in ENSEMBLE_SEEDS for c in lodo_cells(batch=LODO_BATCHES[0], left_out=(d,), seed=seed)]
+            for d in LODO]
 
 
 def ensemble_id(members: list[Cell]) -> str:
@@ -1033,6 +1035,21 @@ def lodo_rows(cells: list[dict], base: dict[str, Any], ensembles: list[dict], by
         lines += [row(f"{lodo_setting(c)}{seed}, corpus residual head (k {corpus['info']['lags']})", n,
                       [_get(s, "H96", "mse")], [_get(s, "ets/H96", "mse")])
                   for n, s in corpus.get("zero_shot", {}).items()]
+    by_setting: dict[str, list[dict]] = {}
+    for c in cells:
+        by_setting.setdefault(lodo_setting(c), []).append(c)
+    for name, recs in by_setting.items():  # a setting run at several seeds: mean ± std per head
+        if len(recs) < 2:
+            continue
+        for n in [n for n in recs[0]["scores"]["zero_shot"] if n in HOURLY]:
+            for head, part in (("pretrained head", lambda r: r["scores"]["zero_shot"]),
+                               ("corpus residual head", lambda r: r["scores"].get("corpus_head", {}).get("zero_shot"))):
+                have = [r for r in recs if part(r) and n in part(r)]
+                if len(have) >= 2:
+                    seeds = ", ".join(str(r["cell"]["seed"]) for r in have)
+                    lines.append(row(f"{name}, {head}, **seeds {seeds}**", n,
+                                     [_get(part(r)[n], "H96", "mse") for r in have],
+                                     [_get(part(r)[n], "ets/H96", "mse") for r in have]))
     for e in ensembles:
         seeds = ", ".join(str(by_id.get(m, {}).get("cell", {}).get("seed", m)) for m in e["members"])
         parts = {"zero_shot": ("pretrained head", e["scores"]["zero_shot"]),
