@@ -408,13 +408,13 @@ def evaluate_cell(cell: Cell, model: Any, threads: int) -> dict[str, Any]:
 CORPUS_WINDOWS = (8000, 2000)  # training / validation windows per dataset for the corpus residual head
 
 
-def corpus_head(model: Any, seen: list[str], unseen: list[str], threads: int) -> dict[str, Any]:
+def corpus_head(model: Any, seen: list[str], unseen: list[str], threads: int, full: bool = False) -> dict[str, Any]:
     """A residual head (features + a linear map of the last k context values) fit in closed form on the
     pretraining corpus -- every training dataset alike, k and ridge strengths chosen on their validation windows
     -- and scored zero-shot on every window of the left-out hourly datasets, and on the seen hourly ones' AutoETS
-    subset. Why: the 7-day seasonal average beats every zero-shot model on ETTh1 and electricity, and a look-back
-    map is the part that can average seasons. A device could run it with the numpy code head.etth1.npz is
-    checked with (edge_client.learning.residual); it is not shipped."""
+    subset (`full`: on every window). Why: the 7-day seasonal average beats every zero-shot model on ETTh1 and
+    electricity, and a look-back map is the part that can average seasons. A device could run it with the numpy
+    code head.etth1.npz is checked with (edge_client.learning.residual); it is not shipped."""
     from coordinator.pretrain.protocol import split_subset
     from coordinator.pretrain.residual_head import residual_protocol_scores
 
@@ -427,7 +427,7 @@ def corpus_head(model: Any, seen: list[str], unseen: list[str], threads: int) ->
     return {"info": {k: v for k, v in info.items() if k != "sweep"},
             "zero_shot": {n: residual_protocol_scores(model, params, n, threads=threads)
                           for n in unseen if n in HOURLY},
-            "in_domain": {n: residual_protocol_scores(model, params, n, threads=threads, subset_only=True)
+            "in_domain": {n: residual_protocol_scores(model, params, n, threads=threads, subset_only=not full)
                           for n in seen if n in HOURLY}}
 
 
@@ -440,17 +440,24 @@ def corpus_head_params(model: Any, seen: list[str], threads: int) -> tuple[dict[
 def backfill_corpus_heads(threads: int, retrain: list[str]) -> list[str]:
     """Add `corpus_head` to finished LODO records that lack it (or its pretrained-head comparison), from their
     saved models; the cells in `retrain` whose model file is gone (it stays on the machine that trained it) are
-    retrained first, from their recipe."""
+    retrained first, from their recipe. The shipped model's cell gets one too, from the shipped checkpoint, scored
+    in-domain on every window: what shipping such a head would change for the datasets it was trained on."""
+    from coordinator.models.checkpoints import read_checkpoint
+
+    shipped_cell = shipped.card()["cell"]
     done = []
     for path in sorted(CELLS.glob("*.json")):
         rec = json.loads(path.read_text())
-        if path.name.startswith(NOT_CELLS) or rec["cell"]["group"] != "lodo" or \
+        if path.name.startswith(NOT_CELLS) or (rec["cell"]["group"] != "lodo" and rec["id"] != shipped_cell) or \
                 "pretrained_val_mse" in rec["scores"].get("corpus_head", {}).get("info", {}):
             continue
         cell = cell_of(rec)
-        if rec["id"] not in retrain and not (CELLS / f"{rec['id']}.pt").is_file():
+        if rec["id"] == shipped_cell:
+            model, meta = read_checkpoint(shipped.ARTIFACT_DIR / shipped.CHECKPOINT_NAME)
+        elif rec["id"] in retrain or (CELLS / f"{rec['id']}.pt").is_file():
+            model, meta = train_cell(cell, threads)
+        else:
             continue
-        model, meta = train_cell(cell, threads)
         if not math.isclose(meta["val_mse"], rec["val_mse"], rel_tol=1e-9):
             # a retrain on another machine or torch build need not repeat the run bit for bit: a head fit on it
             # would be filed beside scores of a model that is not this one
@@ -459,7 +466,7 @@ def backfill_corpus_heads(threads: int, retrain: list[str]) -> list[str]:
             continue
         seen = [n for d in cell.domains for n in DOMAIN_SILOS[d]]
         unseen = [n for d in cell.held_out for n in DOMAIN_SILOS[d]]
-        rec["scores"]["corpus_head"] = corpus_head(model.eval(), seen, unseen, threads)
+        rec["scores"]["corpus_head"] = corpus_head(model.eval(), seen, unseen, threads, full=rec["id"] == shipped_cell)
         tmp = path.with_suffix(".tmp")
         tmp.write_text(json.dumps(rec, default=float))
         os.replace(tmp, path)
@@ -1078,9 +1085,20 @@ def corpus_head_notes(cells: list[dict], ensembles: list[dict]) -> list[str]:
         ours, theirs = info["val_mse"], info.get("pretrained_val_mse", {})
         both = " / ".join
         better = np.mean(list(ours.values())) < np.mean(list(theirs.values())) if theirs else None
-        lines.append(f"| {lodo_setting(c)} | {c['cell']['seed']} | {', '.join(info['datasets'])} | {info['lags']} | "
+        name = lodo_setting(c) if c["cell"]["group"] == "lodo" else f"{c['cell']['label']} (shipped)"
+        lines.append(f"| {name} | {c['cell']['seed']} | {', '.join(info['datasets'])} | {info['lags']} | "
                      f"{both(f'{v:.3f}' for v in ours.values())} | {both(f'{v:.3f}' for v in theirs.values()) or '—'} "
                      f"| {'—' if better is None else ('corpus head' if better else 'pretrained head')} |")
+    for c in cells:
+        if c["cell"]["group"] == "lodo":
+            continue
+        heads = {"pretrained head": c["scores"]["in_domain"], "corpus residual head":
+                 c["scores"]["corpus_head"]["in_domain"]}
+        names = [n for n in HOURLY if n in heads["corpus residual head"]]
+        lines += ["", f"The corpus residual head of {row_name(c)} (the shipped model), in-domain on every test window "
+                  "(H96 MSE):", "", "| head | " + " | ".join(names) + " |", "|---" * (len(names) + 1) + "|"]
+        lines += [f"| {h} | " + " | ".join(f"{_get(sc[n], 'H96', 'mse'):.3f}" for n in names) + " |"
+                  for h, sc in heads.items()]
     for e in ensembles:
         for r in e.get("reproduced", []):
             if not math.isclose(r["model_val_mse"], r["recorded_val_mse"], rel_tol=1e-9):
