@@ -161,26 +161,18 @@ def _run_lengths(h: np.ndarray) -> np.ndarray:
 
 
 def _rolling_median(x: np.ndarray, width: int) -> np.ndarray:
-    """Centred rolling median of each row over `width` readings (NaN ignored, edges use what exists)."""
+    """Centred rolling median of each row over `width` readings (NaN ignored, edges use what exists; NaN where a
+    window holds no reading at all, e.g. inside a long gap). Windows without a reading are left out of nanmedian
+    instead of silencing its all-NaN warning: the warnings filter is process-wide and not thread-safe, and the
+    daemon runs MQTT callbacks and ingestion on threads of its own."""
     half = width // 2
     pad = np.pad(x, ((0, 0), (half, half)), constant_values=np.nan)
     win = np.lib.stride_tricks.sliding_window_view(pad, width, axis=1)
-    with np.errstate(all="ignore"), _quiet():
-        return np.nanmedian(win, axis=2)
-
-
-class _quiet:
-    """Silence numpy's all-NaN-slice warning (a window inside a long gap has no median: NaN is the answer)."""
-
-    def __enter__(self) -> None:
-        import warnings
-
-        self._ctx = warnings.catch_warnings()
-        self._ctx.__enter__()
-        warnings.simplefilter("ignore", RuntimeWarning)
-
-    def __exit__(self, *exc: object) -> None:
-        self._ctx.__exit__(*exc)
+    out = np.full(win.shape[:2], np.nan)
+    some = np.isfinite(win).any(axis=2)
+    if some.any():
+        out[some] = np.nanmedian(win[some], axis=1)
+    return out
 
 
 def repaired_windows(series: np.ndarray, repair: SensorRepair, context: int, horizon: int, *, stride: int = 1,
