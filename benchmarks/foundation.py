@@ -175,6 +175,16 @@ class Cell:
     def domains(self) -> tuple[str, ...]:
         return tuple(d for d in (*DOMAINS, *ALWAYS_HELD_OUT) if d not in self.held_out)
 
+    @property
+    def seen(self) -> list[str]:
+        """The datasets this cell trains on (DOMAIN_SILOS order: the order of `validation_sets`)."""
+        return [n for d in self.domains for n in DOMAIN_SILOS[d]]
+
+    @property
+    def unseen(self) -> list[str]:
+        """The datasets of its held-out domains (its zero-shot sets)."""
+        return [n for d in self.held_out for n in DOMAIN_SILOS[d]]
+
     def settings(self, n_silos: int) -> FederatedSettings:
         local = max(1, round(self.windows / (self.rounds * n_silos * self.batch)))
         recipe = RECIPES[self.recipe]
@@ -329,8 +339,7 @@ def train_cell(cell: Cell, threads: int) -> tuple[Any, dict[str, Any]]:
 def val_by_dataset(cell: Cell, model: Any, sets: list[tuple[np.ndarray, np.ndarray]]) -> dict[str, float]:
     """Each training dataset's validation MSE (the cell's validation score is their mean): where a gap is.
     `sets` are the cell's validation sets, one per dataset in DOMAIN_SILOS order (`validation_sets`)."""
-    names = [n for d in cell.domains for n in DOMAIN_SILOS[d]]
-    return {n: validation_score(model, [xy]) for n, xy in zip(names, sets, strict=True) if len(xy[0])}
+    return {n: validation_score(model, [xy]) for n, xy in zip(cell.seen, sets, strict=True) if len(xy[0])}
 
 
 def revalidate() -> list[str]:
@@ -345,11 +354,16 @@ def revalidate() -> list[str]:
         model = eval_model_for(cell, load_checkpoint(CELLS / f"{cell.id}.pt").eval())
         sets = validation_sets(MODEL, cell.domains, cell.settings(len(rec["silos"])), None)
         rec["val_by_dataset"] = val_by_dataset(cell, model, sets)
-        tmp = path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(rec, default=float))
-        os.replace(tmp, path)
+        write_record(path, rec)
         done.append(rec["id"])
     return done
+
+
+def write_record(path: Path, record: dict[str, Any]) -> None:
+    """Atomically (a temp file, then a rename): a worker killed mid-write leaves the old record or none."""
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(record, default=float))
+    os.replace(tmp, path)
 
 
 def cell_of(rec: dict[str, Any]) -> Cell:
@@ -386,8 +400,7 @@ HOURLY = ("etth1", "electricity", "pollution", "traffic")
 def evaluate_cell(cell: Cell, model: Any, threads: int) -> dict[str, Any]:
     torch.set_num_threads(threads)
     net = eval_model_for(cell, model)
-    seen = [n for d in cell.domains for n in DOMAIN_SILOS[d]]
-    unseen = [n for d in cell.held_out for n in DOMAIN_SILOS[d]]
+    seen, unseen = cell.seen, cell.unseen
     out: dict[str, Any] = {"in_domain": {}, "zero_shot": {}}
     for part, names in (("in_domain", seen), ("zero_shot", unseen)):
         for n in names:
@@ -421,7 +434,6 @@ def corpus_head(model: Any, seen: list[str], unseen: list[str], threads: int, fu
     params, info = corpus_head_params(model, seen, threads)
     # the pretrained head on the same validation windows: which head validation would choose for a new domain
     val = [split_subset(n, "val", MODEL.context, MODEL.horizon, n=CORPUS_WINDOWS[1]) for n in info["datasets"]]
-    torch.set_num_threads(threads)
     info["pretrained_val_mse"] = {f"H{h}": float(np.mean([mse(forecast(model, x)[0][:, :h], y[:, :h])
                                                           for x, y in val])) for h in HORIZONS}
     return {"info": {k: v for k, v in info.items() if k != "sweep"},
@@ -464,12 +476,9 @@ def backfill_corpus_heads(threads: int, retrain: list[str]) -> list[str]:
             print(f"{rec['id']}: the model file (val {meta['val_mse']:.4f}) is not the recorded model "
                   f"(val {rec['val_mse']:.4f}); no corpus head", flush=True)
             continue
-        seen = [n for d in cell.domains for n in DOMAIN_SILOS[d]]
-        unseen = [n for d in cell.held_out for n in DOMAIN_SILOS[d]]
-        rec["scores"]["corpus_head"] = corpus_head(model.eval(), seen, unseen, threads, full=rec["id"] == shipped_cell)
-        tmp = path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(rec, default=float))
-        os.replace(tmp, path)
+        rec["scores"]["corpus_head"] = corpus_head(model.eval(), cell.seen, cell.unseen, threads,
+                                                   full=rec["id"] == shipped_cell)
+        write_record(path, rec)
         done.append(rec["id"])
         print(f"{rec['id']}: corpus head " + ", ".join(
             f"{n} {s['H96']['mse']:.4f}" for n, s in rec["scores"]["corpus_head"]["zero_shot"].items()), flush=True)
@@ -570,8 +579,7 @@ def ensemble(threads: int) -> list[str]:
                 reproduced.append({"id": c.id, "recorded_val_mse": json.loads(r.read_text())["val_mse"],
                                    "model_val_mse": meta["val_mse"]})
             head = members[0]
-            seen = [n for d in head.domains for n in DOMAIN_SILOS[d]]
-            unseen = [n for d in head.held_out for n in DOMAIN_SILOS[d] if n in HOURLY]
+            seen, unseen = head.seen, [n for n in head.unseen if n in HOURLY]
             if record is None:
                 net = MeanForecast(models).eval()
                 val = validation_sets(MODEL, head.domains, head.settings(len(head.domains) + (head.share > 0)), None)
@@ -586,9 +594,7 @@ def ensemble(threads: int) -> list[str]:
                                         "corpus_head": {n: protocol(h, n, True, threads) for n in unseen}}
                                        for m, h in zip(models, headed, strict=True)]
             record["wall_s"] += time.perf_counter() - t0
-            tmp = path.with_suffix(".tmp")
-            tmp.write_text(json.dumps(record, default=float))
-            os.replace(tmp, path)
+            write_record(path, record)
             done.append(eid)
             print(f"{eid}: val {record['val_mse']:.4f}, " + ", ".join(
                 f"{n} H96 {s['H96']['mse']:.4f} (corpus heads "
@@ -686,9 +692,7 @@ def run(args: argparse.Namespace) -> None:
                 scores = evaluate_cell(cell, model, args.threads)
                 record = {"cell": asdict(cell), "id": cell.id, **{k: v for k, v in meta.items() if k != "cell"},
                           "scores": scores, "eval_s": time.perf_counter() - t1, "wall_s": time.perf_counter() - t0}
-                tmp = done.with_suffix(".tmp")
-                tmp.write_text(json.dumps(record, default=float))
-                os.replace(tmp, done)
+                write_record(done, record)
                 print(f"[{time.strftime('%H:%M:%S')}] done {cell.id}: val {meta['val_mse']:.4f}, ETTh1 H96 "
                       f"{scores['in_domain'].get('etth1', {}).get('H96', {}).get('mse', float('nan')):.4f}", flush=True)
             finally:
@@ -719,9 +723,7 @@ def baselines(names: list[str]) -> dict[str, Any]:
             t0 = time.perf_counter()
             res.update({b: BASELINES[b](n) for b in missing})
             res["wall_s"] = res.get("wall_s", 0.0) + time.perf_counter() - t0
-            tmp = path.with_suffix(".tmp")
-            tmp.write_text(json.dumps(res, default=float))
-            os.replace(tmp, path)
+            write_record(path, res)
             out[n] = res
         finally:
             (CELLS / f"baselines-{n}.lock").unlink(missing_ok=True)
@@ -1026,7 +1028,9 @@ def lodo_setting(rec: dict) -> str:
 def lodo_rows(cells: list[dict], base: dict[str, Any], ensembles: list[dict], by_id: dict[str, dict]) -> list[str]:
     """One row per LODO cell and left-out hourly dataset; then, per seed ensemble, its members' mean ± std and the
     ensemble's own score."""
-    def row(name: str, n: str, zs: list[float], subset: list[float]) -> str:
+    def row(name: str, n: str, scores: list[dict]) -> str:
+        """`scores`: one protocol score dict per model (several: their mean ± std)."""
+        zs, subset = [_get(s, "H96", "mse") for s in scores], [_get(s, "ets/H96", "mse") for s in scores]
         sn = _get(base.get(n, {}), "seasonal_naive", "H96", "mse")
         return (f"| {name} | {n} | {fmt(zs)} | {sn:.3f} | {_get(base.get(n, {}), 'seasonal_average', 'H96', 'mse'):.3f}"
                 f" | {_get(base.get(n, {}), 'nlinear', 'H96', 'mse'):.3f} | "
@@ -1036,11 +1040,9 @@ def lodo_rows(cells: list[dict], base: dict[str, Any], ensembles: list[dict], by
     lines = []
     for c in cells:
         seed = "" if c["cell"]["seed"] == 0 else f", seed {c['cell']['seed']}"
-        lines += [row(lodo_setting(c) + seed, n, [_get(s, "H96", "mse")], [_get(s, "ets/H96", "mse")])
-                  for n, s in c["scores"]["zero_shot"].items() if n in HOURLY]
+        lines += [row(lodo_setting(c) + seed, n, [s]) for n, s in c["scores"]["zero_shot"].items() if n in HOURLY]
         corpus = c["scores"].get("corpus_head", {})
-        lines += [row(f"{lodo_setting(c)}{seed}, corpus residual head (k {corpus['info']['lags']})", n,
-                      [_get(s, "H96", "mse")], [_get(s, "ets/H96", "mse")])
+        lines += [row(f"{lodo_setting(c)}{seed}, corpus residual head (k {corpus['info']['lags']})", n, [s])
                   for n, s in corpus.get("zero_shot", {}).items()]
     by_setting: dict[str, list[dict]] = {}
     for c in cells:
@@ -1054,9 +1056,7 @@ def lodo_rows(cells: list[dict], base: dict[str, Any], ensembles: list[dict], by
                 have = [r for r in recs if part(r) and n in part(r)]
                 if len(have) >= 2:
                     seeds = ", ".join(str(r["cell"]["seed"]) for r in have)
-                    lines.append(row(f"{name}, {head}, **seeds {seeds}**", n,
-                                     [_get(part(r)[n], "H96", "mse") for r in have],
-                                     [_get(part(r)[n], "ets/H96", "mse") for r in have]))
+                    lines.append(row(f"{name}, {head}, **seeds {seeds}**", n, [part(r)[n] for r in have]))
     for e in ensembles:
         seeds = ", ".join(str(by_id.get(m, {}).get("cell", {}).get("seed", m)) for m in e["members"])
         parts = {"zero_shot": ("pretrained head", e["scores"]["zero_shot"]),
@@ -1064,10 +1064,8 @@ def lodo_rows(cells: list[dict], base: dict[str, Any], ensembles: list[dict], by
         for part, (head, scores) in parts.items():
             for n, s in scores.items():
                 single = [m[part][n] for m in e.get("member_scores", []) if n in m.get(part, {})]
-                lines.append(row(f"{lodo_setting(e)}, {head}, the ensemble's models alone, seeds {seeds}", n,
-                                 [_get(m, "H96", "mse") for m in single], [_get(m, "ets/H96", "mse") for m in single]))
-                lines.append(row(f"{lodo_setting(e)}, {head}, **ensemble** of seeds {seeds} (mean forecast)", n,
-                                 [_get(s, "H96", "mse")], [_get(s, "ets/H96", "mse")]))
+                lines.append(row(f"{lodo_setting(e)}, {head}, the ensemble's models alone, seeds {seeds}", n, single))
+                lines.append(row(f"{lodo_setting(e)}, {head}, **ensemble** of seeds {seeds} (mean forecast)", n, [s]))
     return lines
 
 

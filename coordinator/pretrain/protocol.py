@@ -30,7 +30,7 @@ from coordinator.models.tsfm import forecast as predict
 from coordinator.pretrain.training import torch_threads
 from coordinator.pretrain.windows import scaled_series
 from edge_client.data.datasets import load_series
-from edge_client.learning.windows import crps_from_quantiles, seasonal_naive, seasonal_window_average
+from edge_client.learning.windows import crps_from_quantiles, seasonal_window_average
 
 HORIZONS = (96, 192, 336)
 ETS_MAX_WINDOWS = 800  # AutoETS fits per dataset (the subset is every k-th window start per channel)
@@ -129,11 +129,12 @@ def season_of(name: str, context: int, data_dir: str | None = None) -> int:
 
 
 def seasonal_naive_scores(name: str, context: int = 512, data_dir: str | None = None,
-                          levels: tuple[float, ...] = (0.1, 0.5, 0.9)) -> dict[str, dict[str, float]]:
-    """Point forecasts stand in for every quantile (its CRPS is then ~MAE/Σ|y|)."""
+                          levels: tuple[float, ...] = (0.1, 0.5, 0.9), window: int = 1) -> dict[str, dict[str, float]]:
+    """The mean profile of the last `window` seasons, repeated (1: seasonal naive). Point forecasts stand in for
+    every quantile (its CRPS is then ~MAE/Σ|y|)."""
     tw = protocol_windows(name, context, data_dir=data_dir)
-    sn = seasonal_naive(tw.x, max(HORIZONS), season_of(name, context, data_dir))
-    return score_forecasts(tw, sn, np.repeat(sn[:, None], len(levels), 1), levels)
+    point = seasonal_window_average(tw.x, max(HORIZONS), season_of(name, context, data_dir), window)
+    return score_forecasts(tw, point, np.repeat(point[:, None], len(levels), 1), levels)
 
 
 SEASONAL_WINDOW = 7  # seasons averaged by the seasonal window average: a week of days for hourly data
@@ -142,10 +143,8 @@ SEASONAL_WINDOW = 7  # seasons averaged by the seasonal window average: a week o
 def seasonal_average_scores(name: str, context: int = 512, data_dir: str | None = None,
                             levels: tuple[float, ...] = (0.1, 0.5, 0.9)) -> dict[str, dict[str, float]]:
     """The last SEASONAL_WINDOW seasons' mean profile, repeated. Why it is here: on ETTh1 this one-liner beats
-    AutoETS, so "below AutoETS" alone is a weak bar for a foundation model; it is scored like seasonal naive."""
-    tw = protocol_windows(name, context, data_dir=data_dir)
-    point = seasonal_window_average(tw.x, max(HORIZONS), season_of(name, context, data_dir), SEASONAL_WINDOW)
-    return score_forecasts(tw, point, np.repeat(point[:, None], len(levels), 1), levels)
+    AutoETS, so "below AutoETS" alone is a weak bar for a foundation model."""
+    return seasonal_naive_scores(name, context, data_dir, levels, SEASONAL_WINDOW)
 
 
 def _nlinear_normal_equations(x: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

@@ -65,12 +65,9 @@ def make_windows(
 
 
 def seasonal_naive(x: np.ndarray, horizon: int, season: int) -> np.ndarray:
-    """Repeat the last `season` values of each context over the horizon (season 1 = naive)."""
-    x = np.asarray(x)
-    season = max(1, min(season, x.shape[-1]))
-    last = x[..., -season:]
-    reps = -(-horizon // season)
-    return np.tile(last, reps)[..., :horizon]
+    """Repeat the last `season` values of each context over the horizon (season 1 = naive): the seasonal window
+    average of one season."""
+    return seasonal_window_average(x, horizon, season, 1)
 
 
 def seasonal_window_average(x: np.ndarray, horizon: int, season: int, window: int) -> np.ndarray:
